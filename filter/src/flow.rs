@@ -1,0 +1,704 @@
+//! The per-request session flow: every decision the filter makes, written
+//! against the small [`HttpHost`] interface so it runs natively in tests.
+//!
+//! Request phase:
+//! - static path: strip internal headers, let the load balancer pick;
+//! - no valid cookie: new session id, `x-session-new: 1`, load balancer picks;
+//! - valid cookie, host not known gone: the pinned path (override header set);
+//! - valid cookie, host known gone (or the cookie is flagged moving): pause,
+//!   take the session's state from the store, inject it, let the load
+//!   balancer pick a live host.
+//!
+//! Response phase: pin new sessions, detect hosts found gone (Envoy's 503
+//! UH/UF, or the app's "unknown session") and answer a 307 back to the same URL
+//! so the client replays a request that provably reached no app, detect app
+//! restarts at the same address, and write new state to the store, fenced on
+//! the owner.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use log::{info, warn};
+
+use crate::config::{Config, OutagePolicy, StoreConfig, WriteMode};
+use crate::cookie::{self, Claims, NewClaims, Rejection, FLAG_MOVING};
+use crate::gone::{GoneTable, SharedData, Sighting};
+use crate::metrics::{Counter, Metrics};
+use crate::store::{self, Begin, Dialect, Fenced, StoreCall, StoreError, Webdis};
+
+/// Envoy response flags (the `response.flags` property) meaning the request
+/// reached no upstream: UH (no healthy upstream) and UF (connection failure).
+pub const FLAG_NO_HEALTHY_UPSTREAM: u64 = 0x2;
+pub const FLAG_UPSTREAM_CONNECTION_FAILURE: u64 = 0x20;
+/// How many times a failover re-asks the store while another proxy holds the lease.
+const MAX_BUSY_POLLS: u32 = 200;
+/// How many owners in a row a failover follows when each is gone too.
+const MAX_MOVES: u32 = 3;
+
+/// Whether the proxy should go on with the stream or wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Pause,
+}
+
+/// What the flow needs from the proxy for one HTTP stream.
+pub trait HttpHost: SharedData {
+    fn request_headers(&mut self) -> Vec<(String, Vec<u8>)>;
+    /// Replaces every value of the header.
+    fn set_request_header(&mut self, name: &str, value: &str);
+    fn remove_request_header(&mut self, name: &str);
+    fn response_headers(&mut self) -> Vec<(String, Vec<u8>)>;
+    fn add_response_header(&mut self, name: &str, value: &str);
+    fn remove_response_header(&mut self, name: &str);
+    /// Envoy's `upstream.address` ("ip:port"), if a host was picked.
+    fn upstream_address(&mut self) -> Option<String>;
+    /// Envoy's `response.flags` bitmask.
+    fn response_flags(&mut self) -> u64;
+    /// Sends a local reply in place of whatever the stream would have sent.
+    fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &str);
+    /// Starts an HTTP call to the store; returns its token.
+    fn dispatch(&mut self, store: &StoreConfig, call: &StoreCall) -> Option<u32>;
+    fn resume_request(&mut self);
+    fn resume_response(&mut self);
+    /// Wall-clock time in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+    /// 16 bytes from the host's CSPRNG; `None` if it has none.
+    fn random(&mut self) -> Option<[u8; 16]>;
+}
+
+/// State every stream of one worker shares.
+#[derive(Debug, Default)]
+pub struct Worker {
+    pub metrics: Metrics,
+    pub gone: std::cell::RefCell<GoneTable>,
+    /// Feeds the keyed fallback for unguessable ids when the host has no CSPRNG.
+    ids_made: std::cell::Cell<u64>,
+}
+
+/// Which of the internal headers the client sent (they must never pass through).
+#[derive(Debug, Default, Clone, Copy)]
+struct ClientSent {
+    route: bool,
+    session_id: bool,
+    session_new: bool,
+    session_state: bool,
+}
+
+/// What goes upstream in the internal headers; `None` removes a client's copy.
+#[derive(Debug, Default)]
+struct Forward<'a> {
+    route: Option<String>,
+    session_id: Option<&'a str>,
+    session_new: bool,
+    session_state: Option<&'a str>,
+}
+
+#[derive(Debug)]
+enum Session {
+    /// Before the request headers, or a path that needs no affinity.
+    None,
+    New { sid: String },
+    Pinned { claims: Claims, path: String, reissue: bool },
+    Failover(Failover),
+}
+
+/// A session moving off a gone host.
+#[derive(Debug)]
+struct Failover {
+    /// The cookie (or the store's later owner) the session moves from.
+    from: Claims,
+    path: String,
+    /// The store lease token; `lease` says whether the store granted it.
+    token: String,
+    lease: bool,
+    polls: u32,
+    moves: u32,
+}
+
+/// A store call in flight and what its answer means.
+#[derive(Debug)]
+enum Pending {
+    Begin,
+    /// A commit or write; `held` when the response waits for it (sync mode).
+    Fenced { held: bool, sid: String },
+}
+
+pub struct Flow {
+    context_id: u32,
+    config: Rc<Config>,
+    worker: Rc<Worker>,
+    session: Session,
+    client_sent: ClientSent,
+    pending: Option<(u32, Pending, u64)>,
+}
+
+impl Flow {
+    pub fn new(context_id: u32, config: Rc<Config>, worker: Rc<Worker>) -> Flow {
+        Flow {
+            context_id,
+            config,
+            worker,
+            session: Session::None,
+            client_sent: ClientSent::default(),
+            pending: None,
+        }
+    }
+
+    fn count(&self, counter: Counter) {
+        self.worker.metrics.incr(counter);
+    }
+
+    /// Whether a body callback must hold data while a store call is in flight.
+    pub fn holds_body(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    pub fn on_request_headers(&mut self, host: &mut impl HttpHost) -> Action {
+        let names = &self.config.headers;
+        let mut path = String::new();
+        let mut cookie_headers = Vec::new();
+        for (name, value) in host.request_headers() {
+            match name.as_str() {
+                ":path" => path = String::from_utf8(value).unwrap_or_default(),
+                "cookie" => cookie_headers.push(value),
+                n if n == names.route => self.client_sent.route = true,
+                n if n == names.session_id => self.client_sent.session_id = true,
+                n if n == names.session_new => self.client_sent.session_new = true,
+                n if n == names.session_state => self.client_sent.session_state = true,
+                _ => {}
+            }
+        }
+        if self.config.skips(path.as_bytes()) {
+            self.count(Counter::Skipped);
+            self.forward(host, &Forward::default());
+            return Action::Continue;
+        }
+        let now_ms = host.now_ms();
+        let claims = match self.verified_cookie(&cookie_headers, now_ms / 1000) {
+            Ok(claims) => claims,
+            Err(rejection) => {
+                if let Some(reason) = rejection {
+                    self.count(Counter::rejected(reason));
+                }
+                self.start_new_session(host);
+                return Action::Continue;
+            }
+        };
+        let known_gone = self.worker.gone.borrow().is_gone(claims.host(), claims.instance(), now_ms);
+        if !known_gone && !claims.is_moving() {
+            self.count(Counter::Pinned);
+            let forward = Forward {
+                route: Some(STANDARD.encode(claims.host())),
+                session_id: Some(claims.sid()),
+                ..Forward::default()
+            };
+            self.forward(host, &forward);
+            self.session = Session::Pinned { claims, path, reissue: false };
+            return Action::Continue;
+        }
+        if known_gone {
+            self.count(Counter::FailoversKnown);
+        }
+        self.begin_failover(host, claims, path)
+    }
+
+    /// The first of the request's cookies with our name that verifies;
+    /// `Err(Some(reason))` when one was there but none verified.
+    fn verified_cookie(&self, cookie_headers: &[Vec<u8>], now: u64) -> Result<Claims, Option<Rejection>> {
+        let mut first_rejection = None;
+        let name = self.config.cookie.name.as_bytes();
+        for header in cookie_headers {
+            for pair in header.split(|&b| b == b';') {
+                let pair = pair.trim_ascii();
+                let Some(eq) = pair.iter().position(|&b| b == b'=') else { continue };
+                let (key, value) = pair.split_at(eq);
+                if key != name {
+                    continue;
+                }
+                let value = value.get(1..).unwrap_or_default();
+                let decoded = match std::str::from_utf8(value) {
+                    Ok(text) => cookie::decode(text.to_string(), &self.config.keys, now),
+                    Err(_) => Err(Rejection::Malformed),
+                };
+                match decoded {
+                    Ok(claims) => return Ok(claims),
+                    Err(reason) => {
+                        first_rejection.get_or_insert(reason);
+                    }
+                }
+            }
+        }
+        Err(first_rejection)
+    }
+
+    /// 16 unguessable bytes: the host's CSPRNG, or else an HMAC under the
+    /// signing key of (time, counter, stream), which only key holders can predict.
+    fn unguessable(&self, host: &mut impl HttpHost) -> [u8; 16] {
+        if let Some(bytes) = host.random() {
+            return bytes;
+        }
+        let n = self.worker.ids_made.get().wrapping_add(1);
+        self.worker.ids_made.set(n);
+        let seed = format!("sid|{}|{}|{}", host.now_ms(), n, self.context_id);
+        let mut bytes = [0u8; 16];
+        if let Some(tag) = self.config.keys.sign(seed.as_bytes()) {
+            bytes.iter_mut().zip(tag).for_each(|(b, t)| *b = t);
+        }
+        bytes
+    }
+
+    fn start_new_session(&mut self, host: &mut impl HttpHost) {
+        let sid = cookie::new_sid(&self.unguessable(host));
+        let forward = Forward { session_id: Some(&sid), session_new: true, ..Forward::default() };
+        self.forward(host, &forward);
+        self.session = Session::New { sid };
+    }
+
+    /// Sets or removes each internal request header.
+    fn forward(&self, host: &mut impl HttpHost, f: &Forward<'_>) {
+        let names = &self.config.headers;
+        let sent = self.client_sent;
+        let headers = [
+            (&names.route, f.route.as_deref(), sent.route),
+            (&names.session_id, f.session_id, sent.session_id),
+            (&names.session_new, f.session_new.then_some("1"), sent.session_new),
+            (&names.session_state, f.session_state, sent.session_state),
+        ];
+        for (name, value, client_sent) in headers {
+            match value {
+                Some(value) => host.set_request_header(name, value),
+                None if client_sent => host.remove_request_header(name),
+                None => {}
+            }
+        }
+    }
+
+    fn begin_failover(&mut self, host: &mut impl HttpHost, from: Claims, path: String) -> Action {
+        if self.config.store.is_none() {
+            // No store: the session starts over on a live host.
+            self.count(Counter::FailoversFresh);
+            self.start_new_session(host);
+            return Action::Continue;
+        }
+        let token = URL_SAFE_NO_PAD.encode(self.unguessable(host));
+        self.ask_store_to_begin(host, Failover { from, path, token, lease: false, polls: 0, moves: 0 })
+    }
+
+    fn ask_store_to_begin(&mut self, host: &mut impl HttpHost, failover: Failover) -> Action {
+        let config = Rc::clone(&self.config);
+        let Some(store) = &config.store else { return Action::Continue };
+        let call = webdis(store).begin_failover(
+            self.store_session(failover.from.sid()),
+            &failover.from.owner(),
+            &failover.token,
+            millis(store.lease.0),
+        );
+        self.session = Session::Failover(failover);
+        match host.dispatch(store, &call) {
+            Some(token) => {
+                self.pending = Some((token, Pending::Begin, host.now_ms()));
+                Action::Pause
+            }
+            None => {
+                self.count(Counter::StoreErrors);
+                self.store_outage(host, StoreError::Unavailable(0))
+            }
+        }
+    }
+
+    fn store_session<'a>(&self, sid: &'a str) -> store::Session<'a> {
+        store::Session { sid, ttl_ms: self.config.cookie.ttl_secs.saturating_mul(1000) }
+    }
+
+    /// A failover could not read the store: follow the configured policy.
+    fn store_outage(&mut self, host: &mut impl HttpHost, error: StoreError) -> Action {
+        let config = Rc::clone(&self.config);
+        let Some(store) = &config.store else { return Action::Continue };
+        warn!("[{}] session store unavailable during failover ({error:?}); policy {:?}", self.context_id, store.on_outage);
+        match store.on_outage {
+            OutagePolicy::Fresh => {
+                self.count(Counter::FailoversFresh);
+                self.start_new_session(host);
+                Action::Continue
+            }
+            OutagePolicy::Reject => {
+                self.count(Counter::OutageRejected);
+                self.reply_retry_later(host, "session store unavailable; retry later\n", None);
+                Action::Pause
+            }
+        }
+    }
+
+    /// Handles the store's answer to the call with `token`. `status` is None
+    /// when the call failed or timed out.
+    pub fn on_store_response(&mut self, host: &mut impl HttpHost, token: u32, status: Option<u32>, body: &[u8]) {
+        let Some((expected, pending, started_ms)) = self.pending.take() else { return };
+        if expected != token {
+            self.pending = Some((expected, pending, started_ms));
+            return;
+        }
+        let config = Rc::clone(&self.config);
+        let Some(store) = &config.store else { return };
+        let elapsed = host.now_ms().saturating_sub(started_ms);
+        self.worker.metrics.store_latency(elapsed);
+        let status = status.unwrap_or_else(|| {
+            let timed_out = elapsed >= millis(store.timeout.0);
+            self.count(if timed_out { Counter::StoreTimeouts } else { Counter::StoreErrors });
+            0
+        });
+        let dialect = webdis(store);
+        match pending {
+            Pending::Begin => {
+                if self.resolve_begin(host, dialect.parse_begin(status, body)) == Action::Continue {
+                    host.resume_request();
+                }
+            }
+            Pending::Fenced { held, sid } => {
+                let reply = dialect.parse_fenced(status, body);
+                if self.resolve_fenced(host, store, &sid, reply) == Action::Continue && held {
+                    host.resume_response();
+                }
+            }
+        }
+    }
+
+    fn resolve_begin(&mut self, host: &mut impl HttpHost, reply: Result<Begin, StoreError>) -> Action {
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(error) => {
+                if status_counted(&error) {
+                    self.count(Counter::StoreErrors);
+                }
+                return self.store_outage(host, error);
+            }
+        };
+        let Session::Failover(mut failover) = std::mem::replace(&mut self.session, Session::None) else {
+            return Action::Continue;
+        };
+        match reply {
+            Begin::Acquired { state } => {
+                failover.lease = true;
+                if state.is_some() {
+                    self.count(Counter::StateRestored);
+                }
+                let forward = Forward {
+                    session_id: Some(failover.from.sid()),
+                    // Nothing stored yet: the app must create the session, not refuse it.
+                    session_new: state.is_none(),
+                    session_state: state.as_deref(),
+                    ..Forward::default()
+                };
+                self.forward(host, &forward);
+                self.session = Session::Failover(failover);
+                Action::Continue
+            }
+            Begin::Busy if failover.polls < MAX_BUSY_POLLS => {
+                failover.polls += 1;
+                self.ask_store_to_begin(host, failover)
+            }
+            Begin::Busy => {
+                // Another proxy is still moving this session; the request reached no app.
+                self.count(Counter::ClaimConflicts);
+                self.reply_retry_later(host, "session is being moved; retry\n", None);
+                Action::Pause
+            }
+            Begin::Moved { owner } => {
+                let now_ms = host.now_ms();
+                let moved = store::split_owner(&owner).and_then(|(h, i)| self.claims_for(failover.from.sid(), h, i, now_ms / 1000));
+                let Some(moved) = moved else {
+                    return self.store_outage(host, StoreError::Protocol("owner is not host#instance".into()));
+                };
+                let gone = self.worker.gone.borrow().is_gone(moved.host(), moved.instance(), now_ms)
+                    || moved.owner() == failover.from.owner();
+                if gone && failover.moves < MAX_MOVES {
+                    // The new owner is gone too: move the session on from there.
+                    failover.moves += 1;
+                    failover.from = moved;
+                    return self.ask_store_to_begin(host, failover);
+                }
+                // Another proxy finished this failover: join its owner.
+                self.count(Counter::FailoversJoined);
+                let forward = Forward {
+                    route: Some(STANDARD.encode(moved.host())),
+                    session_id: Some(moved.sid()),
+                    ..Forward::default()
+                };
+                self.forward(host, &forward);
+                self.session = Session::Pinned { claims: moved, path: failover.path, reissue: true };
+                Action::Continue
+            }
+        }
+    }
+
+    /// A 503 that tells the client to retry, optionally re-pinning its cookie.
+    fn reply_retry_later(&self, host: &mut impl HttpHost, body: &str, set_cookie: Option<&str>) {
+        let retry_after = self.config.store.as_ref().map_or(1, |s| s.retry_after.0.as_secs()).to_string();
+        let mut headers = vec![("retry-after", retry_after.as_str()), ("cache-control", "no-store")];
+        if let Some(set_cookie) = set_cookie {
+            headers.push(("set-cookie", set_cookie));
+        }
+        host.send_response(503, &headers, body);
+    }
+
+    /// Signs and re-reads a cookie, giving claims for a session at a new place.
+    fn claims_for(&self, sid: &str, host: &str, instance: &str, now: u64) -> Option<Claims> {
+        let value = self.cookie_value(sid, host, instance, now, 0)?;
+        cookie::decode(value, &self.config.keys, now).ok()
+    }
+
+    fn cookie_value(&self, sid: &str, host: &str, instance: &str, now: u64, flags: u8) -> Option<String> {
+        let claims = NewClaims { sid, host, instance, iat: now, exp: now.saturating_add(self.config.cookie.ttl_secs), flags };
+        cookie::encode(&claims, &self.config.keys)
+    }
+
+    fn set_cookie_header(&self, value: &str) -> String {
+        let c = &self.config.cookie;
+        let mut header = String::with_capacity(c.name.len() + value.len() + c.attributes.len() + 1);
+        header.push_str(&c.name);
+        header.push('=');
+        header.push_str(value);
+        header.push_str(&c.attributes);
+        header
+    }
+
+    pub fn on_response_headers(&mut self, host: &mut impl HttpHost) -> Action {
+        if matches!(self.session, Session::None) {
+            return Action::Continue;
+        }
+        let response = ResponseView::read(host, &self.config);
+        if response.state.is_some() {
+            host.remove_response_header(&self.config.headers.session_state);
+        }
+        if response.unknown {
+            host.remove_response_header(&self.config.headers.session_unknown);
+        }
+        let now_ms = host.now_ms();
+        match std::mem::replace(&mut self.session, Session::None) {
+            Session::None => Action::Continue,
+            Session::New { sid } => {
+                let Some(upstream) = host.upstream_address() else { return Action::Continue };
+                self.count(Counter::SessionsCreated);
+                self.pin(host, &response, &sid, &upstream, now_ms, None)
+            }
+            Session::Pinned { claims, path, reissue } => self.pinned_response(host, response, claims, path, reissue, now_ms),
+            Session::Failover(failover) => {
+                let Some(upstream) = host.upstream_address() else { return Action::Continue };
+                if response.unknown || response.status == 503 {
+                    // Even a live host refused: pass the answer on, never replay again.
+                    return Action::Continue;
+                }
+                let lease = failover.lease.then_some(failover.token);
+                let commit = FailoverCommit { from: &failover.from, lease };
+                self.pin(host, &response, failover.from.sid(), &upstream, now_ms, Some(commit))
+            }
+        }
+    }
+
+    fn pinned_response(&mut self, host: &mut impl HttpHost, response: ResponseView, claims: Claims, path: String, reissue: bool, now_ms: u64) -> Action {
+        let found_gone = response.status == 503
+            && host.response_flags() & (FLAG_NO_HEALTHY_UPSTREAM | FLAG_UPSTREAM_CONNECTION_FAILURE) != 0;
+        let instance_changed = !claims.instance().is_empty() && response.instance.as_deref().is_some_and(|i| i != claims.instance());
+        if !found_gone && !response.unknown && !instance_changed {
+            // The hot path: same host, same instance.
+            if let Some(state) = response.state.as_deref() {
+                return self.write_state(host, claims.sid(), &claims.owner(), &claims.owner(), state, reissue.then_some(&claims), now_ms);
+            }
+            if reissue || self.needs_refresh(&claims, now_ms / 1000) {
+                self.reissue(host, &claims, claims.host(), claims.instance(), now_ms);
+            }
+            return Action::Continue;
+        }
+        let upstream = host.upstream_address();
+        let ttl_ms = millis(self.config.gone_ttl);
+        let same_address = upstream.as_deref().is_none_or(|u| u == claims.host());
+        let restarted = same_address && instance_changed;
+        if found_gone && same_address {
+            self.count(Counter::HostsMarkedGone);
+            info!("[{}] upstream {} is gone (503 {:#x}); replaying", self.context_id, claims.host(), host.response_flags());
+            self.worker.gone.borrow_mut().mark(host, claims.host(), Sighting::Down, now_ms, ttl_ms);
+        } else if let (true, Some(instance)) = (restarted, response.instance.as_deref()) {
+            info!("[{}] upstream {} restarted as instance {instance}", self.context_id, claims.host());
+            self.worker.gone.borrow_mut().mark(host, claims.host(), Sighting::Replaced { instance: instance.to_string() }, now_ms, ttl_ms);
+        }
+        if found_gone || response.unknown {
+            // The request reached no app, or the app did nothing: replay it.
+            self.count(if restarted { Counter::FailoversRestart } else { Counter::FailoversReplayed });
+            return self.replay(host, &claims, &path, now_ms);
+        }
+        // An app that does not implement "unknown session" served the request
+        // on a new instance (or host): its state starts fresh; pin to it.
+        self.count(if restarted { Counter::FailoversRestart } else { Counter::FailoversFresh });
+        let Some(upstream) = upstream else { return Action::Continue };
+        self.pin(host, &response, claims.sid(), &upstream, now_ms, Some(FailoverCommit { from: &claims, lease: None }))
+    }
+
+    fn needs_refresh(&self, claims: &Claims, now: u64) -> bool {
+        if Some(claims.kid()) != self.config.keys.signing_id() {
+            return true; // signed with an older key: move it to the current one
+        }
+        let life = claims.exp.saturating_sub(claims.iat) as f64;
+        now.saturating_sub(claims.iat) as f64 >= life * self.config.cookie.refresh_after
+    }
+
+    fn reissue(&self, host: &mut impl HttpHost, claims: &Claims, upstream: &str, instance: &str, now_ms: u64) {
+        if let Some(value) = self.cookie_value(claims.sid(), upstream, instance, now_ms / 1000, 0) {
+            self.count(Counter::CookiesRefreshed);
+            host.add_response_header("set-cookie", &self.set_cookie_header(&value));
+        }
+    }
+
+    /// Answers 307 to the same URL with the cookie flagged moving, so the
+    /// client's replay takes the failover path on any proxy replica.
+    fn replay(&self, host: &mut impl HttpHost, claims: &Claims, path: &str, now_ms: u64) -> Action {
+        let Some(value) = self.cookie_value(claims.sid(), claims.host(), claims.instance(), now_ms / 1000, claims.flags | FLAG_MOVING) else {
+            return Action::Continue;
+        };
+        let location = if path.is_empty() { "/" } else { path };
+        let set_cookie = self.set_cookie_header(&value);
+        host.send_response(
+            307,
+            &[("location", location), ("set-cookie", &set_cookie), ("cache-control", "no-store")],
+            "session moved to a live host; repeat the request\n",
+        );
+        Action::Pause
+    }
+
+    /// Pins the session to the host that answered: sets the cookie and stores
+    /// the owner (with any new state). During a failover the owner is recorded
+    /// even without new state.
+    fn pin(&mut self, host: &mut impl HttpHost, response: &ResponseView, sid: &str, upstream: &str, now_ms: u64, failover: Option<FailoverCommit<'_>>) -> Action {
+        let instance = response.instance.as_deref().unwrap_or("");
+        let Some(value) = self.cookie_value(sid, upstream, instance, now_ms / 1000, 0) else {
+            warn!("[{}] cannot pin to upstream {upstream:?} instance {instance:?}", self.context_id);
+            return Action::Continue;
+        };
+        host.add_response_header("set-cookie", &self.set_cookie_header(&value));
+        let config = Rc::clone(&self.config);
+        let Some(store) = &config.store else { return Action::Continue };
+        let to_owner = cookie::owner_of(upstream, instance);
+        let dialect = webdis(store);
+        let call = match (&failover, response.state.as_deref()) {
+            (Some(FailoverCommit { lease: Some(token), .. }), state) => {
+                dialect.commit_failover(self.store_session(sid), token, &to_owner, state)
+            }
+            (Some(FailoverCommit { from, lease: None }), Some(state)) => dialect.write(self.store_session(sid), &from.owner(), &to_owner, state),
+            (None, Some(state)) => dialect.write(self.store_session(sid), &to_owner, &to_owner, state),
+            (_, None) => return Action::Continue,
+        };
+        if response.state.is_some() {
+            self.count(Counter::StoreWrites);
+        }
+        self.dispatch_fenced(host, store, sid, &call)
+    }
+
+    fn write_state(&mut self, host: &mut impl HttpHost, sid: &str, from: &str, to: &str, state: &str, reissue: Option<&Claims>, now_ms: u64) -> Action {
+        if let Some(claims) = reissue {
+            self.reissue(host, claims, claims.host(), claims.instance(), now_ms);
+        }
+        let config = Rc::clone(&self.config);
+        let Some(store) = &config.store else { return Action::Continue };
+        self.count(Counter::StoreWrites);
+        let call = webdis(store).write(self.store_session(sid), from, to, state);
+        self.dispatch_fenced(host, store, sid, &call)
+    }
+
+    fn dispatch_fenced(&mut self, host: &mut impl HttpHost, store: &StoreConfig, sid: &str, call: &StoreCall) -> Action {
+        let held = store.write == WriteMode::Sync;
+        match host.dispatch(store, call) {
+            Some(token) => {
+                self.pending = Some((token, Pending::Fenced { held, sid: sid.to_string() }, host.now_ms()));
+                if held {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
+            }
+            None => {
+                self.count(Counter::StoreErrors);
+                Action::Continue
+            }
+        }
+    }
+
+    fn resolve_fenced(&mut self, host: &mut impl HttpHost, store: &StoreConfig, sid: &str, reply: Result<Fenced, StoreError>) -> Action {
+        match reply {
+            Ok(Fenced::Stored) => Action::Continue,
+            Ok(Fenced::Conflict { owner }) => {
+                // This host no longer owns the session: its state is not kept.
+                self.count(Counter::StoreWritesRejected);
+                warn!("[{}] store refused a write from a host that does not own the session (owner {owner:?})", self.context_id);
+                if store.write == WriteMode::Async {
+                    return Action::Continue;
+                }
+                // Tell the client the change was not kept, and pin it to the owner.
+                let now = host.now_ms() / 1000;
+                let set_cookie = owner
+                    .as_deref()
+                    .and_then(store::split_owner)
+                    .and_then(|(h, i)| self.cookie_value(sid, h, i, now, 0))
+                    .map(|v| self.set_cookie_header(&v));
+                self.reply_retry_later(host, "session belongs to another host; its change was not kept; retry\n", set_cookie.as_deref());
+                Action::Pause
+            }
+            Err(error) => {
+                // The app still holds the state; the next write catches the store up.
+                if status_counted(&error) {
+                    self.count(Counter::StoreErrors);
+                }
+                warn!("[{}] session state write failed: {error:?}", self.context_id);
+                Action::Continue
+            }
+        }
+    }
+}
+
+/// How a pin records the new owner after a failover.
+struct FailoverCommit<'a> {
+    from: &'a Claims,
+    /// The store lease, when the failover took one.
+    lease: Option<String>,
+}
+
+/// The parts of a response the flow looks at, read with one host call.
+#[derive(Debug, Default)]
+struct ResponseView {
+    status: u32,
+    instance: Option<String>,
+    state: Option<String>,
+    unknown: bool,
+}
+
+impl ResponseView {
+    fn read(host: &mut impl HttpHost, config: &Config) -> ResponseView {
+        let names = &config.headers;
+        let mut view = ResponseView::default();
+        for (name, value) in host.response_headers() {
+            match name.as_str() {
+                ":status" => view.status = std::str::from_utf8(&value).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
+                n if n == names.instance_id => {
+                    view.instance = String::from_utf8(value).ok().filter(|i| cookie::is_instance(i));
+                }
+                n if n == names.session_state => view.state = String::from_utf8(value).ok(),
+                n if n == names.session_unknown => view.unknown = true,
+                _ => {}
+            }
+        }
+        view
+    }
+}
+
+fn webdis(store: &StoreConfig) -> Webdis<'_> {
+    Webdis::new(&store.key_prefix)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Transport failures were already counted as errors or timeouts.
+fn status_counted(error: &StoreError) -> bool {
+    !matches!(error, StoreError::Unavailable(0))
+}
