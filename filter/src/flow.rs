@@ -59,8 +59,10 @@ pub trait HttpHost: SharedData {
     fn response_flags(&mut self) -> u64;
     /// Sends a local reply in place of whatever the stream would have sent.
     fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &str);
-    /// Starts an HTTP call to the store; returns its token.
-    fn dispatch(&mut self, store: &StoreConfig, call: &StoreCall) -> Option<u32>;
+    /// Starts an HTTP call to the store; returns its token. A `detached` call
+    /// belongs to the worker rather than the stream, so it still completes when
+    /// the stream ends first (its answer reaches the stream only if it lives).
+    fn dispatch(&mut self, store: &StoreConfig, call: &StoreCall, detached: bool) -> Option<u32>;
     fn resume_request(&mut self);
     fn resume_response(&mut self);
     /// Wall-clock time in milliseconds since the Unix epoch.
@@ -199,7 +201,8 @@ impl Flow {
             self.session = Session::Pinned { claims, path, reissue: false };
             return Action::Continue;
         }
-        if known_gone {
+        if !claims.is_moving() {
+            // A moving cookie's failover was counted when the 307 was sent.
             self.count(Counter::FailoversKnown);
         }
         self.begin_failover(host, claims, path)
@@ -297,7 +300,7 @@ impl Flow {
             millis(store.lease.0),
         );
         self.session = Session::Failover(failover);
-        match host.dispatch(store, &call) {
+        match host.dispatch(store, &call, false) {
             Some(token) => {
                 self.pending = Some((token, Pending::Begin, host.now_ms()));
                 Action::Pause
@@ -443,6 +446,18 @@ impl Flow {
         host.send_response(503, &headers, body);
     }
 
+    /// Gives back a failover lease that led nowhere, so the replay can take it
+    /// at once. Fire and forget: the lease also expires by itself.
+    fn release_lease(&self, host: &mut impl HttpHost, failover: &Failover) {
+        let Some(store) = &self.config.store else { return };
+        if failover.lease {
+            let call = webdis(store).release(self.store_session(failover.from.sid()), &failover.token);
+            if host.dispatch(store, &call, true).is_none() {
+                self.count(Counter::StoreErrors);
+            }
+        }
+    }
+
     /// Signs and re-reads a cookie, giving claims for a session at a new place.
     fn claims_for(&self, sid: &str, host: &str, instance: &str, now: u64) -> Option<Claims> {
         let value = self.cookie_value(sid, host, instance, now, 0)?;
@@ -475,19 +490,40 @@ impl Flow {
         if response.unknown {
             host.remove_response_header(&self.config.headers.session_unknown);
         }
+        if response.route {
+            host.remove_response_header(&self.config.headers.route);
+        }
         let now_ms = host.now_ms();
         match std::mem::replace(&mut self.session, Session::None) {
             Session::None => Action::Continue,
             Session::New { sid } => {
                 let Some(upstream) = host.upstream_address() else { return Action::Continue };
+                if unreached(host, &response) != Unreached::No {
+                    return Action::Continue; // no app served it: nothing to pin to
+                }
                 self.count(Counter::SessionsCreated);
                 self.pin(host, &response, &sid, &upstream, now_ms, None)
             }
             Session::Pinned { claims, path, reissue } => self.pinned_response(host, response, claims, path, reissue, now_ms),
             Session::Failover(failover) => {
+                match unreached(host, &response) {
+                    Unreached::No => {}
+                    Unreached::NoHealthyHost => {
+                        self.release_lease(host, &failover);
+                        return Action::Continue;
+                    }
+                    Unreached::ConnectFailed => {
+                        // The load balancer picked a host that just died: no app saw
+                        // the request, so it may go round again.
+                        self.release_lease(host, &failover);
+                        self.count(Counter::FailoversReplayed);
+                        return self.replay(host, &failover.from, &failover.path, now_ms);
+                    }
+                }
                 let Some(upstream) = host.upstream_address() else { return Action::Continue };
-                if response.unknown || response.status == 503 {
-                    // Even a live host refused: pass the answer on, never replay again.
+                if response.unknown {
+                    // Even a live host refused the restored session: pass the answer on.
+                    self.release_lease(host, &failover);
                     return Action::Continue;
                 }
                 let lease = failover.lease.then_some(failover.token);
@@ -498,8 +534,7 @@ impl Flow {
     }
 
     fn pinned_response(&mut self, host: &mut impl HttpHost, response: ResponseView, claims: Claims, path: String, reissue: bool, now_ms: u64) -> Action {
-        let found_gone = response.status == 503
-            && host.response_flags() & (FLAG_NO_HEALTHY_UPSTREAM | FLAG_UPSTREAM_CONNECTION_FAILURE) != 0;
+        let found_gone = unreached(host, &response) != Unreached::No;
         let instance_changed = !claims.instance().is_empty() && response.instance.as_deref().is_some_and(|i| i != claims.instance());
         if !found_gone && !response.unknown && !instance_changed {
             // The hot path: same host, same instance.
@@ -515,9 +550,10 @@ impl Flow {
         let ttl_ms = millis(self.config.gone_ttl);
         let same_address = upstream.as_deref().is_none_or(|u| u == claims.host());
         let restarted = same_address && instance_changed;
-        if found_gone && same_address {
+        if found_gone || !same_address {
+            // Nothing answered at the pinned address (or Envoy retried elsewhere).
             self.count(Counter::HostsMarkedGone);
-            info!("[{}] upstream {} is gone (503 {:#x}); replaying", self.context_id, claims.host(), host.response_flags());
+            info!("[{}] upstream {} is gone; its sessions fail over", self.context_id, claims.host());
             self.worker.gone.borrow_mut().mark(host, claims.host(), Sighting::Down, now_ms, ttl_ms);
         } else if let (true, Some(instance)) = (restarted, response.instance.as_deref()) {
             info!("[{}] upstream {} restarted as instance {instance}", self.context_id, claims.host());
@@ -607,7 +643,7 @@ impl Flow {
 
     fn dispatch_fenced(&mut self, host: &mut impl HttpHost, store: &StoreConfig, sid: &str, call: &StoreCall) -> Action {
         let held = store.write == WriteMode::Sync;
-        match host.dispatch(store, call) {
+        match host.dispatch(store, call, !held) {
             Some(token) => {
                 self.pending = Some((token, Pending::Fenced { held, sid: sid.to_string() }, host.now_ms()));
                 if held {
@@ -655,6 +691,30 @@ impl Flow {
     }
 }
 
+/// Whether a response proves the request reached no app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unreached {
+    No,
+    /// Envoy had no healthy host to send it to (503 UH).
+    NoHealthyHost,
+    /// Envoy could not connect to the host it picked (503 UF).
+    ConnectFailed,
+}
+
+fn unreached(host: &mut impl HttpHost, response: &ResponseView) -> Unreached {
+    if response.status != 503 {
+        return Unreached::No;
+    }
+    let flags = host.response_flags();
+    if flags & FLAG_UPSTREAM_CONNECTION_FAILURE != 0 {
+        Unreached::ConnectFailed
+    } else if flags & FLAG_NO_HEALTHY_UPSTREAM != 0 {
+        Unreached::NoHealthyHost
+    } else {
+        Unreached::No
+    }
+}
+
 /// How a pin records the new owner after a failover.
 struct FailoverCommit<'a> {
     from: &'a Claims,
@@ -669,6 +729,8 @@ struct ResponseView {
     instance: Option<String>,
     state: Option<String>,
     unknown: bool,
+    /// `stateful_session` echoes the routing header on responses; it stays internal.
+    route: bool,
 }
 
 impl ResponseView {
@@ -683,6 +745,7 @@ impl ResponseView {
                 }
                 n if n == names.session_state => view.state = String::from_utf8(value).ok(),
                 n if n == names.session_unknown => view.unknown = true,
+                n if n == names.route => view.route = true,
                 _ => {}
             }
         }

@@ -75,12 +75,13 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         self.flush_metrics();
-        self.worker.gone.borrow_mut().refresh(&Proxy);
+        self.worker.gone.borrow_mut().refresh(&Proxy { context_id: self.context_id, root_id: self.context_id });
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let config = self.config.clone()?;
-        Some(Box::new(Filter { flow: Flow::new(context_id, config, Rc::clone(&self.worker)) }))
+        let proxy = Proxy { context_id, root_id: self.context_id };
+        Some(Box::new(Filter { flow: Flow::new(context_id, config, Rc::clone(&self.worker)), proxy }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -118,6 +119,7 @@ impl Root {
 /// One HTTP stream.
 struct Filter {
     flow: Flow,
+    proxy: Proxy,
 }
 
 fn proxy_action(action: Action) -> ProxyAction {
@@ -141,13 +143,13 @@ impl Context for Filter {
             Ok(Some(body)) => body,
             _ => Vec::new(),
         };
-        self.flow.on_store_response(&mut Proxy, token, status, &body);
+        self.flow.on_store_response(&mut self.proxy, token, status, &body);
     }
 }
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> ProxyAction {
-        proxy_action(self.flow.on_request_headers(&mut Proxy))
+        proxy_action(self.flow.on_request_headers(&mut self.proxy))
     }
 
     fn on_http_request_body(&mut self, _: usize, _: bool) -> ProxyAction {
@@ -161,7 +163,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> ProxyAction {
-        proxy_action(self.flow.on_response_headers(&mut Proxy))
+        proxy_action(self.flow.on_response_headers(&mut self.proxy))
     }
 
     fn on_http_response_body(&mut self, _: usize, _: bool) -> ProxyAction {
@@ -173,8 +175,12 @@ impl HttpContext for Filter {
     }
 }
 
-/// The proxy, as the pure core sees it.
-struct Proxy;
+/// The proxy, as the pure core sees it, for one stream.
+struct Proxy {
+    context_id: u32,
+    /// The worker's root context, which owns detached store calls.
+    root_id: u32,
+}
 
 impl SharedData for Proxy {
     fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
@@ -230,14 +236,22 @@ impl HttpHost for Proxy {
         }
     }
 
-    fn dispatch(&mut self, store: &StoreConfig, call: &StoreCall) -> Option<u32> {
+    fn dispatch(&mut self, store: &StoreConfig, call: &StoreCall, detached: bool) -> Option<u32> {
         let headers = vec![
             (":method", call.method),
             (":path", call.path.as_str()),
             (":authority", store.authority.as_str()),
             ("content-type", "text/plain"),
         ];
-        match hostcalls::dispatch_http_call(&store.cluster, headers, Some(&call.body), vec![], store.timeout.0) {
+        // The proxy cancels a stream's calls when the stream ends; the root lives on.
+        if detached && hostcalls::set_effective_context(self.root_id).is_err() {
+            return None;
+        }
+        let result = hostcalls::dispatch_http_call(&store.cluster, headers, Some(&call.body), vec![], store.timeout.0);
+        if detached {
+            let _ = hostcalls::set_effective_context(self.context_id);
+        }
+        match result {
             Ok(token) => Some(token),
             Err(status) => {
                 warn!("store call to cluster {:?} failed to start: {status:?}", store.cluster);

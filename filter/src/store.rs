@@ -59,6 +59,8 @@ pub trait Dialect {
     fn begin_failover(&self, s: Session<'_>, from_owner: &str, token: &str, lease_ms: u64) -> StoreCall;
     fn commit_failover(&self, s: Session<'_>, token: &str, to_owner: &str, state: Option<&str>) -> StoreCall;
     fn write(&self, s: Session<'_>, from_owner: &str, to_owner: &str, state: &str) -> StoreCall;
+    /// Drops the failover lease `token`, if it is still held (no reply needed).
+    fn release(&self, s: Session<'_>, token: &str) -> StoreCall;
     fn parse_begin(&self, status: u32, body: &[u8]) -> Result<Begin, StoreError>;
     fn parse_fenced(&self, status: u32, body: &[u8]) -> Result<Fenced, StoreError>;
 }
@@ -89,6 +91,10 @@ redis.call('HSET', KEYS[1], 'owner', ARGV[2])
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'state', ARGV[4]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('DEL', KEYS[2])
+return {'stored'}";
+
+const RELEASE_LUA: &str = "\
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return {'stored'}";
 
 const WRITE_LUA: &str = "\
@@ -155,6 +161,10 @@ impl Dialect for Webdis<'_> {
 
     fn write(&self, s: Session<'_>, from_owner: &str, to_owner: &str, state: &str) -> StoreCall {
         self.eval(WRITE_LUA, s.sid, &[from_owner, to_owner, state, &s.ttl_ms.to_string()])
+    }
+
+    fn release(&self, s: Session<'_>, token: &str) -> StoreCall {
+        self.eval(RELEASE_LUA, s.sid, &[token, "0"])
     }
 
     fn parse_begin(&self, status: u32, body: &[u8]) -> Result<Begin, StoreError> {
