@@ -129,7 +129,7 @@ impl<'de> Deserialize<'de> for Secret {
                 Err(E::custom("must be a string"))
             }
         }
-        deserializer.deserialize_str(SecretVisitor)
+        deserializer.deserialize_any(SecretVisitor)
     }
 }
 
@@ -525,4 +525,107 @@ fn check_skip(s: &SkipConfig) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = r#"{"id":"k1","secret":"0123456789abcdef0123456789abcdef"}"#;
+
+    fn parse(json: &str) -> Result<Config, ConfigError> {
+        Config::parse(json.as_bytes(), &|name| (name == "SA_KEY").then(|| "from-the-environment-0123456789abcdef".to_string()))
+    }
+
+    fn error_of(json: &str) -> String {
+        match parse(json) {
+            Ok(_) => panic!("accepted: {json}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_takes_safe_defaults() {
+        let c = parse(&format!(r#"{{"keys":[{KEY}]}}"#)).unwrap();
+        assert_eq!(c.cookie.name, "sa");
+        assert_eq!(c.cookie.attributes, "; Path=/; Max-Age=86400; Secure; HttpOnly; SameSite=Lax");
+        assert_eq!(c.headers.route, "x-session-route");
+        assert!(c.store.is_none());
+        assert_eq!(c.gone_ttl, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(&format!(
+            r#"{{"cookie":{{"name":"route","path":"/app","domain":"example.com","ttl":"7d","refresh_after":0.25,"secure":true,"http_only":false,"same_site":"none"}},
+                "keys":[{KEY},{{"id":"k0","secret_env":"SA_KEY"}}],
+                "store":{{"cluster":"store","timeout":"250ms","write":"async","on_outage":"reject","retry_after":"2s","lease":"5s"}},
+                "failover":{{"gone_ttl":"1m"}},"skip":{{"prefixes":["/static/"],"suffixes":[".css"]}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.cookie.attributes, "; Path=/app; Max-Age=604800; Domain=example.com; Secure; SameSite=None");
+        let store = c.store.unwrap();
+        assert_eq!((store.write, store.on_outage, store.timeout.0), (WriteMode::Async, OutagePolicy::Reject, Duration::from_millis(250)));
+        assert_eq!(format!("{:?}", c.keys), r#"["k1", "k0"]"#);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_say_what_to_fix() {
+        let cases = [
+            (r#"{}"#.to_string(), "missing field `keys`"),
+            (r#"{"keys":[]}"#.to_string(), "keys: list at least one key"),
+            (r#"{"keys":[{"id":"k1","secret":"short"}]}"#.to_string(), "keys[0].secret: must be at least 32 bytes"),
+            (format!(r#"{{"keys":[{KEY},{KEY}]}}"#), "keys[1].id: is listed twice"),
+            (r#"{"keys":[{"id":"k1","secret_env":"MISSING"}]}"#.to_string(), "keys[0].secret_env: environment variable MISSING is not set"),
+            (r#"{"keys":[{"id":"k1"}]}"#.to_string(), "keys[0]: give exactly one of"),
+            (r#"{"keys":[{"id":"bad id","secret":"0123456789abcdef0123456789abcdef"}]}"#.to_string(), "keys[0].id: must be 1 to 32"),
+            (format!(r#"{{"keys":[{KEY}],"cookie":{{"same_site":"sideways"}}}}"#), "cookie.same_site: unknown variant `sideways`"),
+            (format!(r#"{{"keys":[{KEY}],"cookie":{{"ttl":"10 minutes"}}}}"#), "cookie.ttl: `10 minutes` is not a duration"),
+            (format!(r#"{{"keys":[{KEY}],"cookie":{{"ttl":"10s"}}}}"#), "cookie.ttl: must be between 1m and 400d"),
+            (format!(r#"{{"keys":[{KEY}],"cookie":{{"name":"a b"}}}}"#), "cookie.name: must be a non-empty token"),
+            (format!(r#"{{"keys":[{KEY}],"cookie":{{"same_site":"none","secure":false}}}}"#), "cookie.same_site: \"none\" requires cookie.secure"),
+            (format!(r#"{{"keys":[{KEY}],"cookie":{{"refresh_after":0}}}}"#), "cookie.refresh_after: must be a share"),
+            (format!(r#"{{"keys":[{KEY}],"cookie":{{"colour":"blue"}}}}"#), "cookie.colour: unknown field `colour`, expected one of"),
+            (format!(r#"{{"keys":[{KEY}],"headers":{{"route":"x-session-id"}}}}"#), "headers.session_id: is the same as another"),
+            (format!(r#"{{"keys":[{KEY}],"headers":{{"route":"X-Route"}}}}"#), "headers.route: must be a lower-case header name"),
+            (format!(r#"{{"keys":[{KEY}],"store":{{}}}}"#), "store: missing field `cluster`"),
+            (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","dialect":"memcached"}}}}"#), "store.dialect: unknown variant `memcached`"),
+            (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","timeout":"0ms"}}}}"#), "store.timeout: must be between 1ms and 60s"),
+            (format!(r#"{{"keys":[{KEY}],"skip":{{"prefixes":["static"]}}}}"#), "skip.prefixes[0]: must start with '/'"),
+            ("not json".to_string(), "expected ident"),
+        ];
+        for (json, expected) in cases {
+            let message = error_of(&json);
+            assert!(message.starts_with(expected), "{json}\n  expected: {expected}\n  got:      {message}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_appear_in_errors_or_debug_output() {
+        let secret = "this-is-the-secret-value-0123456789";
+        let message = error_of(&format!(r#"{{"keys":[{{"id":"k1","secret":"{secret}"}}],"cookie":{{"path":"nope"}}}}"#));
+        assert!(!message.contains(secret), "{message}");
+        let message = error_of(r#"{"keys":[{"id":"k1","secret":12345678901234567890}]}"#);
+        assert!(message.contains("must be a string") && !message.contains("12345"), "{message}");
+        let config = parse(&format!(r#"{{"keys":[{{"id":"k1","secret":"{secret}"}}]}}"#)).unwrap();
+        assert!(!format!("{config:?}").contains(secret));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in ["", "5", "ms", "-1s", "1.5s", "1 s", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn skip_matches_prefixes_and_suffixes_without_the_query() {
+        let c = parse(&format!(r#"{{"keys":[{KEY}],"skip":{{"prefixes":["/static/"],"suffixes":[".css"]}}}}"#)).unwrap();
+        assert!(c.skips(b"/static/x.png"));
+        assert!(c.skips(b"/a/b.css?v=1"));
+        assert!(!c.skips(b"/a/b.css.map"));
+        assert!(!c.skips(b"/cart?file=.css"));
+    }
 }

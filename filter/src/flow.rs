@@ -538,13 +538,13 @@ impl Flow {
         let instance_changed = !claims.instance().is_empty() && response.instance.as_deref().is_some_and(|i| i != claims.instance());
         if !found_gone && !response.unknown && !instance_changed {
             // The hot path: same host, same instance.
-            if let Some(state) = response.state.as_deref() {
-                return self.write_state(host, claims.sid(), &claims.owner(), &claims.owner(), state, reissue.then_some(&claims), now_ms);
-            }
             if reissue || self.needs_refresh(&claims, now_ms / 1000) {
-                self.reissue(host, &claims, claims.host(), claims.instance(), now_ms);
+                self.reissue(host, &claims, now_ms);
             }
-            return Action::Continue;
+            return match response.state.as_deref() {
+                Some(state) => self.write_state(host, claims.sid(), &claims.owner(), state),
+                None => Action::Continue,
+            };
         }
         let upstream = host.upstream_address();
         let ttl_ms = millis(self.config.gone_ttl);
@@ -579,8 +579,9 @@ impl Flow {
         now.saturating_sub(claims.iat) as f64 >= life * self.config.cookie.refresh_after
     }
 
-    fn reissue(&self, host: &mut impl HttpHost, claims: &Claims, upstream: &str, instance: &str, now_ms: u64) {
-        if let Some(value) = self.cookie_value(claims.sid(), upstream, instance, now_ms / 1000, 0) {
+    /// Re-signs the cookie with a fresh expiry (and the current signing key).
+    fn reissue(&self, host: &mut impl HttpHost, claims: &Claims, now_ms: u64) {
+        if let Some(value) = self.cookie_value(claims.sid(), claims.host(), claims.instance(), now_ms / 1000, 0) {
             self.count(Counter::CookiesRefreshed);
             host.add_response_header("set-cookie", &self.set_cookie_header(&value));
         }
@@ -630,14 +631,12 @@ impl Flow {
         self.dispatch_fenced(host, store, sid, &call)
     }
 
-    fn write_state(&mut self, host: &mut impl HttpHost, sid: &str, from: &str, to: &str, state: &str, reissue: Option<&Claims>, now_ms: u64) -> Action {
-        if let Some(claims) = reissue {
-            self.reissue(host, claims, claims.host(), claims.instance(), now_ms);
-        }
+    /// Stores new state from the session's owner (the pinned path).
+    fn write_state(&mut self, host: &mut impl HttpHost, sid: &str, owner: &str, state: &str) -> Action {
         let config = Rc::clone(&self.config);
         let Some(store) = &config.store else { return Action::Continue };
         self.count(Counter::StoreWrites);
-        let call = webdis(store).write(self.store_session(sid), from, to, state);
+        let call = webdis(store).write(self.store_session(sid), owner, owner, state);
         self.dispatch_fenced(host, store, sid, &call)
     }
 
@@ -765,3 +764,6 @@ fn millis(d: Duration) -> u64 {
 fn status_counted(error: &StoreError) -> bool {
     !matches!(error, StoreError::Unavailable(0))
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,6 +11,8 @@
 //! A dialect turns these into HTTP requests and parses the replies. The
 //! reference dialect is Redis behind webdis, with Lua for atomicity.
 
+use std::fmt::Write;
+
 use serde_json::Value;
 
 /// An HTTP request to the store cluster.
@@ -134,14 +136,11 @@ impl<'a> Webdis<'a> {
 
 /// Percent-encodes everything but ASCII letters and digits.
 fn push_encoded(out: &mut String, text: &str) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in text.as_bytes() {
         if b.is_ascii_alphanumeric() {
             out.push(char::from(b));
         } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 15)]));
+            let _ = write!(out, "%{b:02X}");
         }
     }
 }
