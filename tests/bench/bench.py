@@ -215,6 +215,9 @@ def http_get(port: int, path: str = "/", headers: dict | None = None,
         for k, v in r.getheaders():
             hdrs.setdefault(k.lower(), []).append(v)
         return r.status, hdrs, body
+    except OSError as e:
+        raise OSError(f"GET 127.0.0.1:{port}{path}: {e or type(e).__name__}"
+                      f"{' after %gs' % timeout if isinstance(e, TimeoutError) else ''}") from e
     finally:
         conn.close()
 
@@ -323,8 +326,12 @@ class Store:
         self.cpu = cpu
         self.redis_port = free_port()
         self.port = free_port()
+        self.started = False
 
     def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
         wd = self.procs.workdir
         self.procs.start("redis", pin(self.cpu) + [
             "redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port),
@@ -588,7 +595,6 @@ class Bench:
         self.load_cpu = cpu_list[1] if pinning else None
         self.upstreams = Upstreams(self.procs, args.upstream, self.load_cpu)
         self.store = Store(self.procs, self.load_cpu)
-        self.store_started = False
         self.pinned_host = ""  # every pinned variant uses the second upstream
         self.unavailable: dict[str, str] = {}
 
@@ -652,15 +658,16 @@ class Bench:
             v.envoy = None
             return False
 
-    def load(self, v: Variant, duration: float, cookie_file: Path | None = None) -> dict:
+    def load(self, v: Variant, duration: float, cookie_file: Path | None = None,
+             connections: int | None = None) -> dict:
         """One measured wrk run against a variant, with Envoy CPU and counters."""
         assert v.envoy is not None
         before_cpu = v.envoy.cpu_seconds()
         before_stats = v.envoy.stats() if v.uses_filter else {}
         t0 = time.monotonic()
         r = run_wrk(v.envoy.port, path=v.path, duration=duration,
-                    connections=self.args.connections, headers=v.request_headers,
-                    cookie_file=cookie_file, cpu=self.load_cpu)
+                    connections=connections or self.args.connections,
+                    headers=v.request_headers, cookie_file=cookie_file, cpu=self.load_cpu)
         wall = time.monotonic() - t0
         cpu = v.envoy.cpu_seconds() - before_cpu
         r["envoy_cpu_s"] = round(cpu, 3)
@@ -866,6 +873,17 @@ def write_markdown(results: dict, path: Path) -> None:
             f"| {label} | {fmt(s['rps'], ',.0f')} | {fmt(s['ratio_rps'])}{rng} | "
             f"{fmt(s['p50_ms'], '.3f')} | {fmt(s['p99_ms'], '.3f')} | {fmt(s['ratio_p99'])} | "
             f"{fmt(s['envoy_cpu_us_per_req'], '.1f')} | {s['non_2xx']} |")
+    light = results.get("summary_light")
+    if light:
+        base = light.get("router", {})
+        lines += ["", "## Latency at light load (1 connection, no queueing)", "",
+                  "| variant | p50 µs | p99 µs | p50 added µs | p50 ratio | p99 ratio |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, s in light.items():
+            added = (s["p50_ms"] - base["p50_ms"]) * 1000 if base.get("p50_ms") is not None else None
+            lines.append(f"| {results['labels'].get(name, name)} | {fmt(s['p50_ms'] * 1000, '.0f')} | "
+                         f"{fmt(s['p99_ms'] * 1000, '.0f')} | {fmt(added, '+.0f')} | "
+                         f"{fmt(s['ratio_p50'])} | {fmt(s['ratio_p99'])} |")
     if results.get("unavailable"):
         lines += ["", "Not measured in this run:", ""]
         for name, why in results["unavailable"].items():
@@ -889,15 +907,23 @@ def write_markdown(results: dict, path: Path) -> None:
                            ("found_mid_request", "found mid-request (307 + replay)")):
             f = fo.get(key)
             if f and f.get("samples"):
+                ref = f.get("reference_pinned") or {}
                 lines.append(f"- {label}: p50 {fmt(f['p50_ms'], '.2f')} ms, p99 "
-                             f"{fmt(f['p99_ms'], '.2f')} ms over {f['samples']} sessions"
+                             f"{fmt(f['p99_ms'], '.2f')} ms, max {fmt(f['max_ms'], '.2f')} ms over "
+                             f"{f['samples']} sessions; {f['lost_state']} lost state"
+                             + (f"; same client, healthy pinned request: p50 {fmt(ref['p50_ms'], '.2f')}"
+                                f" ms, p99 {fmt(ref['p99_ms'], '.2f')} ms" if ref.get("samples") else "")
                              + (f" ({f['note']})" if f.get("note") else ""))
             elif f and f.get("error"):
                 lines.append(f"- {label}: not measured: {f['error']}")
         k = fo.get("kill_under_load")
         if k and "lost_sessions" in k:
-            lines.append(f"- kill under load: {k['lost_sessions']} of {k['sessions']} sessions lost "
-                         f"state ({k['requests']} requests, {k['client_errors']} client-visible errors)")
+            lines.append(
+                f"- kill under load: **{k['lost_sessions']} of {k['sessions']} sessions lost state** "
+                f"({k['sessions_on_killed_host']} pinned to the killed host; {k['requests']:,} requests "
+                f"in {k['seconds']:g} s, {k['redirects']} replayed via 307; {k['client_errors']} "
+                f"client-visible errors, of which {k['errors_in_flight_at_kill']} were requests in "
+                "flight on the host when it died (503, never replayed: the app may have processed them))")
         elif k and k.get("error"):
             lines.append(f"- kill under load: not measured: {k['error']}")
     lines += ["", "## Module sizes", "", "| module | bytes |", "|---|---:|"]
@@ -1068,7 +1094,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--duration", type=float, default=5, help="seconds per load run (default 5)")
     ap.add_argument("--warmup", type=float, default=2, help="warm-up seconds per variant (default 2)")
-    ap.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    ap.add_argument("--connections", type=int, default=16,
+                    help="wrk connections for the saturation runs (default 16)")
+    ap.add_argument("--light-duration", type=float, default=2,
+                    help="seconds of a 1-connection (light load) run per variant and round, "
+                         "for the added latency without queueing; 0 skips (default 2)")
     ap.add_argument("--variants", type=lambda s: [x for x in s.split(",") if x],
                     help="comma-separated subset of variants (router is always added)")
     ap.add_argument("--scale-sessions", type=int, default=100_000,
@@ -1090,7 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
     if args.smoke:
-        args.rounds, args.duration, args.warmup = 1, 1, 0
+        args.rounds, args.duration, args.warmup, args.light_duration = 1, 1, 0, 0
         args.scale_sessions = min(args.scale_sessions, 1000)
         args.no_failover = True
     if args.variants and "router" not in args.variants:
@@ -1141,7 +1171,8 @@ def run(bench: Bench) -> dict:
             "git": git_rev(), "envoy": envoy_version(), "cpus": len(cpus()),
             "host": platform.node(), "envoy_cpu": bench.envoy_cpu, "load_cpu": bench.load_cpu,
             "concurrency": 1, "connections": args.connections, "rounds": args.rounds,
-            "duration_s": args.duration, "warmup_s": args.warmup, "upstream": args.upstream,
+            "duration_s": args.duration, "warmup_s": args.warmup,
+            "light_duration_s": args.light_duration, "upstream": args.upstream,
             "smoke": args.smoke, "build": args.build,
             "modules_built": {name: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(
                 (WASM_DIR / name).stat().st_mtime)) for name in WASM.values()
@@ -1175,13 +1206,22 @@ def run(bench: Bench) -> dict:
         order = live[k:] + live[:k]  # rotate so no variant always runs first
         for v in order:
             r = bench.load(v, args.duration)
-            r.update(round=rnd, variant=v.name)
+            r.update(round=rnd, variant=v.name, load="saturation")
             runs.append(r)
             log(f"r{rnd} {v.name:20s} {r['rps']:9,.0f} req/s  p50 {r['latency_us']['p50'] / 1000:6.3f} ms"
                 f"  p99 {r['latency_us']['p99'] / 1000:6.3f} ms  envoy {r['envoy_cpu_util'] * 100:3.0f}% "
                 f"{r['envoy_cpu_us_per_req']} us/req  non2xx {r['errors']['status']}")
+            if args.light_duration > 0:
+                r = bench.load(v, args.light_duration, connections=1)
+                r.update(round=rnd, variant=v.name, load="light")
+                runs.append(r)
+                log(f"r{rnd} {v.name:20s} 1 connection: p50 {r['latency_us']['p50']} us  "
+                    f"p99 {r['latency_us']['p99']} us")
     results["runs"] = runs
-    results["summary"] = summarize(runs, [v.name for v in live])
+    names = [v.name for v in live]
+    results["summary"] = summarize([r for r in runs if r["load"] == "saturation"], names)
+    if args.light_duration > 0:
+        results["summary_light"] = summarize([r for r in runs if r["load"] == "light"], names)
 
     by_name = {v.name: v for v in live}
     if not args.no_scale:

@@ -1,0 +1,393 @@
+"""Failover figures for tests/bench/run (imported by bench.py).
+
+Uses the demo backend (envoy/backend/app.py), which implements the app
+contract: it keeps per-session state, returns it in x-session-state when it
+changes, restores it from x-session-state, answers x-session-unknown for a
+session it does not know, and reports a per-session request count so a client
+can tell whether its session state survived.
+
+Three measurements, all on 127.0.0.1 with the store (redis + webdis):
+
+known_gone
+    N sessions pinned to one backend; the backend is killed (SIGKILL) and one
+    request marks it gone. Then each other session sends its first request
+    after the loss: the filter already knows the host is gone, fetches the
+    state from the store, lets the load balancer pick a live host, injects the
+    state, and re-pins. Client-side latency of that one request, p50/p99.
+
+found_mid_request
+    The pinned host is dead but not yet marked gone, so the request goes to
+    it, Envoy answers 503 (UH/UF), the filter marks it gone and answers 307,
+    and the client replays once (the known-gone path). Latency of the whole
+    exchange (both requests), p50/p99. A separate Envoy whose gone marks last
+    `failover.gone_ttl: 1s` lets every sample be a first discovery: samples
+    are spaced by more than that TTL.
+
+kill_under_load
+    S client sessions loop over requests (following at most 3 redirects,
+    as browsers and HTTP libraries do) while the backend holding sessions is
+    killed mid-run. A session lost state if the count the backend returns ever
+    fails to increase by one. Must be 0.
+
+Latency is measured in Python (http.client on a kept-alive connection), so
+it includes ~0.1 ms of client overhead; the same client's figure for a
+healthy pinned request is reported next to it as the reference.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import bench as b
+
+DEMO_BACKEND = b.ROOT / "envoy" / "backend" / "app.py"
+
+
+def percentile(xs: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100)."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, int(round(p / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def latency_summary(ms: list[float], **extra) -> dict:
+    return {"samples": len(ms),
+            "p50_ms": round(statistics.median(ms), 3) if ms else None,
+            "p99_ms": round(percentile(ms, 99), 3) if ms else None,
+            "max_ms": round(max(ms), 3) if ms else None, **extra}
+
+
+# ------------------------------------------------------------ demo backend --
+
+class Backends:
+    """The demo backend, one process per upstream host."""
+
+    def __init__(self, bench: b.Bench, tag: str, count: int = 3):
+        self.bench = bench
+        self.tag = tag
+        self.ports = [b.free_port() for _ in range(count)]
+        self.procs: dict[int, object] = {}
+
+    @property
+    def hosts(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.ports]
+
+    def start(self, port: int) -> None:
+        script = os.environ.get("SA_BENCH_DEMO_BACKEND", str(DEMO_BACKEND))
+        cmd = b.pin(self.bench.load_cpu) + [sys.executable, script, "--host", "127.0.0.1",
+                                            "--port", str(port)]
+        self.procs[port] = self.bench.procs.start(f"backend-{self.tag}-{port}", cmd)
+
+    def start_all(self) -> None:
+        for p in self.ports:
+            self.start(p)
+        for p in self.ports:
+            b.wait_port(p)
+
+    def kill(self, host: str) -> None:
+        """SIGKILL: the process dies without closing anything cleanly."""
+        port = int(host.rsplit(":", 1)[1])
+        proc = self.procs.pop(port)
+        self.bench.procs.stop(proc, signal.SIGKILL)  # type: ignore[arg-type]
+
+
+def filter_envoy(bench: b.Bench, name: str, hosts: list[str], gone_ttl: str) -> b.Envoy:
+    filters = [b.wasm_filter("session_affinity", bench.wasm("filter"),
+                             b.filter_config(write="sync", gone_ttl=gone_ttl)),
+               b.stateful_session_header(), b.ROUTER]
+    env = b.Envoy(bench.procs, name, filters, hosts, bench.store.port, bench.envoy_cpu,
+                  hc_interval="1s")
+    env.start()
+    return env
+
+
+# ------------------------------------------------------------------ client --
+
+class Client:
+    """One session's client: a kept-alive connection and a cookie."""
+
+    def __init__(self, port: int, cookie: str | None = None):
+        self.port = port
+        self.cookie = cookie
+        self.conn: http.client.HTTPConnection | None = None
+        self.count: int | None = None
+
+    def _conn(self) -> http.client.HTTPConnection:
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def get_once(self, path: str = "/") -> tuple[int, dict, dict]:
+        """One request; takes the cookie from Set-Cookie. Retries once on a
+        connection the server closed while idle (not counted as a failure)."""
+        headers = {"cookie": f"{b.COOKIE}={self.cookie}"} if self.cookie else {}
+        for attempt in (0, 1):
+            try:
+                conn = self._conn()
+                conn.request("GET", path, headers=headers)
+                r = conn.getresponse()
+                body = r.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()
+                if attempt:
+                    raise
+        hdrs: dict[str, list[str]] = {}
+        for k, v in r.getheaders():
+            hdrs.setdefault(k.lower(), []).append(v)
+        if r.getheader("connection", "").lower() == "close":
+            self.close()
+        value = b.set_cookie_value(hdrs, b.COOKIE)
+        if value:
+            self.cookie = value
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            data = {"_body": body[:100].decode(errors="replace")}
+        return r.status, hdrs, data
+
+    def get(self, path: str = "/", max_redirects: int = 3) -> tuple[int, dict, int]:
+        """Follows 307s like a browser; returns (status, body, redirects)."""
+        redirects = 0
+        status, _, data = self.get_once(path)
+        while status in (301, 302, 303, 307, 308) and redirects < max_redirects:
+            redirects += 1
+            status, _, data = self.get_once(path)
+        return status, data, redirects
+
+
+def instance_of(data: dict, hdr_instance: str | None = None) -> str | None:
+    return data.get("instance") or data.get("instance_id") or hdr_instance
+
+
+def count_of(data: dict) -> int | None:
+    for key in ("count", "requests", "hits", "n"):
+        v = data.get(key)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def new_sessions(env: b.Envoy, want: int, host: str | None, max_tries: int) -> list[Client]:
+    """Creates sessions through the filter; keeps those pinned to `host`
+    (any host when None). Each gets a second request so the store holds state."""
+    out: list[Client] = []
+    for _ in range(max_tries):
+        if len(out) >= want:
+            break
+        c = Client(env.port)
+        status, _, data = c.get_once("/")
+        if status != 200 or not c.cookie:
+            raise RuntimeError(f"new session: status {status}, cookie {c.cookie!r}")
+        pinned = c.cookie.split("|")[2] if c.cookie.count("|") >= 8 else None
+        if host is not None and pinned != host:
+            c.close()
+            continue
+        status, _, data = c.get_once("/")
+        if status != 200:
+            raise RuntimeError(f"second request of a new session: status {status}")
+        c.count = count_of(data)
+        out.append(c)
+    if len(out) < want:
+        raise RuntimeError(f"only {len(out)} of {want} sessions pinned to {host}")
+    return out
+
+
+# ------------------------------------------------------------ measurements --
+
+def timed_first_request(c: Client) -> tuple[float, int, int, bool]:
+    """(ms, final status, redirects, state kept) of one session's request."""
+    before = c.count
+    t0 = time.perf_counter()
+    status, data, redirects = c.get("/")
+    ms = (time.perf_counter() - t0) * 1000
+    after = count_of(data)
+    kept = before is None or after is None or after == before + 1
+    c.count = after
+    return ms, status, redirects, kept
+
+
+def measure_known_gone(bench: b.Bench, sessions: int) -> dict:
+    backends = Backends(bench, "known")
+    backends.start_all()
+    env = filter_envoy(bench, "failover-known", backends.hosts, gone_ttl="10m")
+    env.wait_ready()
+    victim = backends.hosts[0]
+    clients = new_sessions(env, sessions + 1, victim, max_tries=(sessions + 1) * 6)
+    # Reference: the same client, healthy pinned requests.
+    ref = []
+    for c in clients[1:]:
+        t0 = time.perf_counter()
+        status, data, _ = c.get("/")
+        ref.append((time.perf_counter() - t0) * 1000)
+        c.count = count_of(data)
+    backends.kill(victim)
+    trigger_ms, trigger_status, trigger_redirects, _ = timed_first_request(clients[0])
+    time.sleep(1.5)  # counters flush; the gone mark is already in shared data
+    ms, statuses, redirected, lost = [], {}, 0, 0
+    for c in clients[1:]:
+        t, status, redirects, kept = timed_first_request(c)
+        statuses[status] = statuses.get(status, 0) + 1
+        lost += 0 if kept else 1
+        if redirects:
+            redirected += 1
+        elif status == 200:
+            ms.append(t)
+    for c in clients:
+        c.close()
+    time.sleep(1.5)  # workers flush counters about once a second
+    counters = env.stats()
+    bench.procs.stop(env.proc)  # type: ignore[arg-type]
+    for port in list(backends.procs):
+        bench.procs.stop(backends.procs.pop(port))  # type: ignore[arg-type]
+    return latency_summary(
+        ms, all_ms=[round(x, 3) for x in ms], statuses=statuses, redirected=redirected, lost_state=lost,
+        trigger={"ms": round(trigger_ms, 3), "status": trigger_status,
+                 "redirects": trigger_redirects},
+        reference_pinned=latency_summary(ref),
+        counters={k.removeprefix("wasmcustom.session_affinity."): v
+                  for k, v in counters.items() if v})
+
+
+def measure_found_mid_request(bench: b.Bench, sessions: int, gone_ttl_s: float = 1.0) -> dict:
+    backends = Backends(bench, "mid")
+    backends.start_all()
+    env = filter_envoy(bench, "failover-mid", backends.hosts, gone_ttl=f"{int(gone_ttl_s)}s")
+    env.wait_ready()
+    victim = backends.hosts[0]
+    clients = new_sessions(env, sessions, victim, max_tries=sessions * 6)
+    backends.kill(victim)
+    time.sleep(1.2)  # let the health check see it too (UH rather than UF); both are "found"
+    ms, statuses, not_redirected, lost = [], {}, 0, 0
+    for c in clients:
+        t, status, redirects, kept = timed_first_request(c)
+        statuses[status] = statuses.get(status, 0) + 1
+        lost += 0 if kept else 1
+        if redirects == 1 and status == 200:
+            ms.append(t)
+        else:
+            not_redirected += 1
+        time.sleep(gone_ttl_s + 0.2)  # the next session finds the host gone again
+    for c in clients:
+        c.close()
+    counters = env.stats()
+    bench.procs.stop(env.proc)  # type: ignore[arg-type]
+    for port in list(backends.procs):
+        bench.procs.stop(backends.procs.pop(port))  # type: ignore[arg-type]
+    note = f"gone_ttl {gone_ttl_s:g}s so that every sample is a first discovery"
+    return latency_summary(ms, all_ms=[round(x, 3) for x in ms], statuses=statuses,
+                           not_redirected=not_redirected,
+                           lost_state=lost, note=note,
+                           counters={k.removeprefix("wasmcustom.session_affinity."): v
+                                     for k, v in counters.items() if v})
+
+
+def measure_kill_under_load(bench: b.Bench, sessions: int = 48, seconds: float = 8.0) -> dict:
+    backends = Backends(bench, "kill")
+    backends.start_all()
+    env = filter_envoy(bench, "failover-kill", backends.hosts, gone_ttl="30s")
+    env.wait_ready()
+    clients = new_sessions(env, sessions, None, max_tries=sessions * 2)
+    victim = backends.hosts[0]
+    on_victim = sum(1 for c in clients if c.cookie and c.cookie.split("|")[2] == victim)
+    stop = threading.Event()
+    lock = threading.Lock()
+    tally = {"requests": 0, "client_errors": 0, "errors_in_flight_at_kill": 0, "redirects": 0}
+    lost: set[int] = set()
+    errors: list[str] = []
+
+    def loop(i: int, c: Client) -> None:
+        while not stop.is_set():
+            try:
+                status, data, redirects = c.get("/")
+            except OSError as e:
+                with lock:
+                    tally["client_errors"] += 1
+                    errors.append(f"session {i}: {e}")
+                c.close()
+                time.sleep(0.05)
+                continue
+            count = count_of(data)
+            with lock:
+                tally["requests"] += 1
+                tally["redirects"] += redirects
+                if status != 200:
+                    tally["client_errors"] += 1
+                    body = data.get("_body", "")
+                    # Envoy's reply when the host died with this request in flight:
+                    # the app may have processed it, so it is never replayed.
+                    if status == 503 and ("termination" in body or "reset" in body):
+                        tally["errors_in_flight_at_kill"] += 1
+                    errors.append(f"session {i}: status {status}: {data.get('_body', '')[:80]!r}")
+                elif c.count is not None and count is not None and count != c.count + 1:
+                    lost.add(i)
+                    errors.append(f"session {i}: count {c.count} -> {count}")
+            if status == 200:
+                c.count = count
+
+    threads = [threading.Thread(target=loop, args=(i, c), daemon=True) for i, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds / 3)
+    backends.kill(victim)
+    killed_at = round(seconds / 3, 1)
+    time.sleep(seconds - seconds / 3)
+    stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    for c in clients:
+        c.close()
+    time.sleep(1.2)
+    counters = env.stats()
+    bench.procs.stop(env.proc)  # type: ignore[arg-type]
+    for port in list(backends.procs):
+        bench.procs.stop(backends.procs.pop(port))  # type: ignore[arg-type]
+    return {"sessions": len(clients), "sessions_on_killed_host": on_victim,
+            "seconds": seconds, "killed_at_s": killed_at, "lost_sessions": len(lost),
+            **tally, "first_errors": errors[:10],
+            "counters": {k.removeprefix("wasmcustom.session_affinity."): v
+                         for k, v in counters.items() if v}}
+
+
+def run(bench: b.Bench, sessions: int) -> dict:
+    script = Path(os.environ.get("SA_BENCH_DEMO_BACKEND", str(DEMO_BACKEND)))
+    if not script.exists():
+        return {"error": f"demo backend {script} is missing"}
+    if "filter_pinned" in bench.unavailable or not bench.wasm("filter").exists():
+        return {"error": "the filter does not load: "
+                         + bench.unavailable.get("filter_pinned", "no module")[:300]}
+    bench.store.start()
+    out: dict = {"backend": str(script.relative_to(b.ROOT)) if script.is_relative_to(b.ROOT)
+                 else str(script)}
+    steps = (("known_gone", lambda: measure_known_gone(bench, sessions)),
+             ("found_mid_request", lambda: measure_found_mid_request(bench, max(3, sessions // 10))),
+             ("kill_under_load", lambda: measure_kill_under_load(bench)))
+    for key, fn in steps:
+        b.log(f"failover: {key}")
+        try:
+            out[key] = fn()
+            shown = {k: v for k, v in out[key].items()
+                     if k not in ("counters", "first_errors", "reference_pinned", "all_ms")}
+            b.log(f"failover: {key}: {json.dumps(shown)}")
+        except Exception as e:  # noqa: BLE001 - one part failing must not hide the others
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            b.log(f"failover: {key}: not measured: {msg}")
+            out[key] = {"error": msg}
+    return out
