@@ -628,4 +628,32 @@ mod tests {
         assert!(!c.skips(b"/a/b.css.map"));
         assert!(!c.skips(b"/cart?file=.css"));
     }
+
+    /// The fields the parser accepts where `json` has an unknown one: serde
+    /// lists them in its error.
+    fn accepted_fields(json: &str) -> Vec<String> {
+        let message = error_of(json);
+        let list = message.split("expected ").nth(1).unwrap_or_else(|| panic!("{message}"));
+        let mut names: Vec<String> = list.trim_start_matches("one of ").replace("` or `", "`, `").split(", ").map(|n| n.trim_matches('`').to_string()).collect();
+        names.sort();
+        names
+    }
+
+    /// The published JSON Schema lists exactly the fields the parser accepts.
+    #[test]
+    fn schema_fields_match_the_parser() {
+        let schema: serde_json::Value = serde_json::from_str(include_str!("../schema/config.schema.json")).unwrap();
+        let schema_fields = |value: &serde_json::Value| -> Vec<String> {
+            let mut names: Vec<String> = value["properties"].as_object().unwrap().keys().cloned().collect();
+            names.sort();
+            names
+        };
+        let props = &schema["properties"];
+        assert_eq!(schema_fields(&schema), accepted_fields(r#"{"zzz":1}"#));
+        for section in ["cookie", "headers", "store", "failover", "skip"] {
+            let json = format!(r#"{{"keys":[{KEY}],"{section}":{{"zzz":1}}}}"#);
+            assert_eq!(schema_fields(&props[section]), accepted_fields(&json), "{section}");
+        }
+        assert_eq!(schema_fields(&props["keys"]["items"]), accepted_fields(r#"{"keys":[{"zzz":1}]}"#));
+    }
 }
