@@ -1,0 +1,556 @@
+"""The session-affinity testbed, run natively: Redis, webdis, three demo
+backends and Envoy with the filter, all as processes on 127.0.0.1.
+
+Run it with `envoy/testbed` (see envoy/README.md). The tests import this module
+and use the same code with a port plan of free ports, so several test runs and
+a developer's testbed can run side by side.
+
+envoy/testbed.yaml stays the single source of the topology: it is parsed, its
+ports, .wasm path and plugin JSON are rewritten in memory, and the result is
+written to a work directory. Tracked files are never edited.
+
+Every process is started in its own session (Ctrl-C reaches only the runner,
+which stops the rest in order) and is stopped by its PID. If the runner dies
+without cleaning up, the kernel sends its children SIGTERM (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+ENVOY_DIR = REPO / "envoy"
+TESTBED_YAML = ENVOY_DIR / "testbed.yaml"
+WEBDIS_JSON = ENVOY_DIR / "webdis.json"
+BACKEND_APP = ENVOY_DIR / "backend" / "app.py"
+WASM = REPO / "target" / "wasm32-unknown-unknown" / "release" / "session_affinity.wasm"
+BACKEND_NAMES = ("a", "b", "c")
+ENVOY_BIN = os.environ.get("ENVOY_BIN", "envoy")
+WASM_FILTER = "envoy.filters.http.wasm"
+APP_CLUSTER = "app"
+STORE_CLUSTER = "session_store"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: no parent-death signal
+    _prctl = None
+
+
+def _die_with_parent():
+    """Runs in the child before exec: SIGTERM it when the runner goes away."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports that are free on 127.0.0.1 now, all distinct.
+
+    The sockets are held open until every port is chosen, so the kernel never
+    hands out the same port twice within one plan.
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    """Where every testbed process listens. The defaults are the documented ones."""
+
+    listener: int = 10000
+    admin: int = 9901
+    backends: tuple[int, ...] = (18081, 18082, 18083)
+    webdis: int = 17379
+    redis: int = 16379
+
+    @classmethod
+    def free(cls, backends: int = len(BACKEND_NAMES)) -> "PortPlan":
+        """A plan of ports that are free right now."""
+        ports = free_ports(4 + backends)
+        return cls(listener=ports[0], admin=ports[1], webdis=ports[2], redis=ports[3], backends=tuple(ports[4:]))
+
+
+class StartupError(RuntimeError):
+    """A process did not become ready in time; the message says which and why."""
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.05):
+    """Poll check() until it returns a true value (returned), or raise StartupError.
+
+    check may raise OSError or ValueError while the thing is still starting;
+    the last such error is reported if time runs out.
+    """
+    deadline = time.monotonic() + timeout
+    last = "never ready"
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except (OSError, ValueError) as err:
+            last = f"{type(err).__name__}: {err}"
+        if time.monotonic() >= deadline:
+            raise StartupError(f"{what} not ready after {timeout:.0f}s ({last})")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, dict, bytes]:
+    """GET without following redirects; (status, headers, body) for any status."""
+    request = urllib.request.Request(url)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers.items()), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers.items()), err.read()
+
+
+def accepts(port: int) -> bool:
+    """True if something accepts TCP connections on 127.0.0.1:port."""
+    with socket.create_connection(("127.0.0.1", port), 1):
+        return True
+
+
+class Process:
+    """One child process, its log file, and nothing else: it is stopped by PID."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path = REPO):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.cwd = cwd
+        self.popen: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def start(self):
+        if self.running():
+            raise RuntimeError(f"{self.name} is already running as pid {self.pid}")
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.popen = subprocess.Popen(
+                self.argv, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+
+    def stop(self, timeout: float = STOP_TIMEOUT):
+        """SIGTERM, then SIGKILL if it has not exited within timeout."""
+        if not self.running():
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self):
+        """SIGKILL: the process gets no chance to clean up, like a crashed pod."""
+        if self.running():
+            self.popen.kill()
+            self.popen.wait(STOP_TIMEOUT)
+
+    def ensure_alive(self):
+        """Raise with the log tail if the process has exited."""
+        if self.popen is not None and self.popen.poll() is not None:
+            raise StartupError(f"{self.name} exited with code {self.popen.returncode}:\n{self.log_tail(30)}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Backend:
+    """A demo backend: fixed name and port, a new instance id on every start."""
+
+    name: str
+    port: int
+    process: Process
+    instance: str = ""
+
+    @property
+    def address(self) -> str:
+        """As Envoy reports it in upstream.address, and as cookies record it."""
+        return f"127.0.0.1:{self.port}"
+
+
+def load_bootstrap() -> dict:
+    return yaml.safe_load(TESTBED_YAML.read_text())
+
+
+def find_wasm_filter(bootstrap: dict) -> dict:
+    """The wasm filter's `config` block in the listener's filter chain."""
+    for listener in bootstrap["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                for http_filter in network_filter["typed_config"].get("http_filters", []):
+                    if http_filter["name"] == WASM_FILTER:
+                        return http_filter["typed_config"]["config"]
+    raise KeyError(f"no {WASM_FILTER} filter in {TESTBED_YAML}")
+
+
+def default_filter_config() -> dict:
+    """The plugin JSON of envoy/testbed.yaml, parsed (tests read keys from it)."""
+    return json.loads(find_wasm_filter(load_bootstrap())["configuration"]["value"])
+
+
+def _endpoints(port_list) -> list[dict]:
+    return [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+        for port in port_list
+    ]}]
+
+
+def render_bootstrap(ports: PortPlan, listener: int, admin: int, filter_config: dict, wasm: Path = WASM) -> dict:
+    """envoy/testbed.yaml with this plan's ports, this .wasm and this plugin JSON."""
+    bootstrap = copy.deepcopy(load_bootstrap())
+    bootstrap["admin"]["address"]["socket_address"]["port_value"] = admin
+    listeners = bootstrap["static_resources"]["listeners"]
+    if len(listeners) != 1:
+        raise ValueError(f"{TESTBED_YAML} must have exactly one listener, found {len(listeners)}")
+    listeners[0]["address"]["socket_address"]["port_value"] = listener
+    wasm_config = find_wasm_filter(bootstrap)
+    wasm_config["vm_config"]["code"]["local"]["filename"] = str(wasm)
+    wasm_config["configuration"]["value"] = json.dumps(filter_config, indent=1)
+    for cluster in bootstrap["static_resources"]["clusters"]:
+        if cluster["name"] == APP_CLUSTER:
+            cluster["load_assignment"]["endpoints"] = _endpoints(ports.backends)
+        elif cluster["name"] == STORE_CLUSTER:
+            cluster["load_assignment"]["endpoints"] = _endpoints([ports.webdis])
+    return bootstrap
+
+
+class Envoy:
+    """One Envoy of the testbed, with its own listener, admin port and plugin JSON."""
+
+    def __init__(self, testbed: "Testbed", name: str, listener: int, admin: int, filter_config: dict):
+        self.testbed = testbed
+        self.name = name
+        self.listener = listener
+        self.admin = admin
+        self.filter_config = filter_config
+        self.config_path = testbed.workdir / f"{name}.yaml"
+        argv = [
+            ENVOY_BIN, "-c", str(self.config_path), "--concurrency", str(testbed.concurrency),
+            "--disable-hot-restart", "-l", "info",
+        ]
+        self.process = Process(name, argv, testbed.workdir / f"{name}.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin}"
+
+    def write_config(self) -> Path:
+        bootstrap = render_bootstrap(self.testbed.ports, self.listener, self.admin, self.filter_config, self.testbed.wasm)
+        self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+        return self.config_path
+
+    def start(self, wait_healthy: bool = True):
+        self.write_config()
+        self.process.start()
+        self.wait_ready(wait_healthy)
+
+    def stop(self):
+        self.process.stop()
+
+    def restart(self, filter_config: dict | None = None, wait_healthy: bool = True):
+        """Stop, then start on the same ports, optionally with new plugin JSON."""
+        self.stop()
+        if filter_config is not None:
+            self.filter_config = filter_config
+        self.start(wait_healthy)
+
+    def wait_ready(self, wait_healthy: bool = True, timeout: float = START_TIMEOUT):
+        """Admin says LIVE, the listener accepts, and (optionally) all backends are healthy."""
+
+        def live():
+            self.process.ensure_alive()
+            status, _, body = http_get(f"{self.admin_url}/ready")
+            return status == 200 and body.strip() == b"LIVE"
+
+        wait_until(live, timeout, f"{self.name} admin {self.admin_url}/ready")
+        wait_until(lambda: accepts(self.listener), timeout, f"{self.name} listener {self.url}")
+        if wait_healthy:
+            for backend in self.testbed.backends:
+                if backend.process.running():
+                    self.wait_host_health(backend.address, healthy=True, timeout=timeout)
+
+    def host_health(self) -> dict[str, str]:
+        """health_flags of every app host, e.g. {"127.0.0.1:18081": "healthy"}."""
+        _, _, body = http_get(f"{self.admin_url}/clusters")
+        flags = {}
+        for line in body.decode().splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == APP_CLUSTER and parts[2] == "health_flags":
+                flags[parts[1]] = parts[3]
+        return flags
+
+    def wait_host_health(self, address: str, healthy: bool, timeout: float = 10.0):
+        """Wait until Envoy's health checker sees host address as (un)healthy."""
+        want = "healthy" if healthy else "unhealthy"
+        wait_until(lambda: (self.host_health().get(address) == "healthy") == healthy, timeout,
+                   f"{self.name}: host {address} {want}")
+
+    def stats(self, prefix: str = "") -> dict[str, int]:
+        """Counters and gauges from /stats (histograms are left out)."""
+        _, _, body = http_get(f"{self.admin_url}/stats?filter=^{prefix}")
+        values = {}
+        for line in body.decode().splitlines():
+            name, _, value = line.partition(": ")
+            if value.isdigit():
+                values[name] = int(value)
+        return values
+
+    def counter(self, name: str) -> int:
+        """One counter, 0 until the filter has flushed it for the first time."""
+        return self.stats(name).get(name, 0)
+
+
+class Testbed:
+    """All testbed processes for one port plan, in one work directory.
+
+    Use as a context manager, or call start() and stop(). stop() is safe to
+    call at any time and stops exactly the processes this object started.
+    """
+
+    def __init__(self, ports: PortPlan, workdir: Path, concurrency: int = 2,
+                 filter_config: dict | None = None, wasm: Path = WASM, say=None):
+        self.ports = ports
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.concurrency = concurrency
+        self.wasm = Path(wasm)
+        self.say = say or (lambda message: None)
+        self.redis = Process("redis", [
+            "redis-server", "--bind", "127.0.0.1", "--port", str(ports.redis), "--save", "",
+            "--appendonly", "no", "--dir", str(self.workdir),
+        ], self.workdir / "redis.log")
+        self.webdis = Process("webdis", ["webdis", str(self._write_webdis_config())], self.workdir / "webdis.log")
+        self.backends = [
+            Backend(name, port, Process(f"backend-{name}", [], self.workdir / f"backend-{name}.log"))
+            for name, port in zip(BACKEND_NAMES, ports.backends)
+        ]
+        self.envoy = Envoy(self, "envoy", ports.listener, ports.admin,
+                           filter_config if filter_config is not None else default_filter_config())
+        self.extra_envoys: list[Envoy] = []
+
+    def _write_webdis_config(self) -> Path:
+        config = json.loads(WEBDIS_JSON.read_text())
+        config.update(redis_port=self.ports.redis, http_port=self.ports.webdis, daemonize=False)
+        path = self.workdir / "webdis.json"
+        path.write_text(json.dumps(config, indent=2))
+        return path
+
+    def processes(self) -> list[Process]:
+        """Every process this testbed manages, in start order."""
+        return ([self.redis, self.webdis] + [b.process for b in self.backends]
+                + [self.envoy.process] + [e.process for e in self.extra_envoys])
+
+    def start(self):
+        """Start everything and wait until Envoy sees every backend healthy."""
+        try:
+            self.start_redis()
+            self.start_webdis()
+            for index in range(len(self.backends)):
+                self.start_backend(index)
+            self.envoy.start()
+            self.say(f"started envoy pid {self.envoy.process.pid} (listener {self.envoy.url}, admin {self.envoy.admin_url})")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self):
+        """Stop every process this testbed started, newest first."""
+        for process in reversed(self.processes()):
+            process.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start_redis(self):
+        self.redis.start()
+        wait_until(lambda: self._redis_pong(), START_TIMEOUT, f"redis on port {self.ports.redis}")
+        self.say(f"started redis pid {self.redis.pid} (127.0.0.1:{self.ports.redis})")
+
+    def _redis_pong(self) -> bool:
+        self.redis.ensure_alive()
+        with socket.create_connection(("127.0.0.1", self.ports.redis), 1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+
+    def stop_redis(self):
+        self.redis.stop()
+
+    def start_webdis(self):
+        self.webdis.start()
+
+        def ready():
+            self.webdis.ensure_alive()
+            return http_get(f"http://127.0.0.1:{self.ports.webdis}/PING")[0] == 200
+
+        wait_until(ready, START_TIMEOUT, f"webdis on port {self.ports.webdis}")
+        self.say(f"started webdis pid {self.webdis.pid} (127.0.0.1:{self.ports.webdis})")
+
+    def stop_webdis(self):
+        self.webdis.stop()
+
+    def start_backend(self, index: int, instance: str | None = None) -> Backend:
+        """Start backend index on its port with a new instance id; wait for /healthz."""
+        backend = self.backends[index]
+        backend.instance = instance or f"{backend.name}-{secrets.token_hex(4)}"
+        backend.process.argv = [
+            sys.executable, "-u", str(BACKEND_APP), "--name", backend.name, "--port", str(backend.port),
+            "--host", "127.0.0.1", "--instance", backend.instance,
+        ]
+        backend.process.start()
+
+        def healthy():
+            backend.process.ensure_alive()
+            status, headers, _ = http_get(f"http://{backend.address}/healthz")
+            return status == 200 and headers.get("x-instance-id") == backend.instance
+
+        wait_until(healthy, START_TIMEOUT, f"backend {backend.name} on {backend.address}")
+        self.say(f"started backend {backend.name} pid {backend.process.pid} ({backend.address}, instance {backend.instance})")
+        return backend
+
+    def kill_backend(self, index: int) -> Backend:
+        """SIGKILL backend index, like a crashed pod; its sessions are lost."""
+        backend = self.backends[index]
+        backend.process.kill()
+        return backend
+
+    def restart_backend(self, index: int) -> Backend:
+        """Kill backend index and start it again on the same port as a new instance."""
+        self.kill_backend(index)
+        return self.start_backend(index)
+
+    def backend_named(self, name: str) -> Backend:
+        return next(b for b in self.backends if b.name == name)
+
+    def start_envoy(self, name: str, filter_config: dict | None = None, wait_healthy: bool = True) -> Envoy:
+        """Another Envoy (free ports) in front of the same backends and store."""
+        listener, admin = free_ports(2)
+        config = filter_config if filter_config is not None else copy.deepcopy(self.envoy.filter_config)
+        envoy = Envoy(self, name, listener, admin, config)
+        self.extra_envoys.append(envoy)
+        envoy.start(wait_healthy)
+        return envoy
+
+    def log_report(self, lines: int = 60) -> str:
+        """The last lines of every process log, for a failing test's report."""
+        parts = []
+        for process in self.processes():
+            state = "running" if process.running() else "stopped"
+            parts.append(f"===== {process.name} (pid {process.pid}, {state}) {process.log_path}\n{process.log_tail(lines)}")
+        return "\n".join(parts)
+
+
+def ensure_wasm(rebuild: bool = False, say=print) -> Path:
+    """The filter module, built with filter/build when missing (or when asked)."""
+    if rebuild or not WASM.exists():
+        say("building the filter with filter/build (this can take a few minutes)")
+        subprocess.run([str(REPO / "filter" / "build")], cwd=REPO, check=True, stdin=subprocess.DEVNULL)
+    if not WASM.exists():
+        raise FileNotFoundError(f"filter/build did not produce {WASM}")
+    return WASM
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM handler so the runner unwinds like on Ctrl-C."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="envoy/testbed",
+        description="Run Redis, webdis, three demo backends and Envoy with the filter on 127.0.0.1. "
+                    "Ctrl-C stops everything.")
+    parser.add_argument("--free-ports", action="store_true",
+                        help="pick free ports instead of the documented ones (to run beside another testbed)")
+    parser.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
+    parser.add_argument("--rebuild", action="store_true", help="run filter/build even if the .wasm exists")
+    parser.add_argument("--workdir", type=Path, help="where configs and logs go (default: a new temp dir)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def say(message):
+        print(f"testbed: {message}", flush=True)
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    ensure_wasm(args.rebuild, say)
+    ports = PortPlan.free() if args.free_ports else PortPlan()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sa-testbed-"))
+    testbed = Testbed(ports, workdir, concurrency=args.concurrency, say=say)
+    say(f"configs and logs in {workdir}")
+    try:
+        testbed.start()
+        say(f"ready at {testbed.envoy.url}/  (admin {testbed.envoy.admin_url}/, Ctrl-C stops)")
+        reported = set()
+        while True:
+            time.sleep(0.5)
+            for process in testbed.processes():
+                if not process.running() and process.name not in reported:
+                    reported.add(process.name)
+                    say(f"{process.name} (pid {process.pid}) exited with code {process.popen.returncode}")
+    except (KeyboardInterrupt, _Stop):
+        say("stopping")
+    except StartupError as err:
+        say(f"failed to start: {err}\n{testbed.log_report(20)}")
+        return 1
+    finally:
+        testbed.stop()
+    say("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
