@@ -83,9 +83,21 @@ class Backends:
         return [f"127.0.0.1:{p}" for p in self.ports]
 
     def start(self, port: int) -> None:
-        script = os.environ.get("SA_BENCH_DEMO_BACKEND", str(DEMO_BACKEND))
-        cmd = b.pin(self.bench.load_cpu) + [sys.executable, script, "--host", "127.0.0.1",
-                                            "--port", str(port)]
+        script = Path(os.environ.get("SA_BENCH_DEMO_BACKEND", str(DEMO_BACKEND)))
+        # The demo backend writes headers and body in two send()s; with Nagle on,
+        # the body waits for Envoy's delayed ACK (~40 ms) on a kept-alive
+        # connection, which would swamp the filter's own failover latency.
+        # So the harness turns Nagle off in the demo backend's handler when it
+        # has that knob (TCP_NODELAY, as every production server does).
+        launcher = (
+            "import sys; sys.argv = sys.argv[1:]; sys.path.insert(0, "
+            f"{str(script.parent)!r}); import app; "
+            "h = getattr(app, 'Handler', None); "
+            "setattr(h, 'disable_nagle_algorithm', True) if h else None; "
+            "app.main(sys.argv[1:])")
+        cmd = b.pin(self.bench.load_cpu) + [
+            sys.executable, "-c", launcher, str(script), "--host", "127.0.0.1",
+            "--port", str(port), "--name", f"{self.tag}{port}"]
         self.procs[port] = self.bench.procs.start(f"backend-{self.tag}-{port}", cmd)
 
     def start_all(self) -> None:
@@ -375,7 +387,9 @@ def run(bench: b.Bench, sessions: int) -> dict:
                          + bench.unavailable.get("filter_pinned", "no module")[:300]}
     bench.store.start()
     out: dict = {"backend": str(script.relative_to(b.ROOT)) if script.is_relative_to(b.ROOT)
-                 else str(script)}
+                 else str(script),
+                 "backend_tcp_nodelay": "set by the harness (see Backends.start)",
+                 "client": "Python http.client, kept-alive connection, one request at a time"}
     steps = (("known_gone", lambda: measure_known_gone(bench, sessions)),
              ("found_mid_request", lambda: measure_found_mid_request(bench, max(3, sessions // 10))),
              ("kill_under_load", lambda: measure_kill_under_load(bench)))
