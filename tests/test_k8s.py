@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -95,10 +96,11 @@ def test_overlay_workloads_are_pinned_and_probed(overlay):
         assert "readinessProbe" in c and "livenessProbe" in c, name
     demo = docs[("Deployment", "demo")]["spec"]
     assert demo["replicas"] == 3
-    env = {e["name"]: e for e in demo["template"]["spec"]["containers"][0]["env"]}
+    app = demo["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in app["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert env["POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"
-    assert "$(POD_NAME)" in env["INSTANCE_ID"]["value"] and "$(POD_UID)" in env["INSTANCE_ID"]["value"]
+    # The instance id is the pod name plus the app's per-start random suffix.
+    assert app["args"][app["args"].index("--name") + 1] == "$(POD_NAME)" and "--instance" not in app["args"]
 
 
 def test_renderer_matches_kubectl_kustomize():
@@ -295,3 +297,68 @@ def test_istio_config_loads_in_envoy(variant, wasm_module, tmp_path):
     assert missing.returncode != 0
     assert "SA_KEY_1" in missing.stdout + missing.stderr
     assert TEST_KEY not in missing.stdout + missing.stderr
+
+
+# --------------------------------------------------------------------------
+# The plain-Envoy gateway.
+
+GEN = K8S / "gen-envoy-config"
+ENVOY_CONFIGMAP = K8S / "overlays" / "envoy-gateway" / "envoy-config.yaml"
+
+
+def test_envoy_gateway_configmap_is_what_the_generator_makes():
+    """The committed ConfigMap is derived from envoy/testbed.yaml; this fails
+    when either changes without `k8s/gen-envoy-config --write`."""
+    out = subprocess.run([sys.executable, str(GEN)], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout == ENVOY_CONFIGMAP.read_text(), "stale: run k8s/gen-envoy-config --write"
+
+
+def test_one_plugin_json_everywhere():
+    out = subprocess.run([sys.executable, str(GEN), "--plugin-json"], capture_output=True, text=True,
+                         timeout=60, check=True)
+    generated = json.loads(out.stdout)
+    wp = km.load_docs(K8S / "istio" / "wasmplugin" / "wasmplugin.yaml")[0]
+    assert km.plugin_config(envoyfilter()) == wp["spec"]["pluginConfig"] == generated
+    assert json.loads(envoy_configmap_bootstrap_wasm()["configuration"]["value"]) == generated
+    # Only the keys differ from the testbed's (its keys are public test literals).
+    testbed = yaml.safe_load((REPO / "envoy" / "testbed.yaml").read_text())
+    testbed_json = json.loads(envoy_configmap_bootstrap_wasm(testbed)["configuration"]["value"])
+    assert {k: v for k, v in testbed_json.items() if k != "keys"} == \
+        {k: v for k, v in generated.items() if k != "keys"}
+
+
+def envoy_configmap_bootstrap() -> dict:
+    cm = km.load_docs(ENVOY_CONFIGMAP)[0]
+    return yaml.safe_load(cm["data"]["envoy.yaml"])
+
+
+def envoy_configmap_bootstrap_wasm(bootstrap: dict | None = None) -> dict:
+    bootstrap = bootstrap or envoy_configmap_bootstrap()
+    for hf in bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
+        if hf["name"] == "envoy.filters.http.wasm":
+            return hf["typed_config"]["config"]
+    raise KeyError("no wasm filter")
+
+
+def test_envoy_gateway_config_loads_in_envoy(wasm_module):
+    bootstrap = envoy_configmap_bootstrap()
+    pod = rendered("envoy-gateway")[("Deployment", "envoy-gateway")]["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v["configMap"]["name"] for v in pod["volumes"]}
+    wasm = envoy_configmap_bootstrap_wasm(bootstrap)
+    # The paths in the config are where the pod mounts its ConfigMaps.
+    assert pod["containers"][0]["args"][:2] == ["-c", f"{mounts['config']}/envoy.yaml"]
+    assert volumes["config"] == km.load_docs(ENVOY_CONFIGMAP)[0]["metadata"]["name"]
+    assert wasm["vm_config"]["code"]["local"]["filename"] == f"{mounts['wasm']}/session_affinity.wasm"
+    names = [f["name"] for f in bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+             ["typed_config"]["http_filters"]]
+    assert names == ["envoy.filters.http.wasm", "envoy.filters.http.stateful_session", "envoy.filters.http.router"]
+    ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
+    listen = {l["name"]: l["address"]["socket_address"]["port_value"] for l in bootstrap["static_resources"]["listeners"]}
+    assert listen == {"app": ports["http"], "health": ports["health"]}
+    wasm["vm_config"]["code"]["local"]["filename"] = str(wasm_module)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SA_KEY_")}
+    ok = ke.envoy_validate(bootstrap, env={**env, "SA_KEY_1": TEST_KEY})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    missing = ke.envoy_validate(bootstrap, env=env)
+    assert missing.returncode != 0 and "SA_KEY_1" in missing.stdout + missing.stderr
