@@ -394,6 +394,9 @@ class Testbed:
                 self.start_backend(index)
             self.envoy.start()
             self.say(f"started envoy pid {self.envoy.process.pid} (listener {self.envoy.url}, admin {self.envoy.admin_url})")
+        except StartupError as err:
+            self.stop()
+            raise StartupError(f"{err}\n{self.log_report(30)}") from None
         except BaseException:
             self.stop()
             raise
@@ -544,7 +547,7 @@ def main(argv=None) -> int:
     except (KeyboardInterrupt, _Stop):
         say("stopping")
     except StartupError as err:
-        say(f"failed to start: {err}\n{testbed.log_report(20)}")
+        say(f"failed to start: {err}")
         return 1
     finally:
         testbed.stop()
