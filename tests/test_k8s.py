@@ -362,3 +362,144 @@ def test_envoy_gateway_config_loads_in_envoy(wasm_module):
     assert ok.returncode == 0, ok.stdout + ok.stderr
     missing = ke.envoy_validate(bootstrap, env=env)
     assert missing.returncode != 0 and "SA_KEY_1" in missing.stdout + missing.stderr
+
+
+# --------------------------------------------------------------------------
+# The assembled Istio config, running: sticky sessions, and a session that
+# survives the deletion of its pod.
+
+def _testbed_module():
+    """envoy/testbed.py, the harness that runs Redis, webdis and the demo
+    backends natively (read, not edited, here)."""
+    sys.path.insert(0, str(REPO / "envoy"))
+    try:
+        import testbed
+    finally:
+        sys.path.remove(str(REPO / "envoy"))
+    return testbed
+
+
+class Client:
+    """A cookie-keeping client that follows a redirect back to the same URL the
+    way a browser does (the filter's recovery uses a 307)."""
+
+    def __init__(self, tb, base: str, host: str):
+        self.tb, self.base, self.host, self.cookie = tb, base, host, None
+
+    def get(self, path: str = "/", hops: int = 3) -> tuple[int, dict, dict]:
+        import urllib.request
+        for _ in range(hops + 1):
+            req = urllib.request.Request(self.base + path, headers={"host": self.host})
+            if self.cookie:
+                req.add_header("cookie", self.cookie)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    status, headers, body = r.status, r.headers, r.read()
+            except urllib.error.HTTPError as e:
+                status, headers, body = e.code, e.headers, e.read()
+            for value in headers.get_all("set-cookie") or []:
+                self.cookie = value.split(";", 1)[0]
+            if status in (302, 303, 307, 308):
+                path = headers.get("location", path).replace(self.base, "") or "/"
+                continue
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = {"raw": body.decode(errors="replace")}
+            return status, dict(headers.items()), data
+        raise AssertionError(f"more than {hops} redirects for {path}")
+
+
+def webdis_config_from_manifest(path: Path, redis_port: int, http_port: int) -> Path:
+    """The webdis.json of the k8s ConfigMap, pointed at 127.0.0.1 ports."""
+    cm = next(d for d in km.load_docs(K8S / "base" / "store.yaml") if d["kind"] == "ConfigMap")
+    config = json.loads(cm["data"]["webdis.json"])
+    config.update(redis_host="127.0.0.1", redis_port=redis_port, http_host="127.0.0.1", http_port=http_port,
+                  logfile="/dev/stderr")
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, tmp_path, monkeypatch):
+    tbm = _testbed_module()
+    ports = tbm.PortPlan.free(backends=4)
+    tb = tbm.Testbed(ports, tmp_path / "tb", wasm=wasm_module)
+    tb.webdis.argv = ["webdis", str(webdis_config_from_manifest(tmp_path / "webdis.json", ports.redis, ports.webdis))]
+    tb.backends.append(tbm.Backend("d", ports.backends[3], tbm.Process("backend-d", [], tb.workdir / "backend-d.log")))
+    listen, admin = tbm.free_ports(2)
+    workdir = tmp_path / "istio"
+    workdir.mkdir()
+    cluster = ke.app_cluster(NAMESPACE)
+    envoy = None
+    try:
+        tb.start_redis()
+        tb.start_webdis()
+        pods = [tb.start_backend(i) for i in range(3)]  # "d" is the pod the ReplicaSet starts later
+        ke.write_atomically(workdir / "eds.json", ke.eds(cluster, [("127.0.0.1", p.port) for p in pods]))
+        config = assemble(variant, wasm_module, workdir, listen, admin, store=("127.0.0.1", ports.webdis),
+                          ecds_files=True)
+        (workdir / "envoy.yaml").write_text(yaml.safe_dump(config))
+        monkeypatch.setenv("SA_KEY_1", TEST_KEY)  # what the Secret gives the proxy container
+        envoy = tbm.Process("envoy", [ke.ENVOY, "-c", str(workdir / "envoy.yaml"), "--concurrency", "2",
+                                      "--disable-hot-restart", "-l", "info"], workdir / "envoy.log")
+        envoy.start()
+
+        def hosts() -> set[str]:
+            envoy.ensure_alive()
+            _, _, body = tbm.http_get(f"http://127.0.0.1:{admin}/clusters")
+            return {line.split("::")[1] for line in body.decode().splitlines()
+                    if line.startswith(cluster + "::") and "::cx_active::" in line}
+
+        tbm.wait_until(lambda: hosts() == {p.address for p in pods}, 30, "envoy with the three pods from EDS")
+        tbm.wait_until(lambda: tbm.accepts(listen), 30, "envoy listener")
+        host = "demo-gateway.example" if VARIANTS[variant][1] == "gateway" else "demo:8080"
+        client = Client(tb, f"http://127.0.0.1:{listen}", host)
+        # The filter is loaded over ECDS once the listener answers.
+        status, headers, body = tbm.wait_until(lambda: (lambda r: r if r[0] == 200 else None)(client.get()),
+                                               30, "first answer through the filter")
+        assert client.cookie and client.cookie.startswith("sa="), headers
+        first = body["backend"]
+        assert body["count"] == 1 and body["session"]
+        for n in range(2, 8):
+            status, _, body = client.get()
+            assert (status, body["backend"], body["count"]) == (200, first, n), body
+        # Several sessions spread over the pods, each pinned to its own.
+        others = [Client(tb, client.base, host) for _ in range(8)]
+        placed = {c: c.get()[2]["backend"] for c in others}
+        assert len(set(placed.values())) >= 2, placed
+        for c, name in placed.items():
+            assert c.get()[2]["backend"] == name
+
+        # kubectl delete pod: its endpoint leaves EDS, the pod stops, the
+        # ReplicaSet starts a new pod (new address) that joins EDS.
+        doomed = tb.backend_named(first)
+        replacement = tb.start_backend(3)
+        alive = [p for p in pods if p is not doomed] + [replacement]
+        ke.write_atomically(workdir / "eds.json", ke.eds(cluster, [("127.0.0.1", p.port) for p in alive]))
+        tbm.wait_until(lambda: hosts() == {p.address for p in alive}, 30, "EDS without the deleted pod")
+        doomed.process.stop()
+
+        status, _, body = client.get()
+        assert status == 200, (status, body, envoy.log_tail(30))
+        assert body["backend"] != first and body["count"] == 8, body
+        moved = body["backend"]
+        for n in range(9, 12):
+            status, _, body = client.get()
+            assert (status, body["backend"], body["count"]) == (200, moved, n), body
+
+        def restored() -> int:
+            body = tbm.http_get(f"http://127.0.0.1:{admin}/stats?filter=session_affinity.state_restored")[2]
+            return sum(int(line.rsplit(": ", 1)[1]) for line in body.decode().splitlines() if ": " in line)
+
+        # Counters are flushed from each worker once a second.
+        tbm.wait_until(lambda: restored() >= 1, 5, "the state_restored counter")
+    except BaseException:
+        print(tb.log_report(40))
+        if envoy is not None:
+            print(f"===== envoy\n{envoy.log_tail(80)}")
+        raise
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        tb.stop()
