@@ -1,0 +1,120 @@
+"""A forged, tampered, expired or malformed cookie never routes: it starts a
+new session and is counted under its reason.
+
+Every bad cookie is made from a real session's cookie, so the only thing
+wrong with it is the thing the case names.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import cookie_signer
+from harness import Counters, expect, expect_equal, keyring, verify_cookie
+
+REASONS = ("malformed", "unknown_key", "bad_signature", "expired")
+
+
+def forged_signature(real, claims, keys, other_host):
+    return cookie_signer.sign(claims, "an-attacker-guess-of-the-secret-0123456789")
+
+
+def tampered_payload(real, claims, keys, other_host):
+    """Another host in the payload, the original tag kept."""
+    return real.replace(f"|{claims.host}|", f"|{other_host}|")
+
+
+def wrong_key_id(real, claims, keys, other_host):
+    """Says it was signed by the second key, but was signed by the first."""
+    second = list(keys)[1]
+    return cookie_signer.sign(claims.but(kid=second), keys[claims.kid])
+
+
+def unknown_key_id(real, claims, keys, other_host):
+    return cookie_signer.sign(claims.but(kid="retired"), keys[claims.kid])
+
+
+def expired(real, claims, keys, other_host):
+    now = int(time.time())
+    return cookie_signer.sign(claims.but(iat=now - 7200, exp=now - 60), keys[claims.kid])
+
+
+def truncated(real, claims, keys, other_host):
+    return real[: len(real) // 2]
+
+
+def garbage(real, claims, keys, other_host):
+    return "definitely-not-a-session-cookie"
+
+
+def wrong_version(real, claims, keys, other_host):
+    return "2" + real[1:]
+
+
+def oversized(real, claims, keys, other_host):
+    """Correctly signed, but longer than the 512 bytes a cookie may have."""
+    return cookie_signer.sign(claims.but(instance="i" * 600), keys[claims.kid])
+
+
+CASES = [
+    (forged_signature, "bad_signature"),
+    (tampered_payload, "bad_signature"),
+    (wrong_key_id, "bad_signature"),
+    (unknown_key_id, "unknown_key"),
+    (expired, "expired"),
+    (truncated, "malformed"),
+    (garbage, "malformed"),
+    (wrong_version, "malformed"),
+    (oversized, "malformed"),
+]
+
+
+@pytest.fixture
+def session(client, filter_config):
+    """A real session: its reply, cookie and verified claims."""
+    reply = client.new_session()
+    return reply, reply.cookie, verify_cookie(reply.cookie, filter_config)
+
+
+@pytest.mark.parametrize("make, reason", CASES, ids=[make.__name__ for make, _ in CASES])
+def test_bad_cookie_starts_a_new_session(make, reason, client, testbed, filter_config, session):
+    first, real, claims = session
+    other_host = next(b.address for b in testbed.backends if b.address != claims.host)
+    bad = make(real, claims, keyring(filter_config), other_host)
+    expect(bad != real, "the bad cookie differs from the real one", "a different value", bad)
+    counters = Counters(testbed.envoy)
+
+    reply = client.get(cookie=bad)
+
+    expect_equal(reply.status, 200, f"status for a {make.__name__} cookie")
+    body = reply.body
+    expect_equal((body["count"], body["received"].get("x-session-new")), (1, "1"),
+                 "a new session at the app (count, x-session-new)")
+    expect(body["session"] != claims.sid, "the old session id is not used", f"not {claims.sid}", body["session"])
+    expect("x-session-route" not in body["received"], "no routing header reached Envoy's override",
+           "absent", body["received"].get("x-session-route"))
+    new_claims = verify_cookie(reply.cookie or "", filter_config)
+    expect_equal(new_claims.sid, body["session"], "the new cookie carries the new session")
+    counters.expect({f"cookies_rejected.{r}": int(r == reason) for r in REASONS}
+                    | {"sessions_created": 1, "pinned": 0})
+
+
+def test_python_signer_matches_the_filter(client, filter_config, session):
+    """The same claims signed in Python give the filter's cookie, byte for byte."""
+    _, real, claims = session
+    keys = keyring(filter_config)
+    expect_equal(cookie_signer.sign(claims, keys[claims.kid]), real, "cookie signed in Python")
+
+
+def test_every_configured_key_verifies(client, testbed, filter_config, session):
+    """A cookie signed with the second (not signing) key still routes."""
+    first, _, claims = session
+    second = filter_config["keys"][1]
+    cookie = cookie_signer.sign(claims.but(kid=second["id"]), second["secret"])
+    counters = Counters(testbed.envoy)
+    body = client.get(cookie=cookie).body
+    expect_equal((body["backend"], body["session"], body["count"]),
+                 (first.body["backend"], claims.sid, 2), "the session continues on its backend")
+    counters.expect({"pinned": 1, "sessions_created": 0} | {f"cookies_rejected.{r}": 0 for r in REASONS})
