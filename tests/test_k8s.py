@@ -251,6 +251,7 @@ VARIANTS = {
     "gateway-envoyfilter": ("istio-gateway", "gateway"),
     "gateway-wasmplugin": ("istio-gateway-wasmplugin", "gateway"),
     "sidecar-envoyfilter": ("istio-sidecar", "sidecar"),
+    "gateway-configmap-wasm": ("istio-gateway-local-wasm", "gateway"),
 }
 
 
@@ -272,13 +273,33 @@ def assemble(variant: str, wasm: Path, workdir: Path, listen_port: int, admin_po
         if d["kind"] == "EnvoyFilter":
             ke.apply_envoyfilter(bootstrap, view, d, ecds)
     for r in ecds.values():
-        remote = r["typed_config"]["config"]["vm_config"]["code"]["remote"]
-        modules[remote["http_uri"]["uri"]] = wasm
-        remote["sha256"] = ""  # the committed manifests hold a placeholder; see test_set_wasm_source_pins_both_manifests
+        code = r["typed_config"]["config"]["vm_config"]["code"]
+        if "remote" in code:
+            modules[code["remote"]["http_uri"]["uri"]] = wasm
+            code["remote"]["sha256"] = ""  # the committed manifests hold a placeholder; see test_set_wasm_source_pins_both_manifests
+        else:  # a module mounted into the proxy: check the mount, use the build
+            assert code["local"]["filename"] == local_module_path(docs), code
+            code["local"]["filename"] = str(wasm)
     ke.agent_fetch(ecds, modules)
     ke.resolve_dns(bootstrap, {(f"webdis.{NAMESPACE}.svc.cluster.local", 7379): store})
     ke.resolve_ecds(bootstrap, ecds, workdir if ecds_files else None)
     return bootstrap
+
+
+def local_module_path(docs: list[dict]) -> str:
+    """Where the gateway's istio-proxy container mounts the module ConfigMap."""
+    gw = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "demo-gateway")
+    pod = gw["spec"]["template"]["spec"]
+    volume = next(v["name"] for v in pod["volumes"] if v["configMap"]["name"] == "session-affinity-wasm")
+    proxy = next(c for c in pod["containers"] if c["name"] == "istio-proxy")
+    mount = next(m["mountPath"] for m in proxy["volumeMounts"] if m["name"] == volume)
+    return f"{mount}/session_affinity.wasm"
+
+
+def test_module_fits_in_a_configmap(wasm_module):
+    """The ConfigMap delivery (envoy-gateway, istio-gateway-local-wasm) works
+    while the module stays under the 1 MiB ConfigMap limit."""
+    assert wasm_module.stat().st_size < 1024 * 1024 - 4096
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
