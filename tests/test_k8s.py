@@ -30,6 +30,7 @@ import yaml
 
 import k8s_envoy as ke
 import k8s_manifests as km
+from harness import require_tool, tb  # tb is envoy/testbed.py, the other e2e tests' harness
 
 REPO = km.REPO
 K8S = km.K8S
@@ -53,10 +54,8 @@ def rendered(overlay: str) -> dict[tuple[str, str], dict]:
 @pytest.fixture(scope="session")
 def wasm_module() -> Path:
     """The filter module; built with filter/build when it is missing."""
-    if not WASM.exists():
-        subprocess.run([str(REPO / "filter" / "build")], check=True, timeout=1800)
-    assert WASM.exists(), f"no filter module at {WASM}"
-    return WASM
+    require_tool(ke.ENVOY)
+    return tb.ensure_wasm()
 
 
 # --------------------------------------------------------------------------
@@ -389,23 +388,12 @@ def test_envoy_gateway_config_loads_in_envoy(wasm_module):
 # The assembled Istio config, running: sticky sessions, and a session that
 # survives the deletion of its pod.
 
-def _testbed_module():
-    """envoy/testbed.py, the harness that runs Redis, webdis and the demo
-    backends natively (read, not edited, here)."""
-    sys.path.insert(0, str(REPO / "envoy"))
-    try:
-        import testbed
-    finally:
-        sys.path.remove(str(REPO / "envoy"))
-    return testbed
-
-
 class Client:
     """A cookie-keeping client that follows a redirect back to the same URL the
     way a browser does (the filter's recovery uses a 307)."""
 
-    def __init__(self, tb, base: str, host: str):
-        self.tb, self.base, self.host, self.cookie = tb, base, host, None
+    def __init__(self, base: str, host: str):
+        self.base, self.host, self.cookie = base, host, None
 
     def get(self, path: str = "/", hops: int = 3) -> tuple[int, dict, dict]:
         import urllib.request
@@ -443,41 +431,42 @@ def webdis_config_from_manifest(path: Path, redis_port: int, http_port: int) -> 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, tmp_path, monkeypatch):
-    tbm = _testbed_module()
-    ports = tbm.PortPlan.free(backends=4)
-    tb = tbm.Testbed(ports, tmp_path / "tb", wasm=wasm_module)
-    tb.webdis.argv = ["webdis", str(webdis_config_from_manifest(tmp_path / "webdis.json", ports.redis, ports.webdis))]
-    tb.backends.append(tbm.Backend("d", ports.backends[3], tbm.Process("backend-d", [], tb.workdir / "backend-d.log")))
-    listen, admin = tbm.free_ports(2)
+    for tool in ("redis-server", "webdis"):
+        require_tool(tool)
+    ports = tb.PortPlan.free(backends=4)
+    bed = tb.Testbed(ports, tmp_path / "tb", wasm=wasm_module)
+    bed.webdis.argv = ["webdis", str(webdis_config_from_manifest(tmp_path / "webdis.json", ports.redis, ports.webdis))]
+    bed.backends.append(tb.Backend("d", ports.backends[3], tb.Process("backend-d", [], bed.workdir / "backend-d.log")))
+    listen, admin = tb.free_ports(2)
     workdir = tmp_path / "istio"
     workdir.mkdir()
     cluster = ke.app_cluster(NAMESPACE)
     envoy = None
     try:
-        tb.start_redis()
-        tb.start_webdis()
-        pods = [tb.start_backend(i) for i in range(3)]  # "d" is the pod the ReplicaSet starts later
+        bed.start_redis()
+        bed.start_webdis()
+        pods = [bed.start_backend(i) for i in range(3)]  # "d" is the pod the ReplicaSet starts later
         ke.write_atomically(workdir / "eds.json", ke.eds(cluster, [("127.0.0.1", p.port) for p in pods]))
         config = assemble(variant, wasm_module, workdir, listen, admin, store=("127.0.0.1", ports.webdis),
                           ecds_files=True)
         (workdir / "envoy.yaml").write_text(yaml.safe_dump(config))
         monkeypatch.setenv("SA_KEY_1", TEST_KEY)  # what the Secret gives the proxy container
-        envoy = tbm.Process("envoy", [ke.ENVOY, "-c", str(workdir / "envoy.yaml"), "--concurrency", "2",
+        envoy = tb.Process("envoy", [ke.ENVOY, "-c", str(workdir / "envoy.yaml"), "--concurrency", "2",
                                       "--disable-hot-restart", "-l", "info"], workdir / "envoy.log")
         envoy.start()
 
         def hosts() -> set[str]:
             envoy.ensure_alive()
-            _, _, body = tbm.http_get(f"http://127.0.0.1:{admin}/clusters")
+            _, _, body = tb.http_get(f"http://127.0.0.1:{admin}/clusters")
             return {line.split("::")[1] for line in body.decode().splitlines()
                     if line.startswith(cluster + "::") and "::cx_active::" in line}
 
-        tbm.wait_until(lambda: hosts() == {p.address for p in pods}, 30, "envoy with the three pods from EDS")
-        tbm.wait_until(lambda: tbm.accepts(listen), 30, "envoy listener")
+        tb.wait_until(lambda: hosts() == {p.address for p in pods}, 30, "envoy with the three pods from EDS")
+        tb.wait_until(lambda: tb.accepts(listen), 30, "envoy listener")
         host = "demo-gateway.example" if VARIANTS[variant][1] == "gateway" else "demo:8080"
-        client = Client(tb, f"http://127.0.0.1:{listen}", host)
+        client = Client(f"http://127.0.0.1:{listen}", host)
         # The filter is loaded over ECDS once the listener answers.
-        status, headers, body = tbm.wait_until(lambda: (lambda r: r if r[0] == 200 else None)(client.get()),
+        status, headers, body = tb.wait_until(lambda: (lambda r: r if r[0] == 200 else None)(client.get()),
                                                30, "first answer through the filter")
         assert client.cookie and client.cookie.startswith("sa="), headers
         first = body["backend"]
@@ -486,7 +475,7 @@ def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, t
             status, _, body = client.get()
             assert (status, body["backend"], body["count"]) == (200, first, n), body
         # Several sessions spread over the pods, each pinned to its own.
-        others = [Client(tb, client.base, host) for _ in range(8)]
+        others = [Client(client.base, host) for _ in range(8)]
         placed = {c: c.get()[2]["backend"] for c in others}
         assert len(set(placed.values())) >= 2, placed
         for c, name in placed.items():
@@ -494,11 +483,11 @@ def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, t
 
         # kubectl delete pod: its endpoint leaves EDS, the pod stops, the
         # ReplicaSet starts a new pod (new address) that joins EDS.
-        doomed = tb.backend_named(first)
-        replacement = tb.start_backend(3)
+        doomed = bed.backend_named(first)
+        replacement = bed.start_backend(3)
         alive = [p for p in pods if p is not doomed] + [replacement]
         ke.write_atomically(workdir / "eds.json", ke.eds(cluster, [("127.0.0.1", p.port) for p in alive]))
-        tbm.wait_until(lambda: hosts() == {p.address for p in alive}, 30, "EDS without the deleted pod")
+        tb.wait_until(lambda: hosts() == {p.address for p in alive}, 30, "EDS without the deleted pod")
         doomed.process.stop()
 
         status, _, body = client.get()
@@ -510,17 +499,17 @@ def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, t
             assert (status, body["backend"], body["count"]) == (200, moved, n), body
 
         def restored() -> int:
-            body = tbm.http_get(f"http://127.0.0.1:{admin}/stats?filter=session_affinity.state_restored")[2]
+            body = tb.http_get(f"http://127.0.0.1:{admin}/stats?filter=session_affinity.state_restored")[2]
             return sum(int(line.rsplit(": ", 1)[1]) for line in body.decode().splitlines() if ": " in line)
 
         # Counters are flushed from each worker once a second.
-        tbm.wait_until(lambda: restored() >= 1, 5, "the state_restored counter")
+        tb.wait_until(lambda: restored() >= 1, 5, "the state_restored counter")
     except BaseException:
-        print(tb.log_report(40))
+        print(bed.log_report(40))
         if envoy is not None:
             print(f"===== envoy\n{envoy.log_tail(80)}")
         raise
     finally:
         if envoy is not None:
             envoy.stop()
-        tb.stop()
+        bed.stop()
