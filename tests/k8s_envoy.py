@@ -7,8 +7,8 @@ would download the module and check its sha256. Here:
 - `skeleton()` builds the part istiod generates, reduced to what matters to the
   filter: Istio's names (listener 0.0.0.0_8080, cluster
   outbound|8080||demo.<ns>.svc.cluster.local), an EDS cluster, the gateway's or
-  the sidecar's route with Istio's default retry policy, and a few of Istio's
-  HTTP filters before the router. It is not istiod's full output (no mTLS, no
+  the sidecar's route with the retry policy istiod derives from the
+  VirtualService, and a few of Istio's HTTP filters before the router. It is not istiod's full output (no mTLS, no
   Istio-only filters such as istio.stats).
 - `apply_envoyfilter()` applies EnvoyFilter configPatches with Istio's
   semantics for the operations k8s/ uses; anything else raises, so the subset
@@ -43,8 +43,17 @@ def app_cluster(namespace: str) -> str:
     return f"outbound|8080||demo.{namespace}.svc.cluster.local"
 
 
-def istio_retry_policy() -> dict:
-    """Istio's default route retry policy (retry.DefaultPolicy in istiod)."""
+def istio_retry_policy(http_route: dict | None = None) -> dict | None:
+    """The route retry policy istiod derives from a VirtualService http route
+    (retry.ConvertPolicy): its default without `retries`, none with
+    `attempts: 0`, else the default with the attempts and retryOn given."""
+    retries = (http_route or {}).get("retries")
+    if retries is not None:
+        if retries.get("attempts", 0) <= 0:
+            return None
+        if set(retries) - {"attempts"}:
+            raise NotImplementedError(f"retries fields {sorted(retries)}")
+        return {**istio_retry_policy(), "num_retries": retries["attempts"]}
     return {
         "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
         "num_retries": 2,
@@ -57,12 +66,14 @@ def istio_retry_policy() -> dict:
     }
 
 
-def skeleton(kind: str, namespace: str, listen_port: int, admin_port: int, eds_path: Path) -> tuple[dict, dict]:
+def skeleton(kind: str, namespace: str, listen_port: int, admin_port: int, eds_path: Path,
+             http_route: dict | None = None) -> tuple[dict, dict]:
     """An Istio-shaped bootstrap for a gateway ("gateway") or for a client's
     sidecar outbound side ("sidecar"). Returns the bootstrap and the Istio
     view of it: the context and Istio port of each listener (the socket binds
     `listen_port` on 127.0.0.1; Istio's port is 8080) and the context of each
-    cluster, for matching patches."""
+    cluster, for matching patches. `http_route` is the VirtualService http
+    route to the app, if any: it decides the route's retry policy."""
     cluster = app_cluster(namespace)
     host = f"demo.{namespace}.svc.cluster.local"
     if kind == "gateway":
@@ -77,8 +88,11 @@ def skeleton(kind: str, namespace: str, listen_port: int, admin_port: int, eds_p
     vhost["routes"] = [{
         "name": "demo" if kind == "gateway" else "default",
         "match": {"prefix": "/"},
-        "route": {"cluster": cluster, "timeout": "0s", "retry_policy": istio_retry_policy()},
+        "route": {"cluster": cluster, "timeout": "0s"},
     }]
+    policy = istio_retry_policy(http_route)
+    if policy is not None:
+        vhost["routes"][0]["route"]["retry_policy"] = policy
     listener = {
         "name": "0.0.0.0_8080",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},

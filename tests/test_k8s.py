@@ -259,7 +259,10 @@ def assemble(variant: str, wasm: Path, workdir: Path, listen_port: int, admin_po
     """The Envoy config an Istio proxy selected by the overlay would run."""
     overlay, kind = VARIANTS[variant]
     docs = km.render(K8S / "overlays" / overlay)
-    bootstrap, view = ke.skeleton(kind, NAMESPACE, listen_port, admin_port, workdir / "eds.json")
+    routes = [h for d in docs if d["kind"] == "VirtualService" for h in d["spec"]["http"]
+              if (kind == "gateway") == bool(d["spec"].get("gateways"))]
+    assert len(routes) == 1, routes
+    bootstrap, view = ke.skeleton(kind, NAMESPACE, listen_port, admin_port, workdir / "eds.json", routes[0])
     if not (workdir / "eds.json").exists():
         ke.write_atomically(workdir / "eds.json", ke.eds(ke.app_cluster(NAMESPACE), []))
     ecds: dict = {}
