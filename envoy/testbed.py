@@ -502,7 +502,7 @@ def ensure_wasm(rebuild: bool = False, say=print) -> Path:
 
 
 class _Stop(Exception):
-    """Raised by the SIGTERM handler so the runner unwinds like on Ctrl-C."""
+    """Raised by the SIGINT and SIGTERM handlers so the runner unwinds and stops everything."""
 
 
 def _raise_stop(signum, frame):
@@ -528,8 +528,13 @@ def main(argv=None) -> int:
     def say(message):
         print(f"testbed: {message}", flush=True)
 
+    # Explicit handlers: SIGINT may arrive ignored from a non-interactive parent.
+    signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
-    ensure_wasm(args.rebuild, say)
+    try:
+        ensure_wasm(args.rebuild, say)
+    except _Stop:
+        return 130
     ports = PortPlan.free() if args.free_ports else PortPlan()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sa-testbed-"))
     testbed = Testbed(ports, workdir, concurrency=args.concurrency, say=say)
@@ -544,12 +549,15 @@ def main(argv=None) -> int:
                 if not process.running() and process.name not in reported:
                     reported.add(process.name)
                     say(f"{process.name} (pid {process.pid}) exited with code {process.popen.returncode}")
-    except (KeyboardInterrupt, _Stop):
+    except _Stop:
         say("stopping")
     except StartupError as err:
         say(f"failed to start: {err}")
         return 1
     finally:
+        # A second Ctrl-C must not cut the cleanup short; each stop is bounded.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         testbed.stop()
     say("stopped")
     return 0
