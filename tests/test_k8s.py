@@ -311,7 +311,11 @@ def test_istio_config_loads_in_envoy(variant, wasm_module, tmp_path):
     wasm_name = next(n for n in names if n.startswith("extensions.istio.io/wasmplugin/") or n == "session_affinity")
     assert names[-3:] == [wasm_name, "envoy.filters.http.stateful_session", "envoy.filters.http.router"], names
     cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == ke.app_cluster(NAMESPACE))
-    assert cluster["common_lb_config"]["override_host_status"]["statuses"] == ["UNKNOWN", "HEALTHY", "DEGRADED", "DRAINING"]
+    # The app cluster's lb settings are the testbed's (override_host_status, panic threshold).
+    testbed = yaml.safe_load((REPO / "envoy" / "testbed.yaml").read_text())
+    testbed_app = next(c for c in testbed["static_resources"]["clusters"] if "override_host_status" in
+                       c.get("common_lb_config", {}))
+    assert cluster["common_lb_config"] == testbed_app["common_lb_config"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SA_KEY_")}
     ok = ke.envoy_validate(config, env={**env, "SA_KEY_1": TEST_KEY})
     assert ok.returncode == 0, ok.stdout + ok.stderr
