@@ -13,8 +13,6 @@
 
 use std::fmt::Write;
 
-use serde_json::Value;
-
 /// An HTTP request to the store cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreCall {
@@ -189,24 +187,22 @@ impl Dialect for Webdis<'_> {
     }
 }
 
-/// webdis answers `{"EVAL": [..strings..]}`, or `{"EVAL": [false, "<error>"]}`.
+/// webdis answers `{"EVAL": [..strings..]}`; a Redis error comes as
+/// `{"EVAL": [false, "<error>"]}`, which is not a list of strings.
+#[derive(serde::Deserialize)]
+struct EvalReply {
+    #[serde(rename = "EVAL")]
+    eval: Vec<String>,
+}
+
 fn eval_reply(status: u32, body: &[u8]) -> Result<Vec<String>, StoreError> {
     if status != 200 {
         return Err(StoreError::Unavailable(status));
     }
-    let json: Value = serde_json::from_slice(body).map_err(|_| StoreError::Protocol("reply is not JSON".into()))?;
-    let items = json
-        .get("EVAL")
-        .and_then(Value::as_array)
-        .ok_or_else(|| StoreError::Protocol("reply has no EVAL array".into()))?;
-    items
-        .iter()
-        .map(|item| match item {
-            Value::String(s) => Ok(s.clone()),
-            Value::Bool(false) => Err(StoreError::Protocol(format!("redis error {items:?}"))),
-            _ => Err(StoreError::Protocol("reply item is not a string".into())),
-        })
-        .collect()
+    serde_json::from_slice::<EvalReply>(body).map(|r| r.eval).map_err(|_| {
+        let start = body.get(..body.len().min(200)).unwrap_or_default();
+        StoreError::Protocol(format!("unexpected reply {:?}", String::from_utf8_lossy(start)))
+    })
 }
 
 /// Splits a store owner "host#instance" into its parts.
