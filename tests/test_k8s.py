@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -520,3 +521,14 @@ def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, t
         if envoy is not None:
             envoy.stop()
         bed.stop()
+
+
+def test_readme_names_what_exists():
+    """k8s/README.md mentions every overlay, and every k8s path it names exists."""
+    text = (K8S / "README.md").read_text()
+    for overlay in OVERLAYS:
+        assert f"overlays/{overlay}" in text, overlay
+    for path in set(re.findall(r"k8s/([\w./-]+[\w])", text)):
+        assert (K8S / path).exists(), path
+    for path in set(re.findall(r"`((?:base|istio|overlays)/[\w./-]+)`", text)):
+        assert (K8S / path).exists(), path
