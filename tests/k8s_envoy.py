@@ -25,10 +25,8 @@ import copy
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -100,7 +98,7 @@ def skeleton(kind: str, namespace: str, listen_port: int, admin_port: int, eds_p
             "name": HCM,
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": f"outbound_0.0.0.0_8080" if kind == "sidecar" else "outbound_0.0.0.0_8080_gw",
+                "stat_prefix": "outbound_0.0.0.0_8080",
                 "route_config": {"name": route_name, "virtual_hosts": [vhost], "validate_clusters": False},
                 "use_remote_address": kind == "gateway",
                 "http_filters": [
@@ -363,7 +361,8 @@ def resolve_ecds(bootstrap: dict, ecds: dict, workdir: Path | None = None) -> No
                         del hf["config_discovery"]
                         hf["typed_config"] = copy.deepcopy(resource["typed_config"])
                     else:
-                        path = Path(workdir) / f"ecds-{len(os.listdir(workdir))}.json"
+                        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+                        path = Path(workdir) / f"ecds-{digest}.json"
                         path.write_text(json.dumps({"resources": [resource]}))
                         hf["config_discovery"]["config_source"] = {
                             "path_config_source": {"path": str(path)}, "initial_fetch_timeout": "0s"}
@@ -387,12 +386,6 @@ def http_filter_names(bootstrap: dict) -> list[str]:
 
 # --------------------------------------------------------------------------
 # Running Envoy.
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def envoy_validate(config: dict | str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """`envoy --mode validate`: loads the .wasm in V8 and runs on_configure.

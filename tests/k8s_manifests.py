@@ -188,7 +188,8 @@ def set_image(resources: list[dict], image: dict) -> None:
         pod = r.get("spec", {}).get("template", {}).get("spec", {})
         for c in pod.get("containers", []) + pod.get("initContainers", []):
             ref = c.get("image", "")
-            name = re.split(r"[:@]", ref, maxsplit=1)[0] if not ref.startswith("sha256") else ref
+            name = re.split(r"[:@]", ref.rsplit("/", 1)[-1], maxsplit=1)[0]
+            name = ref[:len(ref) - len(ref.rsplit("/", 1)[-1])] + name
             if name != image["name"]:
                 continue
             tag = ref[len(name):]

@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,7 +35,6 @@ from harness import require_tool, tb  # tb is envoy/testbed.py, the other e2e te
 REPO = km.REPO
 K8S = km.K8S
 NAMESPACE = "session-demo"
-WASM = REPO / "target" / "wasm32-unknown-unknown" / "release" / "session_affinity.wasm"
 TEST_KEY = "k8s-test-key-0123456789-abcdefghijklmnop"  # 40 bytes, test only
 
 OVERLAYS = [p.name for p in km.overlay_dirs()]
@@ -307,7 +305,7 @@ def test_module_fits_in_a_configmap(wasm_module):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_istio_config_loads_in_envoy(variant, wasm_module, tmp_path):
-    config = assemble(variant, wasm_module, tmp_path, ke.free_port(), ke.free_port())
+    config = assemble(variant, wasm_module, tmp_path, *tb.free_ports(2))
     names = ke.http_filter_names(config)
     wasm_name = next(n for n in names if n.startswith("extensions.istio.io/wasmplugin/") or n == "session_affinity")
     assert names[-3:] == [wasm_name, "envoy.filters.http.stateful_session", "envoy.filters.http.router"], names
