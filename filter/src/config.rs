@@ -161,7 +161,7 @@ impl Default for HeaderNames {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Dialect {
+pub enum DialectName {
     /// Redis behind webdis, with Lua for the atomic claim and fenced write.
     Webdis,
 }
@@ -190,7 +190,7 @@ pub enum OutagePolicy {
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     #[serde(default = "default_dialect")]
-    pub dialect: Dialect,
+    pub dialect: DialectName,
     /// The Envoy cluster that reaches the store.
     pub cluster: String,
     #[serde(default = "default_authority")]
@@ -210,8 +210,8 @@ pub struct StoreConfig {
     pub lease: TypedDuration,
 }
 
-fn default_dialect() -> Dialect {
-    Dialect::Webdis
+fn default_dialect() -> DialectName {
+    DialectName::Webdis
 }
 fn default_authority() -> String {
     "session-store".into()

@@ -22,7 +22,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use log::{info, warn};
 
-use crate::config::{Config, OutagePolicy, StoreConfig, WriteMode};
+use crate::config::{Config, DialectName, OutagePolicy, StoreConfig, WriteMode};
 use crate::cookie::{self, Claims, NewClaims, Rejection, FLAG_MOVING};
 use crate::gone::{GoneTable, SharedData, Sighting};
 use crate::metrics::{Counter, Metrics};
@@ -293,7 +293,7 @@ impl Flow {
     fn ask_store_to_begin(&mut self, host: &mut impl HttpHost, failover: Failover) -> Action {
         let config = Rc::clone(&self.config);
         let Some(store) = &config.store else { return Action::Continue };
-        let call = webdis(store).begin_failover(
+        let call = dialect(store).begin_failover(
             self.store_session(failover.from.sid()),
             &failover.from.owner(),
             &failover.token,
@@ -352,7 +352,7 @@ impl Flow {
             self.count(if timed_out { Counter::StoreTimeouts } else { Counter::StoreErrors });
             0
         });
-        let dialect = webdis(store);
+        let dialect = dialect(store);
         match pending {
             Pending::Begin => {
                 if self.resolve_begin(host, dialect.parse_begin(status, body)) == Action::Continue {
@@ -451,7 +451,7 @@ impl Flow {
     fn release_lease(&self, host: &mut impl HttpHost, failover: &Failover) {
         let Some(store) = &self.config.store else { return };
         if failover.lease {
-            let call = webdis(store).release(self.store_session(failover.from.sid()), &failover.token);
+            let call = dialect(store).release(self.store_session(failover.from.sid()), &failover.token);
             if host.dispatch(store, &call, true).is_none() {
                 self.count(Counter::StoreErrors);
             }
@@ -616,7 +616,7 @@ impl Flow {
         let config = Rc::clone(&self.config);
         let Some(store) = &config.store else { return Action::Continue };
         let to_owner = cookie::owner_of(upstream, instance);
-        let dialect = webdis(store);
+        let dialect = dialect(store);
         let call = match (&failover, response.state.as_deref()) {
             (Some(FailoverCommit { lease: Some(token), .. }), state) => {
                 dialect.commit_failover(self.store_session(sid), token, &to_owner, state)
@@ -636,7 +636,7 @@ impl Flow {
         let config = Rc::clone(&self.config);
         let Some(store) = &config.store else { return Action::Continue };
         self.count(Counter::StoreWrites);
-        let call = webdis(store).write(self.store_session(sid), owner, owner, state);
+        let call = dialect(store).write(self.store_session(sid), owner, owner, state);
         self.dispatch_fenced(host, store, sid, &call)
     }
 
@@ -752,8 +752,11 @@ impl ResponseView {
     }
 }
 
-fn webdis(store: &StoreConfig) -> Webdis<'_> {
-    Webdis::new(&store.key_prefix)
+/// The configured store dialect.
+fn dialect(store: &StoreConfig) -> impl Dialect + '_ {
+    match store.dialect {
+        DialectName::Webdis => Webdis::new(&store.key_prefix),
+    }
 }
 
 fn millis(d: Duration) -> u64 {
