@@ -99,6 +99,9 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "sa-demo-backend"
+    # Headers and body are separate writes; with Nagle on, a kept-alive
+    # connection waits for the peer's delayed ACK (about 40 ms) per response.
+    disable_nagle_algorithm = True
 
     def do_GET(self):
         self._dispatch()
