@@ -37,7 +37,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections import Counter as Tally
 from concurrent.futures import ThreadPoolExecutor, wait as wait_futures
 from dataclasses import dataclass, field
 
@@ -288,7 +287,7 @@ def start_sessions(bed: "tb.Testbed", url: str, users: int, requests_each: int =
     created = []
     deadline = time.monotonic() + 20
     while len(created) < users or min(len(g) for g in by_backend.values()) < min_each:
-        expect(time.monotonic() < deadline, f"sessions on every backend within 20s",
+        expect(time.monotonic() < deadline, "sessions on every backend within 20s",
                f"{users} sessions, >= {min_each} per backend",
                f"{ {n: len(g) for n, g in by_backend.items()} } {health(envoy)}")
         if len(created) >= users:
