@@ -135,6 +135,44 @@ def skeleton(kind: str, namespace: str, listen_port: int, admin_port: int, eds_p
     return bootstrap, view
 
 
+def apply_destination_rule(bootstrap: dict, namespace: str, rule: dict) -> None:
+    """What istiod does with a DestinationRule's outlierDetection on the app's
+    cluster (applyOutlierDetection in istiod); other traffic policies raise."""
+    spec = rule["spec"]
+    if spec["host"] not in ("demo", f"demo.{namespace}", f"demo.{namespace}.svc.cluster.local"):
+        return
+    policy = spec.get("trafficPolicy", {})
+    if set(policy) - {"outlierDetection"} or set(spec) - {"host", "trafficPolicy"}:
+        raise NotImplementedError(f"DestinationRule fields {sorted(spec)} {sorted(policy)}")
+    outlier = policy["outlierDetection"]
+    known = {"splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures", "consecutive5xxErrors",
+             "consecutiveGatewayErrors", "interval", "baseEjectionTime", "maxEjectionPercent", "minHealthPercent"}
+    if set(outlier) - known:
+        raise NotImplementedError(f"outlierDetection fields {sorted(set(outlier) - known)}")
+    out = {"enforcing_success_rate": 0}
+    for field, envoy in (("consecutive5xxErrors", "consecutive_5xx"),
+                         ("consecutiveGatewayErrors", "consecutive_gateway_failure")):
+        if field in outlier:
+            out[envoy] = outlier[field]
+            out[f"enforcing_{envoy}"] = 100 if outlier[field] > 0 else 0
+    for field, envoy in (("interval", "interval"), ("baseEjectionTime", "base_ejection_time")):
+        if field in outlier:
+            out[envoy] = outlier[field]
+    if outlier.get("maxEjectionPercent", 0) > 0:
+        out["max_ejection_percent"] = outlier["maxEjectionPercent"]
+    if outlier.get("splitExternalLocalOriginErrors"):
+        out["split_external_local_origin_errors"] = True
+        if outlier.get("consecutiveLocalOriginFailures", 0) > 0:
+            out["consecutive_local_origin_failure"] = outlier["consecutiveLocalOriginFailures"]
+            out["enforcing_consecutive_local_origin_failure"] = 100
+        out["enforcing_local_origin_success_rate"] = 0
+    for c in bootstrap["static_resources"]["clusters"]:
+        if c["name"] == app_cluster(namespace):
+            c["outlier_detection"] = out
+            c.setdefault("common_lb_config", {})["healthy_panic_threshold"] = {
+                "value": outlier.get("minHealthPercent", 0)}
+
+
 def eds(cluster: str, endpoints: list[tuple[str, int]]) -> dict:
     """A ClusterLoadAssignment as istiod sends it: ready pods, HEALTHY."""
     return {"resources": [{

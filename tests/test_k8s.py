@@ -264,6 +264,9 @@ def assemble(variant: str, wasm: Path, workdir: Path, listen_port: int, admin_po
               if (kind == "gateway") == bool(d["spec"].get("gateways"))]
     assert len(routes) == 1, routes
     bootstrap, view = ke.skeleton(kind, NAMESPACE, listen_port, admin_port, workdir / "eds.json", routes[0])
+    for d in docs:
+        if d["kind"] == "DestinationRule":
+            ke.apply_destination_rule(bootstrap, NAMESPACE, d)
     if not (workdir / "eds.json").exists():
         ke.write_atomically(workdir / "eds.json", ke.eds(ke.app_cluster(NAMESPACE), []))
     ecds: dict = {}
@@ -317,6 +320,12 @@ def test_istio_config_loads_in_envoy(variant, wasm_module, tmp_path):
     testbed_app = next(c for c in testbed["static_resources"]["clusters"] if "override_host_status" in
                        c.get("common_lb_config", {}))
     assert cluster["common_lb_config"] == testbed_app["common_lb_config"]
+    # ... and so is its outlier detection (the DestinationRule), up to the
+    # thresholds Istio writes out while their enforcement is 0.
+    def enforced(od: dict) -> dict:
+        return {k: v for k, v in od.items()
+                if not (k in ("consecutive_5xx", "consecutive_gateway_failure") and od.get(f"enforcing_{k}") == 0)}
+    assert enforced(cluster["outlier_detection"]) == enforced(testbed_app["outlier_detection"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("SA_KEY_")}
     ok = ke.envoy_validate(config, env={**env, "SA_KEY_1": TEST_KEY})
     assert ok.returncode == 0, ok.stdout + ok.stderr
