@@ -287,7 +287,8 @@ def start_sessions(bed: "tb.Testbed", url: str, users: int, requests_each: int =
     created = []
     deadline = time.monotonic() + 20
     while len(created) < users or min(len(g) for g in by_backend.values()) < min_each:
-        expect(time.monotonic() < deadline, "sessions on every backend within 20s",
+        expect(time.monotonic() < deadline and len(created) < 3 * users,
+               f"sessions on every backend within 20s and {3 * users} sessions",
                f"{users} sessions, >= {min_each} per backend",
                f"{ {n: len(g) for n, g in by_backend.items()} } {health(envoy)}")
         if len(created) >= users:
