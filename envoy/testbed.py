@@ -340,10 +340,6 @@ class Envoy:
                 values[name] = int(value)
         return values
 
-    def counter(self, name: str) -> int:
-        """One counter, 0 until the filter has flushed it for the first time."""
-        return self.stats(name).get(name, 0)
-
 
 class Testbed:
     """All testbed processes for one port plan, in one work directory.

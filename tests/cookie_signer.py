@@ -14,14 +14,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import secrets
 import time
 from dataclasses import dataclass, replace
 
 VERSION = "1"
 MAX_LEN = 512
 FIELDS = 9
-SID_LEN = 22
 
 
 @dataclass(frozen=True)
@@ -45,11 +43,6 @@ class CookieRejected(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
-
-
-def new_sid() -> str:
-    """A session id as the filter makes them: 16 random bytes, base64url."""
-    return b64url(secrets.token_bytes(16))
 
 
 def b64url(data: bytes) -> str:

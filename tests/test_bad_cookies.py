@@ -80,7 +80,7 @@ def session(client, filter_config):
 
 @pytest.mark.parametrize("make, reason", CASES, ids=[make.__name__ for make, _ in CASES])
 def test_bad_cookie_starts_a_new_session(make, reason, client, testbed, filter_config, session):
-    first, real, claims = session
+    _, real, claims = session
     other_host = next(b.address for b in testbed.backends if b.address != claims.host)
     bad = make(real, claims, keyring(filter_config), other_host)
     expect(bad != real, "the bad cookie differs from the real one", "a different value", bad)
@@ -101,7 +101,7 @@ def test_bad_cookie_starts_a_new_session(make, reason, client, testbed, filter_c
                     | {"sessions_created": 1, "pinned": 0})
 
 
-def test_python_signer_matches_the_filter(client, filter_config, session):
+def test_python_signer_matches_the_filter(filter_config, session):
     """The same claims signed in Python give the filter's cookie, byte for byte."""
     _, real, claims = session
     keys = keyring(filter_config)
