@@ -487,11 +487,21 @@ class Testbed:
         return "\n".join(parts)
 
 
+def wasm_is_stale() -> bool:
+    """True if the module is missing or older than any filter source."""
+    if not WASM.exists():
+        return True
+    sources = [*(REPO / "filter" / "src").rglob("*.rs"), REPO / "filter" / "Cargo.toml", REPO / "filter" / "build",
+               REPO / "Cargo.toml", REPO / "Cargo.lock"]
+    built = WASM.stat().st_mtime
+    return any(path.exists() and path.stat().st_mtime > built for path in sources)
+
+
 def ensure_wasm(rebuild: bool = False, say=print) -> Path:
-    """The filter module, built with filter/build when missing (or when asked)."""
-    if rebuild or not WASM.exists():
-        say("building the filter with filter/build (this can take a few minutes)")
-        subprocess.run([str(REPO / "filter" / "build")], cwd=REPO, check=True, stdin=subprocess.DEVNULL)
+    """The filter module, built with filter/build when missing or stale (or when asked)."""
+    if rebuild or wasm_is_stale():
+        say("building the filter with filter/build (the first build takes a few minutes)")
+        subprocess.run([str(REPO / "filter" / "build")], cwd=REPO, check=True, stdin=subprocess.DEVNULL, timeout=1800)
     if not WASM.exists():
         raise FileNotFoundError(f"filter/build did not produce {WASM}")
     return WASM

@@ -14,7 +14,7 @@ from harness import Client, require_tool, tb
 
 @pytest.fixture(scope="session")
 def wasm():
-    """The filter module; built with filter/build if it is missing."""
+    """The filter module; built with filter/build if it is missing or older than its sources."""
     for tool in (tb.ENVOY_BIN, "redis-server", "webdis"):
         require_tool(tool)
     return tb.ensure_wasm()
