@@ -118,3 +118,16 @@ def test_every_configured_key_verifies(client, testbed, filter_config, session):
     expect_equal((body["backend"], body["session"], body["count"]),
                  (first.body["backend"], claims.sid, 2), "the session continues on its backend")
     counters.expect({"pinned": 1, "sessions_created": 0} | {f"cookies_rejected.{r}": 0 for r in REASONS})
+
+
+def test_secrets_never_appear_in_logs_or_responses(client, testbed, filter_config, session):
+    """After good and bad cookies alike, no key secret is in a response or in Envoy's log."""
+    _, real, _ = session
+    replies = [client.get(cookie=real), client.get(cookie=real[:-3]), client.get(cookie="garbage")]
+    log = testbed.envoy.process.log_path.read_text(errors="replace")
+    for key in filter_config["keys"]:
+        for reply in replies:
+            expect(key["secret"] not in reply.response.text and key["secret"] not in str(reply.headers),
+                   f"key {key['id']}'s secret is not in a response", "absent", reply.describe())
+        expect(key["secret"] not in log, f"key {key['id']}'s secret is not in Envoy's log", "absent",
+               f"found in {testbed.envoy.process.log_path}")
