@@ -394,7 +394,8 @@ def run(bench: b.Bench, sessions: int) -> dict:
              ("found_mid_request", lambda: measure_found_mid_request(bench, max(3, sessions // 10))),
              ("kill_under_load", lambda: measure_kill_under_load(bench)))
     for key, fn in steps:
-        b.log(f"failover: {key}")
+        waited = bench.wait_quiet() if bench.args.noise_limit < 1 else 0
+        b.log(f"failover: {key}" + (f" (waited {waited:g} s for quiet CPUs)" if waited > 1 else ""))
         try:
             out[key] = fn()
             shown = {k: v for k, v in out[key].items()
