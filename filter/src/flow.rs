@@ -96,7 +96,15 @@ struct Forward<'a> {
     session_id: Option<&'a str>,
     session_new: bool,
     session_state: Option<&'a str>,
+    /// Let the router retry on another host when no app saw the request
+    /// (connection refused or reset before sending). Only for requests the
+    /// load balancer places: a retry ignores a routing override.
+    retry_unreached: bool,
 }
+
+/// Envoy router retry conditions under which the request provably reached no app.
+const RETRY_ON_UNREACHED: &str = "connect-failure,refused-stream,reset-before-request";
+const MAX_RETRIES: &str = "3";
 
 #[derive(Debug)]
 enum Session {
@@ -116,6 +124,8 @@ struct Failover {
     /// The store lease token; `lease` says whether the store granted it.
     token: String,
     lease: bool,
+    /// Whether stored state went upstream with the request.
+    restored: bool,
     polls: u32,
     moves: u32,
 }
@@ -255,7 +265,7 @@ impl Flow {
 
     fn start_new_session(&mut self, host: &mut impl HttpHost) {
         let sid = cookie::new_sid(&self.unguessable(host));
-        let forward = Forward { session_id: Some(&sid), session_new: true, ..Forward::default() };
+        let forward = Forward { session_id: Some(&sid), session_new: true, retry_unreached: true, ..Forward::default() };
         self.forward(host, &forward);
         self.session = Session::New { sid };
     }
@@ -277,6 +287,10 @@ impl Flow {
                 None => {}
             }
         }
+        if f.retry_unreached {
+            host.set_request_header("x-envoy-retry-on", RETRY_ON_UNREACHED);
+            host.set_request_header("x-envoy-max-retries", MAX_RETRIES);
+        }
     }
 
     fn begin_failover(&mut self, host: &mut impl HttpHost, from: Claims, path: String) -> Action {
@@ -287,7 +301,7 @@ impl Flow {
             return Action::Continue;
         }
         let token = URL_SAFE_NO_PAD.encode(self.unguessable(host));
-        self.ask_store_to_begin(host, Failover { from, path, token, lease: false, polls: 0, moves: 0 })
+        self.ask_store_to_begin(host, Failover { from, path, token, lease: false, restored: false, polls: 0, moves: 0 })
     }
 
     fn ask_store_to_begin(&mut self, host: &mut impl HttpHost, failover: Failover) -> Action {
@@ -384,14 +398,13 @@ impl Flow {
         match reply {
             Begin::Acquired { state } => {
                 failover.lease = true;
-                if state.is_some() {
-                    self.count(Counter::StateRestored);
-                }
+                failover.restored = state.is_some();
                 let forward = Forward {
                     session_id: Some(failover.from.sid()),
                     // Nothing stored yet: the app must create the session, not refuse it.
                     session_new: state.is_none(),
                     session_state: state.as_deref(),
+                    retry_unreached: true,
                     ..Forward::default()
                 };
                 self.forward(host, &forward);
@@ -513,10 +526,10 @@ impl Flow {
                         return Action::Continue;
                     }
                     Unreached::ConnectFailed => {
-                        // The load balancer picked a host that just died: no app saw
-                        // the request, so it may go round again.
+                        // Every retry hit hosts that just died: no app saw the
+                        // request, so it may go round again (counted once, at its first 307).
                         self.release_lease(host, &failover);
-                        self.count(Counter::FailoversReplayed);
+                        info!("[{}] failover of a session found no live host yet; replaying", self.context_id);
                         return self.replay(host, &failover.from, &failover.path, now_ms);
                     }
                 }
@@ -525,6 +538,9 @@ impl Flow {
                     // Even a live host refused the restored session: pass the answer on.
                     self.release_lease(host, &failover);
                     return Action::Continue;
+                }
+                if failover.restored {
+                    self.count(Counter::StateRestored);
                 }
                 let lease = failover.lease.then_some(failover.token);
                 let commit = FailoverCommit { from: &failover.from, lease };

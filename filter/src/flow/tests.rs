@@ -154,6 +154,7 @@ fn new_session_gets_an_id_and_a_cookie_pinned_to_the_upstream_and_instance() {
     assert!(cookie::is_sid(&sid));
     assert_eq!(host.req("x-session-new"), Some("1"));
     assert_eq!(host.req("x-session-route"), None);
+    assert_eq!(host.req("x-envoy-retry-on"), Some(RETRY_ON_UNREACHED));
     host.respond(B1, &[("x-instance-id", "pod-a")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Continue);
     let value = host.set_cookie_value().unwrap();
@@ -171,6 +172,7 @@ fn pinned_request_sets_the_override_and_makes_no_store_call() {
     assert_eq!(f.on_request_headers(&mut host), Action::Continue);
     assert_eq!(host.req("x-session-route"), Some(STANDARD.encode(B1).as_str()));
     assert_eq!(host.req("x-session-id"), Some("AAAAAAAAAAAAAAAAAAAAAA"));
+    assert_eq!(host.req("x-envoy-retry-on"), None, "a retry would ignore the override");
     host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-route", "echo")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Continue);
     assert!(host.calls.is_empty());
@@ -334,13 +336,15 @@ fn known_gone_restores_state_then_commits_the_new_owner() {
     assert_eq!(host.req("x-session-new"), None);
     assert_eq!(host.req("x-session-route"), None, "the load balancer picks a live host");
     assert_eq!(host.req("x-session-id"), Some("AAAAAAAAAAAAAAAAAAAAAA"));
-    assert_eq!(worker.metrics.get(Counter::StateRestored), 1);
+    assert_eq!(host.req("x-envoy-retry-on"), Some(RETRY_ON_UNREACHED), "a dead pick is retried by the router");
+    assert_eq!(worker.metrics.get(Counter::StateRestored), 0, "counted when an app took the state");
 
     host.respond(B2, &[("x-instance-id", "pod-b"), ("x-session-state", "bmV3")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Pause, "sync: wait for the commit");
     assert!(host.last_call().starts_with("EVAL/if%20redis%2Ecall%28%27GET%27"), "commit: {}", host.last_call());
     assert!(host.last_call().contains("10%2E0%2E0%2E2%3A8080%23pod%2Db/1/bmV3/86400000"));
     assert_eq!(host.resp("x-session-state"), None, "state never reaches the client");
+    assert_eq!(worker.metrics.get(Counter::StateRestored), 1);
     let claims = cookie::decode(host.set_cookie_value().unwrap(), &config.keys, NOW_MS / 1000).unwrap();
     assert_eq!((claims.host(), claims.instance(), claims.is_moving()), (B2, "pod-b", false));
     reply(&mut f, &mut host, r#"{"EVAL":["stored"]}"#);
@@ -512,6 +516,8 @@ fn a_failover_attempt_that_hit_a_dead_host_releases_its_lease_and_replays() {
     host.flags = FLAG_UPSTREAM_CONNECTION_FAILURE;
     assert_eq!(f.on_response_headers(&mut host), Action::Pause);
     assert_eq!(host.local_reply.as_ref().map(|r| r.0), Some(307));
+    assert_eq!(worker.metrics.get(Counter::FailoversReplayed), 0, "the session's failover was counted at its first 307");
+    assert_eq!(worker.metrics.get(Counter::StateRestored), 0);
     let (release, detached) = host.calls.last().unwrap();
     assert!(String::from_utf8_lossy(&release.body).starts_with("EVAL/if%20redis%2Ecall%28%27GET%27%2C%20KEYS%5B2%5D%29%20%3D%3D"));
     assert!(detached);
