@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable
@@ -717,7 +718,7 @@ class Bench:
         fcfg = filter_config
         all_variants = [
             Variant("router", "router only", [ROUTER], check=check_router),
-            Variant("native_cookie", "Envoy stateful_session cookie",
+            Variant("native_cookie", "Envoy native cookie (stateful_session)",
                     [stateful_session_cookie(), ROUTER],
                     headers=native_cookie_headers, check=check_pinned),
             Variant("noop_wasm", "no-op wasm",
@@ -1152,7 +1153,8 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def plot(results: dict, path: Path) -> str | None:
-    """Bar charts of the ratios to router-only; returns why not when it cannot."""
+    """Ratios to router-only and Envoy's CPU per request; returns why not
+    when it cannot plot."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1163,40 +1165,59 @@ def plot(results: dict, path: Path) -> str | None:
     names = [n for n in s if n != "router" and s[n]["ratio_rps"] is not None]
     if not names:
         return "nothing to plot"
-    labels = [results["labels"].get(n, n).replace(": ", ":\n").replace(" + ", "\n+ ") for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    colors = ["#4c72b0" if not n.startswith("filter") else "#dd8452" for n in names]
+
+    def label(n: str) -> str:
+        return textwrap.fill(results["labels"].get(n, n), 12)
+
+    def color(n: str) -> str:
+        return "#999999" if n == "router" else "#dd8452" if n.startswith("filter") else "#4c72b0"
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     ax = axes[0]
     vals = [s[n]["ratio_rps"] for n in names]
     lo = [s[n]["ratio_rps"] - (s[n]["ratio_rps_min"] or s[n]["ratio_rps"]) for n in names]
     hi = [(s[n]["ratio_rps_max"] or s[n]["ratio_rps"]) - s[n]["ratio_rps"] for n in names]
-    ax.bar(range(len(names)), vals, color=colors, yerr=[lo, hi], capsize=3)
+    ax.bar(range(len(names)), vals, color=[color(n) for n in names], yerr=[lo, hi], capsize=3)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.axhline(TARGETS["pinned_rps_ratio_min"], color="red", ls="--", lw=0.8,
-               label="pinned target 0.85")
+               label="pinned target >= 0.85")
     ax.set_ylabel("req/s, ratio to router-only (higher is better)")
-    ax.set_title("Throughput, 1 Envoy worker")
+    ax.set_title("Throughput (1 Envoy worker, saturated)")
+    ax.set_ylim(0, max(1.15, max(vals) + 0.1))
     for i, v in enumerate(vals):
         ax.text(i, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     ax2 = axes[1]
     vals2 = [s[n]["ratio_p99"] for n in names]
-    ax2.bar(range(len(names)), vals2, color=colors)
+    ax2.bar(range(len(names)), vals2, color=[color(n) for n in names])
     ax2.axhline(1.0, color="black", lw=0.8)
     ax2.axhline(TARGETS["pinned_p99_ratio_max"], color="red", ls="--", lw=0.8,
-                label="pinned target 1.2")
+                label="pinned target <= 1.2")
     ax2.set_ylabel("p99 latency, ratio to router-only (lower is better)")
-    ax2.set_title("Tail latency")
+    ax2.set_title("Tail latency (same runs)")
     for i, v in enumerate(vals2):
         ax2.text(i, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    for a in axes:
+    for a in axes[:2]:
         a.set_xticks(range(len(names)))
-        a.set_xticklabels(labels, fontsize=7.5)
+        a.set_xticklabels([label(n) for n in names], fontsize=7)
         a.legend(fontsize=8, loc="lower right")
+    ax3 = axes[2]
+    cpu_names = [n for n in s if s[n].get("envoy_cpu_us_per_req")]
+    cpu = [s[n]["envoy_cpu_us_per_req"] for n in cpu_names]
+    ax3.barh(range(len(cpu_names)), cpu, color=[color(n) for n in cpu_names])
+    ax3.set_yticks(range(len(cpu_names)))
+    ax3.set_yticklabels([results["labels"].get(n, n) for n in cpu_names], fontsize=7.5)
+    ax3.invert_yaxis()
+    ax3.set_xlabel("Envoy CPU time per request, µs (lower is better)")
+    ax3.set_title("Cost per request")
+    for i, v in enumerate(cpu):
+        ax3.text(v, i, f" {v:.1f}", va="center", fontsize=8)
     m = results["meta"]
-    fig.suptitle(f"Session affinity filter vs baselines (Envoy {m['envoy']}, {m['rounds']} rounds "
-                 f"x {m['duration_s']} s, median; bars: min-max)", fontsize=10)
+    noisy = sum(v.get("noisy_runs", 0) for v in s.values())
+    fig.suptitle(f"Session affinity filter vs baselines: Envoy {m['envoy']}, {m['rounds']} rounds "
+                 f"x {m['duration_s']:g} s, median, bars min-max"
+                 + (f"; {noisy} noisy runs" if noisy else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
 
