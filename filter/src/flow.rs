@@ -163,9 +163,10 @@ impl Flow {
         self.worker.metrics.incr(counter);
     }
 
-    /// Whether a body callback must hold data while a store call is in flight.
+    /// Whether a body callback must hold data: while the headers wait for a
+    /// store call (an async write lets the stream go on).
     pub fn holds_body(&self) -> bool {
-        self.pending.is_some()
+        matches!(self.pending, Some((_, Pending::Begin | Pending::Fenced { held: true, .. }, _)))
     }
 
     pub fn on_request_headers(&mut self, host: &mut impl HttpHost) -> Action {

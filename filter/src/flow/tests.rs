@@ -429,6 +429,7 @@ fn pinned_state_writes_are_fenced_on_the_owner_and_held_in_sync_mode() {
     f.on_request_headers(&mut host);
     host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Pause);
+    assert!(f.holds_body());
     assert!(host.last_call().ends_with("/10%2E0%2E0%2E1%3A8080%23pod%2Da/10%2E0%2E0%2E1%3A8080%23pod%2Da/s2/86400000"), "{}", host.last_call());
     assert!(!host.calls.last().unwrap().1, "sync writes belong to the stream");
     reply(&mut f, &mut host, r#"{"EVAL":["stored"]}"#);
@@ -461,6 +462,7 @@ fn async_writes_are_detached_and_do_not_hold_the_response() {
     host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Continue);
     assert!(host.calls.last().unwrap().1);
+    assert!(!f.holds_body(), "the body streams on while the write is out");
     reply(&mut f, &mut host, r#"{"EVAL":["conflict",""]}"#);
     assert!(host.local_reply.is_none());
     assert_eq!(worker.metrics.get(Counter::StoreWritesRejected), 1);
