@@ -59,7 +59,8 @@ class Output:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
-    def wait_for(self, pattern: re.Pattern, timeout: float) -> re.Match:
+    def _read(self, timeout: float, pattern: re.Pattern | None = None) -> re.Match | None:
+        """Collects output lines until one matches `pattern`, the output ends, or time runs out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -69,21 +70,18 @@ class Output:
             if line is None:
                 break
             self.lines.append(line)
-            match = pattern.search(line)
-            if match:
+            if pattern is not None and (match := pattern.search(line)):
                 return match
-        pytest.fail(f"no line matching {pattern.pattern!r} within {timeout}s; output:\n" + "\n".join(self.lines))
+        return None
+
+    def wait_for(self, pattern: re.Pattern, timeout: float) -> re.Match:
+        match = self._read(timeout, pattern)
+        if match is None:
+            pytest.fail(f"no line matching {pattern.pattern!r} within {timeout}s; output:\n" + "\n".join(self.lines))
+        return match
 
     def drain(self, timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.lines.append(line)
+        self._read(timeout)
         return "\n".join(self.lines)
 
 

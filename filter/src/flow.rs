@@ -203,20 +203,26 @@ impl Flow {
         let known_gone = self.worker.gone.borrow().is_gone(claims.host(), claims.instance(), now_ms);
         if !known_gone && !claims.is_moving() {
             self.count(Counter::Pinned);
-            let forward = Forward {
-                route: Some(STANDARD.encode(claims.host())),
-                session_id: Some(claims.sid()),
-                ..Forward::default()
-            };
-            self.forward(host, &forward);
-            self.session = Session::Pinned { claims, path, reissue: false };
-            return Action::Continue;
+            return self.send_pinned(host, claims, path, false);
         }
         if !claims.is_moving() {
             // A moving cookie's failover was counted when the 307 was sent.
             self.count(Counter::FailoversKnown);
         }
         self.begin_failover(host, claims, path)
+    }
+
+    /// Sends the request to the session's pinned host; `reissue` re-signs the
+    /// cookie on the response.
+    fn send_pinned(&mut self, host: &mut impl HttpHost, claims: Claims, path: String, reissue: bool) -> Action {
+        let forward = Forward {
+            route: Some(STANDARD.encode(claims.host())),
+            session_id: Some(claims.sid()),
+            ..Forward::default()
+        };
+        self.forward(host, &forward);
+        self.session = Session::Pinned { claims, path, reissue };
+        Action::Continue
     }
 
     /// The first of the request's cookies with our name that verifies;
@@ -438,14 +444,7 @@ impl Flow {
                 }
                 // Another proxy finished this failover: join its owner.
                 self.count(Counter::FailoversJoined);
-                let forward = Forward {
-                    route: Some(STANDARD.encode(moved.host())),
-                    session_id: Some(moved.sid()),
-                    ..Forward::default()
-                };
-                self.forward(host, &forward);
-                self.session = Session::Pinned { claims: moved, path: failover.path, reissue: true };
-                Action::Continue
+                self.send_pinned(host, moved, failover.path, true)
             }
         }
     }
