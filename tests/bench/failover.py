@@ -397,7 +397,12 @@ def run(bench: b.Bench, sessions: int) -> dict:
         waited = bench.wait_quiet() if bench.args.noise_limit < 1 else 0
         b.log(f"failover: {key}" + (f" (waited {waited:g} s for quiet CPUs)" if waited > 1 else ""))
         try:
+            s0 = bench.noise.snapshot()
             out[key] = fn()
+            f = bench.noise.foreign(s0, bench.noise.snapshot())
+            # The client is Python on the load CPU, so only Envoy's CPU is judged.
+            out[key]["foreign_cpu"] = f
+            out[key]["noisy"] = f.get("envoy_cpu", 0.0) > bench.args.noise_limit
             shown = {k: v for k, v in out[key].items()
                      if k not in ("counters", "first_errors", "reference_pinned", "all_ms")}
             b.log(f"failover: {key}: {json.dumps(shown)}")
