@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+use crate::cookie::VerifiedCookies;
 use crate::keys::KeyRing;
 
 /// Shortest accepted HMAC secret, in bytes (the SHA-256 block is 64; 32 is the
@@ -300,6 +301,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub struct Config {
     pub cookie: CookieSettings,
     pub keys: KeyRing,
+    /// Cookies the key ring already verified (see [`VerifiedCookies`]).
+    pub verified: VerifiedCookies,
     pub headers: HeaderNames,
     pub store: Option<StoreConfig>,
     pub gone_ttl: Duration,
@@ -362,6 +365,7 @@ impl Config {
         Ok(Config {
             cookie,
             keys,
+            verified: VerifiedCookies::default(),
             headers: raw.headers,
             store: raw.store,
             gone_ttl: raw.failover.gone_ttl.0,

@@ -240,7 +240,7 @@ impl Flow {
                 }
                 let value = value.get(1..).unwrap_or_default();
                 let decoded = match std::str::from_utf8(value) {
-                    Ok(text) => cookie::decode(text.to_string(), &self.config.keys, now),
+                    Ok(text) => self.config.verified.decode(text, &self.config.keys, now),
                     Err(_) => Err(Rejection::Malformed),
                 };
                 match decoded {

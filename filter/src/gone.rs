@@ -91,10 +91,9 @@ impl GoneTable {
 
 fn upsert(entries: &mut Vec<Entry>, entry: Entry, now_ms: u64) {
     entries.retain(|e| e.until_ms > now_ms && e.host != entry.host);
-    if entries.len() >= MAX_ENTRIES {
-        entries.sort_by_key(|e| e.until_ms);
-        let excess = entries.len() + 1 - MAX_ENTRIES;
-        entries.drain(..excess);
+    while entries.len() >= MAX_ENTRIES {
+        let Some(oldest) = entries.iter().enumerate().min_by_key(|(_, e)| e.until_ms).map(|(i, _)| i) else { break };
+        entries.swap_remove(oldest);
     }
     entries.push(entry);
 }
