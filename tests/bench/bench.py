@@ -175,6 +175,7 @@ class Procs:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.retired: dict[int | None, float] = {}  # CPU seconds of stopped processes, by CPU
 
     def start(self, name: str, cmd: list[str], **kw) -> subprocess.Popen:
         logf = open(self.workdir / f"{name}.log", "ab")
@@ -188,25 +189,50 @@ class Procs:
     def cpu_by_core(self) -> dict[int | None, float]:
         """CPU seconds used so far by the live processes, by the CPU they are
         pinned to (from `taskset -c N` in their command line)."""
-        out: dict[int | None, float] = {}
+        out: dict[int | None, float] = dict(self.retired)  # processes already stopped
         for _, p in self.procs:
-            args = p.args if isinstance(p.args, list) else []
-            i = args.index("taskset") if "taskset" in args else -1
-            core = int(args[i + 2]) if 0 <= i < len(args) - 2 else None
+            core = self.core_of(p)
             out[core] = out.get(core, 0.0) + proc_cpu_seconds(p.pid)
         return out
 
     def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+        core = self.core_of(p)
         if p.poll() is None:
             try:
                 os.kill(p.pid, sig)
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait(timeout=5)
+                if not self._exited(p.pid, 5):
+                    os.kill(p.pid, signal.SIGKILL)
+                    self._exited(p.pid, 5)
             except ProcessLookupError:
                 pass
+            # Exited but not reaped yet: its CPU time is still readable.
+            self.retired[core] = self.retired.get(core, 0.0) + proc_cpu_seconds(p.pid)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
         self.procs = [(n, q) for n, q in self.procs if q is not p]
+
+    @staticmethod
+    def _exited(pid: int, timeout: float) -> bool:
+        """Waits for the process to exit without reaping it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return True
+            if info is not None:
+                return True
+            time.sleep(0.01)
+        return False
+
+    @staticmethod
+    def core_of(p: subprocess.Popen) -> int | None:
+        """The CPU a process was pinned to (from `taskset -c N` in its command)."""
+        args = p.args if isinstance(p.args, list) else []
+        i = args.index("taskset") if "taskset" in args else -1
+        return int(args[i + 2]) if 0 <= i < len(args) - 2 else None
 
     def stop_all(self) -> None:
         for _, p in reversed(list(self.procs)):
@@ -1126,7 +1152,8 @@ def write_markdown(results: dict, path: Path) -> None:
             f = fo.get(key)
             if f and f.get("samples"):
                 ref = f.get("reference_pinned") or {}
-                lines.append(f"- {label}: p50 {fmt(f['p50_ms'], '.2f')} ms, p99 "
+                lines.append(f"- {label}: p50 {fmt(f['p50_ms'], '.2f')} ms, "
+                             f"p90 {fmt(f.get('p90_ms'), '.2f')} ms, p99 "
                              f"{fmt(f['p99_ms'], '.2f')} ms, max {fmt(f['max_ms'], '.2f')} ms over "
                              f"{f['samples']} sessions; {f['lost_state']} lost state"
                              + (f"; same client, healthy pinned request: p50 {fmt(ref['p50_ms'], '.2f')}"

@@ -63,6 +63,7 @@ def percentile(xs: list[float], p: float) -> float | None:
 def latency_summary(ms: list[float], **extra) -> dict:
     return {"samples": len(ms),
             "p50_ms": round(statistics.median(ms), 3) if ms else None,
+            "p90_ms": round(percentile(ms, 90), 3) if ms else None,
             "p99_ms": round(percentile(ms, 99), 3) if ms else None,
             "max_ms": round(max(ms), 3) if ms else None, **extra}
 
