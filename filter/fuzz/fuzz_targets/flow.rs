@@ -80,11 +80,11 @@ fn configs() -> &'static [String] {
     JSON.get_or_init(|| (0..CONFIGS).map(config_json).collect())
 }
 
-thread_local! {
-    static PARSED: Vec<Rc<Config>> = configs()
-        .iter()
-        .map(|json| Rc::new(Config::parse(json.as_bytes(), &|_| None).unwrap_or_else(|e| panic!("harness config: {e}"))))
-        .collect();
+/// A freshly compiled config: it carries state (the verified-cookie cache), so
+/// each input gets its own and runs the same way alone or after others.
+fn config(i: u8) -> Rc<Config> {
+    let json = &configs()[i as usize % CONFIGS];
+    Rc::new(Config::parse(json.as_bytes(), &|_| None).unwrap_or_else(|e| panic!("harness config: {e}")))
 }
 
 // ---------------------------------------------------------------- inputs
@@ -775,7 +775,7 @@ fn run_stream(stream: &Stream, context_id: u32, config: &Rc<Config>, worker: &Rc
 }
 
 fuzz_target!(|input: Input| {
-    let config = PARSED.with(|c| Rc::clone(&c[input.config as usize % c.len()]));
+    let config = config(input.config);
     let worker = Rc::new(Worker::default());
     let world = World::default();
     world.now_ms.set(sa_fuzz::rel(NOW_MS, input.start.saturating_mul(1000)));
