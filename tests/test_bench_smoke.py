@@ -38,15 +38,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for name in BASELINES:
         assert name in summary, f"baseline {name} was not measured: {results.get('unavailable')}"
     for name in BASELINES + FILTER:
-        if name not in summary:
+        if name not in summary and name not in FILTER:
             assert name in results["unavailable"], f"{name} neither measured nor reported"
             continue
+        assert name in summary, f"{name} was not measured: {results.get('unavailable', {}).get(name)}"
         s = summary[name]
         assert s["rps"] > 500, f"{name}: {s['rps']} req/s"
         assert s["non_2xx"] == 0, f"{name}: {s['non_2xx']} non-2xx responses"
         assert s["socket_errors"] == 0, f"{name}: {s['socket_errors']} socket errors"
-        # Wide bounds: a wasm filter cannot make Envoy 2x faster or 5x slower.
-        assert 0.2 < s["ratio_rps"] < 1.5, f"{name}: ratio to router-only {s['ratio_rps']}"
+        # The ratio is computed; its value is the full benchmark's business
+        # (a few seconds on a shared machine say nothing about it).
+        assert s["ratio_rps"] > 0, f"{name}: ratio to router-only {s['ratio_rps']}"
     # Sticky variants really pinned their requests before the load started.
     assert results["checks"]["naive_wasm"]["pinned_to"]
     assert results["checks"]["native_cookie"]["pinned_to"]
