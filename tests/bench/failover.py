@@ -395,15 +395,22 @@ def run(bench: b.Bench, sessions: int) -> dict:
              ("found_mid_request", lambda: measure_found_mid_request(bench, max(3, sessions // 10))),
              ("kill_under_load", lambda: measure_kill_under_load(bench)))
     for key, fn in steps:
-        waited = bench.wait_quiet() if bench.args.noise_limit < 1 else 0
-        b.log(f"failover: {key}" + (f" (waited {waited:g} s for quiet CPUs)" if waited > 1 else ""))
         try:
-            s0 = bench.noise.snapshot()
-            out[key] = fn()
-            f = bench.noise.foreign(s0, bench.noise.snapshot())
-            # The client is Python on the load CPU, so only Envoy's CPU is judged.
-            out[key]["foreign_cpu"] = f
-            out[key]["noisy"] = f.get("envoy_cpu", 0.0) > bench.args.noise_limit
+            for attempt in (0, 1):
+                t0 = time.monotonic()
+                waited = bench.wait_quiet() if bench.args.noise_limit < 1 else 0
+                b.log(f"failover: {key}" + (f" (waited {waited:g} s for quiet CPUs)" if waited > 1 else ""))
+                s0 = bench.noise.snapshot()
+                out[key] = fn()
+                f = bench.noise.foreign(s0, bench.noise.snapshot())
+                # The client is Python on the load CPU, so only Envoy's CPU is judged.
+                out[key]["foreign_cpu"] = f
+                out[key]["noisy"] = f.get("envoy_cpu", 0.0) > bench.args.noise_limit
+                bench.noise_spent += waited if attempt == 0 else time.monotonic() - t0
+                # Latency figures are worth one repeat; the others count events.
+                if not out[key]["noisy"] or key != "known_gone" or not bench.budget_left():
+                    break
+                b.log(f"failover: {key}: other programs took {f} of our CPUs; repeating")
             shown = {k: v for k, v in out[key].items()
                      if k not in ("counters", "first_errors", "reference_pinned", "all_ms")}
             b.log(f"failover: {key}: {json.dumps(shown)}")
