@@ -163,10 +163,16 @@ impl Flow {
         self.worker.metrics.incr(counter);
     }
 
-    /// Whether a body callback must hold data: while the headers wait for a
-    /// store call (an async write lets the stream go on).
-    pub fn holds_body(&self) -> bool {
-        matches!(self.pending, Some((_, Pending::Begin | Pending::Fenced { held: true, .. }, _)))
+    /// Whether request body data must wait: while the request headers wait
+    /// for the store (continuing the body would release them).
+    pub fn holds_request_body(&self) -> bool {
+        matches!(self.pending, Some((_, Pending::Begin, _)))
+    }
+
+    /// Whether response body data must wait: while a sync write holds the
+    /// response headers (an async write lets the stream go on).
+    pub fn holds_response_body(&self) -> bool {
+        matches!(self.pending, Some((_, Pending::Fenced { held: true, .. }, _)))
     }
 
     pub fn on_request_headers(&mut self, host: &mut impl HttpHost) -> Action {
@@ -399,6 +405,12 @@ impl Flow {
                 return self.store_outage(host, error);
             }
         };
+        if let Begin::Acquired { state: Some(state) } = &reply {
+            if !is_header_value(state.as_bytes()) {
+                self.count(Counter::StoreErrors);
+                return self.store_outage(host, StoreError::Protocol("stored state is not a valid header value".into()));
+            }
+        }
         let Session::Failover(mut failover) = std::mem::replace(&mut self.session, Session::None) else {
             return Action::Continue;
         };
@@ -497,8 +509,11 @@ impl Flow {
             return Action::Continue;
         }
         let response = ResponseView::read(host, &self.config);
-        if response.state.is_some() {
+        if response.state_sent {
             host.remove_response_header(&self.config.headers.session_state);
+            if response.state.is_none() {
+                warn!("[{}] the app sent session state that is not a valid header value; not stored", self.context_id);
+            }
         }
         if response.unknown {
             host.remove_response_header(&self.config.headers.session_unknown);
@@ -609,11 +624,10 @@ impl Flow {
         let Some(value) = self.cookie_value(claims.sid(), claims.host(), claims.instance(), now_ms / 1000, claims.flags | FLAG_MOVING) else {
             return Action::Continue;
         };
-        let location = if path.is_empty() { "/" } else { path };
         let set_cookie = self.set_cookie_header(&value);
         host.send_response(
             307,
-            &[("location", location), ("set-cookie", &set_cookie), ("cache-control", "no-store")],
+            &[("location", same_site_location(path)), ("set-cookie", &set_cookie), ("cache-control", "no-store")],
             "session moved to a live host; repeat the request\n",
         );
         Action::Pause
@@ -706,6 +720,19 @@ impl Flow {
     }
 }
 
+/// The request's own path as a redirect target, or "/" when a browser could
+/// read it as another site ("//evil.example", "/\\evil.example"): the replay
+/// must never be an open redirect.
+fn same_site_location(path: &str) -> &str {
+    let bytes = path.as_bytes();
+    let same_site = bytes.first() == Some(&b'/') && !matches!(bytes.get(1), Some(b'/' | b'\\'));
+    if same_site {
+        path
+    } else {
+        "/"
+    }
+}
+
 /// Whether a response proves the request reached no app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unreached {
@@ -743,6 +770,8 @@ struct ResponseView {
     status: u32,
     instance: Option<String>,
     state: Option<String>,
+    /// The app sent a state header, readable or not: it never reaches the client.
+    state_sent: bool,
     unknown: bool,
     /// `stateful_session` echoes the routing header on responses; it stays internal.
     route: bool,
@@ -756,9 +785,13 @@ impl ResponseView {
             match name.as_str() {
                 ":status" => view.status = std::str::from_utf8(&value).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
                 n if n == names.instance_id => {
-                    view.instance = String::from_utf8(value).ok().filter(|i| cookie::is_instance(i));
+                    // An empty or unusable id is no id: it must not look like a restart.
+                    view.instance = String::from_utf8(value).ok().filter(|i| !i.is_empty() && cookie::is_instance(i));
                 }
-                n if n == names.session_state => view.state = String::from_utf8(value).ok(),
+                n if n == names.session_state => {
+                    view.state_sent = true;
+                    view.state = Some(value).filter(|v| is_header_value(v)).and_then(|v| String::from_utf8(v).ok());
+                }
                 n if n == names.session_unknown => view.unknown = true,
                 n if n == names.route => view.route = true,
                 _ => {}
@@ -766,6 +799,12 @@ impl ResponseView {
         }
         view
     }
+}
+
+/// The configured store dialect.
+/// Visible ASCII, space and tab: what may travel in a header value unchanged.
+fn is_header_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
 }
 
 /// The configured store dialect.

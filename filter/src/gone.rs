@@ -72,6 +72,9 @@ impl GoneTable {
     /// Records a sighting in the shared table and in this copy. Returns false
     /// when the shared write lost every CAS race (the local copy still learns it).
     pub fn mark(&mut self, shared: &dyn SharedData, host: &str, sighting: Sighting, now_ms: u64, ttl_ms: u64) -> bool {
+        if matches!(&sighting, Sighting::Replaced { instance } if instance.is_empty()) {
+            return false; // no instance id: nothing to tell instances apart by
+        }
         let entry = Entry { host: host.to_string(), until_ms: now_ms.saturating_add(ttl_ms), sighting };
         for _ in 0..CAS_TRIES {
             let (value, cas) = shared.get(SHARED_KEY);
@@ -98,15 +101,16 @@ fn upsert(entries: &mut Vec<Entry>, entry: Entry, now_ms: u64) {
     entries.push(entry);
 }
 
-/// One line per entry: `host until_ms -` for down, `host until_ms <instance>` for replaced.
+/// One line per entry: `host until_ms` for down, `host until_ms instance` for replaced.
 fn serialize(entries: &[Entry]) -> Vec<u8> {
     let mut out = String::with_capacity(entries.len() * 48);
     for e in entries {
-        let instance = match &e.sighting {
-            Sighting::Down => "-",
-            Sighting::Replaced { instance } => instance.as_str(),
-        };
-        out.push_str(&format!("{} {} {}\n", e.host, e.until_ms, instance));
+        out.push_str(&format!("{} {}", e.host, e.until_ms));
+        if let Sighting::Replaced { instance } = &e.sighting {
+            out.push(' ');
+            out.push_str(instance);
+        }
+        out.push('\n');
     }
     out.into_bytes()
 }
@@ -121,10 +125,10 @@ fn parse(bytes: &[u8]) -> Vec<Entry> {
             let mut parts = line.split(' ');
             let host = parts.next().filter(|h| crate::cookie::is_host(h))?;
             let until_ms = parts.next()?.parse().ok()?;
-            let sighting = match parts.next()? {
-                "-" => Sighting::Down,
-                i if !i.is_empty() && crate::cookie::is_instance(i) => Sighting::Replaced { instance: i.to_string() },
-                _ => return None,
+            let sighting = match parts.next() {
+                None => Sighting::Down,
+                Some(i) if !i.is_empty() && crate::cookie::is_instance(i) => Sighting::Replaced { instance: i.to_string() },
+                Some(_) => return None,
             };
             parts.next().is_none().then(|| Entry { host: host.to_string(), until_ms, sighting })
         })
@@ -220,9 +224,17 @@ pub mod tests {
     }
 
     #[test]
+    fn every_sighting_reads_back_as_written() {
+        for sighting in [Sighting::Down, Sighting::Replaced { instance: "-".into() }, Sighting::Replaced { instance: "pod-a".into() }] {
+            let entries = vec![Entry { host: "10.0.0.1:80".into(), until_ms: 5, sighting }];
+            assert_eq!(parse(&serialize(&entries)), entries);
+        }
+    }
+
+    #[test]
     fn garbage_in_shared_data_is_ignored() {
         assert!(parse(b"\xff\xfe").is_empty());
-        assert!(parse(b"not a line\n10.0.0.1:80 x -\n10.0.0.1:80 5 a b\n").is_empty());
-        assert_eq!(parse(b"10.0.0.1:80 5 -\n").len(), 1);
+        assert!(parse(b"not a line\n10.0.0.1:80 x\n10.0.0.1:80 5 a b\n10.0.0.1:80 5 \n").is_empty());
+        assert_eq!(parse(b"10.0.0.1:80 5\n10.0.0.2:80 5 -\n").len(), 2);
     }
 }

@@ -153,9 +153,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_request_body(&mut self, _: usize, _: bool) -> ProxyAction {
-        // While the headers wait for the store, the body must wait too:
-        // continuing it would release the paused headers.
-        if self.flow.holds_body() {
+        if self.flow.holds_request_body() {
             ProxyAction::Pause
         } else {
             ProxyAction::Continue
@@ -167,7 +165,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_body(&mut self, _: usize, _: bool) -> ProxyAction {
-        if self.flow.holds_body() {
+        if self.flow.holds_response_body() {
             ProxyAction::Pause
         } else {
             ProxyAction::Continue

@@ -491,8 +491,8 @@ impl Host<'_> {
         if self.local_reply.is_some() {
             return;
         }
-        let pending = flow.holds_body();
         if self.req == Dir::Paused || self.req_body_paused {
+            let pending = flow.holds_request_body();
             let name = if self.req == Dir::Gone && self.req_body_paused_late { "hang-late-request-body" } else { "hang-request" };
             ensure!(
                 pending,
@@ -503,6 +503,7 @@ impl Host<'_> {
             );
         }
         if self.resp == Dir::Paused || self.resp_body_paused {
+            let pending = flow.holds_response_body();
             ensure!(
                 pending,
                 "hang-response",
@@ -605,7 +606,7 @@ fn request_body(flow: &mut Flow, host: &mut Host<'_>) {
         return;
     }
     host.callback = Callback::RequestBody;
-    if flow.holds_body() {
+    if flow.holds_request_body() {
         host.req_body_paused = true;
         host.req_body_paused_late = host.resp != Dir::Before;
     } else if host.req == Dir::Paused {
@@ -621,7 +622,7 @@ fn response_body(flow: &mut Flow, host: &mut Host<'_>) {
         return;
     }
     host.callback = Callback::ResponseBody;
-    if flow.holds_body() {
+    if flow.holds_response_body() {
         host.resp_body_paused = true;
     } else if host.resp == Dir::Paused {
         host.release_response();

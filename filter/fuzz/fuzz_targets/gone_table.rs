@@ -46,7 +46,7 @@ impl SharedData for Shared {
 enum Op {
     /// Another writer puts arbitrary bytes in the entry.
     Garbage(Vec<u8>),
-    /// Another writer puts table lines in the entry: host, until (ms from now), instance or "-".
+    /// Another writer puts table lines in the entry: host, until (ms from now), instance.
     Lines(Vec<(Text, i32, Text)>),
     /// Another writer fills the table with `count` distinct down hosts.
     Fill {
@@ -98,7 +98,7 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Fill { count, until } => {
                 let until = sa_fuzz::rel(now, *until);
                 let text: String = (0..usize::from(*count) % 1100)
-                    .map(|i| format!("10.{}.{}.{}:80 {} -\n", i / 65536 % 256, i / 256 % 256, i % 256, until.saturating_add(i as u64)))
+                    .map(|i| format!("10.{}.{}.{}:80 {}\n", i / 65536 % 256, i / 256 % 256, i % 256, until.saturating_add(i as u64)))
                     .collect();
                 put(&shared, text.into_bytes());
             }
@@ -108,7 +108,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 let i = usize::from(*second);
                 let stored = tables[i].mark(&shared, host, sighting.clone(), now, u64::from(*ttl_ms));
                 // What the flow can produce: hosts from verified cookies, instances read from responses.
-                if !cookie::is_host(host) || (!*down && !cookie::is_instance(instance)) {
+                if !cookie::is_host(host) || (!*down && (instance.is_empty() || !cookie::is_instance(instance))) {
                     continue;
                 }
                 for probe in PROBES {

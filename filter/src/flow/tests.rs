@@ -315,7 +315,7 @@ fn failover_request(config: &Rc<Config>, worker: &Rc<Worker>, flags: u8) -> (Flo
     let mut f = flow(config, worker);
     assert_eq!(f.on_request_headers(&mut host), Action::Pause);
     assert!(host.last_call().starts_with("EVAL/local%20owner%20%3D%20redis"), "{}", host.last_call());
-    assert!(f.holds_body());
+    assert!(f.holds_request_body() && !f.holds_response_body());
     (f, host)
 }
 
@@ -429,7 +429,7 @@ fn pinned_state_writes_are_fenced_on_the_owner_and_held_in_sync_mode() {
     f.on_request_headers(&mut host);
     host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Pause);
-    assert!(f.holds_body());
+    assert!(f.holds_response_body() && !f.holds_request_body());
     assert!(host.last_call().ends_with("/10%2E0%2E0%2E1%3A8080%23pod%2Da/10%2E0%2E0%2E1%3A8080%23pod%2Da/s2/86400000"), "{}", host.last_call());
     assert!(!host.calls.last().unwrap().1, "sync writes belong to the stream");
     reply(&mut f, &mut host, r#"{"EVAL":["stored"]}"#);
@@ -462,7 +462,7 @@ fn async_writes_are_detached_and_do_not_hold_the_response() {
     host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Continue);
     assert!(host.calls.last().unwrap().1);
-    assert!(!f.holds_body(), "the body streams on while the write is out");
+    assert!(!f.holds_response_body(), "the body streams on while the write is out");
     reply(&mut f, &mut host, r#"{"EVAL":["conflict",""]}"#);
     assert!(host.local_reply.is_none());
     assert_eq!(worker.metrics.get(Counter::StoreWritesRejected), 1);
@@ -553,5 +553,47 @@ fn store_replies_with_a_stale_token_are_ignored() {
     let (mut f, mut host) = failover_request(&config, &worker, FLAG_MOVING);
     f.on_store_response(&mut host, 99, Some(200), br#"{"EVAL":["acquired"]}"#);
     assert!(!host.resumed_request);
-    assert!(f.holds_body());
+    assert!(f.holds_request_body() && !f.holds_response_body());
+}
+
+#[test]
+fn the_replay_never_redirects_off_site() {
+    assert_eq!(same_site_location("/cart?x=1"), "/cart?x=1");
+    for path in ["//evil.example/x", "/\\evil.example", "", "evil", "https://evil.example/"] {
+        assert_eq!(same_site_location(path), "/", "{path}");
+    }
+}
+
+#[test]
+fn unreadable_state_never_reaches_the_client() {
+    let (config, worker) = (with_store("sync"), Rc::<Worker>::default());
+    let mut host = pinned_request(&config, B1, "pod-a");
+    let mut f = flow(&config, &worker);
+    f.on_request_headers(&mut host);
+    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "bad\u{1}value")]);
+    assert_eq!(f.on_response_headers(&mut host), Action::Continue);
+    assert_eq!(host.resp("x-session-state"), None);
+    assert!(host.calls.is_empty());
+}
+
+#[test]
+fn an_empty_instance_id_is_not_a_restart() {
+    let (config, worker) = (config(""), Rc::<Worker>::default());
+    let mut host = pinned_request(&config, B1, "pod-a");
+    let mut f = flow(&config, &worker);
+    f.on_request_headers(&mut host);
+    host.respond(B1, &[("x-instance-id", "")]);
+    f.on_response_headers(&mut host);
+    assert_eq!(worker.metrics.get(Counter::FailoversRestart), 0);
+    assert!(!worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS));
+}
+
+#[test]
+fn stored_state_that_is_not_a_header_value_is_a_store_error() {
+    let (config, worker) = (with_store("sync"), Rc::<Worker>::default());
+    let (mut f, mut host) = failover_request(&config, &worker, FLAG_MOVING);
+    reply(&mut f, &mut host, r#"{"EVAL":["acquired","r\u0000\r\n"]}"#);
+    assert_eq!(host.req("x-session-state"), None);
+    assert_eq!(host.req("x-session-new"), Some("1"), "the outage policy (fresh) applies");
+    assert_eq!(worker.metrics.get(Counter::StoreErrors), 1);
 }
