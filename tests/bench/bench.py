@@ -794,14 +794,10 @@ class Bench:
             v.envoy = None
             return False
 
-    def quiet(self, f: dict[str, float], saturation: bool = False) -> bool:
-        """Other programs left Envoy's CPU alone (and, for light-load runs,
-        where every microsecond of latency counts, the load CPU too). In a
-        saturation run the load CPU only matters if Envoy starved, which
-        `spoiled` checks through Envoy's utilisation."""
+    def quiet(self, f: dict[str, float]) -> bool:
+        """Other programs left Envoy's CPU (and mostly the load CPU) alone."""
         limit = self.args.noise_limit
-        return f.get("envoy_cpu", 0.0) <= limit and (
-            saturation or f.get("load_cpu", 0.0) <= 2 * limit)
+        return f.get("envoy_cpu", 0.0) <= limit and f.get("load_cpu", 0.0) <= 2 * limit
 
     def wait_quiet(self) -> float:
         """Waits (bounded) until other programs leave our CPUs alone; returns
@@ -859,7 +855,7 @@ class Bench:
         """Why a run does not measure what it claims, or ""."""
         if self.args.noise_limit >= 1:
             return ""
-        if not self.quiet(r["foreign_cpu"], saturation):
+        if not self.quiet(r["foreign_cpu"]):
             return f"other programs took {r['foreign_cpu']} of our CPUs"
         if saturation and r["envoy_cpu_util"] < self.args.min_envoy_util:
             return (f"Envoy used only {r['envoy_cpu_util']:.0%} of its CPU (load CPU "
@@ -1102,8 +1098,9 @@ def write_markdown(results: dict, path: Path) -> None:
         "Ratios are to router-only in the same invocation: the variant's median over its clean "
         "runs divided by router-only's (min-max of the variant's runs in brackets). "
         f"A run was repeated (up to {m.get('retries', 0)} times) when other programs took more "
-        f"than {m.get('noise_limit', 0) * 100:g}% of Envoy's CPU, or when Envoy used less than "
-        f"{m.get('min_envoy_util', 0.9) * 100:g}% of its CPU in a saturation run (it was not the "
+        f"than {m.get('noise_limit', 0) * 100:g}% of Envoy's CPU (twice that of the load CPU), or "
+        "when Envoy used less than "
+        f"{m.get('min_envoy_util', 0.95) * 100:g}% of its CPU in a saturation run (it was not the "
         "bottleneck); runs still spoiled are marked noisy and left out when clean runs exist.",
         "",
     ]
@@ -1394,9 +1391,9 @@ def main(argv: list[str] | None = None) -> int:
                          "total (default: the nominal load time, so a run at most doubles)")
     ap.add_argument("--max-wait-quiet", type=float, default=10,
                     help="seconds to wait for quiet CPUs before each run (default 10)")
-    ap.add_argument("--min-envoy-util", type=float, default=0.9,
+    ap.add_argument("--min-envoy-util", type=float, default=0.95,
                     help="a saturation run where Envoy used less of its CPU than this did not "
-                         "measure Envoy and is repeated (default 0.9)")
+                         "measure Envoy and is repeated (default 0.95)")
     ap.add_argument("--nice", type=int, default=-10,
                     help="niceness of Envoy, wrk, upstreams and store, so that other programs "
                          "on a shared machine disturb the runs less (default -10; needs root; "
