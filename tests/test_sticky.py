@@ -47,6 +47,10 @@ def test_hundred_requests_stay_on_one_backend(client):
 
 
 def test_requests_without_cookie_spread_over_all_backends(client, testbed):
+    # A loaded machine can fail a health check or eject a host for a moment;
+    # the load balancer spreads over the hosts it sees healthy.
+    for backend in testbed.backends:
+        testbed.envoy.wait_host_health(backend.address, True)
     served = Tally()
     sessions = set()
     for _ in range(30):

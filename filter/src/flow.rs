@@ -25,6 +25,7 @@ use log::{info, warn};
 use crate::config::{Config, DialectName, OutagePolicy, StoreConfig, WriteMode};
 use crate::cookie::{self, Claims, NewClaims, Rejection, FLAG_MOVING};
 use crate::gone::{GoneTable, SharedData, Sighting};
+use crate::headers::HeaderMap;
 use crate::metrics::{Counter, Metrics};
 use crate::store::{self, Begin, Dialect, Fenced, StoreCall, StoreError, Webdis};
 
@@ -46,11 +47,11 @@ pub enum Action {
 
 /// What the flow needs from the proxy for one HTTP stream.
 pub trait HttpHost: SharedData {
-    fn request_headers(&mut self) -> Vec<(String, Vec<u8>)>;
+    fn request_headers(&mut self) -> HeaderMap;
     /// Replaces every value of the header.
     fn set_request_header(&mut self, name: &str, value: &str);
     fn remove_request_header(&mut self, name: &str);
-    fn response_headers(&mut self) -> Vec<(String, Vec<u8>)>;
+    fn response_headers(&mut self) -> HeaderMap;
     fn add_response_header(&mut self, name: &str, value: &str);
     fn remove_response_header(&mut self, name: &str);
     /// Envoy's `upstream.address` ("ip:port"), if a host was picked.
@@ -176,21 +177,23 @@ impl Flow {
     }
 
     pub fn on_request_headers(&mut self, host: &mut impl HttpHost) -> Action {
-        let names = &self.config.headers;
-        let mut path = String::new();
+        let config = Rc::clone(&self.config);
+        let names = &config.headers;
+        let headers = host.request_headers();
+        let mut path: &[u8] = b"";
         let mut cookie_headers = Vec::new();
-        for (name, value) in host.request_headers() {
-            match name.as_str() {
-                ":path" => path = String::from_utf8(value).unwrap_or_default(),
-                "cookie" => cookie_headers.push(value),
-                n if n == names.route => self.client_sent.route = true,
-                n if n == names.session_id => self.client_sent.session_id = true,
-                n if n == names.session_new => self.client_sent.session_new = true,
-                n if n == names.session_state => self.client_sent.session_state = true,
+        for (name, value) in headers.iter() {
+            match name {
+                b":path" => path = value,
+                b"cookie" => cookie_headers.push(value),
+                n if n == names.route.as_bytes() => self.client_sent.route = true,
+                n if n == names.session_id.as_bytes() => self.client_sent.session_id = true,
+                n if n == names.session_new.as_bytes() => self.client_sent.session_new = true,
+                n if n == names.session_state.as_bytes() => self.client_sent.session_state = true,
                 _ => {}
             }
         }
-        if self.config.skips(path.as_bytes()) {
+        if config.skips(path) {
             self.count(Counter::Skipped);
             self.forward(host, &Forward::default());
             return Action::Continue;
@@ -207,6 +210,8 @@ impl Flow {
             }
         };
         let known_gone = self.worker.gone.borrow().is_gone(claims.host(), claims.instance(), now_ms);
+        // Kept for a 307 back to the same URL (Envoy has checked it is ASCII).
+        let path = String::from_utf8(path.to_vec()).unwrap_or_default();
         if !known_gone && !claims.is_moving() {
             self.count(Counter::Pinned);
             return self.send_pinned(host, claims, path, false);
@@ -233,7 +238,7 @@ impl Flow {
 
     /// The first of the request's cookies with our name that verifies;
     /// `Err(Some(reason))` when one was there but none verified.
-    fn verified_cookie(&self, cookie_headers: &[Vec<u8>], now: u64) -> Result<Claims, Option<Rejection>> {
+    fn verified_cookie(&self, cookie_headers: &[&[u8]], now: u64) -> Result<Claims, Option<Rejection>> {
         let mut first_rejection = None;
         let name = self.config.cookie.name.as_bytes();
         for header in cookie_headers {
@@ -508,7 +513,9 @@ impl Flow {
         if matches!(self.session, Session::None) {
             return Action::Continue;
         }
-        let response = ResponseView::read(host, &self.config);
+        let config = Rc::clone(&self.config);
+        let headers = host.response_headers();
+        let response = ResponseView::read(&headers, &config);
         if response.state_sent {
             host.remove_response_header(&self.config.headers.session_state);
             if response.state.is_none() {
@@ -532,7 +539,7 @@ impl Flow {
                 self.count(Counter::SessionsCreated);
                 self.pin(host, &response, &sid, &upstream, now_ms, None)
             }
-            Session::Pinned { claims, path, reissue } => self.pinned_response(host, response, claims, path, reissue, now_ms),
+            Session::Pinned { claims, path, reissue } => self.pinned_response(host, &response, claims, path, reissue, now_ms),
             Session::Failover(failover) => {
                 match unreached(host, &response) {
                     Unreached::No => {}
@@ -564,15 +571,15 @@ impl Flow {
         }
     }
 
-    fn pinned_response(&mut self, host: &mut impl HttpHost, response: ResponseView, claims: Claims, path: String, reissue: bool, now_ms: u64) -> Action {
-        let found_gone = unreached(host, &response) != Unreached::No;
-        let instance_changed = !claims.instance().is_empty() && response.instance.as_deref().is_some_and(|i| i != claims.instance());
+    fn pinned_response(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, claims: Claims, path: String, reissue: bool, now_ms: u64) -> Action {
+        let found_gone = unreached(host, response) != Unreached::No;
+        let instance_changed = !claims.instance().is_empty() && response.instance.is_some_and(|i| i != claims.instance());
         if !found_gone && !response.unknown && !instance_changed {
             // The hot path: same host, same instance.
             if reissue || self.needs_refresh(&claims, now_ms / 1000) {
                 self.reissue(host, &claims, now_ms);
             }
-            return match response.state.as_deref() {
+            return match response.state {
                 Some(state) => self.write_state(host, claims.sid(), &claims.owner(), state),
                 None => Action::Continue,
             };
@@ -586,7 +593,7 @@ impl Flow {
             self.count(Counter::HostsMarkedGone);
             info!("[{}] upstream {} is gone; its sessions fail over", self.context_id, claims.host());
             self.worker.gone.borrow_mut().mark(host, claims.host(), Sighting::Down, now_ms, ttl_ms);
-        } else if let (true, Some(instance)) = (restarted, response.instance.as_deref()) {
+        } else if let (true, Some(instance)) = (restarted, response.instance) {
             info!("[{}] upstream {} restarted as instance {instance}", self.context_id, claims.host());
             self.worker.gone.borrow_mut().mark(host, claims.host(), Sighting::Replaced { instance: instance.to_string() }, now_ms, ttl_ms);
         }
@@ -599,7 +606,7 @@ impl Flow {
         // on a new instance (or host): its state starts fresh; pin to it.
         self.count(if restarted { Counter::FailoversRestart } else { Counter::FailoversFresh });
         let Some(upstream) = upstream else { return Action::Continue };
-        self.pin(host, &response, claims.sid(), &upstream, now_ms, Some(FailoverCommit { from: &claims, lease: None }))
+        self.pin(host, response, claims.sid(), &upstream, now_ms, Some(FailoverCommit { from: &claims, lease: None }))
     }
 
     fn needs_refresh(&self, claims: &Claims, now: u64) -> bool {
@@ -636,8 +643,8 @@ impl Flow {
     /// Pins the session to the host that answered: sets the cookie and stores
     /// the owner (with any new state). During a failover the owner is recorded
     /// even without new state.
-    fn pin(&mut self, host: &mut impl HttpHost, response: &ResponseView, sid: &str, upstream: &str, now_ms: u64, failover: Option<FailoverCommit<'_>>) -> Action {
-        let instance = response.instance.as_deref().unwrap_or("");
+    fn pin(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, sid: &str, upstream: &str, now_ms: u64, failover: Option<FailoverCommit<'_>>) -> Action {
+        let instance = response.instance.unwrap_or("");
         let Some(value) = self.cookie_value(sid, upstream, instance, now_ms / 1000, 0) else {
             warn!("[{}] cannot pin to upstream {upstream:?} instance {instance:?}", self.context_id);
             return Action::Continue;
@@ -647,7 +654,7 @@ impl Flow {
         let Some(store) = &config.store else { return Action::Continue };
         let to_owner = cookie::owner_of(upstream, instance);
         let dialect = dialect(store);
-        let call = match (&failover, response.state.as_deref()) {
+        let call = match (&failover, response.state) {
             (Some(FailoverCommit { lease: Some(token), .. }), state) => {
                 dialect.commit_failover(self.store_session(sid), token, &to_owner, state)
             }
@@ -743,7 +750,7 @@ enum Unreached {
     ConnectFailed,
 }
 
-fn unreached(host: &mut impl HttpHost, response: &ResponseView) -> Unreached {
+fn unreached(host: &mut impl HttpHost, response: &ResponseView<'_>) -> Unreached {
     if response.status != 503 {
         return Unreached::No;
     }
@@ -766,10 +773,10 @@ struct FailoverCommit<'a> {
 
 /// The parts of a response the flow looks at, read with one host call.
 #[derive(Debug, Default)]
-struct ResponseView {
+struct ResponseView<'a> {
     status: u32,
-    instance: Option<String>,
-    state: Option<String>,
+    instance: Option<&'a str>,
+    state: Option<&'a str>,
     /// The app sent a state header, readable or not: it never reaches the client.
     state_sent: bool,
     unknown: bool,
@@ -777,23 +784,23 @@ struct ResponseView {
     route: bool,
 }
 
-impl ResponseView {
-    fn read(host: &mut impl HttpHost, config: &Config) -> ResponseView {
+impl<'a> ResponseView<'a> {
+    fn read(headers: &'a HeaderMap, config: &Config) -> ResponseView<'a> {
         let names = &config.headers;
         let mut view = ResponseView::default();
-        for (name, value) in host.response_headers() {
-            match name.as_str() {
-                ":status" => view.status = std::str::from_utf8(&value).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
-                n if n == names.instance_id => {
+        for (name, value) in headers.iter() {
+            match name {
+                b":status" => view.status = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
+                n if n == names.instance_id.as_bytes() => {
                     // An empty or unusable id is no id: it must not look like a restart.
-                    view.instance = String::from_utf8(value).ok().filter(|i| !i.is_empty() && cookie::is_instance(i));
+                    view.instance = std::str::from_utf8(value).ok().filter(|i| !i.is_empty() && cookie::is_instance(i));
                 }
-                n if n == names.session_state => {
+                n if n == names.session_state.as_bytes() => {
                     view.state_sent = true;
-                    view.state = Some(value).filter(|v| is_header_value(v)).and_then(|v| String::from_utf8(v).ok());
+                    view.state = Some(value).filter(|v| is_header_value(v)).and_then(|v| std::str::from_utf8(v).ok());
                 }
-                n if n == names.session_unknown => view.unknown = true,
-                n if n == names.route => view.route = true,
+                n if n == names.session_unknown.as_bytes() => view.unknown = true,
+                n if n == names.route.as_bytes() => view.route = true,
                 _ => {}
             }
         }
@@ -801,7 +808,6 @@ impl ResponseView {
     }
 }
 
-/// The configured store dialect.
 /// Visible ASCII, space and tab: what may travel in a header value unchanged.
 fn is_header_value(value: &[u8]) -> bool {
     value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))

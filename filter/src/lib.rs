@@ -2,7 +2,7 @@
 //! session to an upstream host with a signed cookie, and moves the session's
 //! state through a session store when that host is gone.
 //!
-//! The pure core (config, cookie, keys, flow, gone, store, metrics) has no
+//! The pure core (config, cookie, keys, flow, gone, headers, store, metrics) has no
 //! proxy-wasm dependency and is tested natively; `shell` is the thin glue that
 //! connects it to the proxy's host calls.
 
@@ -10,6 +10,7 @@ pub mod config;
 pub mod cookie;
 pub mod flow;
 pub mod gone;
+pub mod headers;
 pub mod keys;
 pub mod metrics;
 pub mod store;

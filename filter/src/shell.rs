@@ -9,11 +9,12 @@ use std::time::{Duration, UNIX_EPOCH};
 use log::{error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action as ProxyAction, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action as ProxyAction, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::config::{Config, StoreConfig};
 use crate::flow::{Action, Flow, HttpHost, Worker};
 use crate::gone::SharedData;
+use crate::headers::HeaderMap;
 use crate::metrics::{Counter, STORE_LATENCY};
 use crate::store::StoreCall;
 
@@ -191,8 +192,8 @@ impl SharedData for Proxy {
 }
 
 impl HttpHost for Proxy {
-    fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
+    fn request_headers(&mut self) -> HeaderMap {
+        header_map(MapType::HttpRequestHeaders)
     }
 
     fn set_request_header(&mut self, name: &str, value: &str) {
@@ -203,8 +204,8 @@ impl HttpHost for Proxy {
         let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
     }
 
-    fn response_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default()
+    fn response_headers(&mut self) -> HeaderMap {
+        header_map(MapType::HttpResponseHeaders)
     }
 
     fn add_response_header(&mut self, name: &str, value: &str) {
@@ -284,6 +285,27 @@ impl HttpHost for Proxy {
             }
         }
     }
+}
+
+/// A whole header map in one host call, kept serialised: the SDK's
+/// `get_map_bytes` would allocate two buffers per header.
+fn header_map(map_type: MapType) -> HeaderMap {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size = 0usize;
+    // SAFETY: on success the host hands over a buffer of `size` bytes that it
+    // allocated through this module's `malloc` export (the SDK's allocator, a
+    // boxed byte slice), so it is ours to own and free as a Vec.
+    unsafe {
+        if proxy_get_header_map_pairs(map_type, &mut data, &mut size) != Status::Ok || data.is_null() {
+            return HeaderMap::default();
+        }
+        HeaderMap::from_serialized(Vec::from_raw_parts(data, size, size))
+    }
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(map_type: MapType, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> Status;
 }
 
 /// Reads an environment variable that Envoy exposes to the VM

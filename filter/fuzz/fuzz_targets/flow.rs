@@ -42,6 +42,7 @@ use libfuzzer_sys::fuzz_target;
 use sa_fuzz::{ensure, is_cookie_octet, CookieSpec, Text, HOSTS, INSTANCES, NOW_MS, SECRET_K0, SECRET_K1};
 use session_affinity::config::{Config, StoreConfig};
 use session_affinity::cookie;
+use session_affinity::headers::HeaderMap;
 use session_affinity::flow::{Action, Flow, HttpHost, Worker};
 use session_affinity::gone::{SharedData, SHARED_KEY};
 use session_affinity::store::StoreCall;
@@ -328,8 +329,8 @@ impl SharedData for Host<'_> {
 }
 
 impl HttpHost for Host<'_> {
-    fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        self.request.iter().map(|(k, v, _)| (k.clone(), v.clone())).collect()
+    fn request_headers(&mut self) -> HeaderMap {
+        HeaderMap::from_pairs(self.request.iter().map(|(k, v, _)| (k.as_str(), v.as_slice())))
     }
     fn set_request_header(&mut self, name: &str, value: &str) {
         ensure!(self.req != Dir::Gone, "late-header", "request header {name} set after the request went upstream");
@@ -341,8 +342,8 @@ impl HttpHost for Host<'_> {
         ensure!(self.req != Dir::Gone, "late-header", "request header {name} removed after the request went upstream");
         self.request.retain(|(k, _, _)| k != name);
     }
-    fn response_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        self.response.clone()
+    fn response_headers(&mut self) -> HeaderMap {
+        HeaderMap::from_pairs(self.response.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
     fn add_response_header(&mut self, name: &str, value: &str) {
         ensure!(

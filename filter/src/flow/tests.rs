@@ -36,13 +36,13 @@ impl SharedData for FakeHost {
     }
 }
 
-fn to_bytes(headers: &[(String, String)]) -> Vec<(String, Vec<u8>)> {
-    headers.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect()
+fn to_map(headers: &[(String, String)]) -> HeaderMap {
+    HeaderMap::from_pairs(headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
 }
 
 impl HttpHost for FakeHost {
-    fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        to_bytes(&self.request)
+    fn request_headers(&mut self) -> HeaderMap {
+        to_map(&self.request)
     }
     fn set_request_header(&mut self, name: &str, value: &str) {
         self.request.retain(|(k, _)| k != name);
@@ -51,8 +51,8 @@ impl HttpHost for FakeHost {
     fn remove_request_header(&mut self, name: &str) {
         self.request.retain(|(k, _)| k != name);
     }
-    fn response_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        to_bytes(&self.response)
+    fn response_headers(&mut self) -> HeaderMap {
+        to_map(&self.response)
     }
     fn add_response_header(&mut self, name: &str, value: &str) {
         self.response.push((name.into(), value.into()));
