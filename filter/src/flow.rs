@@ -146,6 +146,9 @@ pub struct Flow {
     session: Session,
     client_sent: ClientSent,
     pending: Option<(u32, Pending, u64)>,
+    /// Wall-clock time of the request headers; the response phase reuses it
+    /// (a host call saved per response; cookie times are in seconds anyway).
+    request_ms: u64,
 }
 
 impl Flow {
@@ -157,6 +160,7 @@ impl Flow {
             session: Session::None,
             client_sent: ClientSent::default(),
             pending: None,
+            request_ms: 0,
         }
     }
 
@@ -199,6 +203,7 @@ impl Flow {
             return Action::Continue;
         }
         let now_ms = host.now_ms();
+        self.request_ms = now_ms;
         let claims = match self.verified_cookie(&cookie_headers, now_ms / 1000) {
             Ok(claims) => claims,
             Err(rejection) => {
@@ -528,7 +533,7 @@ impl Flow {
         if response.route {
             host.remove_response_header(&self.config.headers.route);
         }
-        let now_ms = host.now_ms();
+        let now_ms = self.request_ms;
         match std::mem::replace(&mut self.session, Session::None) {
             Session::None => Action::Continue,
             Session::New { sid } => {
