@@ -144,6 +144,16 @@ fn pinned_request(config: &Config, host: &str, instance: &str) -> FakeHost {
     FakeHost::new(&[("cookie", &format!("a=b; sa={}", cookie_for(config, host, instance, 0)))])
 }
 
+/// A pinned request to B1/pod-a, answered by B1 with `response` headers.
+fn answer_pinned(config: &Rc<Config>, worker: &Rc<Worker>, response: &[(&str, &str)]) -> (Flow, FakeHost, Action) {
+    let mut host = pinned_request(config, B1, "pod-a");
+    let mut f = flow(config, worker);
+    f.on_request_headers(&mut host);
+    host.respond(B1, response);
+    let action = f.on_response_headers(&mut host);
+    (f, host, action)
+}
+
 #[test]
 fn new_session_gets_an_id_and_a_cookie_pinned_to_the_upstream_and_instance() {
     let (config, worker) = (config(""), Rc::<Worker>::default());
@@ -424,11 +434,8 @@ fn a_store_that_cannot_be_called_is_an_outage_too() {
 #[test]
 fn pinned_state_writes_are_fenced_on_the_owner_and_held_in_sync_mode() {
     let (config, worker) = (with_store("sync"), Rc::<Worker>::default());
-    let mut host = pinned_request(&config, B1, "pod-a");
-    let mut f = flow(&config, &worker);
-    f.on_request_headers(&mut host);
-    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
-    assert_eq!(f.on_response_headers(&mut host), Action::Pause);
+    let (mut f, mut host, action) = answer_pinned(&config, &worker, &[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
+    assert_eq!(action, Action::Pause);
     assert!(f.holds_response_body() && !f.holds_request_body());
     assert!(host.last_call().ends_with("/10%2E0%2E0%2E1%3A8080%23pod%2Da/10%2E0%2E0%2E1%3A8080%23pod%2Da/s2/86400000"), "{}", host.last_call());
     assert!(!host.calls.last().unwrap().1, "sync writes belong to the stream");
@@ -440,11 +447,7 @@ fn pinned_state_writes_are_fenced_on_the_owner_and_held_in_sync_mode() {
 #[test]
 fn a_write_from_a_host_that_lost_the_session_is_refused_and_repinned() {
     let (config, worker) = (with_store("sync"), Rc::<Worker>::default());
-    let mut host = pinned_request(&config, B1, "pod-a");
-    let mut f = flow(&config, &worker);
-    f.on_request_headers(&mut host);
-    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "stale")]);
-    f.on_response_headers(&mut host);
+    let (mut f, mut host, _) = answer_pinned(&config, &worker, &[("x-instance-id", "pod-a"), ("x-session-state", "stale")]);
     reply(&mut f, &mut host, &format!(r#"{{"EVAL":["conflict","{B2}#pod-b"]}}"#));
     assert!(!host.resumed_response);
     assert_eq!(host.local_reply.as_ref().map(|r| r.0), Some(503));
@@ -456,11 +459,8 @@ fn a_write_from_a_host_that_lost_the_session_is_refused_and_repinned() {
 #[test]
 fn async_writes_are_detached_and_do_not_hold_the_response() {
     let (config, worker) = (with_store("async"), Rc::<Worker>::default());
-    let mut host = pinned_request(&config, B1, "pod-a");
-    let mut f = flow(&config, &worker);
-    f.on_request_headers(&mut host);
-    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
-    assert_eq!(f.on_response_headers(&mut host), Action::Continue);
+    let (mut f, mut host, action) = answer_pinned(&config, &worker, &[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
+    assert_eq!(action, Action::Continue);
     assert!(host.calls.last().unwrap().1);
     assert!(!f.holds_response_body(), "the body streams on while the write is out");
     reply(&mut f, &mut host, r#"{"EVAL":["conflict",""]}"#);
@@ -471,11 +471,7 @@ fn async_writes_are_detached_and_do_not_hold_the_response() {
 #[test]
 fn a_failed_write_never_breaks_the_pinned_path() {
     let (config, worker) = (with_store("sync"), Rc::<Worker>::default());
-    let mut host = pinned_request(&config, B1, "pod-a");
-    let mut f = flow(&config, &worker);
-    f.on_request_headers(&mut host);
-    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
-    f.on_response_headers(&mut host);
+    let (mut f, mut host, _) = answer_pinned(&config, &worker, &[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
     f.on_store_response(&mut host, 1, None, b"");
     assert!(host.resumed_response);
     assert!(host.local_reply.is_none());
@@ -484,11 +480,8 @@ fn a_failed_write_never_breaks_the_pinned_path() {
 #[test]
 fn an_unknown_session_at_a_restarted_instance_is_replayed_and_counted_as_restart() {
     let (config, worker) = (with_store("sync"), Rc::<Worker>::default());
-    let mut host = pinned_request(&config, B1, "pod-a");
-    let mut f = flow(&config, &worker);
-    f.on_request_headers(&mut host);
-    host.respond(B1, &[(":status", "409"), ("x-instance-id", "pod-a2"), ("x-session-unknown", "1")]);
-    assert_eq!(f.on_response_headers(&mut host), Action::Pause);
+    let (_, host, action) = answer_pinned(&config, &worker, &[(":status", "409"), ("x-instance-id", "pod-a2"), ("x-session-unknown", "1")]);
+    assert_eq!(action, Action::Pause);
     assert_eq!(host.local_reply.as_ref().map(|r| r.0), Some(307));
     assert!(worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS));
     assert!(!worker.gone.borrow().is_gone(B1, "pod-a2", NOW_MS));
@@ -498,11 +491,8 @@ fn an_unknown_session_at_a_restarted_instance_is_replayed_and_counted_as_restart
 #[test]
 fn an_app_without_the_contract_that_restarted_is_repinned_to_the_new_instance() {
     let (config, worker) = (config(""), Rc::<Worker>::default());
-    let mut host = pinned_request(&config, B1, "pod-a");
-    let mut f = flow(&config, &worker);
-    f.on_request_headers(&mut host);
-    host.respond(B1, &[("x-instance-id", "pod-a2")]);
-    assert_eq!(f.on_response_headers(&mut host), Action::Continue);
+    let (_, host, action) = answer_pinned(&config, &worker, &[("x-instance-id", "pod-a2")]);
+    assert_eq!(action, Action::Continue);
     assert!(host.local_reply.is_none());
     let claims = cookie::decode(host.set_cookie_value().unwrap(), &config.keys, NOW_MS / 1000).unwrap();
     assert_eq!(claims.instance(), "pod-a2");
@@ -567,11 +557,8 @@ fn the_replay_never_redirects_off_site() {
 #[test]
 fn unreadable_state_never_reaches_the_client() {
     let (config, worker) = (with_store("sync"), Rc::<Worker>::default());
-    let mut host = pinned_request(&config, B1, "pod-a");
-    let mut f = flow(&config, &worker);
-    f.on_request_headers(&mut host);
-    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "bad\u{1}value")]);
-    assert_eq!(f.on_response_headers(&mut host), Action::Continue);
+    let (_, host, action) = answer_pinned(&config, &worker, &[("x-instance-id", "pod-a"), ("x-session-state", "bad\u{1}value")]);
+    assert_eq!(action, Action::Continue);
     assert_eq!(host.resp("x-session-state"), None);
     assert!(host.calls.is_empty());
 }
@@ -579,11 +566,7 @@ fn unreadable_state_never_reaches_the_client() {
 #[test]
 fn an_empty_instance_id_is_not_a_restart() {
     let (config, worker) = (config(""), Rc::<Worker>::default());
-    let mut host = pinned_request(&config, B1, "pod-a");
-    let mut f = flow(&config, &worker);
-    f.on_request_headers(&mut host);
-    host.respond(B1, &[("x-instance-id", "")]);
-    f.on_response_headers(&mut host);
+    answer_pinned(&config, &worker, &[("x-instance-id", "")]);
     assert_eq!(worker.metrics.get(Counter::FailoversRestart), 0);
     assert!(!worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS));
 }
