@@ -146,8 +146,9 @@ pub struct Flow {
     session: Session,
     client_sent: ClientSent,
     pending: Option<(u32, Pending, u64)>,
-    /// Wall-clock time of the request headers; the response phase reuses it
-    /// (a host call saved per response; cookie times are in seconds anyway).
+    /// Wall-clock time of the request headers. The response phase decides with
+    /// it (a host call saved per response) but reads the clock afresh to sign a
+    /// cookie, since a long request may outlast a short cookie.
     request_ms: u64,
 }
 
@@ -542,7 +543,7 @@ impl Flow {
                     return Action::Continue; // no app served it: nothing to pin to
                 }
                 self.count(Counter::SessionsCreated);
-                self.pin(host, &response, &sid, &upstream, now_ms, None)
+                self.pin(host, &response, &sid, &upstream, None)
             }
             Session::Pinned { claims, path, reissue } => self.pinned_response(host, &response, claims, path, reissue, now_ms),
             Session::Failover(failover) => {
@@ -557,7 +558,7 @@ impl Flow {
                         // request, so it may go round again (counted once, at its first 307).
                         self.release_lease(host, &failover);
                         info!("[{}] failover of a session found no live host yet; replaying", self.context_id);
-                        return self.replay(host, &failover.from, &failover.path, now_ms);
+                        return self.replay(host, &failover.from, &failover.path);
                     }
                 }
                 let Some(upstream) = host.upstream_address() else { return Action::Continue };
@@ -571,7 +572,7 @@ impl Flow {
                 }
                 let lease = failover.lease.then_some(failover.token);
                 let commit = FailoverCommit { from: &failover.from, lease };
-                self.pin(host, &response, failover.from.sid(), &upstream, now_ms, Some(commit))
+                self.pin(host, &response, failover.from.sid(), &upstream, Some(commit))
             }
         }
     }
@@ -582,7 +583,7 @@ impl Flow {
         if !found_gone && !response.unknown && !instance_changed {
             // The hot path: same host, same instance.
             if reissue || self.needs_refresh(&claims, now_ms / 1000) {
-                self.reissue(host, &claims, now_ms);
+                self.reissue(host, &claims);
             }
             return match response.state {
                 Some(state) => self.write_state(host, claims.sid(), &claims.owner(), state),
@@ -605,13 +606,13 @@ impl Flow {
         if found_gone || response.unknown {
             // The request reached no app, or the app did nothing: replay it.
             self.count(if restarted { Counter::FailoversRestart } else { Counter::FailoversReplayed });
-            return self.replay(host, &claims, &path, now_ms);
+            return self.replay(host, &claims, &path);
         }
         // An app that does not implement "unknown session" served the request
         // on a new instance (or host): its state starts fresh; pin to it.
         self.count(if restarted { Counter::FailoversRestart } else { Counter::FailoversFresh });
         let Some(upstream) = upstream else { return Action::Continue };
-        self.pin(host, response, claims.sid(), &upstream, now_ms, Some(FailoverCommit { from: &claims, lease: None }))
+        self.pin(host, response, claims.sid(), &upstream, Some(FailoverCommit { from: &claims, lease: None }))
     }
 
     fn needs_refresh(&self, claims: &Claims, now: u64) -> bool {
@@ -623,8 +624,8 @@ impl Flow {
     }
 
     /// Re-signs the cookie with a fresh expiry (and the current signing key).
-    fn reissue(&self, host: &mut impl HttpHost, claims: &Claims, now_ms: u64) {
-        if let Some(value) = self.cookie_value(claims.sid(), claims.host(), claims.instance(), now_ms / 1000, 0) {
+    fn reissue(&self, host: &mut impl HttpHost, claims: &Claims) {
+        if let Some(value) = self.cookie_value(claims.sid(), claims.host(), claims.instance(), host.now_ms() / 1000, 0) {
             self.count(Counter::CookiesRefreshed);
             host.add_response_header("set-cookie", &self.set_cookie_header(&value));
         }
@@ -632,8 +633,9 @@ impl Flow {
 
     /// Answers 307 to the same URL with the cookie flagged moving, so the
     /// client's replay takes the failover path on any proxy replica.
-    fn replay(&self, host: &mut impl HttpHost, claims: &Claims, path: &str, now_ms: u64) -> Action {
-        let Some(value) = self.cookie_value(claims.sid(), claims.host(), claims.instance(), now_ms / 1000, claims.flags | FLAG_MOVING) else {
+    fn replay(&self, host: &mut impl HttpHost, claims: &Claims, path: &str) -> Action {
+        let now = host.now_ms() / 1000;
+        let Some(value) = self.cookie_value(claims.sid(), claims.host(), claims.instance(), now, claims.flags | FLAG_MOVING) else {
             return Action::Continue;
         };
         let set_cookie = self.set_cookie_header(&value);
@@ -648,9 +650,9 @@ impl Flow {
     /// Pins the session to the host that answered: sets the cookie and stores
     /// the owner (with any new state). During a failover the owner is recorded
     /// even without new state.
-    fn pin(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, sid: &str, upstream: &str, now_ms: u64, failover: Option<FailoverCommit<'_>>) -> Action {
+    fn pin(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, sid: &str, upstream: &str, failover: Option<FailoverCommit<'_>>) -> Action {
         let instance = response.instance.unwrap_or("");
-        let Some(value) = self.cookie_value(sid, upstream, instance, now_ms / 1000, 0) else {
+        let Some(value) = self.cookie_value(sid, upstream, instance, host.now_ms() / 1000, 0) else {
             warn!("[{}] cannot pin to upstream {upstream:?} instance {instance:?}", self.context_id);
             return Action::Continue;
         };
