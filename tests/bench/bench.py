@@ -1287,14 +1287,39 @@ def envoy_version() -> str:
     return "unknown"
 
 
-def build_wasm() -> str:
+def build_wasm(commit: str | None = None) -> str:
     """Runs filter/build; returns "ok" or why it failed (then the modules of an
-    earlier build are used, and results.json says so)."""
-    log("building wasm modules (filter/build)")
-    out = subprocess.run([str(ROOT / "filter" / "build")], capture_output=True, text=True,
-                         timeout=1800)
+    earlier build are used, and results.json says so).
+
+    With `commit`, builds that commit's tree (from `git archive`, so the
+    working tree and the repository are left alone) into target/bench-commit,
+    and the run uses those modules."""
+    global WASM_DIR
+    env = dict(os.environ)
+    build = ROOT / "filter" / "build"
+    src = None
+    if commit:
+        src = Path(tempfile.mkdtemp(prefix="sa-bench-src-"))
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit],
+                                 capture_output=True, timeout=120)
+        if archive.returncode != 0:
+            raise RuntimeError(f"git archive {commit}: {archive.stderr.decode(errors='replace')}")
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=120)
+        target = ROOT / "target" / "bench-commit"
+        env["CARGO_TARGET_DIR"] = str(target)
+        WASM_DIR = target / "wasm32-unknown-unknown" / "release"
+        build = src / "filter" / "build"
+    log(f"building wasm modules ({'filter/build' if not commit else f'filter/build of {commit}'})")
+    try:
+        out = subprocess.run([str(build)], capture_output=True, text=True, timeout=1800, env=env,
+                             cwd=str(src or ROOT))
+    finally:
+        if src is not None:
+            shutil.rmtree(src, ignore_errors=True)
     if out.returncode == 0:
         return "ok"
+    if commit:
+        raise RuntimeError(f"filter/build of {commit} failed:\n{(out.stdout + out.stderr)[-3000:]}")
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("error")]
     log("filter/build FAILED; using modules from an earlier build:\n"
         + (out.stdout + out.stderr)[-2000:])
@@ -1399,6 +1424,10 @@ def main(argv: list[str] | None = None) -> int:
                          "on a shared machine disturb the runs less (default -10; needs root; "
                          "0 leaves it)")
     ap.add_argument("--no-build", action="store_true", help="do not run filter/build first")
+    ap.add_argument("--commit", metavar="REV",
+                    help="measure the modules of this commit (built from `git archive REV` into "
+                         "target/bench-commit) instead of the working tree; use it for results "
+                         "that are committed")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     ap.add_argument("--upstream", choices=["nginx", "envoy"], default=None,
                     help="upstream servers (default nginx when installed, else envoy)")
@@ -1426,7 +1455,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {tool} is not installed (apt-get install -y {tool})", file=sys.stderr)
             return 2
 
-    args.build = "skipped (--no-build)" if args.no_build else build_wasm()
+    if args.commit:
+        args.commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.commit],
+                                     capture_output=True, text=True, timeout=30).stdout.strip() or args.commit
+    args.build = "skipped (--no-build)" if args.no_build and not args.commit else build_wasm(args.commit)
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="sa-bench-"))
     bench = Bench(args, workdir)
@@ -1464,7 +1496,7 @@ def run(bench: Bench) -> dict:
     results: dict = {
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "git": git_rev(), "envoy": envoy_version(), "cpus": bench.ncpus,
+            "git": args.commit or git_rev(), "envoy": envoy_version(), "cpus": bench.ncpus,
             "host": platform.node(), "envoy_cpu": bench.envoy_cpu, "load_cpu": bench.load_cpu,
             "concurrency": 1, "connections": args.connections, "rounds": args.rounds,
             "duration_s": args.duration, "warmup_s": args.warmup,
