@@ -145,6 +145,11 @@ def follow_walkthrough(steps: list[str], url: str, curl: str, pids: dict[str, in
             if "kill" in step:
                 expect(last_body is not None, "a request before the kill step", "a backend answer", last_body)
                 os.kill(pids[f"backend {last_body['backend']}"], signal.SIGKILL)
+                # A person takes a moment before the next command. A request sent
+                # in the very instant of the kill can ride a pooled connection that
+                # Envoy has not yet seen close: that 503 (UC) is never replayed, by
+                # design, since the request may have reached the app.
+                time.sleep(1.0)
             continue
         shell_line, _, comment = step.partition("#")
         argv = [curl if word == "curl" else word.replace(DOCUMENTED_URL, url) for word in shlex.split(shell_line)]
