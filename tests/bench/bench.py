@@ -1227,8 +1227,13 @@ def plot(results: dict, path: Path) -> str | None:
     if not names:
         return "nothing to plot"
 
+    short = {"native_cookie": "Envoy native\ncookie", "noop_wasm": "no-op\nwasm",
+             "naive_wasm": "naive\nsticky wasm", "filter_pinned": "filter:\npinned",
+             "filter_new": "filter:\nnew session", "filter_state_sync": "filter:\nwrite sync",
+             "filter_state_async": "filter:\nwrite async"}
+
     def label(n: str) -> str:
-        return textwrap.fill(results["labels"].get(n, n), 12)
+        return short.get(n) or textwrap.fill(results["labels"].get(n, n), 12)
 
     def color(n: str) -> str:
         return "#999999" if n == "router" else "#dd8452" if n.startswith("filter") else "#4c72b0"
@@ -1246,7 +1251,7 @@ def plot(results: dict, path: Path) -> str | None:
     ax.set_title("Throughput (1 Envoy worker, saturated)")
     ax.set_ylim(0, max(1.15, max(vals) + 0.1))
     for i, v in enumerate(vals):
-        ax.text(i, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.text(i, v + hi[i] + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     ax2 = axes[1]
     vals2 = [s[n]["ratio_p99"] for n in names]
     ax2.bar(range(len(names)), vals2, color=[color(n) for n in names])
