@@ -130,6 +130,15 @@ fn proxy_action(action: Action) -> ProxyAction {
     }
 }
 
+/// Body data waits (buffered) while its direction waits for the store.
+fn hold_body(hold: bool) -> ProxyAction {
+    if hold {
+        ProxyAction::Pause
+    } else {
+        ProxyAction::Continue
+    }
+}
+
 impl Context for Filter {
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _: usize) {
         let status = if num_headers == 0 {
@@ -154,11 +163,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_request_body(&mut self, _: usize, _: bool) -> ProxyAction {
-        if self.flow.holds_request_body() {
-            ProxyAction::Pause
-        } else {
-            ProxyAction::Continue
-        }
+        hold_body(self.flow.holds_request_body())
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> ProxyAction {
@@ -166,11 +171,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_body(&mut self, _: usize, _: bool) -> ProxyAction {
-        if self.flow.holds_response_body() {
-            ProxyAction::Pause
-        } else {
-            ProxyAction::Continue
-        }
+        hold_body(self.flow.holds_response_body())
     }
 }
 
