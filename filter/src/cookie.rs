@@ -16,6 +16,7 @@
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::rc::Rc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -49,10 +50,10 @@ pub enum Rejection {
 }
 
 /// A verified cookie. Keeps the cookie text and the ranges of its fields, so
-/// decoding allocates nothing.
+/// decoding allocates once and a copy (say, from the cache) allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claims {
-    raw: String,
+    raw: Rc<str>,
     sid: Range<usize>,
     host: Range<usize>,
     instance: Range<usize>,
@@ -138,8 +139,8 @@ pub fn encode(claims: &NewClaims<'_>, keys: &KeyRing) -> Option<String> {
 }
 
 /// Verifies a cookie value at time `now` (unix seconds).
-pub fn decode(raw: String, keys: &KeyRing, now: u64) -> Result<Claims, Rejection> {
-    let claims = parse(raw)?;
+pub fn decode(raw: impl Into<Rc<str>>, keys: &KeyRing, now: u64) -> Result<Claims, Rejection> {
+    let claims = parse(raw.into())?;
     let kid = claims.kid();
     if !keys.knows(kid) {
         return Err(Rejection::UnknownKey);
@@ -184,14 +185,14 @@ pub struct VerifiedCookies {
 impl VerifiedCookies {
     /// Same answer as [`decode`], faster for a cookie seen before.
     pub fn decode(&self, raw: &str, keys: &KeyRing, now: u64) -> Result<Claims, Rejection> {
-        let slot = fnv1a(raw.as_bytes()) as usize & (VERIFIED_SLOTS - 1);
+        let slot = slot_of(raw.as_bytes());
         let hit = self.slots.try_borrow().ok().and_then(|slots| {
-            slots.get(slot)?.as_ref().filter(|c| bool::from(c.raw.as_bytes().ct_eq(raw.as_bytes()))).cloned()
+            slots.get(slot)?.as_ref().filter(|c| same_bytes(c.raw.as_bytes(), raw.as_bytes())).cloned()
         });
         if let Some(claims) = hit {
             return if now >= claims.exp { Err(Rejection::Expired) } else { Ok(claims) };
         }
-        let claims = decode(raw.to_string(), keys, now)?;
+        let claims = decode(raw, keys, now)?;
         if let Ok(mut slots) = self.slots.try_borrow_mut() {
             if slots.is_empty() {
                 slots.resize(VERIFIED_SLOTS, None);
@@ -204,13 +205,30 @@ impl VerifiedCookies {
     }
 }
 
-/// FNV-1a: a fast, well-spread hash for picking a slot (not a security boundary).
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5_u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+/// The cache slot of a cookie value, from its last 8 bytes: in a cookie that
+/// can hit, those are MAC output (uniform, and beyond a client's choosing).
+fn slot_of(raw: &[u8]) -> usize {
+    let tail = raw.len().checked_sub(8).and_then(|at| raw.get(at..)).and_then(|t| <[u8; 8]>::try_from(t).ok());
+    let word = tail.map_or(0, u64::from_le_bytes);
+    // Fibonacci hashing: the multiply spreads every input bit into the top bits.
+    (word.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - VERIFIED_SLOTS.trailing_zeros())) as usize
+}
+
+/// Whether two byte strings are equal, in time that depends only on their
+/// lengths (which are not secret): eight bytes per constant-time step.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (words_a, words_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tails = words_a.remainder().ct_eq(words_b.remainder());
+    let word = |w: &[u8]| <[u8; 8]>::try_from(w).map_or(0, u64::from_le_bytes);
+    let same = words_a.zip(words_b).fold(tails, |same, (x, y)| same & word(x).ct_eq(&word(y)));
+    bool::from(same)
 }
 
 /// Splits and bounds-checks the fields; checks nothing cryptographic.
-fn parse(raw: String) -> Result<Claims, Rejection> {
+fn parse(raw: Rc<str>) -> Result<Claims, Rejection> {
     if raw.len() > MAX_COOKIE_LEN {
         return Err(Rejection::Malformed);
     }
@@ -434,6 +452,34 @@ mod tests {
             assert!(cache.decode(&value, &keys, NOW).is_ok(), "a hit right after the miss");
         }
         assert_eq!(cache.slots.borrow().len(), VERIFIED_SLOTS);
+    }
+
+    #[test]
+    fn same_bytes_compares_every_word_and_the_tail() {
+        let a = b"0123456789abcdefXYZ";
+        assert!(same_bytes(a, a));
+        for at in 0..a.len() {
+            let mut b = *a;
+            b[at] ^= 1;
+            assert!(!same_bytes(a, &b), "a change at byte {at} went unseen");
+        }
+        assert!(!same_bytes(a, &a[..18]));
+        assert!(same_bytes(b"", b""));
+    }
+
+    #[test]
+    fn cookies_spread_over_the_cache_slots() {
+        let keys = ring(&["k1"]);
+        let mut used = std::collections::HashSet::new();
+        for i in 0..512 {
+            let sid = format!("{i:0>22}");
+            let slot = slot_of(cookie(&keys, &NewClaims { sid: &sid, ..claims() }).as_bytes());
+            assert!(slot < VERIFIED_SLOTS);
+            used.insert(slot);
+        }
+        // 512 uniform draws from 4096 slots leave about 482 distinct.
+        assert!(used.len() > 440, "only {} distinct slots", used.len());
+        assert_eq!(slot_of(b"short"), slot_of(b""));
     }
 
     #[test]
