@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "bench" / "run"
-BASELINES = ["router", "native_cookie", "noop_wasm", "naive_wasm"]
+BASELINES = ["router", "native_cookie", "noop_wasm", "naive_wasm", "floor_wasm"]
 FILTER = ["filter_pinned", "filter_new"]
 
 
@@ -51,6 +51,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert s["ratio_rps"] > 0, f"{name}: ratio to router-only {s['ratio_rps']}"
     # Sticky variants really pinned their requests before the load started.
     assert results["checks"]["naive_wasm"]["pinned_to"]
+    assert results["checks"]["floor_wasm"]["pinned_to"]
     assert results["checks"]["native_cookie"]["pinned_to"]
 
     scale = results.get("scale", {})

@@ -11,6 +11,8 @@ one template (`envoy_config`); only `http_filters` differ:
   noop_wasm       a wasm filter that does nothing (tests/bench/noop-filter)
   naive_wasm      the naive minimal sticky wasm filter (tests/bench/naive-filter)
                   + stateful_session (header, strict)
+  floor_wasm      the pinned path's host calls with no logic between them
+                  (tests/bench/floor-filter) + stateful_session (header, strict)
   filter_pinned   our filter, valid cookie (the hot path)
   filter_new      our filter, no cookie (new session every request)
   filter_state_sync / filter_state_async
@@ -68,6 +70,7 @@ STATE_VALUE = "bench-state-" + "s" * 52  # 64 bytes of opaque session state
 WASM = {
     "noop": "bench_noop_filter.wasm",
     "naive": "bench_naive_filter.wasm",
+    "floor": "bench_floor_filter.wasm",
     "filter": "session_affinity.wasm",
 }
 # Targets from the issue; evaluated in summarize().
@@ -739,6 +742,10 @@ class Bench:
         host = self.upstreams.hosts[1]
         return sign_cookie(new_sid(), host, self.upstreams.instance_of(host))
 
+    def pinned_route(self) -> str:
+        """The routing header value for the pinned upstream, as the filter sets it."""
+        return base64.b64encode(self.upstreams.hosts[1].encode()).decode()
+
     def wasm(self, key: str) -> Path:
         return WASM_DIR / WASM[key]
 
@@ -754,6 +761,9 @@ class Bench:
                     [wasm_filter("noop", self.wasm("noop"), ""), ROUTER], check=check_router),
             Variant("naive_wasm", "naive sticky wasm",
                     [wasm_filter("naive", self.wasm("naive"), SECRET)] + sticky,
+                    headers=cookie_headers, check=check_pinned),
+            Variant("floor_wasm", "host-call floor wasm",
+                    [wasm_filter("floor", self.wasm("floor"), self.pinned_route())] + sticky,
                     headers=cookie_headers, check=check_pinned),
             Variant("filter_pinned", "filter: pinned",
                     [wasm_filter("session_affinity", self.wasm("filter"), fcfg())] + sticky,
@@ -885,7 +895,7 @@ class Bench:
 
 def nominal_seconds(args: argparse.Namespace) -> float:
     """Seconds of load the run is meant to take, without repeats."""
-    variants = len(args.variants) if args.variants else 8
+    variants = len(args.variants) if args.variants else 9
     per_round = variants * (args.duration + args.light_duration)
     scale = 0 if args.no_scale else 3 * 2 * args.rounds * args.duration
     return args.rounds * per_round + scale
@@ -1101,6 +1111,25 @@ def fmt(x, spec: str = ".2f", none: str = "n/a") -> str:
     return none if x is None else format(x, spec)
 
 
+def cost_breakdown(summary: dict) -> list[str]:
+    """Where the pinned path's Envoy CPU per request goes, step by step from
+    router-only (medians of this run; empty unless every step was measured)."""
+    steps = [("router", "Envoy, router only"),
+             ("noop_wasm", "+ a wasm filter that does nothing (V8 entries per stream)"),
+             ("floor_wasm", "+ the pinned path's host calls and stateful_session (header)"),
+             ("filter_pinned", "+ the filter's own work: cookie, cache, decisions")]
+    cpu = [summary.get(name, {}).get("envoy_cpu_us_per_req") for name, _ in steps]
+    if any(c is None for c in cpu):
+        return []
+    lines = ["", "## Where the pinned path's cost goes", "",
+             "Envoy CPU µs per request, each step measured as its own variant in this run.", "",
+             "| step | µs/req | added µs |", "|---|---:|---:|"]
+    for i, (_, label) in enumerate(steps):
+        added = "" if i == 0 else f"{cpu[i] - cpu[i - 1]:+.1f}"
+        lines.append(f"| {label} | {cpu[i]:.1f} | {added} |")
+    return lines
+
+
 def write_markdown(results: dict, path: Path) -> None:
     m = results["meta"]
     lines = [
@@ -1135,6 +1164,7 @@ def write_markdown(results: dict, path: Path) -> None:
             f"{fmt(s['p50_ms'], '.3f')} | {fmt(s['p99_ms'], '.3f')} | {fmt(s['ratio_p99'])} | "
             f"{fmt(s['envoy_cpu_us_per_req'], '.1f')} | {fmt(s['ratio_cpu_per_req'])} | "
             f"{s['non_2xx']} | {s['noisy_runs']} |")
+    lines += cost_breakdown(results["summary"])
     light = results.get("summary_light")
     if light:
         base = light.get("router", {})
@@ -1228,7 +1258,8 @@ def plot(results: dict, path: Path) -> str | None:
         return "nothing to plot"
 
     short = {"native_cookie": "Envoy native\ncookie", "noop_wasm": "no-op\nwasm",
-             "naive_wasm": "naive\nsticky wasm", "filter_pinned": "filter:\npinned",
+             "naive_wasm": "naive\nsticky wasm", "floor_wasm": "host-call\nfloor wasm",
+             "filter_pinned": "filter:\npinned",
              "filter_new": "filter:\nnew session", "filter_state_sync": "filter:\nwrite sync",
              "filter_state_async": "filter:\nwrite async"}
 
