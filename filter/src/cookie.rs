@@ -29,7 +29,7 @@ pub const MAX_COOKIE_LEN: usize = 512;
 /// Length of a session id: 16 random bytes in base64url.
 pub const SID_LEN: usize = 22;
 const TAG_B64_LEN: usize = 43;
-const MAX_HOST_LEN: usize = 64;
+pub const MAX_HOST_LEN: usize = 64;
 const MAX_INSTANCE_LEN: usize = 64;
 const MAX_KEY_ID_LEN: usize = 32;
 /// How far in the future an issue time may be (clock skew between replicas).
@@ -183,16 +183,19 @@ pub struct VerifiedCookies {
 }
 
 impl VerifiedCookies {
-    /// Same answer as [`decode`], faster for a cookie seen before.
-    pub fn decode(&self, raw: &str, keys: &KeyRing, now: u64) -> Result<Claims, Rejection> {
-        let slot = slot_of(raw.as_bytes());
+    /// Same answer as [`decode`] for the cookie's bytes, faster for a cookie
+    /// seen before (a hit needs no UTF-8 check: it equals text that passed one).
+    pub fn decode(&self, raw: impl AsRef<[u8]>, keys: &KeyRing, now: u64) -> Result<Claims, Rejection> {
+        let raw = raw.as_ref();
+        let slot = slot_of(raw);
         let hit = self.slots.try_borrow().ok().and_then(|slots| {
-            slots.get(slot)?.as_ref().filter(|c| same_bytes(c.raw.as_bytes(), raw.as_bytes())).cloned()
+            slots.get(slot)?.as_ref().filter(|c| same_bytes(c.raw.as_bytes(), raw)).cloned()
         });
         if let Some(claims) = hit {
             return if now >= claims.exp { Err(Rejection::Expired) } else { Ok(claims) };
         }
-        let claims = decode(raw, keys, now)?;
+        let text = std::str::from_utf8(raw).map_err(|_| Rejection::Malformed)?;
+        let claims = decode(text, keys, now)?;
         if let Ok(mut slots) = self.slots.try_borrow_mut() {
             if slots.is_empty() {
                 slots.resize(VERIFIED_SLOTS, None);

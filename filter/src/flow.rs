@@ -93,7 +93,7 @@ struct ClientSent {
 /// What goes upstream in the internal headers; `None` removes a client's copy.
 #[derive(Debug, Default)]
 struct Forward<'a> {
-    route: Option<String>,
+    route: Option<&'a str>,
     session_id: Option<&'a str>,
     session_new: bool,
     session_state: Option<&'a str>,
@@ -101,6 +101,16 @@ struct Forward<'a> {
     /// (connection refused or reset before sending). Only for requests the
     /// load balancer places: a retry ignores a routing override.
     retry_unreached: bool,
+}
+
+/// Room for the routing header value: base64 of the longest host a cookie carries.
+const ROUTE_LEN_MAX: usize = cookie::MAX_HOST_LEN.div_ceil(3) * 4;
+
+/// The routing header value for `stateful_session` (base64 of "ip:port"),
+/// written into `buffer` so the pinned path allocates nothing for it.
+fn route_header<'a>(upstream: &str, buffer: &'a mut [u8; ROUTE_LEN_MAX]) -> Option<&'a str> {
+    let len = STANDARD.encode_slice(upstream, buffer).ok()?;
+    std::str::from_utf8(buffer.get(..len)?).ok()
 }
 
 /// Envoy router retry conditions under which the request provably reached no app.
@@ -186,11 +196,9 @@ impl Flow {
         let names = &config.headers;
         let headers = host.request_headers();
         let mut path: &[u8] = b"";
-        let mut cookie_headers = Vec::new();
         for (name, value) in headers.iter() {
             match name {
                 b":path" => path = value,
-                b"cookie" => cookie_headers.push(value),
                 n if n == names.route.as_bytes() => self.client_sent.route = true,
                 n if n == names.session_id.as_bytes() => self.client_sent.session_id = true,
                 n if n == names.session_new.as_bytes() => self.client_sent.session_new = true,
@@ -205,7 +213,7 @@ impl Flow {
         }
         let now_ms = host.now_ms();
         self.request_ms = now_ms;
-        let claims = match self.verified_cookie(&cookie_headers, now_ms / 1000) {
+        let claims = match self.verified_cookie(&headers, now_ms / 1000) {
             Ok(claims) => claims,
             Err(rejection) => {
                 if let Some(reason) = rejection {
@@ -232,8 +240,9 @@ impl Flow {
     /// Sends the request to the session's pinned host; `reissue` re-signs the
     /// cookie on the response.
     fn send_pinned(&mut self, host: &mut impl HttpHost, claims: Claims, path: String, reissue: bool) -> Action {
+        let mut route = [0u8; ROUTE_LEN_MAX];
         let forward = Forward {
-            route: Some(STANDARD.encode(claims.host())),
+            route: route_header(claims.host(), &mut route),
             session_id: Some(claims.sid()),
             ..Forward::default()
         };
@@ -244,10 +253,10 @@ impl Flow {
 
     /// The first of the request's cookies with our name that verifies;
     /// `Err(Some(reason))` when one was there but none verified.
-    fn verified_cookie(&self, cookie_headers: &[&[u8]], now: u64) -> Result<Claims, Option<Rejection>> {
+    fn verified_cookie(&self, headers: &HeaderMap, now: u64) -> Result<Claims, Option<Rejection>> {
         let mut first_rejection = None;
         let name = self.config.cookie.name.as_bytes();
-        for header in cookie_headers {
+        for (_, header) in headers.iter().filter(|(n, _)| *n == b"cookie") {
             for pair in header.split(|&b| b == b';') {
                 let pair = pair.trim_ascii();
                 let Some(eq) = pair.iter().position(|&b| b == b'=') else { continue };
@@ -256,11 +265,7 @@ impl Flow {
                     continue;
                 }
                 let value = value.get(1..).unwrap_or_default();
-                let decoded = match std::str::from_utf8(value) {
-                    Ok(text) => self.config.verified.decode(text, &self.config.keys, now),
-                    Err(_) => Err(Rejection::Malformed),
-                };
-                match decoded {
+                match self.config.verified.decode(value, &self.config.keys, now) {
                     Ok(claims) => return Ok(claims),
                     Err(reason) => {
                         first_rejection.get_or_insert(reason);
@@ -299,7 +304,7 @@ impl Flow {
         let names = &self.config.headers;
         let sent = self.client_sent;
         let headers = [
-            (&names.route, f.route.as_deref(), sent.route),
+            (&names.route, f.route, sent.route),
             (&names.session_id, f.session_id, sent.session_id),
             (&names.session_new, f.session_new.then_some("1"), sent.session_new),
             (&names.session_state, f.session_state, sent.session_state),

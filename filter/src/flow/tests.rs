@@ -580,3 +580,14 @@ fn stored_state_that_is_not_a_header_value_is_a_store_error() {
     assert_eq!(host.req("x-session-new"), Some("1"), "the outage policy (fresh) applies");
     assert_eq!(worker.metrics.get(Counter::StoreErrors), 1);
 }
+
+#[test]
+fn the_route_header_fits_the_longest_host_a_cookie_carries() {
+    use base64::Engine;
+    let longest = "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255%eth0]:65535";
+    let mut buffer = [0u8; super::ROUTE_LEN_MAX];
+    for host in ["10.0.0.7:8080", longest, &"x".repeat(crate::cookie::MAX_HOST_LEN)] {
+        let route = super::route_header(host, &mut buffer).unwrap();
+        assert_eq!(base64::engine::general_purpose::STANDARD.decode(route).unwrap(), host.as_bytes());
+    }
+}
