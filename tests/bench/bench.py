@@ -1269,7 +1269,7 @@ def plot(results: dict, path: Path) -> str | None:
     def color(n: str) -> str:
         return "#999999" if n == "router" else "#dd8452" if n.startswith("filter") else "#4c72b0"
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     ax = axes[0]
     vals = [s[n]["ratio_rps"] for n in names]
     lo = [s[n]["ratio_rps"] - (s[n]["ratio_rps_min"] or s[n]["ratio_rps"]) for n in names]
@@ -1295,7 +1295,8 @@ def plot(results: dict, path: Path) -> str | None:
         ax2.text(i, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     for a in axes[:2]:
         a.set_xticks(range(len(names)))
-        a.set_xticklabels([label(n) for n in names], fontsize=7)
+        a.set_xticklabels([label(n).replace("\n", " ") for n in names], fontsize=7,
+                          rotation=35, ha="right", rotation_mode="anchor")
         a.legend(fontsize=8, loc="lower right")
     ax3 = axes[2]
     cpu_names = [n for n in s if s[n].get("envoy_cpu_us_per_req")]
