@@ -521,24 +521,23 @@ def wasm_filter(name: str, wasm: Path, configuration: str) -> dict:
         }}}
 
 
-def stateful_session_header() -> dict:
+def stateful_session(state: str, state_type: str, state_config: dict) -> dict:
+    """Envoy's stateful_session filter, strict, with the given session state extension."""
     return {"name": "envoy.filters.http.stateful_session", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.stateful_session.v3.StatefulSession",
-        "session_state": {"name": "envoy.http.stateful_session.header", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.http.stateful_session.header.v3."
-                     "HeaderBasedSessionState",
-            "name": ROUTE_HEADER}},
+        "session_state": {"name": f"envoy.http.stateful_session.{state}", "typed_config": {
+            "@type": f"type.googleapis.com/envoy.extensions.http.stateful_session.{state}.v3.{state_type}",
+            **state_config}},
         "strict": True}}
+
+
+def stateful_session_header() -> dict:
+    return stateful_session("header", "HeaderBasedSessionState", {"name": ROUTE_HEADER})
 
 
 def stateful_session_cookie() -> dict:
-    return {"name": "envoy.filters.http.stateful_session", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.stateful_session.v3.StatefulSession",
-        "session_state": {"name": "envoy.http.stateful_session.cookie", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.http.stateful_session.cookie.v3."
-                     "CookieBasedSessionState",
-            "cookie": {"name": "sa-native", "path": "/", "ttl": "86400s"}}},
-        "strict": True}}
+    return stateful_session("cookie", "CookieBasedSessionState",
+                            {"cookie": {"name": "sa-native", "path": "/", "ttl": "86400s"}})
 
 
 def envoy_config(*, listen_port: int, admin_port: int, upstream_hosts: list[str],
