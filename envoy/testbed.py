@@ -39,6 +39,10 @@ REPO = Path(__file__).resolve().parent.parent
 ENVOY_DIR = REPO / "envoy"
 TESTBED_YAML = ENVOY_DIR / "testbed.yaml"
 WEBDIS_JSON = ENVOY_DIR / "webdis.json"
+REDIS_CONF = ENVOY_DIR / "redis.conf"
+# The environment variable that hands Envoy's VM the store password (the
+# plugin JSON's store.auth.password_env, listed in host_env_keys).
+STORE_PASSWORD_ENV = "SA_STORE_PASSWORD"
 BACKEND_APP = ENVOY_DIR / "backend" / "app.py"
 WASM = REPO / "target" / "wasm32-unknown-unknown" / "release" / "session_affinity.wasm"
 BACKEND_NAMES = ("a", "b", "c")
@@ -140,11 +144,12 @@ def accepts(port: int) -> bool:
 class Process:
     """One child process, its log file, and nothing else: it is stopped by PID."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path = REPO):
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path = REPO, env: dict | None = None):
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.cwd = cwd
+        self.env = env
         self.popen: subprocess.Popen | None = None
 
     @property
@@ -160,9 +165,10 @@ class Process:
         with open(self.log_path, "ab") as log:
             log.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
             log.flush()
+            env = {**os.environ, **self.env} if self.env else None
             self.popen = subprocess.Popen(
                 self.argv, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=_die_with_parent, env=env,
             )
 
     def stop(self, timeout: float = STOP_TIMEOUT):
@@ -207,6 +213,56 @@ class Backend:
     def address(self) -> str:
         """As Envoy reports it in upstream.address, and as cookies record it."""
         return f"127.0.0.1:{self.port}"
+
+
+def redis_admin() -> tuple[str, str]:
+    """The admin user and password envoy/redis.conf defines for looking into the store."""
+    for line in REDIS_CONF.read_text().splitlines():
+        words = line.split()
+        if words[:2] == ["user", "admin"]:
+            return "admin", next(w[1:] for w in words if w.startswith(">"))
+    raise ValueError(f"{REDIS_CONF} defines no admin user")
+
+
+def store_password() -> str:
+    """The password the filter sends webdis (its ACL's basic auth in envoy/webdis.json)."""
+    for rule in json.loads(WEBDIS_JSON.read_text())["acl"]:
+        if "http_basic_auth" in rule:
+            return rule["http_basic_auth"].partition(":")[2]
+    raise ValueError(f"{WEBDIS_JSON} has no http_basic_auth rule")
+
+
+def envoy_env() -> dict[str, str]:
+    """What an Envoy running envoy/testbed.yaml needs in its environment."""
+    return {STORE_PASSWORD_ENV: store_password()}
+
+
+def redis_command(port: int, *args: str, timeout: float = 2.0):
+    """One Redis command over RESP on 127.0.0.1:port, authenticated as the admin user."""
+    def encode(command):
+        return f"*{len(command)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in command)
+
+    with socket.create_connection(("127.0.0.1", port), timeout) as sock:
+        sock.sendall((encode(["AUTH", *redis_admin()]) + encode(list(args))).encode())
+        with sock.makefile("rb") as stream:
+            _resp(stream)
+            return _resp(stream)
+
+
+def _resp(stream):
+    line = stream.readline().rstrip(b"\r\n")
+    kind, rest = line[:1], line[1:].decode()
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise RuntimeError(f"redis error: {rest}")
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        return None if int(rest) < 0 else stream.read(int(rest) + 2)[:-2].decode()
+    if kind == b"*":
+        return None if int(rest) < 0 else [_resp(stream) for _ in range(int(rest))]
+    raise RuntimeError(f"unexpected redis reply {line!r}")
 
 
 def load_bootstrap() -> dict:
@@ -269,7 +325,7 @@ class Envoy:
             ENVOY_BIN, "-c", str(self.config_path), "--concurrency", str(testbed.concurrency),
             "--disable-hot-restart", "-l", "info",
         ]
-        self.process = Process(name, argv, testbed.workdir / f"{name}.log")
+        self.process = Process(name, argv, testbed.workdir / f"{name}.log", env=envoy_env())
 
     @property
     def url(self) -> str:
@@ -357,8 +413,7 @@ class Testbed:
         self.wasm = Path(wasm)
         self.say = say or (lambda message: None)
         self.redis = Process("redis", [
-            "redis-server", "--bind", "127.0.0.1", "--port", str(ports.redis), "--save", "",
-            "--appendonly", "no", "--dir", str(self.workdir),
+            "redis-server", str(REDIS_CONF), "--port", str(ports.redis), "--dir", str(self.workdir),
         ], self.workdir / "redis.log")
         self.webdis = Process("webdis", ["webdis", str(self._write_webdis_config())], self.workdir / "webdis.log")
         self.backends = [
@@ -416,9 +471,11 @@ class Testbed:
 
     def _redis_pong(self) -> bool:
         self.redis.ensure_alive()
-        with socket.create_connection(("127.0.0.1", self.ports.redis), 1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+        return self.redis_command("PING") == "PONG"
+
+    def redis_command(self, *args: str, timeout: float = 2.0):
+        """One Redis command as the testbed's admin user (no client library needed)."""
+        return redis_command(self.ports.redis, *args, timeout=timeout)
 
     def stop_redis(self):
         self.redis.stop()

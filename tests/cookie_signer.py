@@ -1,12 +1,13 @@
-"""The routing cookie (v1), implemented again in Python from the written format.
+"""The routing cookie (v2), implemented again in Python from the written format.
 
 An independent implementation checks that what the filter issues matches the
 format, and lets tests forge every kind of bad cookie precisely:
 
-    1|<sid>|<host>|<instance>|<iat>|<exp>|<kid>|<flags>|<tag>
+    2|<sid>|<cluster>|<upstream>|<instance>|<since>|<iat>|<exp>|<kid>|<flags>|<tag>
 
-tag = base64url, no padding, of HMAC-SHA256(secret of kid, every byte up to and
-including the 8th '|'). The whole value is at most 512 bytes.
+cluster = base64url (no padding) of the first 6 bytes of SHA-256 of the Envoy
+cluster name; tag = base64url, no padding, of HMAC-SHA256(secret of kid, every
+byte up to and including the 10th '|'). The whole value is at most 512 bytes.
 """
 
 from __future__ import annotations
@@ -17,16 +18,23 @@ import hmac
 import time
 from dataclasses import dataclass, replace
 
-VERSION = "1"
+VERSION = "2"
 MAX_LEN = 512
-FIELDS = 9
+FIELDS = 11
+
+
+def cluster_tag(cluster: str) -> str:
+    """The cookie's short name for an Envoy cluster ("" for none)."""
+    return b64url(hashlib.sha256(cluster.encode()).digest()[:6]) if cluster else ""
 
 
 @dataclass(frozen=True)
 class Claims:
     sid: str
+    cluster: str
     host: str
     instance: str
+    since: int
     iat: int
     exp: int
     kid: str
@@ -51,8 +59,8 @@ def b64url(data: bytes) -> str:
 
 def payload(claims: Claims) -> str:
     """The signed part: every field and the '|' before the tag."""
-    fields = [VERSION, claims.sid, claims.host, claims.instance, str(claims.iat), str(claims.exp), claims.kid,
-              str(claims.flags)]
+    fields = [VERSION, claims.sid, claims.cluster, claims.host, claims.instance, str(claims.since), str(claims.iat),
+              str(claims.exp), claims.kid, str(claims.flags)]
     return "|".join(fields) + "|"
 
 
@@ -74,10 +82,10 @@ def parse(value: str) -> Claims:
     parts = value.split("|")
     if len(parts) != FIELDS or parts[0] != VERSION:
         raise CookieRejected("malformed", f"expected {FIELDS} fields of version {VERSION}, got {parts[:2]}...")
-    _, sid, host, instance, iat, exp, kid, flags, _tag = parts
-    if not (iat.isdigit() and exp.isdigit() and flags.isdigit()):
-        raise CookieRejected("malformed", "iat, exp and flags must be decimal")
-    return Claims(sid, host, instance, int(iat), int(exp), kid, int(flags))
+    _, sid, cluster, host, instance, since, iat, exp, kid, flags, _tag = parts
+    if not all(n.isdigit() for n in (since, iat, exp, flags)):
+        raise CookieRejected("malformed", "since, iat, exp and flags must be decimal")
+    return Claims(sid, cluster, host, instance, int(since), int(iat), int(exp), kid, int(flags))
 
 
 def verify(value: str, keys: dict[str, str], now: float | None = None) -> Claims:

@@ -182,7 +182,7 @@ class Counters:
     def expect(self, wanted: dict[str, int]):
         """Wait until every named counter moved by exactly the given amount.
 
-        Names are without the prefix, e.g. {"cookies_rejected.expired": 1};
+        Names are without the prefix, e.g. {"cookies.rejected.expired": 1};
         a 0 asserts no change. Counters not named are not checked.
         """
         start = time.monotonic()

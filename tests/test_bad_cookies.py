@@ -50,7 +50,7 @@ def garbage(real, claims, keys, other_host):
 
 
 def wrong_version(real, claims, keys, other_host):
-    return "2" + real[1:]
+    return "1" + real[1:]
 
 
 def oversized(real, claims, keys, other_host):
@@ -97,8 +97,8 @@ def test_bad_cookie_starts_a_new_session(make, reason, client, testbed, filter_c
            "absent", body["received"].get("x-session-route"))
     new_claims = verify_cookie(reply.cookie or "", filter_config)
     expect_equal(new_claims.sid, body["session"], "the new cookie carries the new session")
-    counters.expect({f"cookies_rejected.{r}": int(r == reason) for r in REASONS}
-                    | {"sessions_created": 1, "pinned": 0})
+    counters.expect({f"cookies.rejected.{r}": int(r == reason) for r in REASONS}
+                    | {"sessions.created": 1, "sessions.pinned": 0})
 
 
 def test_python_signer_matches_the_filter(filter_config, session):
@@ -117,7 +117,7 @@ def test_every_configured_key_verifies(client, testbed, filter_config, session):
     body = client.get(cookie=cookie).body
     expect_equal((body["backend"], body["session"], body["count"]),
                  (first.body["backend"], claims.sid, 2), "the session continues on its backend")
-    counters.expect({"pinned": 1, "sessions_created": 0} | {f"cookies_rejected.{r}": 0 for r in REASONS})
+    counters.expect({"sessions.pinned": 1, "sessions.created": 0} | {f"cookies.rejected.{r}": 0 for r in REASONS})
 
 
 def test_secrets_never_appear_in_logs_or_responses(client, testbed, filter_config, session):

@@ -5,6 +5,7 @@ plugin config is refused with the field named."""
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 
 import pytest
@@ -17,7 +18,7 @@ SHORT_SECRET = "too-short-secret"
 
 def validate(path, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.run([tb.ENVOY_BIN, "--mode", "validate", "-c", str(path)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, env={**os.environ, **tb.envoy_env()})
 
 
 def envoy_bootstraps() -> list:

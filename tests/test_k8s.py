@@ -516,11 +516,11 @@ def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, t
             assert (status, body["backend"], body["count"]) == (200, moved, n), body
 
         def restored() -> int:
-            body = tb.http_get(f"http://127.0.0.1:{admin}/stats?filter=session_affinity.state_restored")[2]
+            body = tb.http_get(f"http://127.0.0.1:{admin}/stats?filter=session_affinity.failovers.restored")[2]
             return sum(int(line.rsplit(": ", 1)[1]) for line in body.decode().splitlines() if ": " in line)
 
         # Counters are flushed from each worker once a second.
-        tb.wait_until(lambda: restored() >= 1, 5, "the state_restored counter")
+        tb.wait_until(lambda: restored() >= 1, 5, "the failovers.restored counter")
     except BaseException:
         print(bed.log_report(40))
         if envoy is not None:

@@ -33,7 +33,7 @@ def test_rotation_keeps_cookies_of_listed_keys(own_testbed):
     expect_equal((body["backend"], body["session"], body["count"]),
                  (first.body["backend"], first.body["session"], 2),
                  "an old-key cookie after rotation to [new, old] (backend, session, count)")
-    counters.expect({"pinned": 1, "sessions_created": 0} | {f"cookies_rejected.{r}": 0 for r in REASONS})
+    counters.expect({"sessions.pinned": 1, "sessions.created": 0} | {f"cookies.rejected.{r}": 0 for r in REASONS})
     fresh = client.new_session()
     expect_equal(verify_cookie(fresh.cookie, envoy.filter_config).kid, "new", "new sessions are signed by the new key")
 
@@ -46,7 +46,7 @@ def test_rotation_keeps_cookies_of_listed_keys(own_testbed):
     expect_equal((rejected.body["count"], rejected.body["received"].get("x-session-new")), (1, "1"),
                  "an old-key cookie after the old key was removed starts a new session (count, x-session-new)")
     expect_equal(verify_cookie(rejected.cookie or "", envoy.filter_config).kid, "new", "its new cookie's key id")
-    counters.expect({"cookies_rejected.unknown_key": 1, "sessions_created": 1, "pinned": 1})
+    counters.expect({"cookies.rejected.unknown_key": 1, "sessions.created": 1, "sessions.pinned": 1})
 
 
 def test_cookies_work_across_envoy_replicas(own_testbed):

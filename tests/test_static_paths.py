@@ -20,7 +20,7 @@ def test_static_prefix_gets_no_cookie(client, testbed, filter_config):
         expect_equal(reply.set_cookies, [], f"Set-Cookie on {path}")
         expect(reply.response.text.startswith(f"/* {path.split('?')[0]} from "), "the static body",
                "a file-like body", reply.response.text)
-    counters.expect({"skipped": 3, "sessions_created": 0})
+    counters.expect({"sessions.skipped": 3, "sessions.created": 0})
 
 
 def test_static_paths_ignore_bad_cookies(client, testbed, filter_config):
@@ -28,7 +28,7 @@ def test_static_paths_ignore_bad_cookies(client, testbed, filter_config):
     counters = Counters(testbed.envoy)
     reply = client.get(f"{prefix}app.js", cookie="garbage")
     expect_equal((reply.status, reply.set_cookies), (200, []), "a bad cookie on a static path (status, Set-Cookie)")
-    counters.expect({"skipped": 1, "sessions_created": 0} | {f"cookies_rejected.{r}": 0 for r in REASONS})
+    counters.expect({"sessions.skipped": 1, "sessions.created": 0} | {f"cookies.rejected.{r}": 0 for r in REASONS})
 
 
 def test_static_suffixes_carry_no_session(client, testbed, filter_config):

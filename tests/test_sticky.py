@@ -67,4 +67,4 @@ def test_pinned_requests_are_counted(client, testbed):
     counters = Counters(testbed.envoy)
     for _ in range(5):
         client.get(cookie=cookie)
-    counters.expect({"pinned": 5, "sessions_created": 0, "cookies_rejected.malformed": 0})
+    counters.expect({"sessions.pinned": 5, "sessions.created": 0, "cookies.rejected.malformed": 0})

@@ -6,7 +6,14 @@
 //! request finds the host gone itself. Each worker keeps a local copy that its
 //! tick refreshes, so the pinned path reads no shared data.
 //!
-//! Entries expire, so a host that comes back is used again.
+//! A mark is forgotten as soon as the host answers again (evidence newer than
+//! the mark), or when it expires. A host that came back as a new instance is
+//! recorded as running that instance: its old instance's sessions are still
+//! gone, its new sessions are not. Marks of one host are written at most once
+//! per [`MARK_INTERVAL_MS`], whatever drives them.
+
+use crate::host::SharedData;
+use crate::ids::{is_instance, is_upstream};
 
 /// The shared-data key holding the table.
 pub const SHARED_KEY: &str = "session_affinity.gone";
@@ -14,29 +21,36 @@ pub const SHARED_KEY: &str = "session_affinity.gone";
 const MAX_ENTRIES: usize = 1024;
 /// Tries of the compare-and-swap loop before giving up (fail open).
 const CAS_TRIES: usize = 8;
+/// The same sighting of a host is written to shared data at most this often.
+pub const MARK_INTERVAL_MS: u64 = 1000;
 
-/// What was seen about one address.
+/// What was seen about one upstream address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sighting {
     /// Nothing answers at the address (Envoy's 503 UH or UF).
     Down,
-    /// The address now runs this app instance; sessions of any other instance there are gone.
-    Replaced { instance: String },
+    /// The address runs this app instance; sessions of any other instance there are gone.
+    Runs { instance: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
-    host: String,
+    upstream: String,
     until_ms: u64,
+    /// When the sighting was made: only later evidence overrules it.
+    marked_ms: u64,
     sighting: Sighting,
 }
 
-/// Shared data as the table needs it.
-pub trait SharedData {
-    /// The value and its CAS token.
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
-    /// Stores `value` if the entry still has CAS token `cas`; false on a mismatch or error.
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
+/// What a call changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Written to shared data.
+    Written,
+    /// Nothing to do (already known, or too soon to write again).
+    Unchanged,
+    /// Every CAS race was lost; only this worker's copy has it.
+    LocalOnly,
 }
 
 #[derive(Debug, Default)]
@@ -47,14 +61,14 @@ pub struct GoneTable {
 }
 
 impl GoneTable {
-    /// Whether a session pinned to `instance` at `host` must fail over.
-    pub fn is_gone(&self, host: &str, instance: &str, now_ms: u64) -> bool {
+    /// Whether a session pinned to `instance` at `upstream` must fail over.
+    pub fn is_gone(&self, upstream: &str, instance: &str, now_ms: u64) -> bool {
         self.entries.iter().any(|e| {
-            e.host == host
+            e.upstream == upstream
                 && e.until_ms > now_ms
                 && match &e.sighting {
                     Sighting::Down => true,
-                    Sighting::Replaced { instance: current } => !instance.is_empty() && current != instance,
+                    Sighting::Runs { instance: current } => !instance.is_empty() && current != instance,
                 }
         })
     }
@@ -69,31 +83,82 @@ impl GoneTable {
         self.seen_cas = cas;
     }
 
-    /// Records a sighting in the shared table and in this copy. Returns false
-    /// when the shared write lost every CAS race (the local copy still learns it).
-    pub fn mark(&mut self, shared: &dyn SharedData, host: &str, sighting: Sighting, now_ms: u64, ttl_ms: u64) -> bool {
-        if matches!(&sighting, Sighting::Replaced { instance } if instance.is_empty()) {
-            return false; // no instance id: nothing to tell instances apart by
+    /// Records a sighting, unless the same one was recorded less than
+    /// [`MARK_INTERVAL_MS`] ago.
+    pub fn mark(&mut self, shared: &dyn SharedData, upstream: &str, sighting: Sighting, now_ms: u64, ttl_ms: u64) -> Change {
+        if matches!(&sighting, Sighting::Runs { instance } if instance.is_empty()) {
+            return Change::Unchanged; // no instance id: nothing to tell instances apart by
         }
-        let entry = Entry { host: host.to_string(), until_ms: now_ms.saturating_add(ttl_ms), sighting };
+        let fresh = |e: &Entry| e.upstream == upstream && e.sighting == sighting && now_ms < e.marked_ms.saturating_add(MARK_INTERVAL_MS);
+        if self.entries.iter().any(fresh) {
+            return Change::Unchanged;
+        }
+        let entry = Entry { upstream: upstream.to_string(), until_ms: now_ms.saturating_add(ttl_ms), marked_ms: now_ms, sighting };
+        self.update(shared, now_ms, |entries| {
+            upsert(entries, entry.clone(), now_ms);
+            true
+        })
+    }
+
+    /// Evidence that `upstream` runs `instance` (it answered a request sent at
+    /// `sent_ms`): forgets a mark made before that, keeping the new instance's
+    /// sessions pinned. Costs nothing when the host is not marked.
+    pub fn alive(&mut self, shared: &dyn SharedData, upstream: &str, instance: &str, sent_ms: u64, now_ms: u64, ttl_ms: u64) -> Change {
+        let overruled = |e: &Entry| {
+            e.upstream == upstream
+                && e.until_ms > now_ms
+                && e.marked_ms < sent_ms
+                && match &e.sighting {
+                    Sighting::Down => true,
+                    Sighting::Runs { instance: current } => !instance.is_empty() && current != instance,
+                }
+        };
+        if !self.entries.iter().any(overruled) {
+            return Change::Unchanged;
+        }
+        let runs = (!instance.is_empty()).then(|| Entry {
+            upstream: upstream.to_string(),
+            until_ms: now_ms.saturating_add(ttl_ms),
+            marked_ms: sent_ms,
+            sighting: Sighting::Runs { instance: instance.to_string() },
+        });
+        self.update(shared, now_ms, |entries| {
+            if !entries.iter().any(overruled) {
+                return false; // another worker got there first
+            }
+            entries.retain(|e| e.upstream != upstream);
+            if let Some(runs) = &runs {
+                upsert(entries, runs.clone(), now_ms);
+            }
+            true
+        })
+    }
+
+    /// Applies `change` to the shared table (CAS loop) and to this copy.
+    fn update(&mut self, shared: &dyn SharedData, now_ms: u64, change: impl Fn(&mut Vec<Entry>) -> bool) -> Change {
         for _ in 0..CAS_TRIES {
             let (value, cas) = shared.get(SHARED_KEY);
             let mut entries = value.map(|v| parse(&v)).unwrap_or_default();
-            upsert(&mut entries, entry.clone(), now_ms);
+            entries.retain(|e| e.until_ms > now_ms);
+            if !change(&mut entries) {
+                self.entries = entries;
+                self.seen_cas = cas;
+                return Change::Unchanged;
+            }
             if shared.set(SHARED_KEY, &serialize(&entries), cas) {
                 self.entries = entries;
                 // The next refresh re-reads once; the token after our write is unknown.
                 self.seen_cas = None;
-                return true;
+                return Change::Written;
             }
         }
-        upsert(&mut self.entries, entry, now_ms);
-        false
+        change(&mut self.entries);
+        Change::LocalOnly
     }
 }
 
 fn upsert(entries: &mut Vec<Entry>, entry: Entry, now_ms: u64) {
-    entries.retain(|e| e.until_ms > now_ms && e.host != entry.host);
+    entries.retain(|e| e.until_ms > now_ms && e.upstream != entry.upstream);
     while entries.len() >= MAX_ENTRIES {
         let Some(oldest) = entries.iter().enumerate().min_by_key(|(_, e)| e.until_ms).map(|(i, _)| i) else { break };
         entries.swap_remove(oldest);
@@ -101,12 +166,12 @@ fn upsert(entries: &mut Vec<Entry>, entry: Entry, now_ms: u64) {
     entries.push(entry);
 }
 
-/// One line per entry: `host until_ms` for down, `host until_ms instance` for replaced.
+/// One line per entry: `upstream until_ms marked_ms` for down, plus ` instance` for runs.
 fn serialize(entries: &[Entry]) -> Vec<u8> {
-    let mut out = String::with_capacity(entries.len() * 48);
+    let mut out = String::with_capacity(entries.len() * 56);
     for e in entries {
-        out.push_str(&format!("{} {}", e.host, e.until_ms));
-        if let Sighting::Replaced { instance } = &e.sighting {
+        out.push_str(&format!("{} {} {}", e.upstream, e.until_ms, e.marked_ms));
+        if let Sighting::Runs { instance } = &e.sighting {
             out.push(' ');
             out.push_str(instance);
         }
@@ -123,58 +188,34 @@ fn parse(bytes: &[u8]) -> Vec<Entry> {
     text.lines()
         .filter_map(|line| {
             let mut parts = line.split(' ');
-            let host = parts.next().filter(|h| crate::cookie::is_host(h))?;
+            let upstream = parts.next().filter(|u| is_upstream(u))?;
             let until_ms = parts.next()?.parse().ok()?;
+            let marked_ms = parts.next()?.parse().ok()?;
             let sighting = match parts.next() {
                 None => Sighting::Down,
-                Some(i) if !i.is_empty() && crate::cookie::is_instance(i) => Sighting::Replaced { instance: i.to_string() },
+                Some(i) if !i.is_empty() && is_instance(i) => Sighting::Runs { instance: i.to_string() },
                 Some(_) => return None,
             };
-            parts.next().is_none().then(|| Entry { host: host.to_string(), until_ms, sighting })
+            parts.next().is_none().then(|| Entry { upstream: upstream.to_string(), until_ms, marked_ms, sighting })
         })
         .take(MAX_ENTRIES)
         .collect()
 }
 
 #[cfg(test)]
-pub mod tests {
+mod tests {
     use super::*;
-    use std::cell::RefCell;
-    use std::collections::HashMap;
+    use crate::testing::FakeShared;
 
-    /// Shared data with real CAS semantics, plus a switch to make writes lose races.
-    #[derive(Default)]
-    pub struct FakeShared {
-        pub data: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-        pub lose_races: std::cell::Cell<bool>,
-    }
-
-    impl SharedData for FakeShared {
-        fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-            match self.data.borrow().get(key) {
-                Some((v, cas)) => (Some(v.clone()), Some(*cas)),
-                None => (None, None),
-            }
-        }
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-            let mut data = self.data.borrow_mut();
-            let current = data.get(key).map(|(_, c)| *c);
-            if self.lose_races.get() || (cas.is_some() && cas != current) {
-                return false;
-            }
-            let next = current.unwrap_or(0) + 1;
-            data.insert(key.to_string(), (value.to_vec(), next));
-            true
-        }
-    }
+    const H: &str = "10.0.0.1:80";
 
     #[test]
     fn down_hosts_are_gone_until_the_entry_expires() {
         let shared = FakeShared::default();
         let mut t = GoneTable::default();
-        assert!(t.mark(&shared, "10.0.0.1:80", Sighting::Down, 1000, 500));
-        assert!(t.is_gone("10.0.0.1:80", "any", 1499));
-        assert!(!t.is_gone("10.0.0.1:80", "any", 1500));
+        assert_eq!(t.mark(&shared, H, Sighting::Down, 1000, 500), Change::Written);
+        assert!(t.is_gone(H, "any", 1499));
+        assert!(!t.is_gone(H, "any", 1500));
         assert!(!t.is_gone("10.0.0.2:80", "any", 1000));
     }
 
@@ -182,10 +223,10 @@ pub mod tests {
     fn replaced_instances_are_gone_but_the_new_one_is_not() {
         let shared = FakeShared::default();
         let mut t = GoneTable::default();
-        t.mark(&shared, "10.0.0.1:80", Sighting::Replaced { instance: "b".into() }, 0, 1000);
-        assert!(t.is_gone("10.0.0.1:80", "a", 10));
-        assert!(!t.is_gone("10.0.0.1:80", "b", 10));
-        assert!(!t.is_gone("10.0.0.1:80", "", 10), "no instance id: only address failures count");
+        t.mark(&shared, H, Sighting::Runs { instance: "b".into() }, 0, 1000);
+        assert!(t.is_gone(H, "a", 10));
+        assert!(!t.is_gone(H, "b", 10));
+        assert!(!t.is_gone(H, "", 10), "no instance id: only address failures count");
     }
 
     #[test]
@@ -194,11 +235,48 @@ pub mod tests {
         let mut writer = GoneTable::default();
         let mut reader = GoneTable::default();
         reader.refresh(&shared);
-        writer.mark(&shared, "10.0.0.1:80", Sighting::Down, 0, 1000);
+        writer.mark(&shared, H, Sighting::Down, 0, 1000);
         writer.mark(&shared, "10.0.0.2:80", Sighting::Down, 0, 1000);
-        assert!(!reader.is_gone("10.0.0.1:80", "", 1));
+        assert!(!reader.is_gone(H, "", 1));
         reader.refresh(&shared);
-        assert!(reader.is_gone("10.0.0.1:80", "", 1) && reader.is_gone("10.0.0.2:80", "", 1));
+        assert!(reader.is_gone(H, "", 1) && reader.is_gone("10.0.0.2:80", "", 1));
+    }
+
+    #[test]
+    fn the_same_mark_is_written_at_most_once_a_second() {
+        let shared = FakeShared::default();
+        let mut t = GoneTable::default();
+        assert_eq!(t.mark(&shared, H, Sighting::Down, 0, 30_000), Change::Written);
+        for at in [1, 500, 999] {
+            assert_eq!(t.mark(&shared, H, Sighting::Down, at, 30_000), Change::Unchanged, "{at}");
+        }
+        assert_eq!(shared.writes(), 1);
+        assert_eq!(t.mark(&shared, H, Sighting::Down, 1000, 30_000), Change::Written);
+        assert_eq!(t.mark(&shared, H, Sighting::Runs { instance: "b".into() }, 1001, 30_000), Change::Written, "a new sighting is news");
+    }
+
+    #[test]
+    fn a_host_that_answers_again_is_forgotten_and_its_new_instance_stays_pinned() {
+        let shared = FakeShared::default();
+        let (mut a, mut b) = (GoneTable::default(), GoneTable::default());
+        a.mark(&shared, H, Sighting::Down, 1000, 30_000);
+        assert_eq!(a.alive(&shared, H, "new", 900, 2000, 30_000), Change::Unchanged, "an answer sent before the mark proves nothing");
+        assert!(a.is_gone(H, "new", 2000));
+        assert_eq!(a.alive(&shared, H, "new", 1500, 2000, 30_000), Change::Written);
+        assert!(!a.is_gone(H, "new", 2001));
+        assert!(a.is_gone(H, "old", 2001), "the old instance's sessions still fail over");
+        b.refresh(&shared);
+        assert!(!b.is_gone(H, "new", 2001) && b.is_gone(H, "old", 2001));
+        assert_eq!(b.alive(&shared, H, "new", 2500, 3000, 30_000), Change::Unchanged, "already known");
+    }
+
+    #[test]
+    fn an_app_without_instance_ids_is_simply_forgotten_when_it_answers() {
+        let shared = FakeShared::default();
+        let mut t = GoneTable::default();
+        t.mark(&shared, H, Sighting::Down, 1000, 30_000);
+        assert_eq!(t.alive(&shared, H, "", 1500, 2000, 30_000), Change::Written);
+        assert!(!t.is_gone(H, "", 2001) && !t.is_gone(H, "x", 2001));
     }
 
     #[test]
@@ -206,8 +284,8 @@ pub mod tests {
         let shared = FakeShared::default();
         shared.lose_races.set(true);
         let mut t = GoneTable::default();
-        assert!(!t.mark(&shared, "10.0.0.1:80", Sighting::Down, 0, 1000));
-        assert!(t.is_gone("10.0.0.1:80", "", 1));
+        assert_eq!(t.mark(&shared, H, Sighting::Down, 0, 1000), Change::LocalOnly);
+        assert!(t.is_gone(H, "", 1));
     }
 
     #[test]
@@ -225,8 +303,8 @@ pub mod tests {
 
     #[test]
     fn every_sighting_reads_back_as_written() {
-        for sighting in [Sighting::Down, Sighting::Replaced { instance: "-".into() }, Sighting::Replaced { instance: "pod-a".into() }] {
-            let entries = vec![Entry { host: "10.0.0.1:80".into(), until_ms: 5, sighting }];
+        for sighting in [Sighting::Down, Sighting::Runs { instance: "-".into() }, Sighting::Runs { instance: "pod-a".into() }] {
+            let entries = vec![Entry { upstream: H.into(), until_ms: 5, marked_ms: 3, sighting }];
             assert_eq!(parse(&serialize(&entries)), entries);
         }
     }
@@ -234,7 +312,7 @@ pub mod tests {
     #[test]
     fn garbage_in_shared_data_is_ignored() {
         assert!(parse(b"\xff\xfe").is_empty());
-        assert!(parse(b"not a line\n10.0.0.1:80 x\n10.0.0.1:80 5 a b\n10.0.0.1:80 5 \n").is_empty());
-        assert_eq!(parse(b"10.0.0.1:80 5\n10.0.0.2:80 5 -\n").len(), 2);
+        assert!(parse(b"not a line\n10.0.0.1:80 x 1\n10.0.0.1:80 5 1 a b\n10.0.0.1:80 5 1 \n10.0.0.1:80 5\n").is_empty());
+        assert_eq!(parse(b"10.0.0.1:80 5 1\n10.0.0.2:80 5 1 -\n").len(), 2);
     }
 }

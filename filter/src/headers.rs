@@ -1,10 +1,46 @@
-//! A header map as the proxy hands it over: one buffer, read in place.
+//! Header maps as the proxy hands them over (one buffer, read in place), and
+//! the set of internal header names a client must never send in any spelling.
 //!
 //! proxy-wasm serialises a map as `count`, then `count` pairs of (name
 //! length, value length), then every name and value each followed by a NUL,
 //! all lengths little-endian u32. Reading it in place costs one allocation
 //! per map instead of two per header, which is most of what the pinned path
 //! would otherwise spend.
+
+use crate::config::HeaderNames;
+
+/// Envoy router headers the filter sets itself on requests the load balancer
+/// places; a client's copy could make Envoy retry a pinned request elsewhere.
+const ENVOY_RETRY_HEADERS: [&str; 3] = ["x-envoy-retry-on", "x-envoy-max-retries", "x-envoy-retriable-header-names"];
+
+/// Every header name of the app contract, and the Envoy retry headers. A
+/// request header that is any spelling of one of these (case folded, `_` for
+/// `-`) is the client's and never reaches an app: CGI-style servers (wsgiref,
+/// PHP-FPM, Rack) read `x_session_state` as `HTTP_X_SESSION_STATE`.
+#[derive(Debug, Clone)]
+pub struct InternalHeaders {
+    names: Vec<String>,
+}
+
+impl InternalHeaders {
+    pub fn new(h: &HeaderNames) -> InternalHeaders {
+        let mut names: Vec<String> = h.named().iter().map(|(_, name)| name.to_string()).collect();
+        names.extend(ENVOY_RETRY_HEADERS.iter().map(|n| n.to_string()));
+        InternalHeaders { names }
+    }
+
+    /// Whether `name` (as a client sent it) spells an internal header.
+    pub fn matches(&self, name: &[u8]) -> bool {
+        self.names.iter().any(|internal| same_header(name, internal.as_bytes()))
+    }
+}
+
+/// Header names compared as a CGI gateway would: ASCII case folded, and `_`
+/// taken for `-`. `canonical` is lower case with `-`.
+fn same_header(name: &[u8], canonical: &[u8]) -> bool {
+    name.len() == canonical.len()
+        && name.iter().zip(canonical).all(|(&a, &c)| a.to_ascii_lowercase() == c || (a == b'_' && c == b'-'))
+}
 
 /// A serialised header map.
 #[derive(Debug, Default, Clone)]
@@ -81,6 +117,17 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_spelling_of_an_internal_header_matches() {
+        let internal = InternalHeaders::new(&HeaderNames::default());
+        for name in ["x-session-state", "X-Session-State", "x_session_state", "X_SESSION_ID", "x-session_new", "x-envoy-retry-on", "x_envoy_max_retries"] {
+            assert!(internal.matches(name.as_bytes()), "{name}");
+        }
+        for name in ["x-session-states", "x-session", "cookie", "x-session-stat", "xxsession-id"] {
+            assert!(!internal.matches(name.as_bytes()), "{name}");
+        }
+    }
 
     #[test]
     fn pairs_read_back_as_serialised() {

@@ -9,9 +9,17 @@ use std::fmt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::config::Secret;
-
 type HmacSha256 = Hmac<Sha256>;
+
+/// A secret. Its `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
 
 /// Length of an HMAC-SHA256 tag in bytes.
 pub const TAG_LEN: usize = 32;
@@ -23,6 +31,9 @@ struct Key {
 
 pub struct KeyRing {
     keys: Vec<Key>,
+    /// Tells rings apart (a MAC of a fixed text under every key, folded):
+    /// caches of verified cookies are only valid for the ring that filled them.
+    fingerprint: u64,
 }
 
 impl fmt::Debug for KeyRing {
@@ -37,11 +48,23 @@ impl KeyRing {
     /// Keys whose secret the MAC refuses are skipped; HMAC accepts any length,
     /// so that does not happen in practice.
     pub fn new(keys: Vec<(String, Secret)>) -> KeyRing {
-        let keys = keys
+        let keys: Vec<Key> = keys
             .into_iter()
             .filter_map(|(id, secret)| HmacSha256::new_from_slice(&secret.0).ok().map(|mac| Key { id, mac }))
             .collect();
-        KeyRing { keys }
+        let fingerprint = keys.iter().fold(0u64, |folded, key| {
+            let mut mac = key.mac.clone();
+            mac.update(b"session-affinity key ring fingerprint|");
+            mac.update(key.id.as_bytes());
+            let tag: [u8; TAG_LEN] = mac.finalize().into_bytes().into();
+            let word = tag.first_chunk::<8>().map_or(0, |w| u64::from_le_bytes(*w));
+            folded.rotate_left(7) ^ word
+        });
+        KeyRing { keys, fingerprint }
+    }
+
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// The id of the key that signs new cookies.
@@ -101,6 +124,15 @@ mod tests {
         assert!(!r.verify("k1", b"payload", &tag[..31]));
         assert!(!r.verify("nope", b"payload", &tag));
         assert!(!r.knows("nope"));
+    }
+
+    #[test]
+    fn fingerprints_tell_rings_apart() {
+        assert_eq!(ring(&["k1"]).fingerprint(), ring(&["k1"]).fingerprint());
+        assert_ne!(ring(&["k1"]).fingerprint(), ring(&["k2"]).fingerprint());
+        assert_ne!(ring(&["k1", "k2"]).fingerprint(), ring(&["k2", "k1"]).fingerprint());
+        let other = KeyRing::new(vec![("k1".into(), Secret(b"another-secret-0123456789abcdef0123".to_vec()))]);
+        assert_ne!(ring(&["k1"]).fingerprint(), other.fingerprint());
     }
 
     #[test]

@@ -3,106 +3,102 @@
 //! Requests bump plain in-memory counters; the worker's tick adds them to the
 //! proxy's metrics once a second. That keeps host calls off the hot path: a
 //! pinned request makes no metric call at all.
+//!
+//! Names are `session_affinity.<area>.<event>`, areas `sessions`, `cookies`,
+//! `failovers`, `store` and `gone` (Envoy shows them as
+//! `wasmcustom.session_affinity.…`, Prometheus as `session_affinity_…`).
 
 use std::cell::{Cell, RefCell};
 
 use crate::cookie::Rejection;
 
-/// Every counter the filter exports, named `session_affinity.<name>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Counter {
-    SessionsCreated,
-    Pinned,
-    Skipped,
-    RejectedMalformed,
-    RejectedUnknownKey,
-    RejectedBadSignature,
-    RejectedExpired,
-    CookiesRefreshed,
-    FailoversKnown,
-    FailoversReplayed,
-    FailoversRestart,
-    FailoversFresh,
-    FailoversJoined,
-    StateRestored,
-    StoreWrites,
-    StoreWritesRejected,
-    StoreErrors,
-    StoreTimeouts,
-    ClaimConflicts,
-    HostsMarkedGone,
-    OutageRejected,
+macro_rules! counters {
+    ($($variant:ident => $name:literal: $doc:literal,)*) => {
+        /// Every counter the filter exports.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Counter {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => concat!("session_affinity.", $name),)*
+                }
+            }
+
+            pub fn describe(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => $doc,)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    SessionsCreated => "sessions.created": "new sessions pinned to the host that served them",
+    SessionsPinned => "sessions.pinned": "requests sent to their session's pinned host",
+    SessionsSkipped => "sessions.skipped": "requests on paths that need no affinity",
+    SessionsOtherCluster => "sessions.other_cluster": "requests whose cookie belongs to another cluster's route (not steered)",
+    SessionsEnded => "sessions.ended": "sessions the app ended (x-session-end, or unknown to the very instance they are pinned to)",
+    SessionsRotated => "sessions.rotated": "sessions moved to a new id by the app (x-session-rotate)",
+    CookiesRefreshed => "cookies.refreshed": "cookies re-issued (sliding refresh or key rotation)",
+    RejectedMalformed => "cookies.rejected.malformed": "cookies refused: malformed",
+    RejectedUnknownKey => "cookies.rejected.unknown_key": "cookies refused: signed with a key not in the ring",
+    RejectedBadSignature => "cookies.rejected.bad_signature": "cookies refused: forged or tampered",
+    RejectedExpired => "cookies.rejected.expired": "cookies refused: expired (or past the session's absolute lifetime)",
+    RejectedAmbiguous => "cookies.rejected.ambiguous": "requests with valid cookies for different sessions (none trusted)",
+    FailoversKnown => "failovers.known": "failovers of sessions whose host this proxy already knew gone",
+    FailoversReplayed => "failovers.replayed": "requests found their host gone and were replayed (307)",
+    FailoversReset => "failovers.reset": "safe requests whose upstream connection was lost, replayed (307)",
+    FailoversRestart => "failovers.restart": "failovers because the app restarted at the same address",
+    FailoversRestored => "failovers.restored": "failovers that restored stored state",
+    FailoversJoined => "failovers.joined": "failovers that found the session already moved by another proxy",
+    FailoversFresh => "failovers.fresh": "failovers that started an empty session (no store, outage, or an app without the contract)",
+    FailoversRefused => "failovers.refused": "restored states a live app refused (started fresh)",
+    FailoversBusy => "failovers.busy": "failovers answered 503 while another proxy kept moving the session",
+    FailoversRejected => "failovers.rejected": "failovers answered 503 by the outage policy \"reject\"",
+    StoreWrites => "store.writes": "state writes sent",
+    StoreWritesRejected => "store.writes_rejected": "state writes refused because the host no longer owns the session",
+    StoreWritesUnprotected => "store.writes_unprotected": "state changes not stored because the store was unreachable (breaker open or errors)",
+    StoreErrors => "store.errors": "store calls that failed (no answer, HTTP error, unreadable answer)",
+    StoreTimeouts => "store.timeouts": "store calls that ran out of time",
+    StoreMismatched => "store.replies_mismatched": "store answers that belonged to another call (never used)",
+    StoreBreakerOpened => "store.breaker_opened": "times the store circuit breaker opened",
+    StoreBreakerRejected => "store.breaker_rejected": "store calls failed at once by the open breaker",
+    GoneMarked => "gone.marked": "hosts or instances marked gone",
+    GoneCleared => "gone.cleared": "gone marks forgotten because the host answered again",
 }
 
 impl Counter {
-    pub const ALL: [Counter; 21] = [
-        Counter::SessionsCreated,
-        Counter::Pinned,
-        Counter::Skipped,
-        Counter::RejectedMalformed,
-        Counter::RejectedUnknownKey,
-        Counter::RejectedBadSignature,
-        Counter::RejectedExpired,
-        Counter::CookiesRefreshed,
-        Counter::FailoversKnown,
-        Counter::FailoversReplayed,
-        Counter::FailoversRestart,
-        Counter::FailoversFresh,
-        Counter::FailoversJoined,
-        Counter::StateRestored,
-        Counter::StoreWrites,
-        Counter::StoreWritesRejected,
-        Counter::StoreErrors,
-        Counter::StoreTimeouts,
-        Counter::ClaimConflicts,
-        Counter::HostsMarkedGone,
-        Counter::OutageRejected,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Counter::SessionsCreated => "session_affinity.sessions_created",
-            Counter::Pinned => "session_affinity.pinned",
-            Counter::Skipped => "session_affinity.skipped",
-            Counter::RejectedMalformed => "session_affinity.cookies_rejected.malformed",
-            Counter::RejectedUnknownKey => "session_affinity.cookies_rejected.unknown_key",
-            Counter::RejectedBadSignature => "session_affinity.cookies_rejected.bad_signature",
-            Counter::RejectedExpired => "session_affinity.cookies_rejected.expired",
-            Counter::CookiesRefreshed => "session_affinity.cookies_refreshed",
-            Counter::FailoversKnown => "session_affinity.failovers.known",
-            Counter::FailoversReplayed => "session_affinity.failovers.replayed",
-            Counter::FailoversRestart => "session_affinity.failovers.restart",
-            Counter::FailoversFresh => "session_affinity.failovers_fresh",
-            Counter::FailoversJoined => "session_affinity.failovers_joined",
-            Counter::StateRestored => "session_affinity.state_restored",
-            Counter::StoreWrites => "session_affinity.store_writes",
-            Counter::StoreWritesRejected => "session_affinity.store_writes_rejected",
-            Counter::StoreErrors => "session_affinity.store_errors",
-            Counter::StoreTimeouts => "session_affinity.store_timeouts",
-            Counter::ClaimConflicts => "session_affinity.claim_conflicts",
-            Counter::HostsMarkedGone => "session_affinity.hosts_marked_gone",
-            Counter::OutageRejected => "session_affinity.outage_rejected",
-        }
-    }
-
     pub fn rejected(reason: Rejection) -> Counter {
         match reason {
             Rejection::Malformed => Counter::RejectedMalformed,
             Rejection::UnknownKey => Counter::RejectedUnknownKey,
             Rejection::BadSignature => Counter::RejectedBadSignature,
             Rejection::Expired => Counter::RejectedExpired,
+            Rejection::Ambiguous => Counter::RejectedAmbiguous,
         }
     }
 }
 
 /// The name of the store latency histogram (milliseconds).
-pub const STORE_LATENCY: &str = "session_affinity.store_latency_ms";
+pub const STORE_LATENCY: &str = "session_affinity.store.latency_ms";
 
 /// Counts not yet handed to the proxy.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    counts: [Cell<u64>; Counter::ALL.len()],
+    counts: Vec<Cell<u64>>,
     latencies_ms: RefCell<Vec<u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics { counts: Counter::ALL.iter().map(|_| Cell::new(0)).collect(), latencies_ms: RefCell::default() }
+    }
 }
 
 impl Metrics {
@@ -135,7 +131,7 @@ impl Metrics {
         (counts, samples)
     }
 
-    #[cfg(test)]
+    /// A pending count (tests read it before the tick drains it).
     pub fn get(&self, counter: Counter) -> u64 {
         self.counts.get(counter as usize).map_or(0, Cell::get)
     }
@@ -146,20 +142,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn all_lists_every_counter_in_discriminant_order() {
+    fn all_lists_every_counter_in_discriminant_order_with_distinct_names() {
+        let mut names = std::collections::HashSet::new();
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{}", c.name());
+            assert!(names.insert(c.name()), "{} twice", c.name());
+            let area = c.name().split('.').nth(1).unwrap();
+            assert!(["sessions", "cookies", "failovers", "store", "gone"].contains(&area), "{}", c.name());
+        }
+    }
+
+    #[test]
+    fn the_readme_lists_every_counter() {
+        let readme = include_str!("../../README.md");
+        for c in Counter::ALL {
+            let short = c.name().trim_start_matches("session_affinity.");
+            assert!(readme.contains(&format!("`{short}`")), "README.md does not list `{short}`");
         }
     }
 
     #[test]
     fn drain_returns_and_resets_counts() {
         let m = Metrics::default();
-        m.incr(Counter::Pinned);
-        m.incr(Counter::Pinned);
+        m.incr(Counter::SessionsPinned);
+        m.incr(Counter::SessionsPinned);
         m.store_latency(3);
         let (counts, lat) = m.drain();
-        assert_eq!(counts, vec![(Counter::Pinned, 2)]);
+        assert_eq!(counts, vec![(Counter::SessionsPinned, 2)]);
         assert_eq!(lat, vec![3]);
         assert_eq!(m.drain(), (vec![], vec![]));
     }

@@ -96,10 +96,12 @@ def new_sid() -> str:
 
 def sign_cookie(sid: str, host: str, instance: str, *, iat: int | None = None,
                 ttl: int = 86400, kid: str = KID, flags: int = 0,
-                secret: str = SECRET) -> str:
-    """A v1 cookie value: 1|sid|host|instance|iat|exp|kid|flags|tag."""
+                secret: str = SECRET, cluster: str = "app") -> str:
+    """A v2 cookie value for a session in the bench's `app` cluster:
+    2|sid|cluster tag|host|instance|since|iat|exp|kid|flags|tag."""
     iat = int(time.time()) if iat is None else iat
-    body = f"1|{sid}|{host}|{instance}|{iat}|{iat + ttl}|{kid}|{flags}|"
+    tag = base64.urlsafe_b64encode(hashlib.sha256(cluster.encode()).digest()[:6]).rstrip(b"=").decode()
+    body = f"2|{sid}|{tag}|{host}|{instance}|{iat}|{iat}|{iat + ttl}|{kid}|{flags}|"
     mac = hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest()
     return body + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
@@ -356,7 +358,8 @@ def http_get(port: int, path: str = "/", headers: dict | None = None,
 # -------------------------------------------------------------- upstreams --
 
 class Upstreams:
-    """Three fast upstreams that say who they are (x-instance-id).
+    """Three fast upstreams that say who they are (x-instance-id for the
+    filter, which keeps it internal, and x-served-by for the bench).
 
     nginx-light by default; `kind="envoy"` uses one extra Envoy with
     direct_response listeners (for machines without nginx). On paths under
@@ -396,11 +399,13 @@ class Upstreams:
     location = /healthz {{ return 200 "ok\\n"; }}
     location /state/ {{
       add_header x-instance-id {inst} always;
+      add_header x-served-by {inst} always;
       add_header x-session-state "{STATE_VALUE}" always;
       return 200 "hello from {inst}\\n";
     }}
     location / {{
       add_header x-instance-id {inst} always;
+      add_header x-served-by {inst} always;
       return 200 "hello from {inst}\\n";
     }}
   }}""")
@@ -429,7 +434,8 @@ http {{
         listeners = []
         for port, inst in zip(self.ports, self.instances):
             def route(prefix: str, state: bool, inst: str = inst) -> dict:
-                hdrs = [{"header": {"key": "x-instance-id", "value": inst}}]
+                hdrs = [{"header": {"key": "x-instance-id", "value": inst}},
+                        {"header": {"key": "x-served-by", "value": inst}}]
                 if state:
                     hdrs.append({"header": {"key": "x-session-state", "value": STATE_VALUE}})
                 return {"match": {"prefix": prefix},
@@ -702,7 +708,7 @@ def instances_seen(port: int, path: str, headers: dict, n: int = 6) -> list[str]
         status, hdrs, _ = http_get(port, path, headers)
         if status != 200:
             raise RuntimeError(f"GET {path} -> {status}")
-        seen.append(hdrs.get("x-instance-id", ["?"])[0])
+        seen.append(hdrs.get("x-served-by", ["?"])[0])
     return seen
 
 
@@ -907,7 +913,7 @@ def counter_delta(before: dict[str, int], envoy: Envoy, requests: int) -> dict[s
     while time.monotonic() < deadline:
         after = envoy.stats()
         moved = sum(after.get(k, 0) - before.get(k, 0) for k in after
-                    if k.endswith((".pinned", ".sessions_created", ".store_writes")))
+                    if k.endswith((".sessions.pinned", ".sessions.created", ".store.writes")))
         if moved >= requests * 0.99:
             break
         time.sleep(0.5)
@@ -926,7 +932,7 @@ def native_cookie_headers(bench: Bench, v: Variant) -> dict:
     for _ in range(6):  # round robin: find a cookie that pins the second upstream
         _, hdrs, _ = http_get(v.envoy.port, "/")
         value = set_cookie_value(hdrs, "sa-native")
-        if value and hdrs.get("x-instance-id", [""])[0] == bench.upstreams.instances[1]:
+        if value and hdrs.get("x-served-by", [""])[0] == bench.upstreams.instances[1]:
             return {"cookie": f"sa-native={value}"}
     raise RuntimeError("native stateful_session set no usable cookie")
 
@@ -938,7 +944,7 @@ def store_session_headers(bench: Bench, v: Variant) -> dict:
     for _ in range(9):
         _, hdrs, _ = http_get(v.envoy.port, "/state/")
         value = set_cookie_value(hdrs, COOKIE)
-        if value and hdrs.get("x-instance-id", [""])[0] == bench.upstreams.instances[1]:
+        if value and hdrs.get("x-served-by", [""])[0] == bench.upstreams.instances[1]:
             return {"cookie": f"{COOKIE}={value}"}
     raise RuntimeError("the filter set no session cookie on a new session")
 

@@ -6,7 +6,7 @@
 //! and nothing more:
 //!
 //! 1. read the `cookie` request header and find the `sa` cookie;
-//! 2. split the v1 value `1|sid|host|instance|iat|exp|kid|flags|tag`
+//! 2. split the v2 value `2|sid|cluster|host|instance|since|iat|exp|kid|flags|tag`
 //!    (the format of the working contract, so the same cookie drives this
 //!    baseline and the real filter);
 //! 3. key a fresh HMAC-SHA256 with the secret (every request, no cached key
@@ -132,7 +132,9 @@ fn pinned_host(cookie_header: &[u8], secret: &[u8], now: u64) -> Option<String> 
 
     let text = std::str::from_utf8(signed).ok()?;
     let mut fields = text.split('|');
-    let (Some("1"), Some(_sid), Some(host), Some(_instance), Some(_iat), Some(exp), Some(_kid), Some(flags)) = (
+    let (Some("2"), Some(_sid), Some(_cluster), Some(host), Some(_instance), Some(_since), Some(_iat), Some(exp), Some(_kid), Some(flags)) = (
+        fields.next(),
+        fields.next(),
         fields.next(),
         fields.next(),
         fields.next(),

@@ -1,0 +1,367 @@
+//! The per-request session flow: every decision the filter makes, written
+//! against the small [`HttpHost`] interface so it runs natively in tests.
+//!
+//! The callbacks here only dispatch; each stage lives in its own module:
+//! - [`request`]: what a request is (skipped, new, pinned, failing over);
+//! - [`response`]: what a response says (reached an app or not, and what the
+//!   app asked for);
+//! - [`session`]: new and pinned sessions on the way back: pinning, state
+//!   writes, and the lifecycle (ended, rotated, restarted, host gone);
+//! - [`failover`]: the failover state machine (store lease, polls, restore,
+//!   commit);
+//! - [`issue`]: cookies and the filter's local replies;
+//! - [`worker`]: what the streams of one worker share, and every store call.
+
+pub mod failover;
+mod issue;
+pub mod request;
+pub mod response;
+mod session;
+mod worker;
+
+use std::rc::Rc;
+
+use log::warn;
+
+use crate::config::{Config, WriteMode};
+use crate::cookie::{Claims, ClusterTag};
+use crate::host::{Action, HttpHost};
+use crate::ids::SessionId;
+use crate::metrics::Counter;
+use crate::store::{Op, Reply, StoreError};
+use failover::Failover;
+use issue::Issuer;
+use request::{Arrival, RequestView};
+use response::{trailer_state, ResponseView};
+pub use worker::{Sent, Worker};
+
+/// Envoy router retry conditions under which the request provably reached no
+/// app, for requests the load balancer places (a retry ignores a routing
+/// override, so pinned requests never get them).
+const RETRY_ON_UNREACHED: &str = "connect-failure,refused-stream,reset-before-request,retriable-headers";
+const MAX_RETRIES: &str = "3";
+
+/// Facts about the request that the response phase needs.
+#[derive(Debug, Default)]
+struct Request {
+    /// When the request headers arrived: the response phase decides with it
+    /// (a host call saved), but reads the clock afresh to sign a cookie.
+    started_ms: u64,
+    safe_method: bool,
+    /// Kept for a 307 back to the same URL (Envoy has checked it is ASCII).
+    path: String,
+    cluster: ClusterTag,
+}
+
+#[derive(Debug)]
+enum Stream {
+    /// Before the request headers.
+    Idle,
+    /// No affinity here (a skipped path, another cluster's cookie): only the
+    /// internal headers are stripped.
+    Unmanaged,
+    New { sid: SessionId },
+    Pinned { claims: Claims, reissue: bool },
+    Failover(Failover),
+    /// The response headers were handled; trailers may still carry state for
+    /// the session `sid` owned by `owner`, started at `since`.
+    Served { sid: String, owner: String, since: u64 },
+    /// Nothing more to do (a local reply, or a response that ends the story).
+    Done,
+}
+
+/// Which direction waits for a store answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Nothing,
+    Request,
+    Response,
+}
+
+#[derive(Debug)]
+struct Pending {
+    sent: Sent,
+    held: Held,
+}
+
+pub struct Flow {
+    context_id: u32,
+    config: Rc<Config>,
+    worker: Rc<Worker>,
+    stream: Stream,
+    request: Request,
+    pending: Option<Pending>,
+}
+
+impl Flow {
+    pub fn new(context_id: u32, config: Rc<Config>, worker: Rc<Worker>) -> Flow {
+        Flow { context_id, config, worker, stream: Stream::Idle, request: Request::default(), pending: None }
+    }
+
+    fn count(&self, counter: Counter) {
+        self.worker.count(counter);
+    }
+
+    fn issuer(&self) -> Issuer<'_> {
+        Issuer { config: &self.config }
+    }
+
+    fn held(&self) -> Held {
+        self.pending.as_ref().map_or(Held::Nothing, |p| p.held)
+    }
+
+    /// Whether request body data must wait: while the request headers wait
+    /// for the store or a timer (continuing the body would release them).
+    pub fn holds_request_body(&self) -> bool {
+        self.held() == Held::Request || matches!(&self.stream, Stream::Failover(f) if f.is_waiting())
+    }
+
+    /// Whether response body data must wait: while a sync write holds the
+    /// response (an async write lets the stream go on).
+    pub fn holds_response_body(&self) -> bool {
+        self.held() == Held::Response
+    }
+
+    pub fn on_request_headers(&mut self, host: &mut impl HttpHost) -> Action {
+        let config = Rc::clone(&self.config);
+        let headers = host.request_headers();
+        let view = RequestView::read(&headers, &config);
+        for name in &view.internal {
+            if let Ok(name) = std::str::from_utf8(name) {
+                host.remove_request_header(name);
+            }
+        }
+        let now_ms = host.now_ms();
+        self.request = Request {
+            started_ms: now_ms,
+            safe_method: view.safe_method,
+            path: String::new(),
+            cluster: ClusterTag::default(),
+        };
+        if config.skips(view.path) {
+            self.count(Counter::SessionsSkipped);
+            self.stream = Stream::Unmanaged;
+            return Action::Continue;
+        }
+        self.request.cluster = self.worker.cluster_tag(&host.cluster_name());
+        let arrival = {
+            let gone = self.worker.gone.borrow();
+            request::classify(&view, &config, &self.worker.verified, &gone, self.request.cluster, now_ms)
+        };
+        if matches!(arrival, Arrival::Pinned(_) | Arrival::KnownGone(_) | Arrival::Moving(_)) {
+            self.request.path = String::from_utf8_lossy(view.path).into_owned();
+        }
+        match arrival {
+            Arrival::OtherCluster => {
+                self.count(Counter::SessionsOtherCluster);
+                self.stream = Stream::Unmanaged;
+                Action::Continue
+            }
+            Arrival::New(rejection) => {
+                if let Some(reason) = rejection {
+                    self.count(Counter::rejected(reason));
+                }
+                self.start_new_session(host);
+                Action::Continue
+            }
+            Arrival::Pinned(claims) => {
+                self.count(Counter::SessionsPinned);
+                self.send_pinned(host, claims, false);
+                Action::Continue
+            }
+            Arrival::KnownGone(claims) => {
+                self.count(Counter::FailoversKnown);
+                self.begin_failover(host, claims)
+            }
+            // Its failover was counted when the 307 was sent.
+            Arrival::Moving(claims) => self.begin_failover(host, claims),
+        }
+    }
+
+    /// Sends the request to the session's pinned host; `reissue` re-signs the
+    /// cookie on the response.
+    fn send_pinned(&mut self, host: &mut impl HttpHost, claims: Claims, reissue: bool) {
+        host.route_to(claims.upstream());
+        host.set_request_header(&self.config.headers.session_id, claims.sid());
+        self.stream = Stream::Pinned { claims, reissue };
+    }
+
+    /// A new session: a fresh id, and the load balancer picks the host.
+    fn start_new_session(&mut self, host: &mut impl HttpHost) {
+        let sid = SessionId::from_random(&self.worker.unguessable(host, &self.config, self.context_id));
+        self.send_unpinned(host, sid.as_str(), None);
+        self.stream = Stream::New { sid };
+    }
+
+    /// Sends the request to whatever live host the load balancer picks, with
+    /// the session's id and either the state to restore or "create it".
+    fn send_unpinned(&self, host: &mut impl HttpHost, sid: &str, state: Option<&str>) {
+        let h = &self.config.headers;
+        host.set_request_header(&h.session_id, sid);
+        match state {
+            Some(state) => host.set_request_header(&h.session_state, state),
+            None => host.set_request_header(&h.session_new, "1"),
+        }
+        // The router may retry on another host when no app saw the request:
+        // refused connections, and a mesh sidecar's "app not reached" answer.
+        host.set_request_header("x-envoy-retry-on", RETRY_ON_UNREACHED);
+        host.set_request_header("x-envoy-retriable-header-names", &h.unreached);
+        host.set_request_header("x-envoy-max-retries", MAX_RETRIES);
+    }
+
+    pub fn on_response_headers(&mut self, host: &mut impl HttpHost) -> Action {
+        if matches!(self.stream, Stream::Idle | Stream::Done) {
+            return Action::Continue;
+        }
+        let config = Rc::clone(&self.config);
+        let headers = host.response_headers();
+        let response = ResponseView::read(&headers, &config);
+        for name in response.internal() {
+            if let Ok(name) = std::str::from_utf8(name) {
+                host.remove_response_header(name);
+            }
+        }
+        if response.state_sent && response.state.is_none() {
+            warn!("[{}] the app sent session state that is not a valid header value; not stored", self.context_id);
+        }
+        match std::mem::replace(&mut self.stream, Stream::Done) {
+            Stream::Idle | Stream::Done | Stream::Served { .. } | Stream::Unmanaged => Action::Continue,
+            Stream::New { sid } => self.new_session_response(host, &response, sid),
+            Stream::Pinned { claims, reissue } => self.pinned_response(host, &response, claims, reissue),
+            Stream::Failover(failover) => self.failover_response(host, &response, failover),
+        }
+    }
+
+    /// State the app could only send after the body (its response was
+    /// already committed) arrives as a trailer: store it like a header.
+    pub fn on_response_trailers(&mut self, host: &mut impl HttpHost) -> Action {
+        let Stream::Served { sid, owner, since } = std::mem::replace(&mut self.stream, Stream::Done) else {
+            return Action::Continue;
+        };
+        let trailers = host.response_trailers();
+        let (sent, state) = trailer_state(&trailers, &self.config);
+        if !sent {
+            return Action::Continue;
+        }
+        host.remove_response_trailer(&self.config.headers.session_state);
+        let Some(state) = state else {
+            warn!("[{}] the app sent a session state trailer that is not a valid header value; not stored", self.context_id);
+            return Action::Continue;
+        };
+        let op = Op::Write { sid, from: owner.clone(), to: owner, state: Some(state.to_string()), ttl_ms: self.store_ttl(since, host.now_ms()) };
+        self.count(Counter::StoreWrites);
+        self.store_change(host, op)
+    }
+
+    /// Sends an operation that changes the session to the store: held in sync
+    /// mode (the response waits for the answer), detached in async mode.
+    fn store_change(&mut self, host: &mut impl HttpHost, op: Op) -> Action {
+        let sync = self.config.store.as_ref().is_some_and(|s| s.write == WriteMode::Sync);
+        if !sync {
+            if !self.worker.send_later(host, &self.config, self.context_id, op) {
+                self.worker.unprotected(host.now_ms());
+            }
+            return Action::Continue;
+        }
+        match self.worker.call_store(host, &self.config, self.context_id, op) {
+            Some(sent) => {
+                self.pending = Some(Pending { sent, held: Held::Response });
+                Action::Pause
+            }
+            None => {
+                self.worker.unprotected(host.now_ms());
+                Action::Continue
+            }
+        }
+    }
+
+    /// The store's entry TTL for a session started at `since` (unix seconds):
+    /// its idle TTL, never past the session's absolute lifetime.
+    fn store_ttl(&self, since: u64, now_ms: u64) -> u64 {
+        let idle = self.config.store.as_ref().map_or(0, |s| s.idle_ttl_ms);
+        let end_of_life_ms = since.saturating_add(self.config.cookie.max_lifetime_secs).saturating_mul(1000);
+        idle.min(end_of_life_ms.saturating_sub(now_ms)).max(1)
+    }
+
+    /// The store's answer to the call with `token`. `status` is None when the
+    /// call failed or timed out.
+    pub fn on_store_response(&mut self, host: &mut impl HttpHost, token: u32, status: Option<u32>, body: &[u8]) {
+        let Some(pending) = self.pending.take_if(|p| p.sent.token == token) else { return };
+        let config = Rc::clone(&self.config);
+        let reply = self.worker.store_reply(&*host, &config, &pending.sent, status, body, host.now_ms());
+        let action = match pending.sent.call.op {
+            Op::Begin { .. } => self.on_begin_reply(host, reply),
+            ref op => self.on_change_reply(host, op, reply),
+        };
+        if action == Action::Continue {
+            match pending.held {
+                Held::Request => host.resume_request(),
+                Held::Response => host.resume_response(),
+                Held::Nothing => {}
+            }
+        }
+    }
+
+    /// The answer to a held change of the session (write, commit, end, rotate).
+    fn on_change_reply(&mut self, host: &mut impl HttpHost, op: &Op, reply: Result<Reply, StoreError>) -> Action {
+        match reply {
+            Ok(Reply::Stored) => Action::Continue,
+            Ok(Reply::Conflict { owner }) => self.change_refused(host, op, owner),
+            Ok(Reply::Ended) => {
+                // The session ended elsewhere meanwhile: so it ends here too.
+                host.add_response_header("set-cookie", &self.issuer().expired_cookie());
+                self.stream = Stream::Done;
+                Action::Continue
+            }
+            Ok(other) => {
+                warn!("[{}] store answered a {} with {other:?}; ignored", self.context_id, op.name());
+                Action::Continue
+            }
+            Err(error) => {
+                // The app still holds the state; the next write catches the store up.
+                warn!("[{}] session {} failed: {error:?}", self.context_id, op.name());
+                self.worker.unprotected(host.now_ms());
+                Action::Continue
+            }
+        }
+    }
+
+    /// The store refused a change because this host no longer owns the
+    /// session: the change is not kept. In sync mode the client learns it (503,
+    /// retry) and is re-pinned to the owner.
+    fn change_refused(&mut self, host: &mut impl HttpHost, op: &Op, owner: Option<String>) -> Action {
+        self.count(Counter::StoreWritesRejected);
+        warn!("[{}] store refused a {} from a host that does not own the session (owner {owner:?})", self.context_id, op.name());
+        if !matches!(op, Op::Write { .. } | Op::Commit { .. }) {
+            return Action::Continue;
+        }
+        let now = host.now_ms() / 1000;
+        let owner = owner.as_deref().and_then(crate::ids::Owner::parse);
+        let since = match &self.stream {
+            Stream::Served { since, .. } => *since,
+            _ => now,
+        };
+        let set_cookie = owner.and_then(|o| {
+            let pin = issue::Pin { sid: op.sid(), cluster: self.request.cluster.as_str(), upstream: o.upstream, instance: o.instance, since };
+            self.issuer().set_cookie(pin, now, 0)
+        });
+        self.issuer().retry_later(host, "session belongs to another host; its change was not kept; retry\n", set_cookie.as_deref());
+        self.stream = Stream::Done;
+        Action::Pause
+    }
+
+    /// A timer this stream set has fired.
+    pub fn on_timer(&mut self, host: &mut impl HttpHost) {
+        if !matches!(&self.stream, Stream::Failover(f) if f.is_waiting()) {
+            return;
+        }
+        if let Stream::Failover(failover) = std::mem::replace(&mut self.stream, Stream::Done) {
+            if self.ask_store(host, failover) == Action::Continue {
+                host.resume_request();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

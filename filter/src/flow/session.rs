@@ -1,0 +1,248 @@
+//! New and pinned sessions on the way back: pin the cookie, store new state,
+//! and follow the session's lifecycle.
+//!
+//! The rules for a pinned request's answer:
+//! - no app was reached (503 UH/UF, or a sidecar's "unreached"): the host is
+//!   gone; mark it and replay the request (307) down the failover path;
+//! - the connection broke before an answer (503 UC/UR): replay a safe method
+//!   the same way, without marking the host (the replay finds out); pass the
+//!   error on for any other method, which an app may have processed;
+//! - "unknown session" from the very instance the cookie names: the app ended
+//!   it (logout, its own expiry). Ended is not lost: delete the stored copy,
+//!   drop the cookie, replay as a new session;
+//! - "unknown session" from another instance at the address: the app
+//!   restarted and lost it; replay down the failover path to restore it;
+//! - another instance that served it anyway (an app without the contract): pin
+//!   to that instance and move the owner, fenced;
+//! - otherwise the app served it: end, rotate, or store new state as it asks.
+
+use log::info;
+
+use super::issue::Pin;
+use super::response::{Reach, ResponseView};
+use super::{Flow, Stream};
+use crate::cookie::{Claims, FLAG_MOVING};
+use crate::gone::{Change, Sighting};
+use crate::host::{Action, HttpHost};
+use crate::ids::{Owner, SessionId};
+use crate::metrics::Counter;
+use crate::store::Op;
+
+impl Flow {
+    pub(super) fn new_session_response(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, sid: SessionId) -> Action {
+        if response.reach(host.response_flags()) != Reach::Served {
+            return Action::Continue; // no app served it: nothing to pin to
+        }
+        let Some(upstream) = host.upstream_address() else { return Action::Continue };
+        let instance = response.instance.unwrap_or("");
+        self.host_answered(host, &upstream, instance);
+        if response.end {
+            return Action::Continue; // the app ended it at once: nothing to keep
+        }
+        // An app that rotates the id at once (a login form's first request)
+        // names the id the session lives under.
+        let sid = response.rotate.filter(|s| !s.is_empty()).unwrap_or(sid.as_str()).to_string();
+        self.count(Counter::SessionsCreated);
+        let since = self.request.started_ms / 1000;
+        self.pin(host, &sid, &upstream, instance, since);
+        let owner = Owner { upstream: &upstream, instance }.to_string();
+        match response.state {
+            Some(state) => self.write_state(host, sid, owner, Some(state), since),
+            None => {
+                self.stream = Stream::Served { sid, owner, since };
+                Action::Continue
+            }
+        }
+    }
+
+    pub(super) fn pinned_response(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, claims: Claims, reissue: bool) -> Action {
+        match response.reach(host.response_flags()) {
+            Reach::NoHealthyHost | Reach::ConnectFailed => {
+                info!("[{}] upstream {} is gone; its sessions fail over", self.context_id, claims.upstream());
+                self.mark(host, claims.upstream(), Sighting::Down);
+                self.count(Counter::FailoversReplayed);
+                return self.replay_moving(host, &claims);
+            }
+            Reach::ConnectionLost if self.request.safe_method => {
+                self.count(Counter::FailoversReset);
+                return self.replay_moving(host, &claims);
+            }
+            Reach::ConnectionLost => return Action::Continue,
+            Reach::Served => {}
+        }
+        let upstream = host.upstream_address().unwrap_or_else(|| claims.upstream().to_string());
+        let moved = upstream != claims.upstream();
+        let instance = response.instance.unwrap_or("");
+        let restarted = !moved && !claims.instance().is_empty() && !instance.is_empty() && instance != claims.instance();
+        if moved {
+            // Only a config without `strict` lets Envoy pick another host: the pinned one is gone.
+            self.mark(host, claims.upstream(), Sighting::Down);
+        } else if restarted {
+            info!("[{}] upstream {} restarted as instance {instance}", self.context_id, claims.upstream());
+            self.mark(host, claims.upstream(), Sighting::Runs { instance: instance.to_string() });
+        }
+        if response.unknown {
+            if moved || restarted {
+                // Lost, not ended: restore it from the store on the replay.
+                self.count(if restarted { Counter::FailoversRestart } else { Counter::FailoversReplayed });
+                return self.replay_moving(host, &claims);
+            }
+            self.end_session(host, &claims, None);
+            return self.replay_as_new(host);
+        }
+        if moved || restarted {
+            // An app without "unknown" served it from a fresh session: pin to
+            // it, and move the owner (its stored state no longer applies).
+            self.count(if restarted { Counter::FailoversRestart } else { Counter::FailoversFresh });
+            if restarted {
+                self.count(Counter::FailoversFresh);
+            }
+            let since = claims.since;
+            self.pin(host, claims.sid(), &upstream, instance, since);
+            let to = Owner { upstream: &upstream, instance }.to_string();
+            return self.move_owner(host, &claims, to, response.state, since);
+        }
+        self.host_answered(host, &upstream, instance);
+        if response.end {
+            self.end_session(host, &claims, None);
+            host.add_response_header("set-cookie", &self.issuer().expired_cookie());
+            return Action::Continue;
+        }
+        if let Some(new_sid) = response.rotate {
+            return self.rotate(host, &claims, claims.owner(), new_sid, None, response.state);
+        }
+        let now = host.now_ms() / 1000;
+        if reissue || self.issuer().needs_refresh(&claims, now) {
+            self.count(Counter::CookiesRefreshed);
+            self.pin(host, claims.sid(), claims.upstream(), claims.instance(), claims.since);
+            self.touch(host, &claims);
+        }
+        self.write_state(host, claims.sid().to_string(), claims.owner().to_string(), response.state, claims.since)
+    }
+
+    /// Records a sighting of `upstream` in the gone table.
+    pub(super) fn mark(&self, host: &mut impl HttpHost, upstream: &str, sighting: Sighting) {
+        let now_ms = host.now_ms();
+        let change = self.worker.gone.borrow_mut().mark(&*host, upstream, sighting, now_ms, self.config.gone_ttl_ms);
+        if change != Change::Unchanged {
+            self.count(Counter::GoneMarked);
+        }
+    }
+
+    /// The app at `upstream` answered as `instance`: whatever marked it gone
+    /// before this request was sent is over.
+    pub(super) fn host_answered(&self, host: &mut impl HttpHost, upstream: &str, instance: &str) {
+        let sent_ms = self.request.started_ms;
+        let now_ms = host.now_ms();
+        let change = self.worker.gone.borrow_mut().alive(&*host, upstream, instance, sent_ms, now_ms, self.config.gone_ttl_ms);
+        if change != Change::Unchanged {
+            info!("[{}] upstream {upstream} answers again (instance {instance:?})", self.context_id);
+            self.count(Counter::GoneCleared);
+        }
+    }
+
+    /// Sets the cookie pinning `sid` to `upstream` and `instance`.
+    pub(super) fn pin(&self, host: &mut impl HttpHost, sid: &str, upstream: &str, instance: &str, since: u64) {
+        let pin = Pin { sid, cluster: self.request.cluster.as_str(), upstream, instance, since };
+        match self.issuer().set_cookie(pin, host.now_ms() / 1000, 0) {
+            Some(set_cookie) => host.add_response_header("set-cookie", &set_cookie),
+            None => info!("[{}] no cookie for upstream {upstream:?} instance {instance:?} (unusable, or the session is past its lifetime)", self.context_id),
+        }
+    }
+
+    /// Answers 307 to the same URL with the cookie flagged moving, so the
+    /// client's replay takes the failover path on any proxy replica.
+    pub(super) fn replay_moving(&mut self, host: &mut impl HttpHost, claims: &Claims) -> Action {
+        self.stream = Stream::Done;
+        let Some(set_cookie) = self.issuer().set_cookie(Pin::of(claims), host.now_ms() / 1000, FLAG_MOVING) else {
+            return Action::Continue;
+        };
+        self.issuer().replay(host, &self.request.path, &set_cookie);
+        Action::Pause
+    }
+
+    /// Answers 307 to the same URL dropping the cookie: the replay starts a
+    /// new session. Only for requests no app acted on.
+    pub(super) fn replay_as_new(&mut self, host: &mut impl HttpHost) -> Action {
+        self.stream = Stream::Done;
+        let expired = self.issuer().expired_cookie();
+        self.issuer().replay(host, &self.request.path, &expired);
+        Action::Pause
+    }
+
+    /// Stores the state a response carries (if any) from its owner, and
+    /// remembers the session for a state that may come as a trailer.
+    pub(super) fn write_state(&mut self, host: &mut impl HttpHost, sid: String, owner: String, state: Option<&str>, since: u64) -> Action {
+        self.stream = Stream::Served { sid: sid.clone(), owner: owner.clone(), since };
+        let (Some(state), Some(_)) = (state, &self.config.store) else { return Action::Continue };
+        self.count(Counter::StoreWrites);
+        let ttl_ms = self.store_ttl(since, host.now_ms());
+        self.store_change(host, Op::Write { sid, from: owner.clone(), to: owner, state: Some(state.to_string()), ttl_ms })
+    }
+
+    /// Moves the stored owner from the cookie's to `to`, fenced, with the
+    /// response's state or none.
+    fn move_owner(&mut self, host: &mut impl HttpHost, from: &Claims, to: String, state: Option<&str>, since: u64) -> Action {
+        let sid = from.sid().to_string();
+        self.stream = Stream::Served { sid: sid.clone(), owner: to.clone(), since };
+        if self.config.store.is_none() {
+            return Action::Continue;
+        }
+        if state.is_some() {
+            self.count(Counter::StoreWrites);
+        }
+        let ttl_ms = self.store_ttl(since, host.now_ms());
+        let op = Op::Write { sid, from: from.owner().to_string(), to, state: state.map(str::to_string), ttl_ms };
+        self.store_change(host, op)
+    }
+
+    /// Keeps the store entry of an active session from expiring while idle
+    /// (fire and forget: the cookie refresh paces it).
+    fn touch(&self, host: &mut impl HttpHost, claims: &Claims) {
+        if self.config.store.is_none() {
+            return;
+        }
+        let ttl_ms = self.store_ttl(claims.since, host.now_ms());
+        let op = Op::Touch { sid: claims.sid().to_string(), owner: claims.owner().to_string(), ttl_ms };
+        self.worker.send_later(host, &self.config, self.context_id, op);
+    }
+
+    /// The app ended the session: its stored copy becomes a tombstone (fenced
+    /// on the owner, or on `lease` during a failover), so no failover on any
+    /// replica can bring it back.
+    pub(super) fn end_session(&mut self, host: &mut impl HttpHost, claims: &Claims, lease: Option<String>) {
+        self.count(Counter::SessionsEnded);
+        self.stream = Stream::Done;
+        let Some(store) = &self.config.store else { return };
+        let op = Op::End { sid: claims.sid().to_string(), owner: claims.owner().to_string(), lease, tombstone_ms: store.idle_ttl_ms };
+        if !self.worker.send_later(host, &self.config, self.context_id, op) {
+            self.worker.unprotected(host.now_ms());
+        }
+    }
+
+    /// The app moved the session to `new_sid` (a login): move the stored
+    /// entry atomically, now owned by `to`, and re-issue the cookie under the
+    /// new id. `lease` fences the move during a failover.
+    pub(super) fn rotate(&mut self, host: &mut impl HttpHost, claims: &Claims, to: Owner<'_>, new_sid: &str, lease: Option<String>, state: Option<&str>) -> Action {
+        if new_sid.is_empty() {
+            info!("[{}] the app asked to rotate the session without a valid new id; ignored", self.context_id);
+            return self.write_state(host, claims.sid().to_string(), to.to_string(), state, claims.since);
+        }
+        self.count(Counter::SessionsRotated);
+        self.pin(host, new_sid, to.upstream, to.instance, claims.since);
+        let to = to.to_string();
+        self.stream = Stream::Served { sid: new_sid.to_string(), owner: to.clone(), since: claims.since };
+        let Some(store) = &self.config.store else { return Action::Continue };
+        let op = Op::Rotate {
+            sid: claims.sid().to_string(),
+            new_sid: new_sid.to_string(),
+            from: claims.owner().to_string(),
+            lease,
+            to,
+            state: state.map(str::to_string),
+            ttl_ms: self.store_ttl(claims.since, host.now_ms()),
+            tombstone_ms: store.idle_ttl_ms,
+        };
+        self.store_change(host, op)
+    }
+}

@@ -1,0 +1,149 @@
+//! The session lifecycle: ended is not lost; rotation; restarts; trailers.
+
+use super::*;
+
+fn expires_the_cookie(value: &str) -> bool {
+    value.starts_with("sa=;") && value.ends_with("Max-Age=0")
+}
+
+#[test]
+fn the_app_ending_a_session_tombstones_it_and_drops_the_cookie() {
+    let bed = Bed::new(with_store("sync"));
+    let (_, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-end", "1")]);
+    assert_eq!(action, Action::Continue, "the response need not wait for the tombstone");
+    send_queued(&bed, &mut host);
+    assert_eq!(host.ops(), [&Op::End { sid: SID.into(), owner: owner(B1, "pod-a"), lease: None, tombstone_ms: 30 * 60_000 }]);
+    assert!(host.resp_all("set-cookie").iter().any(|v| expires_the_cookie(v)));
+    assert_eq!(host.resp("x-session-end"), None);
+    assert_eq!(bed.count(Counter::SessionsEnded), 1);
+}
+
+#[test]
+fn unknown_from_the_very_instance_the_cookie_names_means_ended_not_lost() {
+    let bed = Bed::new(with_store("sync"));
+    let mut host = bed.pinned(B1, "pod-a", &[(":method", "POST"), (":path", "/cart")]);
+    let mut f = bed.flow();
+    f.on_request_headers(&mut host);
+    host.respond(B1, &[(":status", "409"), ("x-instance-id", "pod-a"), ("x-session-unknown", "1")]);
+    assert_eq!(f.on_response_headers(&mut host), Action::Pause);
+    send_queued(&bed, &mut host);
+    assert!(matches!(host.ops()[..], [Op::End { .. }]), "the stored copy is deleted");
+    let (status, headers) = host.local_reply.clone().unwrap();
+    assert_eq!(status, 307, "the app did nothing: the request is repeated as a new session");
+    assert!(headers.iter().any(|(k, v)| k == "set-cookie" && expires_the_cookie(v)));
+    assert!(headers.contains(&("location".into(), "/cart".into())));
+    assert!(!bed.worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS + 1), "nothing is marked");
+    assert_eq!((bed.count(Counter::SessionsEnded), bed.count(Counter::FailoversRestart)), (1, 0));
+}
+
+#[test]
+fn unknown_from_a_restarted_instance_is_a_loss_replayed_to_restore_it() {
+    let bed = Bed::new(with_store("sync"));
+    let (_, host, action) = bed.answer_pinned(&[(":status", "409"), ("x-instance-id", "pod-new"), ("x-session-unknown", "1")]);
+    assert_eq!(action, Action::Pause);
+    assert!(host.calls.is_empty(), "nothing ends");
+    assert!(issued(&bed, &host).is_moving());
+    let gone = bed.worker.gone.borrow();
+    assert!(gone.is_gone(B1, "pod-a", NOW_MS + 1) && !gone.is_gone(B1, "pod-new", NOW_MS + 1));
+    assert_eq!(bed.count(Counter::FailoversRestart), 1);
+}
+
+#[test]
+fn an_app_without_the_contract_that_restarted_is_repinned_and_the_owner_moves() {
+    let bed = Bed::new(with_store("sync"));
+    let (mut f, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-new")]);
+    assert_eq!(action, Action::Pause, "the owner move is held in sync mode");
+    assert_eq!(
+        host.ops(),
+        [&Op::Write { sid: SID.into(), from: owner(B1, "pod-a"), to: owner(B1, "pod-new"), state: None, ttl_ms: 30 * 60_000 }],
+        "the stale stored state is dropped with the move"
+    );
+    assert_eq!(issued(&bed, &host).instance(), "pod-new");
+    reply(&mut f, &mut host, Reply::Stored);
+    assert_eq!(host.resumed_response, 1);
+    assert_eq!((bed.count(Counter::FailoversRestart), bed.count(Counter::FailoversFresh)), (1, 1));
+}
+
+#[test]
+fn rotation_moves_the_stored_session_to_the_apps_new_id_and_reissues_the_cookie() {
+    let bed = Bed::new(with_store("sync"));
+    let new_sid = "BBBBBBBBBBBBBBBBBBBBBB";
+    let (mut f, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-rotate", new_sid), ("x-session-state", "s2")]);
+    assert_eq!(action, Action::Pause);
+    assert_eq!(
+        host.ops(),
+        [&Op::Rotate {
+            sid: SID.into(),
+            new_sid: new_sid.into(),
+            from: owner(B1, "pod-a"),
+            lease: None,
+            to: owner(B1, "pod-a"),
+            state: Some("s2".into()),
+            ttl_ms: 30 * 60_000,
+            tombstone_ms: 30 * 60_000,
+        }]
+    );
+    let claims = issued(&bed, &host);
+    assert_eq!((claims.sid(), claims.since), (new_sid, NOW - 100), "a new id, the same session lifetime");
+    assert_eq!(host.resp("x-session-rotate"), None);
+    reply(&mut f, &mut host, Reply::Stored);
+    assert_eq!(bed.count(Counter::SessionsRotated), 1);
+}
+
+#[test]
+fn a_rotation_without_a_valid_new_id_is_ignored() {
+    let bed = Bed::new(with_store("sync"));
+    let (_, host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-rotate", "1"), ("x-session-state", "s2")]);
+    assert!(matches!(host.ops()[..], [Op::Write { .. }]));
+    assert_eq!(bed.count(Counter::SessionsRotated), 0);
+}
+
+#[test]
+fn a_new_session_the_app_rotates_at_once_is_pinned_under_the_new_id() {
+    let bed = Bed::new(with_store("sync"));
+    let mut host = bed.proxy(&[]);
+    let mut f = bed.flow();
+    f.on_request_headers(&mut host);
+    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-rotate", "BBBBBBBBBBBBBBBBBBBBBB"), ("x-session-state", "s")]);
+    f.on_response_headers(&mut host);
+    assert_eq!(issued(&bed, &host).sid(), "BBBBBBBBBBBBBBBBBBBBBB");
+    assert!(matches!(host.ops()[..], [Op::Write { sid, .. }] if sid == "BBBBBBBBBBBBBBBBBBBBBB"));
+}
+
+#[test]
+fn ending_a_session_during_its_failover_is_fenced_on_the_lease() {
+    let bed = Bed::new(with_store("sync"));
+    let cookie = format!("{COOKIE}={}", bed.cookie(B1, "pod-a", cookie::FLAG_MOVING));
+    let mut host = bed.proxy(&[("cookie", &cookie)]);
+    let mut f = bed.flow();
+    f.on_request_headers(&mut host);
+    let Some(Op::Begin { lease, .. }) = host.ops().first().cloned().cloned() else { panic!("no begin") };
+    reply(&mut f, &mut host, Reply::Acquired { state: Some("s".into()) });
+    host.respond(B2, &[("x-instance-id", "pod-b"), ("x-session-end", "1")]);
+    f.on_response_headers(&mut host);
+    send_queued(&bed, &mut host);
+    assert_eq!(host.ops()[1], &Op::End { sid: SID.into(), owner: owner(B1, "pod-a"), lease: Some(lease), tombstone_ms: 30 * 60_000 });
+    assert!(host.resp_all("set-cookie").iter().any(|v| expires_the_cookie(v)));
+}
+
+#[test]
+fn state_sent_as_a_trailer_is_stored_and_stripped() {
+    let bed = Bed::new(with_store("sync"));
+    let (mut f, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a")]);
+    assert_eq!(action, Action::Continue);
+    host.trailers = vec![("x-session-state".into(), "late".into()), ("x-other".into(), "kept".into())];
+    assert_eq!(f.on_response_trailers(&mut host), Action::Pause, "sync: the end of the response waits");
+    assert!(matches!(host.ops()[..], [Op::Write { state: Some(s), .. }] if s == "late"));
+    assert_eq!(host.trailers, [("x-other".to_string(), "kept".to_string())]);
+    reply(&mut f, &mut host, Reply::Stored);
+    assert_eq!(host.resumed_response, 1);
+}
+
+#[test]
+fn a_write_to_a_session_that_ended_elsewhere_drops_the_cookie() {
+    let bed = Bed::new(with_store("sync"));
+    let (mut f, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s")]);
+    reply(&mut f, &mut host, Reply::Ended);
+    assert!(host.resp_all("set-cookie").iter().any(|v| expires_the_cookie(v)));
+    assert_eq!(host.resumed_response, 1);
+}

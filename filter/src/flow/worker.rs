@@ -1,0 +1,243 @@
+//! What every stream of one worker shares: counters, the local copy of the
+//! gone table, the verified-cookie cache, and the store calls that outlive
+//! their stream. Also the one place store calls are made and their answers
+//! read, so the breaker, the counters and the reply checks apply to all.
+
+use std::cell::{Cell, RefCell};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use log::warn;
+
+use crate::breaker::{Admit, Breaker, Transition};
+use crate::config::{Config, StoreSettings};
+use crate::cookie::{cluster_tag, ClusterTag, VerifiedCookies};
+use crate::gone::GoneTable;
+use crate::host::{HttpHost, SharedData, WorkerHost};
+use crate::metrics::{Counter, Metrics};
+use crate::store::{Client, Op, Reply, StoreCall, StoreError};
+
+/// Worker calls queued or in flight at most; beyond it the oldest are
+/// forgotten (a store that never answers cannot grow this).
+const MAX_DETACHED: usize = 1024;
+/// One "state changes are not protected" line per worker per this interval.
+const UNPROTECTED_LOG_INTERVAL_MS: u64 = 10_000;
+
+#[derive(Debug, Default)]
+pub struct Worker {
+    pub metrics: Metrics,
+    pub gone: RefCell<GoneTable>,
+    pub verified: VerifiedCookies,
+    /// The last cluster name seen and its tag (hashing it per request would
+    /// cost a SHA-256 block on the hot path).
+    cluster: RefCell<Option<(String, ClusterTag)>>,
+    /// Store calls that must outlive their stream, queued until the worker
+    /// sends them from its own context ([`Worker::send_queued`]).
+    queued: RefCell<Vec<StoreCall>>,
+    /// The worker's calls in flight: (token, call, start time).
+    detached: RefCell<Vec<(u32, StoreCall, u64)>>,
+    /// Feeds the keyed fallback for unguessable ids when the host has no CSPRNG.
+    ids_made: Cell<u64>,
+    unprotected: Cell<u64>,
+    unprotected_logged_ms: Cell<u64>,
+}
+
+/// A store call that went out.
+#[derive(Debug)]
+pub struct Sent {
+    pub token: u32,
+    pub call: StoreCall,
+    pub started_ms: u64,
+}
+
+impl Worker {
+    pub fn count(&self, counter: Counter) {
+        self.metrics.incr(counter);
+    }
+
+    /// The tag of the route's cluster.
+    pub fn cluster_tag(&self, name: &str) -> ClusterTag {
+        if let Ok(cached) = self.cluster.try_borrow() {
+            if let Some((_, tag)) = cached.as_ref().filter(|(n, _)| n == name) {
+                return *tag;
+            }
+        }
+        let tag = cluster_tag(name);
+        if let Ok(mut cached) = self.cluster.try_borrow_mut() {
+            *cached = Some((name.to_string(), tag));
+        }
+        tag
+    }
+
+    /// 16 unguessable bytes: the host's CSPRNG, or else an HMAC under the
+    /// signing key of (time, counter, stream), which only key holders can predict.
+    pub fn unguessable(&self, host: &mut impl WorkerHost, config: &Config, context_id: u32) -> [u8; 16] {
+        if let Some(bytes) = host.random() {
+            return bytes;
+        }
+        let n = self.ids_made.get().wrapping_add(1);
+        self.ids_made.set(n);
+        let seed = format!("id|{}|{}|{}", host.now_ms(), n, context_id);
+        let mut bytes = [0u8; 16];
+        if let Some(tag) = config.keys.sign(seed.as_bytes()) {
+            bytes.iter_mut().zip(tag).for_each(|(b, t)| *b = t);
+        }
+        bytes
+    }
+
+    fn breaker<'a>(shared: &'a dyn SharedData, store: &StoreSettings) -> Breaker<'a> {
+        let probe_ms = crate::config::millis(store.timeout).saturating_mul(2);
+        Breaker::new(shared, &store.cluster, store.breaker_failures, store.breaker_cooldown_ms, probe_ms)
+    }
+
+    /// The call for `op`, unless the breaker is open (counted).
+    fn make_call(&self, host: &mut impl WorkerHost, config: &Config, context_id: u32, op: Op) -> Option<StoreCall> {
+        let store = config.store.as_ref()?;
+        if Worker::breaker(&*host, store).admit(host.now_ms()) == Admit::Reject {
+            self.count(Counter::StoreBreakerRejected);
+            return None;
+        }
+        let nonce = URL_SAFE_NO_PAD.encode(self.unguessable(host, config, context_id).get(..12).unwrap_or_default());
+        Some(Client::new(store).call(op, nonce))
+    }
+
+    /// Sends `op` to the store for this stream, which gets the answer
+    /// ([`Worker::store_reply`]); `None` when the breaker is open or the call
+    /// cannot start (both counted).
+    pub fn call_store(&self, host: &mut impl HttpHost, config: &Config, context_id: u32, op: Op) -> Option<Sent> {
+        let call = self.make_call(host, config, context_id, op)?;
+        let now = host.now_ms();
+        let Some(token) = host.dispatch(&call) else {
+            self.count(Counter::StoreErrors);
+            if let Some(store) = &config.store {
+                Worker::breaker(&*host, store).record(false, now);
+            }
+            return None;
+        };
+        Some(Sent { token, call, started_ms: now })
+    }
+
+    /// Queues `op` for the worker to send: the call outlives the stream, and
+    /// its answer is counted by the worker. A session's state writes go out
+    /// one at a time, and a newer one replaces a queued older one, so they
+    /// land in order. False when the breaker is open.
+    pub fn send_later(&self, host: &mut impl HttpHost, config: &Config, context_id: u32, op: Op) -> bool {
+        let Some(call) = self.make_call(host, config, context_id, op) else { return false };
+        if let Ok(mut queued) = self.queued.try_borrow_mut() {
+            let older = queued.iter_mut().find(|q| is_write(&q.op) && is_write(&call.op) && q.op.sid() == call.op.sid());
+            match older {
+                Some(older) => *older = call,
+                None => {
+                    if queued.len() >= MAX_DETACHED {
+                        queued.remove(0);
+                    }
+                    queued.push(call);
+                }
+            }
+        }
+        host.wake_worker();
+        true
+    }
+
+    /// Whether calls wait to be sent.
+    pub fn has_queued(&self) -> bool {
+        self.queued.try_borrow().is_ok_and(|q| !q.is_empty())
+    }
+
+    /// Sends the queued calls, from the worker's own context (so their answers
+    /// come to the worker, and no stream's end cancels them).
+    pub fn send_queued(&self, host: &mut impl WorkerHost, config: &Config) {
+        let calls = self.queued.try_borrow_mut().map(|mut q| std::mem::take(&mut *q)).unwrap_or_default();
+        for call in calls {
+            let busy = self.detached.try_borrow().is_ok_and(|d| d.iter().any(|(_, c, _)| c.op.sid() == call.op.sid()));
+            if busy {
+                // The session's previous call is still out: this one waits its turn.
+                if let Ok(mut queued) = self.queued.try_borrow_mut() {
+                    queued.push(call);
+                }
+                continue;
+            }
+            let now = host.now_ms();
+            let Some(token) = host.dispatch(&call) else {
+                self.count(Counter::StoreErrors);
+                if let Some(store) = &config.store {
+                    Worker::breaker(&*host, store).record(false, now);
+                }
+                if is_state_change(&call.op) {
+                    self.unprotected(now);
+                }
+                continue;
+            };
+            if let Ok(mut calls) = self.detached.try_borrow_mut() {
+                if calls.len() >= MAX_DETACHED {
+                    calls.remove(0);
+                }
+                calls.push((token, call, now));
+            }
+        }
+    }
+
+    /// Reads the answer to a call, counting failures and feeding the breaker.
+    pub fn store_reply(&self, shared: &dyn SharedData, config: &Config, sent: &Sent, status: Option<u32>, body: &[u8], now_ms: u64) -> Result<Reply, StoreError> {
+        let Some(store) = &config.store else { return Err(StoreError::Unavailable(0)) };
+        let elapsed = now_ms.saturating_sub(sent.started_ms);
+        self.metrics.store_latency(elapsed);
+        let result = Client::new(store).reply(&sent.call, status, body, elapsed);
+        match &result {
+            Ok(_) => {}
+            Err(StoreError::Timeout) => self.count(Counter::StoreTimeouts),
+            Err(StoreError::Mismatch(what)) => {
+                self.count(Counter::StoreMismatched);
+                warn!("store answer not used: {what}");
+            }
+            Err(_) => self.count(Counter::StoreErrors),
+        }
+        if Worker::breaker(shared, store).record(result.is_ok(), now_ms) == Transition::Opened {
+            self.count(Counter::StoreBreakerOpened);
+            warn!("session store {:?} failing ({:?}); store calls fail at once for {} ms", store.cluster, result.as_ref().err(), store.breaker_cooldown_ms);
+        }
+        result
+    }
+
+    /// The answer to a detached call (the stream may be gone): counted, never acted on.
+    pub fn on_detached_reply(&self, shared: &dyn SharedData, config: &Config, token: u32, status: Option<u32>, body: &[u8], now_ms: u64) {
+        let found = self.detached.try_borrow_mut().ok().and_then(|mut calls| {
+            let at = calls.iter().position(|(t, _, _)| *t == token)?;
+            Some(calls.remove(at))
+        });
+        let Some((_, call, started_ms)) = found else { return };
+        let sent = Sent { token, call, started_ms };
+        match self.store_reply(shared, config, &sent, status, body, now_ms) {
+            Ok(Reply::Conflict { owner }) if matches!(sent.call.op, Op::Write { .. } | Op::Commit { .. }) => {
+                self.count(Counter::StoreWritesRejected);
+                warn!("store refused a {} from a host that does not own the session (owner {owner:?})", sent.call.op.name());
+            }
+            Ok(_) => {}
+            Err(_) if is_state_change(&sent.call.op) => self.unprotected(now_ms),
+            Err(_) => {}
+        }
+    }
+
+    /// Counts a state change the store did not take, and says so in the log
+    /// at most once per interval.
+    pub fn unprotected(&self, now_ms: u64) {
+        self.count(Counter::StoreWritesUnprotected);
+        let pending = self.unprotected.get().saturating_add(1);
+        if now_ms >= self.unprotected_logged_ms.get().saturating_add(UNPROTECTED_LOG_INTERVAL_MS) {
+            warn!("session store unreachable: {pending} state change(s) not stored; until it recovers, those sessions lose the changes if their host is lost");
+            self.unprotected_logged_ms.set(now_ms);
+            self.unprotected.set(0);
+        } else {
+            self.unprotected.set(pending);
+        }
+    }
+}
+
+fn is_write(op: &Op) -> bool {
+    matches!(op, Op::Write { .. })
+}
+
+/// Whether an operation carries a change of the session that a failed call loses.
+pub fn is_state_change(op: &Op) -> bool {
+    matches!(op, Op::Write { .. } | Op::Commit { .. } | Op::End { .. } | Op::Rotate { .. })
+}

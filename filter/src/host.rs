@@ -1,0 +1,63 @@
+//! What the core needs from the proxy. The wasm shell implements these traits
+//! over proxy-wasm host calls; `testing` implements them for unit tests.
+
+use crate::headers::HeaderMap;
+use crate::store::StoreCall;
+
+/// Whether the proxy should go on with the stream or wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Pause,
+}
+
+/// Data every worker of the proxy shares, with compare-and-swap.
+pub trait SharedData {
+    /// The value and its CAS token.
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// Stores `value` if the entry still has CAS token `cas`; false on a mismatch or error.
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
+}
+
+/// What a worker's own context can do (and every stream too): shared data,
+/// store calls, the clock, randomness.
+pub trait WorkerHost: SharedData {
+    /// Starts an HTTP call to the store; returns its token. The answer comes
+    /// back to whoever made the call: the stream's flow, or the worker.
+    fn dispatch(&mut self, call: &StoreCall) -> Option<u32>;
+    /// Wall-clock time in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+    /// 16 bytes from the host's CSPRNG; `None` if it has none.
+    fn random(&mut self) -> Option<[u8; 16]>;
+}
+
+/// The proxy, for one HTTP stream.
+pub trait HttpHost: WorkerHost {
+    fn request_headers(&mut self) -> HeaderMap;
+    /// Replaces every value of the header.
+    fn set_request_header(&mut self, name: &str, value: &str);
+    fn remove_request_header(&mut self, name: &str);
+    /// Sends the request to exactly this upstream ("ip:port") of the route's
+    /// cluster, or answers 503 UH if the cluster does not have it healthy.
+    fn route_to(&mut self, upstream: &str);
+    /// The route's upstream cluster, as the proxy names it ("" if unknown).
+    fn cluster_name(&mut self) -> String;
+    fn response_headers(&mut self) -> HeaderMap;
+    fn add_response_header(&mut self, name: &str, value: &str);
+    fn remove_response_header(&mut self, name: &str);
+    fn response_trailers(&mut self) -> HeaderMap;
+    fn remove_response_trailer(&mut self, name: &str);
+    /// Envoy's `upstream.address` ("ip:port"), if a host was picked.
+    fn upstream_address(&mut self) -> Option<String>;
+    /// Envoy's `response.flags` bitmask.
+    fn response_flags(&mut self) -> u64;
+    /// Sends a local reply in place of whatever the stream would have sent.
+    fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &str);
+    /// Calls the stream's `on_timer` after about `after_ms`.
+    fn set_timer(&mut self, after_ms: u64) -> bool;
+    /// Asks for the worker's `Worker::send_queued` to run soon, from the
+    /// worker's own context: calls that must outlive the stream are made there.
+    fn wake_worker(&mut self);
+    fn resume_request(&mut self);
+    fn resume_response(&mut self);
+}
