@@ -14,7 +14,7 @@ would download the module and check its sha256. Here:
 - `apply_envoyfilters()` applies EnvoyFilter configPatches with Istio's
   semantics for the operations k8s/ uses; anything else raises, so the subset
   cannot silently grow.
-- `wasmplugin_filter()` does what istiod does with a WasmPlugin.
+- `insert_wasmplugin()` does what istiod does with a WasmPlugin.
 - `agent_fetch()` does what the Istio agent does with a remote module: it maps
   the URL to a local file, checks the sha256 and rewrites the code source to
   that file.
