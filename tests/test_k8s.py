@@ -791,7 +791,8 @@ CALL_SCRIPT = "redis.call(ARGV[1], KEYS[1], unpack(ARGV, 2)) return 'ok'"
 
 
 def test_redis_runs_the_acl_and_nothing_more(tmp_path, monkeypatch):
-    require_tool("redis-server")
+    for tool in ("redis-server", "redis-cli"):
+        require_tool(tool)
     port = tb.free_ports(1)[0]
     redis = start_redis(tmp_path, port, monkeypatch)
     try:
@@ -818,7 +819,7 @@ def test_redis_runs_the_acl_and_nothing_more(tmp_path, monkeypatch):
 
 
 def test_webdis_answers_only_the_proxies_credentials(tmp_path, monkeypatch):
-    for tool in ("redis-server", "webdis"):
+    for tool in ("redis-server", "redis-cli", "webdis"):
         require_tool(tool)
     import requests
     redis_port, http_port = tb.free_ports(2)
@@ -871,7 +872,7 @@ def test_redis_bounds_its_memory_and_never_runs_twice():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, tmp_path, monkeypatch):
-    for tool in ("redis-server", "webdis"):
+    for tool in ("redis-server", "redis-cli", "webdis"):
         require_tool(tool)
     ports = tb.PortPlan.free(backends=4)
     bed = tb.Testbed(ports, tmp_path / "tb", wasm=wasm_module)
