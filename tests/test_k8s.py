@@ -767,7 +767,7 @@ def webdis_config(path: Path, redis_port: int, http_port: int, require_credentia
 def lua_redis_commands() -> set[str]:
     """Every command the filter's Lua scripts call (filter/src)."""
     text = "".join(p.read_text() for p in (REPO / "filter" / "src").rglob("*.rs"))
-    return {c.lower() for c in re.findall(r"redis\.p?call\(\s*'(\w+)'", text)}
+    return {c.lower() for c in re.findall(r"""redis\.p?call\(\s*['"](\w+)['"]""", text)}
 
 
 def test_redis_acl_covers_the_filters_scripts():
