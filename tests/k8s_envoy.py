@@ -5,15 +5,16 @@ istiod would generate a proxy's listeners and clusters, apply the EnvoyFilter
 patches to them, and serve the Wasm module config over ECDS; the Istio agent
 would download the module and check its sha256. Here:
 - `skeleton()` builds the part istiod generates, reduced to what matters to the
-  filter: Istio's names (listener 0.0.0.0_8080, cluster
-  outbound|8080||demo.<ns>.svc.cluster.local), an EDS cluster, the gateway's or
-  the sidecar's route with the retry policy istiod derives from the
-  VirtualService, and a few of Istio's HTTP filters before the router. It is not istiod's full output (no mTLS, no
-  Istio-only filters such as istio.stats).
-- `apply_envoyfilter()` applies EnvoyFilter configPatches with Istio's
+  filter: Istio's names (listener 0.0.0.0_8080, a sidecar's virtualInbound,
+  clusters outbound|8080||demo.<ns>.svc.cluster.local and webdis'), an EDS
+  cluster, the gateway's or the sidecar's route with the retry policy istiod
+  derives from the VirtualService, and Istio's HTTP filters in istiod's order
+  (its own extensions, such as istio.stats, by stand-ins under their names).
+  It is not istiod's full output (no mTLS, no authn/authz filters).
+- `apply_envoyfilters()` applies EnvoyFilter configPatches with Istio's
   semantics for the operations k8s/ uses; anything else raises, so the subset
   cannot silently grow.
-- `wasmplugin_filter()` does what istiod does with a WasmPlugin.
+- `insert_wasmplugin()` does what istiod does with a WasmPlugin.
 - `agent_fetch()` does what the Istio agent does with a remote module: it maps
   the URL to a local file, checks the sha256 and rewrites the code source to
   that file.
@@ -41,6 +42,10 @@ def app_cluster(namespace: str) -> str:
     return f"outbound|8080||demo.{namespace}.svc.cluster.local"
 
 
+def store_cluster(namespace: str) -> str:
+    return f"outbound|7379||webdis.{namespace}.svc.cluster.local"
+
+
 def istio_retry_policy(http_route: dict | None = None) -> dict | None:
     """The route retry policy istiod derives from a VirtualService http route
     (retry.ConvertPolicy): its default without `retries`, none with
@@ -64,14 +69,67 @@ def istio_retry_policy(http_route: dict | None = None) -> dict | None:
     }
 
 
+# The HTTP filters istiod puts on a listener (buildHTTPConnectionManager in
+# pilot/pkg/networking/core/listener_builder.go, Istio 1.22 to 1.28), without
+# the authentication and authorization filters that policies would add after
+# the first one. WasmPlugins without a phase go right after those, before
+# AFTER_PLUGINS[0]. Istio's own extensions (istio.*) are not in upstream Envoy:
+# a header_mutation filter without mutations stands in for each, under Istio's
+# name.
+ISTIO_ONLY = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+AFTER_PLUGINS = {
+    "outbound": ["envoy.filters.http.grpc_stats", "istio.alpn", "envoy.filters.http.fault",
+                 "envoy.filters.http.cors", "istio.stats", "envoy.filters.http.router"],
+    # No ALPN filter on a sidecar's inbound side.
+    "inbound": ["envoy.filters.http.grpc_stats", "envoy.filters.http.fault",
+                "envoy.filters.http.cors", "istio.stats", "envoy.filters.http.router"],
+}
+FILTER_TYPES = {
+    "envoy.filters.http.grpc_stats": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+    "envoy.filters.http.fault": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+    "envoy.filters.http.cors": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
+    "envoy.filters.http.router": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+}
+
+
+def istio_http_filters(side: str) -> list[dict]:
+    names = ["istio.metadata_exchange"] + AFTER_PLUGINS[side]
+    return [{"name": n, "typed_config": {"@type": FILTER_TYPES.get(n, ISTIO_ONLY)}} for n in names]
+
+
+def hcm(stat_prefix: str, route_config: dict, side: str, use_remote_address: bool) -> dict:
+    return {
+        "name": HCM,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix,
+            "route_config": route_config,
+            "use_remote_address": use_remote_address,
+            "http_filters": istio_http_filters(side),
+        },
+    }
+
+
+def static_cluster(name: str, address: str, port: int) -> dict:
+    return {"name": name, "type": "STATIC", "connect_timeout": "10s", "load_assignment": {
+        "cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": address, "port_value": port}}}}]}]}}
+
+
 def skeleton(kind: str, namespace: str, listen_port: int, admin_port: int, eds_path: Path,
              http_route: dict | None = None) -> tuple[dict, dict]:
     """An Istio-shaped bootstrap for a gateway ("gateway") or for a client's
-    sidecar outbound side ("sidecar"). Returns the bootstrap and the Istio
-    view of it: the context and Istio port of each listener (the socket binds
+    sidecar ("sidecar"). Returns the bootstrap and the Istio view of it: the
+    context and Istio port of each filter chain (the socket binds
     `listen_port` on 127.0.0.1; Istio's port is 8080) and the context of each
     cluster, for matching patches. `http_route` is the VirtualService http
-    route to the app, if any: it decides the route's retry policy."""
+    route to the app, if any: it decides the route's retry policy.
+
+    The sidecar also gets Istio's virtualInbound listener with a chain for a
+    port 8080 of its own (a labelled client may serve that port too), not
+    bound, so that a patch meant for the outbound side shows where else it
+    lands. Both get webdis' outbound cluster, as istiod sends every service's
+    cluster; its address is the Service's name, for resolve_dns."""
     cluster = app_cluster(namespace)
     host = f"demo.{namespace}.svc.cluster.local"
     if kind == "gateway":
@@ -91,59 +149,61 @@ def skeleton(kind: str, namespace: str, listen_port: int, admin_port: int, eds_p
     policy = istio_retry_policy(http_route)
     if policy is not None:
         vhost["routes"][0]["route"]["retry_policy"] = policy
-    listener = {
+    route_config = {"name": route_name, "virtual_hosts": [vhost], "validate_clusters": False}
+    listeners = [{
         "name": "0.0.0.0_8080",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-        "filter_chains": [{"filters": [{
-            "name": HCM,
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "outbound_0.0.0.0_8080",
-                "route_config": {"name": route_name, "virtual_hosts": [vhost], "validate_clusters": False},
-                "use_remote_address": kind == "gateway",
-                "http_filters": [
-                    {"name": "envoy.filters.http.cors",
-                     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
-                    {"name": "envoy.filters.http.fault",
-                     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
-                    {"name": "envoy.filters.http.router",
-                     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
-                ],
-            },
-        }]}],
-    }
+        "filter_chains": [{"filters": [hcm("outbound_0.0.0.0_8080", route_config, "outbound", kind == "gateway")]}],
+    }]
+    chains = {("0.0.0.0_8080", 0): {"context": context, "port": 8080}}
+    clusters = [{
+        "name": cluster,
+        "type": "EDS",
+        "eds_cluster_config": {"service_name": cluster, "eds_config": {
+            "path_config_source": {"path": str(eds_path)}, "resource_api_version": "V3"}},
+        "connect_timeout": "10s",
+        "lb_policy": "LEAST_REQUEST",
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": 4294967295, "max_pending_requests": 4294967295,
+            "max_requests": 4294967295, "max_retries": 4294967295, "track_remaining": True}]},
+    }, static_cluster(store_cluster(namespace), f"webdis.{namespace}.svc.cluster.local", 7379)]
+    view_clusters = {c["name"]: context for c in clusters}
+    if kind == "sidecar":
+        inbound_route = {"name": "inbound|8080||", "validate_clusters": False, "virtual_hosts": [{
+            "name": "inbound|http|8080", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "inbound|8080||", "timeout": "0s"}}]}]}
+        listeners.append({
+            "name": "virtualInbound",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
+            "bind_to_port": False,
+            "filter_chains": [{"filter_chain_match": {"destination_port": 8080},
+                               "filters": [hcm("inbound_0.0.0.0_8080", inbound_route, "inbound", False)]}],
+        })
+        chains[("virtualInbound", 0)] = {"context": "SIDECAR_INBOUND", "port": 8080}
+        clusters.append(static_cluster("inbound|8080||", "127.0.0.1", 8080))
+        view_clusters["inbound|8080||"] = "SIDECAR_INBOUND"
     bootstrap = {
         "node": {"id": f"{kind}~127.0.0.1~test.{namespace}~{namespace}.svc.cluster.local", "cluster": f"{kind}.{namespace}"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [listener],
-            "clusters": [{
-                "name": cluster,
-                "type": "EDS",
-                "eds_cluster_config": {"service_name": cluster, "eds_config": {
-                    "path_config_source": {"path": str(eds_path)}, "resource_api_version": "V3"}},
-                "connect_timeout": "10s",
-                "lb_policy": "LEAST_REQUEST",
-                "circuit_breakers": {"thresholds": [{
-                    "max_connections": 4294967295, "max_pending_requests": 4294967295,
-                    "max_requests": 4294967295, "max_retries": 4294967295, "track_remaining": True}]},
-            }],
-        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
     }
-    view = {"listeners": {"0.0.0.0_8080": {"context": context, "port": 8080}},
-            "clusters": {cluster: context}, "context": context}
+    view = {"chains": chains, "clusters": view_clusters, "context": context}
     return bootstrap, view
 
 
 def apply_destination_rule(bootstrap: dict, namespace: str, rule: dict) -> None:
-    """What istiod does with a DestinationRule's outlierDetection on the app's
-    cluster (applyOutlierDetection in istiod); other traffic policies raise."""
+    """What istiod does with a DestinationRule's outlierDetection
+    (applyOutlierDetection) and connectionPool.tcp.connectTimeout
+    (applyConnectionPool) on the app's cluster; other fields raise."""
     spec = rule["spec"]
     if spec["host"] not in ("demo", f"demo.{namespace}", f"demo.{namespace}.svc.cluster.local"):
         return
     policy = spec.get("trafficPolicy", {})
-    if set(policy) - {"outlierDetection"} or set(spec) - {"host", "trafficPolicy"}:
+    if set(policy) - {"outlierDetection", "connectionPool"} or set(spec) - {"host", "trafficPolicy"}:
         raise NotImplementedError(f"DestinationRule fields {sorted(spec)} {sorted(policy)}")
+    pool = policy.get("connectionPool", {})
+    if set(pool) - {"tcp"} or set(pool.get("tcp", {})) - {"connectTimeout"}:
+        raise NotImplementedError(f"connectionPool fields {pool}")
     outlier = policy["outlierDetection"]
     known = {"splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures", "consecutive5xxErrors",
              "consecutiveGatewayErrors", "interval", "baseEjectionTime", "maxEjectionPercent", "minHealthPercent"}
@@ -169,6 +229,7 @@ def apply_destination_rule(bootstrap: dict, namespace: str, rule: dict) -> None:
     for c in bootstrap["static_resources"]["clusters"]:
         if c["name"] == app_cluster(namespace):
             c["outlier_detection"] = out
+            c["connect_timeout"] = pool.get("tcp", {}).get("connectTimeout", c["connect_timeout"])
             c.setdefault("common_lb_config", {})["healthy_panic_threshold"] = {
                 "value": outlier.get("minHealthPercent", 0)}
 
@@ -215,6 +276,15 @@ def _proto_merge(base, patch):
     return copy.deepcopy(patch)
 
 
+def apply_envoyfilters(bootstrap: dict, view: dict, envoyfilters: list[dict], ecds: dict) -> list[str]:
+    """Applies EnvoyFilters as istiod does: by priority, then in the given
+    order (istiod: creation time, then name)."""
+    applied = []
+    for ef in sorted(envoyfilters, key=lambda ef: ef["spec"].get("priority", 0)):
+        applied += apply_envoyfilter(bootstrap, view, ef, ecds)
+    return applied
+
+
 def apply_envoyfilter(bootstrap: dict, view: dict, envoyfilter: dict, ecds: dict) -> list[str]:
     """Applies the configPatches in order. EXTENSION_CONFIG resources go to
     `ecds` (name -> TypedExtensionConfig). Returns a line per applied patch."""
@@ -230,8 +300,8 @@ def apply_envoyfilter(bootstrap: dict, view: dict, envoyfilter: dict, ecds: dict
                 raise NotImplementedPatch(where)
             ecds[value["name"]] = {"@type": TYPED_EXTENSION_CONFIG, **copy.deepcopy(value)}
             applied.append(f"{where} {value['name']}")
-        elif p["applyTo"] == "HTTP_FILTER":
-            applied += _patch_http_filters(bootstrap, view, match, op, value, where)
+        elif p["applyTo"] in ("HTTP_FILTER", "NETWORK_FILTER"):
+            applied += _patch_listeners(bootstrap, view, p["applyTo"], match, op, value, where)
         elif p["applyTo"] == "CLUSTER":
             applied += _patch_clusters(bootstrap, view, match, op, value, where)
         else:
@@ -239,67 +309,88 @@ def apply_envoyfilter(bootstrap: dict, view: dict, envoyfilter: dict, ecds: dict
     return applied
 
 
-def _patch_http_filters(bootstrap, view, match, op, value, where) -> list[str]:
+def _matching_hcms(bootstrap: dict, view: dict, match: dict, where: str):
+    """(listener name, HCM typed_config) of every filter chain the match
+    selects, with istiod's rules (listenerMatch and filterChainMatch in
+    pilot/pkg/networking/core/envoyfilter/listener_patch.go): on the virtual
+    listeners, portNumber is the filter chain's destination port."""
     lm = match.get("listener", {})
     if set(lm) - {"portNumber", "name", "filterChain"} or set(lm.get("filterChain", {})) - {"filter"}:
         raise NotImplementedPatch(f"{where}: listener match {lm}")
-    fm = lm.get("filterChain", {}).get("filter", {})
-    sub = fm.get("subFilter", {}).get("name")
-    applied = []
+    if lm.get("filterChain", {}).get("filter", {}).get("name", HCM) != HCM:
+        raise NotImplementedPatch(f"{where}: only the HTTP connection manager is matched here")
     for listener in bootstrap["static_resources"]["listeners"]:
-        meta = view["listeners"][listener["name"]]
-        if not _context_ok(match, meta["context"]):
-            continue
-        if "portNumber" in lm and lm["portNumber"] != meta["port"]:
-            continue
-        if "name" in lm and lm["name"] != listener["name"]:
-            continue
-        for chain in listener["filter_chains"]:
+        for index, chain in enumerate(listener["filter_chains"]):
+            meta = view["chains"][(listener["name"], index)]
+            if not _context_ok(match, meta["context"]):
+                continue
+            if "portNumber" in lm and lm["portNumber"] != meta["port"]:
+                continue
+            if "name" in lm and lm["name"] != listener["name"]:
+                continue
             for f in chain["filters"]:
-                if f["name"] != HCM or fm.get("name", HCM) != HCM:
-                    continue
-                filters = f["typed_config"]["http_filters"]
-                names = [x["name"] for x in filters]
-                if op in ("INSERT_BEFORE", "INSERT_AFTER"):
-                    if sub is None:
-                        raise NotImplementedPatch(f"{where}: {op} without subFilter")
-                    if sub not in names:
-                        continue  # Istio skips a patch whose anchor is missing
-                    at = names.index(sub) + (op == "INSERT_AFTER")
-                elif op == "INSERT_FIRST":
-                    at = 0
-                else:
-                    raise NotImplementedPatch(where)
-                filters.insert(at, copy.deepcopy(value))
-                applied.append(f"{where} {value['name']} at {at} in {listener['name']}")
+                if f["name"] == HCM:
+                    yield listener["name"], f
+
+
+def _patch_listeners(bootstrap, view, apply_to, match, op, value, where) -> list[str]:
+    sub = match.get("listener", {}).get("filterChain", {}).get("filter", {}).get("subFilter", {}).get("name")
+    applied = []
+    for listener, hcm_filter in _matching_hcms(bootstrap, view, match, where):
+        if apply_to == "NETWORK_FILTER":
+            if op != "MERGE":
+                raise NotImplementedPatch(where)
+            if value.get("typed_config", {}).get("@type") != hcm_filter["typed_config"]["@type"]:
+                raise NotImplementedPatch(f"{where}: MERGE needs the HCM's @type")
+            hcm_filter["typed_config"] = _proto_merge(hcm_filter["typed_config"], value["typed_config"])
+            applied.append(f"{where} in {listener}")
+            continue
+        filters = hcm_filter["typed_config"]["http_filters"]
+        names = [x["name"] for x in filters]
+        if op in ("INSERT_BEFORE", "INSERT_AFTER"):
+            if sub is None:
+                raise NotImplementedPatch(f"{where}: {op} without subFilter")
+            if sub not in names:
+                continue  # Istio skips a patch whose anchor is missing
+            at = names.index(sub) + (op == "INSERT_AFTER")
+        elif op == "INSERT_FIRST":
+            at = 0
+        else:
+            raise NotImplementedPatch(where)
+        filters.insert(at, copy.deepcopy(value))
+        applied.append(f"{where} {value['name']} at {at} in {listener}")
     return applied
 
 
+def parse_cluster_name(name: str) -> tuple[str, str, str, int]:
+    """model.ParseSubsetKey: direction, subset, hostname, port of an Istio
+    cluster name ("outbound|8080|v1|demo.ns.svc.cluster.local")."""
+    parts = name.split("|")
+    if len(parts) != 4:
+        return "", "", "", 0
+    return parts[0], parts[2], parts[3], int(parts[1] or 0)
+
+
 def _patch_clusters(bootstrap, view, match, op, value, where) -> list[str]:
-    clusters = bootstrap["static_resources"]["clusters"]
-    if op == "ADD":
-        if "cluster" in match:
-            raise NotImplementedPatch(f"{where}: ADD with a cluster match")
-        if not _context_ok(match, view["context"]):
-            return []
-        clusters.append(copy.deepcopy(value))
-        view["clusters"][value["name"]] = view["context"]
-        return [f"{where} {value['name']}"]
+    """CLUSTER MERGE with istiod's clusterMatch (cluster_patch.go): an exact
+    name, or any of service, subset, portNumber. Inbound clusters carry no
+    service name here (istiod would use the proxy's own services)."""
     if op != "MERGE":
         raise NotImplementedPatch(where)
     cm = match.get("cluster", {})
-    if set(cm) - {"name", "service", "portNumber"}:
+    if set(cm) - {"name", "service", "subset", "portNumber"}:
         raise NotImplementedPatch(f"{where}: cluster match {cm}")
+    clusters = bootstrap["static_resources"]["clusters"]
     applied = []
     for i, c in enumerate(clusters):
         if c["name"] not in view["clusters"] or not _context_ok(match, view["clusters"][c["name"]]):
             continue
-        parts = c["name"].split("|")
-        if "name" in cm and cm["name"] != c["name"]:
-            continue
-        if "service" in cm and (len(parts) != 4 or parts[3] != cm["service"]):
-            continue
-        if "portNumber" in cm and (len(parts) != 4 or parts[1] != str(cm["portNumber"])):
+        _, subset, hostname, port = parse_cluster_name(c["name"])
+        if "name" in cm:
+            if cm["name"] != c["name"]:
+                continue
+        elif (("subset" in cm and cm["subset"] != subset) or ("service" in cm and cm["service"] != hostname)
+              or ("portNumber" in cm and cm["portNumber"] != port)):
             continue
         clusters[i] = _proto_merge(c, value)
         applied.append(f"{where} {c['name']}")
@@ -340,22 +431,26 @@ def wasmplugin_resource(plugin: dict) -> tuple[str, dict]:
 
 
 def insert_wasmplugin(bootstrap: dict, view: dict, plugin: dict, ecds: dict) -> str:
-    """Adds the plugin's filter the way istiod does for a plugin without a
-    phase: at the end of the chain, just before the router (only the
-    listeners its match selects: mode CLIENT and the listed ports)."""
+    """Adds the plugin's filter where istiod puts a plugin without a phase:
+    after the authentication and authorization filters, before the filters
+    istiod appends last (AFTER_PLUGINS). Only on the chains its match selects:
+    mode CLIENT (gateways, sidecars' outbound side) and the listed ports."""
     name, resource = wasmplugin_resource(plugin)
     ecds[name] = resource
+    if plugin["spec"].get("phase", "UNSPECIFIED_PHASE") != "UNSPECIFIED_PHASE":
+        raise NotImplementedPatch(f"WasmPlugin phase {plugin['spec']['phase']}")
     ports = {p["number"] for m in plugin["spec"].get("match", []) for p in m.get("ports", [])}
     modes = {m.get("mode", "UNDEFINED") for m in plugin["spec"].get("match", [])} or {"UNDEFINED"}
-    if not modes <= {"CLIENT", "CLIENT_AND_SERVER", "UNDEFINED"}:
+    if modes != {"CLIENT"}:
         raise NotImplementedPatch(f"WasmPlugin match modes {modes}")
     for listener in bootstrap["static_resources"]["listeners"]:
-        if ports and view["listeners"][listener["name"]]["port"] not in ports:
-            continue
-        for chain in listener["filter_chains"]:
+        for index, chain in enumerate(listener["filter_chains"]):
+            meta = view["chains"][(listener["name"], index)]
+            if meta["context"] == "SIDECAR_INBOUND" or (ports and meta["port"] not in ports):
+                continue
             for f in chain["filters"]:
                 filters = f["typed_config"]["http_filters"]
-                at = [x["name"] for x in filters].index("envoy.filters.http.router")
+                at = next(i for i, x in enumerate(filters) if x["name"] in AFTER_PLUGINS["outbound"])
                 filters.insert(at, {"name": name, "config_discovery": {
                     "config_source": {"ads": {}, "initial_fetch_timeout": "0s"}, "type_urls": [WASM_TYPE]}})
     return name
@@ -417,9 +512,16 @@ def resolve_dns(bootstrap: dict, names: dict[tuple[str, int], tuple[str, int]]) 
                     sa["address"], sa["port_value"] = names[key]
 
 
-def http_filter_names(bootstrap: dict) -> list[str]:
-    listener = bootstrap["static_resources"]["listeners"][0]
-    return [f["name"] for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]]
+def http_connection_managers(bootstrap: dict) -> dict[tuple[str, int], dict]:
+    """(listener name, filter chain index) -> the HCM's typed_config."""
+    return {(listener["name"], i): f["typed_config"]
+            for listener in bootstrap["static_resources"]["listeners"]
+            for i, chain in enumerate(listener["filter_chains"])
+            for f in chain["filters"] if f["name"] == HCM}
+
+
+def http_filter_names(hcm_config: dict) -> list[str]:
+    return [f["name"] for f in hcm_config["http_filters"]]
 
 
 # --------------------------------------------------------------------------

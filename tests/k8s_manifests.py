@@ -8,10 +8,12 @@ No cluster and no kustomize binary are needed:
 - `validate_core(doc)` checks Kubernetes kinds against the JSON schemas that the
   `kubernetes-validate` package ships (strict: unknown fields are errors).
 - `validate_istio(doc)` checks Istio kinds against the OpenAPI v3 schemas of
-  Istio's CRDs, read from <repo>/../shared/schemas/istio-crds.yaml. Unknown
-  fields are errors (as with `kubectl apply --validate=strict`), and every CEL
-  rule (x-kubernetes-validations) on the way is evaluated by a hand translation
-  below; a rule without one fails the check instead of being skipped.
+  Istio's CRDs, vendored in k8s/schemas/istio-crds.yaml (source and license in
+  k8s/schemas/README.md). Unknown fields are errors (as with `kubectl apply
+  --validate=strict`), and every CEL rule (x-kubernetes-validations) on the way
+  is evaluated by a hand translation below; a rule without one fails the check
+  instead of being skipped. AuthorizationPolicy, whose CRD is not vendored, is
+  checked against a hand-written schema of the fields k8s/ may use.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
-ISTIO_CRDS = REPO.parent / "shared" / "schemas" / "istio-crds.yaml"
+SCHEMAS = K8S / "schemas"
+ISTIO_CRDS = SCHEMAS / "istio-crds.yaml"
 KUBERNETES_VERSION = "1.30"
 
 ISTIO_GROUPS = ("networking.istio.io", "extensions.istio.io", "security.istio.io")
@@ -211,7 +214,8 @@ def overlay_dirs() -> list[Path]:
 
 def manifest_files() -> list[Path]:
     """Every YAML file under k8s/ that holds Kubernetes objects."""
-    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+    return sorted(p for p in K8S.rglob("*.yaml")
+                  if p.name != "kustomization.yaml" and SCHEMAS not in p.parents)
 
 
 # --------------------------------------------------------------------------
@@ -236,15 +240,38 @@ def validate_core(doc: dict) -> None:
 @functools.lru_cache(maxsize=None)
 def istio_schemas() -> dict[tuple[str, str], dict]:
     """(apiVersion, kind) -> openAPIV3Schema, for every served version."""
-    if not ISTIO_CRDS.exists():
-        raise FileNotFoundError(f"Istio CRDs not found at {ISTIO_CRDS} (shared/ beside the repo)")
-    out = {}
+    out = dict(HAND_SCHEMAS)
     for crd in load_docs(ISTIO_CRDS):
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for v in crd["spec"]["versions"]:
             if v.get("served"):
                 out[(f"{group}/{v['name']}", kind)] = v["schema"]["openAPIV3Schema"]
     return out
+
+
+def _strings(**extra) -> dict:
+    return {"type": "array", "items": {"type": "string"}, **extra}
+
+
+def _object(**properties) -> dict:
+    return {"type": "object", "properties": properties, "additionalProperties": False}
+
+
+# AuthorizationPolicy (security.istio.io/v1), whose CRD k8s/schemas lacks: the
+# subset of its fields that k8s/ may use, written from Istio's reference
+# (istio.io/latest/docs/reference/config/security/authorization-policy/).
+# Any other field is an error; use one only after adding it here.
+HAND_SCHEMAS = {
+    ("security.istio.io/v1", "AuthorizationPolicy"): _object(spec=_object(
+        selector=_object(matchLabels={"type": "object", "additionalProperties": {"type": "string"}}),
+        action={"type": "string", "enum": ["ALLOW", "DENY", "AUDIT", "CUSTOM"]},
+        rules={"type": "array", "items": _object(
+            **{"from": {"type": "array", "items": _object(source=_object(
+                principals=_strings(minItems=1), namespaces=_strings(minItems=1)))}},
+            to={"type": "array", "items": _object(operation=_object(
+                ports=_strings(minItems=1), methods=_strings(minItems=1), paths=_strings(minItems=1)))})},
+    )),
+}
 
 
 def _has(obj, key):

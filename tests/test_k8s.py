@@ -2,14 +2,21 @@
 
 - Every manifest and every rendered overlay validates: Kubernetes kinds against
   the schemas of `kubernetes-validate` (strict), Istio kinds against the CRDs'
-  OpenAPI schemas in <repo>/../shared/schemas/istio-crds.yaml (unknown fields
-  and CEL rules checked).
+  OpenAPI schemas vendored in k8s/schemas (unknown fields and CEL rules
+  checked).
+- What the manifests promise an operator holds: every listener patch names
+  its context, relative patches have a priority (istioctl analyze's
+  EnvoyFilter checks, ported), the proxies refuse header names with
+  underscores, Redis has a memory bound below its container's limit and an
+  ACL that covers the filter's Lua scripts and nothing more, webdis answers
+  only the proxies' credentials, and only the proxies' pods may reach it.
 - The Istio manifests, applied to an Istio-shaped Envoy config (tests/k8s_envoy.py),
   give a config that the real Envoy accepts with the real filter module, and
   refuses when the key's environment variable is missing.
 - The same assembled config, run on 127.0.0.1 in front of real demo backends
-  and a real Redis + webdis, keeps sessions sticky and keeps a session's state
-  when its pod is deleted (the pod's endpoint leaves EDS, as in Kubernetes).
+  and a real Redis + webdis (configured from the manifests), keeps sessions
+  sticky and keeps a session's state when its pod is deleted (the pod's
+  endpoint leaves EDS, as in Kubernetes).
 - The plain-Envoy gateway's ConfigMap is what the generator derives from
   envoy/testbed.yaml, and Envoy accepts it.
 """
@@ -17,12 +24,14 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -36,6 +45,8 @@ REPO = km.REPO
 K8S = km.K8S
 NAMESPACE = "session-demo"
 TEST_KEY = "k8s-test-key-0123456789-abcdefghijklmnop"  # 40 bytes, test only
+TEST_STORE_PASSWORD = "k8s-test-store-password-0123456"  # test only
+TEST_REDIS_PASSWORD = "k8s-test-redis-password-0123456"  # test only
 
 OVERLAYS = [p.name for p in km.overlay_dirs()]
 MANIFEST_DOCS = [(f, i, d) for f in km.manifest_files() for i, d in enumerate(km.load_docs(f))]
@@ -134,6 +145,10 @@ def test_validators_reject_bad_manifests():
     x = copy.deepcopy(wp); x["spec"]["url"] = "ftp://example.com/x.wasm"; bad.append(x)  # CEL
     x = copy.deepcopy(demo); x["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3; bad.append(x)
     x = copy.deepcopy(demo); x["spec"]["replica"] = 3; bad.append(x)
+    policy = next(d for d in km.load_docs(K8S / "istio" / "gateway" / "gateway.yaml")
+                  if d["kind"] == "AuthorizationPolicy")
+    x = copy.deepcopy(policy); x["spec"]["rules"][0]["from"][0]["source"]["principal"] = ["x"]; bad.append(x)
+    x = copy.deepcopy(policy); x["spec"]["action"] = "PERMIT"; bad.append(x)
     for doc in bad:
         with pytest.raises(AssertionError):
             km.validate(doc)
@@ -156,70 +171,240 @@ def test_cel_rules_all_translated():
 
 
 # --------------------------------------------------------------------------
+# What the overlays promise an operator.
+
+ISTIO_OVERLAYS = [o for o in OVERLAYS if o.startswith("istio-")]
+
+
+def pod_templates(docs: dict) -> dict[str, dict]:
+    """Deployment name -> its pod template."""
+    return {name: d["spec"]["template"] for (kind, name), d in docs.items() if kind == "Deployment"}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions)."""
+    if set(selector) - {"matchLabels", "matchExpressions"}:
+        raise NotImplementedError(selector)
+    ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+    for e in selector.get("matchExpressions", []):
+        value = labels.get(e["key"])
+        ok &= {"In": value in e.get("values", []), "NotIn": value not in e.get("values", []),
+               "Exists": value is not None, "DoesNotExist": value is None}[e["operator"]]
+    return ok
+
+
+def proxies(docs: dict) -> set[str]:
+    """The Deployments whose pods run the filter (the label the EnvoyFilter and
+    WasmPlugin select; the plain Envoy gateway carries it too)."""
+    return {name for name, t in pod_templates(docs).items()
+            if t["metadata"]["labels"].get("session-affinity") == "enabled"}
+
+
+def admitted(docs: dict, target: str) -> set[str]:
+    """The Deployments whose pods the NetworkPolicies let reach `target`'s pods.
+    Every peer must be a podSelector alone: pods of the policy's namespace."""
+    pods = {name: t["metadata"]["labels"] for name, t in pod_templates(docs).items()}
+    policies = [d for (kind, _), d in docs.items()
+                if kind == "NetworkPolicy" and selects(d["spec"]["podSelector"], pods[target])]
+    assert policies and all("Ingress" in p["spec"]["policyTypes"] for p in policies), target
+    out = set()
+    for rule in (r for p in policies for r in p["spec"].get("ingress", [])):
+        assert rule.get("from"), f"a rule without 'from' admits everyone to {target}"
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, peer
+            out |= {name for name, labels in pods.items() if selects(peer["podSelector"], labels)}
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_proxies_reach_the_app_and_the_store(overlay):
+    """NetworkPolicies admit to the app and webdis exactly the pods that run
+    the filter (not the app, not the store, not a client that does not run
+    it), and only webdis to Redis."""
+    docs = rendered(overlay)
+    assert proxies(docs)
+    for target in ("demo", "webdis"):
+        assert admitted(docs, target) == proxies(docs), target
+    assert admitted(docs, "redis") == {"webdis"}
+
+
+@pytest.mark.parametrize("overlay", ISTIO_OVERLAYS)
+def test_istio_webdis_admits_only_the_proxies_service_accounts(overlay):
+    """With Istio, webdis has a sidecar, and its ALLOW policies name exactly
+    the proxies' service accounts (mTLS identities, which labels are not)."""
+    docs = rendered(overlay)
+    templates = pod_templates(docs)
+    assert docs[("Namespace", NAMESPACE)]["metadata"]["labels"]["istio-injection"] == "enabled"
+    webdis = templates["webdis"]["metadata"]["labels"]
+    assert webdis["sidecar.istio.io/inject"] == "true"
+    policies = [d for (kind, _), d in docs.items()
+                if kind == "AuthorizationPolicy" and selects(d["spec"]["selector"], webdis)]
+    assert policies and all(p["spec"]["action"] == "ALLOW" for p in policies)
+    principals = {pr for p in policies for r in p["spec"]["rules"] for f in r["from"] for pr in f["source"]["principals"]}
+    accounts = {templates[name]["spec"].get("serviceAccountName", "default") for name in proxies(docs)}
+    assert principals == {f"cluster.local/ns/{NAMESPACE}/sa/{sa}" for sa in accounts}
+    assert "default" not in accounts  # the app's pods run as default
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_ready_for_operators(overlay):
+    """No pod gets a Kubernetes API token; sidecar injection is set by label
+    (the annotation is deprecated); every Deployment with more than one pod
+    has a PodDisruptionBudget that lets drains proceed one pod at a time."""
+    docs = rendered(overlay)
+    budgets = [d["spec"] for (kind, _), d in docs.items() if kind == "PodDisruptionBudget"]
+    assert all(b.get("maxUnavailable", 0) >= 1 and "minAvailable" not in b for b in budgets)
+    for name, template in pod_templates(docs).items():
+        assert template["spec"]["automountServiceAccountToken"] is False, name
+        annotations = template["metadata"].get("annotations", {})
+        assert "sidecar.istio.io/inject" not in annotations and "proxy.istio.io/config" not in annotations, name
+        if docs[("Deployment", name)]["spec"]["replicas"] > 1:
+            assert sum(selects(b["selector"], template["metadata"]["labels"]) for b in budgets) == 1, name
+
+
+def test_app_pods_outlive_their_endpoints():
+    """A deleted app pod keeps serving until the proxies' endpoints drop it."""
+    pod = base_object("Deployment", "demo")["spec"]["template"]["spec"]
+    sleep = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert sleep >= 5 and pod["terminationGracePeriodSeconds"] > sleep
+
+
+# --------------------------------------------------------------------------
 # The Istio manifests: what they say.
 
 def envoyfilter() -> dict:
     return km.load_docs(K8S / "istio" / "envoyfilter" / "envoyfilter.yaml")[0]
 
 
+def routing_envoyfilter() -> dict:
+    return km.load_docs(K8S / "istio" / "wasmplugin" / "envoyfilter.yaml")[0]
+
+
+def wasmplugin() -> dict:
+    return km.load_docs(K8S / "istio" / "wasmplugin" / "wasmplugin.yaml")[0]
+
+
+PROXY_CONTEXTS = ("GATEWAY", "SIDECAR_OUTBOUND")
+STATEFUL_SESSION = "session-affinity.stateful_session"
+ECDS_NAME = f"{NAMESPACE}.session-affinity"
+
+
 def test_envoyfilter_parts_in_order():
-    patches = envoyfilter()["spec"]["configPatches"]
-    assert [(p["applyTo"], p["patch"]["operation"]) for p in patches] == [
-        ("EXTENSION_CONFIG", "ADD"), ("HTTP_FILTER", "INSERT_BEFORE"), ("HTTP_FILTER", "INSERT_BEFORE"),
-        ("CLUSTER", "ADD"), ("CLUSTER", "MERGE")]
-    wasm, filt, stateful, store, merge = patches
-    assert filt["patch"]["value"]["name"] == wasm["patch"]["value"]["name"]
+    ef = envoyfilter()
+    patches = ef["spec"]["configPatches"]
+    assert [(p["applyTo"], p["patch"]["operation"], p.get("match", {}).get("context")) for p in patches] == [
+        ("EXTENSION_CONFIG", "ADD", None),
+        ("HTTP_FILTER", "INSERT_BEFORE", "GATEWAY"), ("HTTP_FILTER", "INSERT_BEFORE", "SIDECAR_OUTBOUND"),
+        ("HTTP_FILTER", "INSERT_BEFORE", "GATEWAY"), ("HTTP_FILTER", "INSERT_BEFORE", "SIDECAR_OUTBOUND"),
+        ("NETWORK_FILTER", "MERGE", "GATEWAY"), ("NETWORK_FILTER", "MERGE", "SIDECAR_OUTBOUND"),
+        ("CLUSTER", "MERGE", "GATEWAY"), ("CLUSTER", "MERGE", "SIDECAR_OUTBOUND")]
+    wasm, filt, _, stateful, _, underscores, _, merge, _ = patches
+    # The ECDS resource and the filter that loads it share a namespaced name.
+    assert wasm["patch"]["value"]["name"] == filt["patch"]["value"]["name"] == ECDS_NAME
     remote = wasm["patch"]["value"]["typed_config"]["config"]["vm_config"]["code"]["remote"]
     assert remote["http_uri"]["uri"].startswith("https://") and len(remote["sha256"]) == 64
+    assert stateful["patch"]["value"]["name"] == STATEFUL_SESSION
     ss = stateful["patch"]["value"]["typed_config"]
     assert ss["strict"] is True
     assert ss["session_state"]["typed_config"]["name"] == "x-session-route"
-    assert store["patch"]["value"]["name"] == km.plugin_config(envoyfilter())["store"]["cluster"]
-    assert merge["match"]["cluster"]["name"] == ke.app_cluster(NAMESPACE)
+    assert underscores["patch"]["value"]["typed_config"]["common_http_protocol_options"] == \
+        {"headers_with_underscores_action": "REJECT_REQUEST"}
+    assert km.plugin_config(ef)["store"]["cluster"] == ke.store_cluster(NAMESPACE)
+    # The app's clusters by service and port (subsets included), not by one name.
+    assert merge["match"]["cluster"] == {"service": f"demo.{NAMESPACE}.svc.cluster.local", "portNumber": 8080}
     assert "DRAINING" in merge["patch"]["value"]["common_lb_config"]["override_host_status"]["statuses"]
+
+
+@pytest.mark.parametrize("ef", [envoyfilter(), routing_envoyfilter()], ids=lambda ef: ef["metadata"]["name"])
+def test_envoyfilter_patches_name_their_context(ef):
+    """No listener or cluster patch uses ANY (it would also reach a labelled
+    client's inbound chain on port 8080), and the gateway and the sidecar's
+    outbound side get the same patches."""
+    patches = [p for p in ef["spec"]["configPatches"] if p["applyTo"] != "EXTENSION_CONFIG"]
+    assert patches and all(p["match"].get("context") in PROXY_CONTEXTS for p in patches)
+
+    def without_context(p):
+        return {**p, "match": {k: v for k, v in p["match"].items() if k != "context"}}
+    by_context = {c: [without_context(p) for p in patches if p["match"]["context"] == c] for c in PROXY_CONTEXTS}
+    assert by_context["GATEWAY"] == by_context["SIDECAR_OUTBOUND"]
+
+
+def istioctl_envoyfilter_findings(ef: dict) -> list[str]:
+    """istioctl analyze's EnvoyFilter analyzer (pkg/config/analysis/analyzers/
+    envoyfilter/envoyfilter.go, Istio 1.22 to 1.28), ported: relative
+    operations need a priority (IST0151; IST0155 with proxyVersion), REPLACE
+    only on filters (IST0152), ADD and REMOVE not on routes (IST0153, IST0154)."""
+    found = []
+    for i, p in enumerate(ef["spec"]["configPatches"]):
+        op, apply_to = p["patch"]["operation"], p["applyTo"]
+        on_route = apply_to in ("ROUTE_CONFIGURATION", "HTTP_ROUTE")
+        on_filter = apply_to in ("NETWORK_FILTER", "HTTP_FILTER")
+        if op == "REPLACE" and not on_filter:
+            found.append(f"IST0152 configPatches[{i}]")
+        if op == "ADD" and on_route:
+            found.append(f"IST0153 configPatches[{i}]")
+        if op == "REMOVE" and on_route:
+            found.append(f"IST0154 configPatches[{i}]")
+        relative = (op in ("INSERT_BEFORE", "INSERT_AFTER") or (op == "REPLACE" and on_filter)
+                    or (op == "REMOVE" and not on_route))
+        if relative and ef["spec"].get("priority", 0) == 0:
+            found.append(f"IST0151 configPatches[{i}]")
+    return found
+
+
+@pytest.mark.parametrize("ef", [envoyfilter(), routing_envoyfilter()], ids=lambda ef: ef["metadata"]["name"])
+def test_envoyfilter_passes_istioctl_analyze_checks(ef):
+    assert istioctl_envoyfilter_findings(ef) == []
+    without_priority = copy.deepcopy(ef)
+    del without_priority["spec"]["priority"]
+    assert any(f.startswith("IST0151") for f in istioctl_envoyfilter_findings(without_priority))
 
 
 def test_keys_come_from_the_secret_only():
     """Plugin configs name environment variables, never secrets; each variable
-    is exposed to the VM and filled from the Secret in every proxy container."""
+    is exposed to the VM and filled from a Secret in every proxy container."""
     cfg = km.plugin_config(envoyfilter())
     assert cfg["keys"] and all(set(k) == {"id", "secret_env"} for k in cfg["keys"])
-    names = {k["secret_env"] for k in cfg["keys"]}
     vm = envoyfilter()["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["config"]["vm_config"]
-    assert names <= set(vm["environment_variables"]["host_env_keys"])
+    host_env = vm["environment_variables"]["host_env_keys"]
+    assert {k["secret_env"] for k in cfg["keys"]} | {"SA_STORE_PASSWORD"} == set(host_env)
+    secrets = {"SA_KEY_1": "session-affinity-keys", "SA_STORE_PASSWORD": "session-store-auth"}
     for overlay, deployment, container in [("istio-gateway", "demo-gateway", "istio-proxy"),
                                            ("istio-sidecar", "client", "istio-proxy"),
                                            ("envoy-gateway", "envoy-gateway", "envoy")]:
         pod = rendered(overlay)[("Deployment", deployment)]["spec"]["template"]["spec"]
         c = next(c for c in pod["containers"] if c["name"] == container)
         env = {e["name"]: e for e in c.get("env", [])}
-        for n in names:
-            assert env[n]["valueFrom"]["secretKeyRef"] == {"name": "session-affinity-keys", "key": n}, (overlay, n)
+        for n in host_env:
+            assert env[n]["valueFrom"]["secretKeyRef"] == {"name": secrets[n], "key": n}, (overlay, n)
+    assert [e["name"] for e in wasmplugin()["spec"]["vmConfig"]["env"] if e["valueFrom"] == "HOST"] == host_env
+    gateway_vm = envoy_configmap_bootstrap_wasm()["vm_config"]
+    assert gateway_vm["environment_variables"]["host_env_keys"] == host_env
     for f in km.manifest_files():
         text = f.read_text()
         assert '"secret":' not in text and "kind: Secret" not in text, f
 
 
 def test_wasmplugin_variant_says_the_same():
-    ef = envoyfilter()
-    wp, routing = km.load_docs(K8S / "istio" / "wasmplugin" / "wasmplugin.yaml")[0], \
-        km.load_docs(K8S / "istio" / "wasmplugin" / "envoyfilter.yaml")[0]
+    ef, wp, routing = envoyfilter(), wasmplugin(), routing_envoyfilter()
     wasm = ef["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["config"]
     assert wp["spec"]["pluginConfig"] == km.plugin_config(ef)
     assert wp["spec"]["url"] == wasm["vm_config"]["code"]["remote"]["http_uri"]["uri"]
     assert wp["spec"]["sha256"] == wasm["vm_config"]["code"]["remote"]["sha256"]
     assert wp["spec"]["pluginName"] == wasm["root_id"]
-    assert [e["name"] for e in wp["spec"]["vmConfig"]["env"] if e["valueFrom"] == "HOST"] == \
-        wasm["vm_config"]["environment_variables"]["host_env_keys"]
     assert wp["spec"]["selector"]["matchLabels"] == ef["spec"]["workloadSelector"]["labels"] == \
         routing["spec"]["workloadSelector"]["labels"]
-    # The routing EnvoyFilter repeats the main one's non-Wasm patches.
-    stateful, *clusters = routing["spec"]["configPatches"]
-    assert stateful["patch"]["value"] == ef["spec"]["configPatches"][2]["patch"]["value"]
-    assert stateful["patch"]["operation"] == "INSERT_AFTER"
-    assert stateful["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == \
-        f"extensions.istio.io/wasmplugin/{NAMESPACE}.{wp['metadata']['name']}"
-    assert clusters == ef["spec"]["configPatches"][3:]
+    assert routing["spec"]["priority"] == ef["spec"]["priority"]
+    # The routing EnvoyFilter repeats the main one's non-Wasm patches, with
+    # stateful_session placed right after the plugin's filter.
+    main = ef["spec"]["configPatches"]
+    stateful, rest = routing["spec"]["configPatches"][:2], routing["spec"]["configPatches"][2:]
+    for mine, theirs in zip(stateful, main[3:5]):
+        assert mine["patch"]["value"] == theirs["patch"]["value"]
+        assert mine["patch"]["operation"] == "INSERT_AFTER"
+        assert mine["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == \
+            f"extensions.istio.io/wasmplugin/{NAMESPACE}.{wp['metadata']['name']}"
+    assert rest == main[5:]
 
 
 def test_set_wasm_source_pins_both_manifests(tmp_path, wasm_module):
@@ -233,12 +418,12 @@ def test_set_wasm_source_pins_both_manifests(tmp_path, wasm_module):
     km.validate(ef)
     km.validate(wp)
     ecds = {}
-    ke.apply_envoyfilter(*ke.skeleton("gateway", NAMESPACE, 1, 2, tmp_path / "eds.json"), ef, ecds)
+    ke.apply_envoyfilters(*ke.skeleton("gateway", NAMESPACE, 1, 2, tmp_path / "eds.json"), [ef], ecds)
     ke.agent_fetch(ecds, {url: wasm_module})  # checks the pinned sha256
     other = tmp_path / "other.wasm"
     other.write_bytes(wasm_module.read_bytes() + b"\0")
     ecds = {}
-    ke.apply_envoyfilter(*ke.skeleton("gateway", NAMESPACE, 1, 2, tmp_path / "eds.json"), ef, ecds)
+    ke.apply_envoyfilters(*ke.skeleton("gateway", NAMESPACE, 1, 2, tmp_path / "eds.json"), [ef], ecds)
     with pytest.raises(ValueError, match="sha256 mismatch"):
         ke.agent_fetch(ecds, {url: other})
 
@@ -275,9 +460,7 @@ def assemble(variant: str, wasm: Path, workdir: Path, listen_port: int, admin_po
         if d["kind"] == "WasmPlugin":
             ke.insert_wasmplugin(bootstrap, view, d, ecds)
             modules[d["spec"]["url"]] = wasm
-    for d in docs:
-        if d["kind"] == "EnvoyFilter":
-            ke.apply_envoyfilter(bootstrap, view, d, ecds)
+    ke.apply_envoyfilters(bootstrap, view, [d for d in docs if d["kind"] == "EnvoyFilter"], ecds)
     for r in ecds.values():
         code = r["typed_config"]["config"]["vm_config"]["code"]
         if "remote" in code:
@@ -308,32 +491,76 @@ def test_module_fits_in_a_configmap(wasm_module):
     assert wasm_module.stat().st_size < 1024 * 1024 - 4096
 
 
+def filter_chains(config: dict) -> tuple[list[str], list[str] | None]:
+    """The HTTP filters of the outbound (or gateway) chain, and of the
+    sidecar's inbound chain (None on a gateway)."""
+    hcms = ke.http_connection_managers(config)
+    inbound = hcms.get(("virtualInbound", 0))
+    return (ke.http_filter_names(hcms[("0.0.0.0_8080", 0)]),
+            None if inbound is None else ke.http_filter_names(inbound))
+
+
+def expected_chain(variant: str) -> list[str]:
+    """Istio's chain with the filter: before the router (EnvoyFilter), or
+    where istiod puts a WasmPlugin without a phase, stateful_session after it."""
+    istio = ["istio.metadata_exchange", *ke.AFTER_PLUGINS["outbound"]]
+    if VARIANTS[variant][0] == "istio-gateway-wasmplugin":
+        plugin = f"extensions.istio.io/wasmplugin/{NAMESPACE}.session-affinity"
+        return istio[:1] + [plugin, STATEFUL_SESSION] + istio[1:]
+    return istio[:-1] + [ECDS_NAME, STATEFUL_SESSION] + istio[-1:]
+
+
+def rejects_underscores(hcm_config: dict) -> bool:
+    return hcm_config.get("common_http_protocol_options", {}).get("headers_with_underscores_action") == \
+        "REJECT_REQUEST"
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_istio_config_loads_in_envoy(variant, wasm_module, tmp_path):
     config = assemble(variant, wasm_module, tmp_path, *tb.free_ports(2))
-    names = ke.http_filter_names(config)
-    wasm_name = next(n for n in names if n.startswith("extensions.istio.io/wasmplugin/") or n == "session_affinity")
-    assert names[-3:] == [wasm_name, "envoy.filters.http.stateful_session", "envoy.filters.http.router"], names
+    outbound, inbound = filter_chains(config)
+    assert outbound == expected_chain(variant)
+    hcms = ke.http_connection_managers(config)
+    assert rejects_underscores(hcms[("0.0.0.0_8080", 0)])
+    if inbound is not None:  # the sidecar's inbound side is left as Istio made it
+        assert inbound == ke.http_filter_names({"http_filters": ke.istio_http_filters("inbound")})
+        assert not rejects_underscores(hcms[("virtualInbound", 0)])
     cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == ke.app_cluster(NAMESPACE))
     # The app cluster's lb settings are the testbed's (override_host_status, panic threshold).
     testbed = yaml.safe_load((REPO / "envoy" / "testbed.yaml").read_text())
     testbed_app = next(c for c in testbed["static_resources"]["clusters"] if "override_host_status" in
                        c.get("common_lb_config", {}))
     assert cluster["common_lb_config"] == testbed_app["common_lb_config"]
+    # A dead node stalls a pinned request for 1 s, not Istio's default 10 s.
+    assert cluster["connect_timeout"] == "1s"
     # ... and so is its outlier detection (the DestinationRule), up to the
     # thresholds Istio writes out while their enforcement is 0.
     def enforced(od: dict) -> dict:
         return {k: v for k, v in od.items()
                 if not (k in ("consecutive_5xx", "consecutive_gateway_failure") and od.get(f"enforcing_{k}") == 0)}
     assert enforced(cluster["outlier_detection"]) == enforced(testbed_app["outlier_detection"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SA_KEY_")}
-    ok = ke.envoy_validate(config, env={**env, "SA_KEY_1": TEST_KEY})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SA_")}
+    ok = ke.envoy_validate(config, env={**env, "SA_KEY_1": TEST_KEY, "SA_STORE_PASSWORD": TEST_STORE_PASSWORD})
     assert ok.returncode == 0, ok.stdout + ok.stderr
     # Without the key in the proxy's environment the filter refuses to load.
     missing = ke.envoy_validate(config, env=env)
     assert missing.returncode != 0
     assert "SA_KEY_1" in missing.stdout + missing.stderr
     assert TEST_KEY not in missing.stdout + missing.stderr
+
+
+def test_app_cluster_patch_reaches_subsets_only_of_the_app(tmp_path):
+    """The CLUSTER MERGE matches the app's service and port: its subset
+    clusters too (a DestinationRule with subsets), not another service's
+    cluster on the same port nor the sidecar's inbound cluster."""
+    bootstrap, view = ke.skeleton("sidecar", NAMESPACE, 1, 2, tmp_path / "eds.json")
+    extra = [f"outbound|8080|v1|demo.{NAMESPACE}.svc.cluster.local", f"outbound|8080||other.{NAMESPACE}.svc.cluster.local"]
+    for name in extra:
+        bootstrap["static_resources"]["clusters"].append(ke.static_cluster(name, "127.0.0.1", 1))
+        view["clusters"][name] = "SIDECAR_OUTBOUND"
+    ke.apply_envoyfilters(bootstrap, view, [envoyfilter()], {})
+    patched = {c["name"] for c in bootstrap["static_resources"]["clusters"] if "common_lb_config" in c}
+    assert patched == {ke.app_cluster(NAMESPACE), extra[0]}
 
 
 # --------------------------------------------------------------------------
@@ -354,9 +581,12 @@ def test_one_plugin_json_everywhere():
     out = subprocess.run([sys.executable, str(GEN), "--plugin-json"], capture_output=True, text=True,
                          timeout=60, check=True)
     generated = json.loads(out.stdout)
-    wp = km.load_docs(K8S / "istio" / "wasmplugin" / "wasmplugin.yaml")[0]
-    assert km.plugin_config(envoyfilter()) == wp["spec"]["pluginConfig"] == generated
     assert json.loads(envoy_configmap_bootstrap_wasm()["configuration"]["value"]) == generated
+    # Istio proxies reach the store through webdis' own Istio cluster (mTLS,
+    # service account); that is the one difference.
+    istio = copy.deepcopy(generated)
+    istio["store"]["cluster"] = ke.store_cluster(NAMESPACE)
+    assert km.plugin_config(envoyfilter()) == wasmplugin()["spec"]["pluginConfig"] == istio
     # Only the keys differ from the testbed's (its keys are public test literals).
     testbed = yaml.safe_load((REPO / "envoy" / "testbed.yaml").read_text())
     testbed_json = json.loads(envoy_configmap_bootstrap_wasm(testbed)["configuration"]["value"])
@@ -387,15 +617,15 @@ def test_envoy_gateway_config_loads_in_envoy(wasm_module):
     assert pod["containers"][0]["args"][:2] == ["-c", f"{mounts['config']}/envoy.yaml"]
     assert volumes["config"] == km.load_docs(ENVOY_CONFIGMAP)[0]["metadata"]["name"]
     assert wasm["vm_config"]["code"]["local"]["filename"] == f"{mounts['wasm']}/session_affinity.wasm"
-    names = [f["name"] for f in bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-             ["typed_config"]["http_filters"]]
-    assert names == ["envoy.filters.http.wasm", "envoy.filters.http.stateful_session", "envoy.filters.http.router"]
+    app_hcm = ke.http_connection_managers(bootstrap)[("app", 0)]
+    assert ke.http_filter_names(app_hcm) == ["envoy.filters.http.wasm", STATEFUL_SESSION, "envoy.filters.http.router"]
+    assert rejects_underscores(app_hcm)
     ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
     listen = {l["name"]: l["address"]["socket_address"]["port_value"] for l in bootstrap["static_resources"]["listeners"]}
     assert listen == {"app": ports["http"], "health": ports["health"]}
     wasm["vm_config"]["code"]["local"]["filename"] = str(wasm_module)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SA_KEY_")}
-    ok = ke.envoy_validate(bootstrap, env={**env, "SA_KEY_1": TEST_KEY})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SA_")}
+    ok = ke.envoy_validate(bootstrap, env={**env, "SA_KEY_1": TEST_KEY, "SA_STORE_PASSWORD": TEST_STORE_PASSWORD})
     assert ok.returncode == 0, ok.stdout + ok.stderr
     missing = ke.envoy_validate(bootstrap, env=env)
     assert missing.returncode != 0 and "SA_KEY_1" in missing.stdout + missing.stderr
@@ -436,23 +666,223 @@ class Client:
         raise AssertionError(f"more than {hops} redirects for {path}")
 
 
-def webdis_config_from_manifest(path: Path, redis_port: int, http_port: int) -> Path:
-    """The webdis.json of the k8s ConfigMap, pointed at 127.0.0.1 ports."""
-    cm = next(d for d in km.load_docs(K8S / "base" / "store.yaml") if d["kind"] == "ConfigMap")
-    config = json.loads(cm["data"]["webdis.json"])
+# --------------------------------------------------------------------------
+# The store as the manifests configure it: Redis with its ACL user, webdis
+# with its own ACL, both run for real from base/store.yaml.
+
+STORE_USER = "session-affinity"
+TEST_SECRETS = {"SA_STORE_PASSWORD": TEST_STORE_PASSWORD, "REDIS_PASSWORD": TEST_REDIS_PASSWORD}
+
+
+def base_object(kind: str, name: str) -> dict:
+    return next(d for d in km.render(K8S / "base") if (d["kind"], d["metadata"]["name"]) == (kind, name))
+
+
+def container_env(container: dict, secrets: dict[str, str]) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: secretKeyRef values
+    (from `secrets`, by key), then $(NAME) references to earlier variables."""
+    env: dict[str, str] = {}
+    for e in container.get("env", []):
+        if "valueFrom" in e:
+            env[e["name"]] = secrets[e["valueFrom"]["secretKeyRef"]["key"]]
+        else:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), e["value"])
+    return env
+
+
+def redis_acl_commands() -> set[str]:
+    rules = base_object("ConfigMap", "redis-config")["data"]["session-affinity.acl"].split()
+    return {r[1:] for r in rules if r.startswith("+")}
+
+
+def start_redis(workdir: Path, port: int, monkeypatch, default_user_like_proxy: bool = False) -> tb.Process:
+    """Redis as its pod starts it: the container's script, the ConfigMap's
+    files (in `workdir` instead of /etc/redis) and the Secret's password.
+    `default_user_like_proxy` gives the user default the rules and password of
+    session-affinity, for Debian's webdis 0.1.9, which can log in only as
+    default (AUTH <password>); webdis 0.1.13+ logs in as session-affinity."""
+    cm = base_object("ConfigMap", "redis-config")["data"]
+    container = base_object("Deployment", "redis")["spec"]["template"]["spec"]["containers"][0]
+    conf, rules = cm["redis.conf"], cm["session-affinity.acl"]
+    if default_user_like_proxy:
+        assert "\nuser default off\n" in conf
+        conf = conf.replace("\nuser default off\n", f"\nuser default on >{TEST_REDIS_PASSWORD} {rules}\n")
+    (workdir / "redis.conf").write_text(conf + f"port {port}\nbind 127.0.0.1\ndir {workdir}\n")
+    (workdir / "session-affinity.acl").write_text(rules + "\n")
+    for name, value in container_env(container, TEST_SECRETS).items():
+        monkeypatch.setenv(name, value)
+    assert container["command"] == ["sh", "-c"]
+    script = container["args"][0].replace("/etc/redis/", f"{workdir}/")
+    redis = tb.Process("redis", ["sh", "-c", script], workdir / "redis.log")
+    redis.start()
+    try:
+        tb.wait_until(lambda: redis.ensure_alive() or redis_cli(port, "PING") == "PONG", 10, f"redis on {port}")
+    except BaseException:
+        redis.stop()
+        raise
+    return redis
+
+
+def redis_cli(port: int, *args: str, password: str | None = TEST_REDIS_PASSWORD) -> str:
+    """One command as the user session-affinity (or unauthenticated)."""
+    env = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+    user = []
+    if password is not None:
+        env["REDISCLI_AUTH"], user = password, ["--user", STORE_USER, "--no-auth-warning"]
+    out = subprocess.run(["redis-cli", "-p", str(port), *user, *args], capture_output=True, text=True,
+                         timeout=10, env=env)
+    return (out.stdout + out.stderr).strip()
+
+
+def webdis_config(path: Path, redis_port: int, http_port: int, require_credentials: bool = True) -> Path:
+    """The webdis.json of the ConfigMap for Debian's webdis 0.1.9, on
+    127.0.0.1: the "$NAME" values filled from the container's environment (as
+    webdis 0.1.13+ does itself) and the Redis login reduced to the password
+    (see start_redis). `require_credentials=False` drops the basic-auth
+    condition from the ACL, for a filter that does not send credentials."""
+    config = json.loads(base_object("ConfigMap", "webdis-config")["data"]["webdis.json"])
+    container = base_object("Deployment", "webdis")["spec"]["template"]["spec"]["containers"][0]
+    env = container_env(container, TEST_SECRETS)
+
+    def fill(value):
+        if isinstance(value, str) and re.fullmatch(r"\$[A-Z0-9_]+", value):
+            return env[value[1:]]
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return value
+    config = fill(config)
+    assert config["redis_auth"] == [STORE_USER, TEST_REDIS_PASSWORD]
+    config["redis_auth"] = TEST_REDIS_PASSWORD
+    if not require_credentials:
+        for entry in config["acl"]:
+            entry.pop("http_basic_auth", None)
     config.update(redis_host="127.0.0.1", redis_port=redis_port, http_host="127.0.0.1", http_port=http_port,
                   logfile="/dev/stderr")
     path.write_text(json.dumps(config))
     return path
 
 
+def lua_redis_commands() -> set[str]:
+    """Every command the filter's Lua scripts call (filter/src)."""
+    text = "".join(p.read_text() for p in (REPO / "filter" / "src").rglob("*.rs"))
+    return {c.lower() for c in re.findall(r"""redis\.p?call\(\s*['"](\w+)['"]""", text)}
+
+
+def test_redis_acl_covers_the_filters_scripts():
+    """The ACL's list is the one place: it holds EVAL, EVALSHA and every
+    command the scripts call, and webdis lets the proxies run only EVAL and
+    EVALSHA."""
+    used = lua_redis_commands()
+    assert used and used <= redis_acl_commands(), sorted(used - redis_acl_commands())
+    assert {"eval", "evalsha", "ping"} <= redis_acl_commands()
+    acl = json.loads(base_object("ConfigMap", "webdis-config")["data"]["webdis.json"])["acl"]
+    credentialed = [e for e in acl if "http_basic_auth" in e]
+    assert acl[0] == {"disabled": ["*"]} and credentialed == [acl[-1]]
+    assert {c.lower() for c in credentialed[0]["enabled"]} == {"eval", "evalsha"}
+    assert all(e.get("enabled", []) == ["PING"] for e in acl[1:-1])
+
+
+# A call of each command the ACL allows in scripts, on a key of its own.
+SCRIPT_CALLS = {"get": [], "set": ["v", "PX", "60000"], "del": [], "exists": [], "hget": ["f"],
+                "hset": ["f", "v"], "hgetall": [], "pexpire": ["60000"], "pttl": []}
+CALL_SCRIPT = "redis.call(ARGV[1], KEYS[1], unpack(ARGV, 2)) return 'ok'"
+
+
+def test_redis_runs_the_acl_and_nothing_more(tmp_path, monkeypatch):
+    for tool in ("redis-server", "redis-cli"):
+        require_tool(tool)
+    port = tb.free_ports(1)[0]
+    redis = start_redis(tmp_path, port, monkeypatch)
+    try:
+        assert "NOAUTH" in redis_cli(port, "PING", password=None)  # the user default is off
+        assert "WRONGPASS" in redis_cli(port, "PING", password="wrong")
+        assert set(SCRIPT_CALLS) == redis_acl_commands() - {"eval", "evalsha", "ping"}
+        for command, args in SCRIPT_CALLS.items():
+            assert redis_cli(port, "EVAL", CALL_SCRIPT, "1", f"sa:{command}", command, *args) == "ok", command
+            assert "NOPERM" in redis_cli(port, "EVAL", CALL_SCRIPT, "1", f"other:{command}", command, *args), command
+        sha = hashlib.sha1(CALL_SCRIPT.encode()).hexdigest()
+        assert redis_cli(port, "EVALSHA", sha, "1", "sa:x", "pttl") == "ok"
+        for forbidden in (["KEYS", "*"], ["FLUSHALL"], ["CONFIG", "GET", "maxmemory"], ["SCAN", "0"],
+                          ["SCRIPT", "FLUSH"], ["PUBLISH", "sa:c", "m"]):
+            assert "NOPERM" in redis_cli(port, *forbidden), forbidden
+            assert "ERR" in redis_cli(port, "EVAL", "return redis.call(unpack(ARGV))", "0", *forbidden), forbidden
+        # The readiness probe sees PONG, and only with the Secret's password.
+        probe = base_object("Deployment", "redis")["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+        command = [a.replace("redis-cli", f"redis-cli -p {port}") for a in probe["exec"]["command"]]
+        env = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+        assert subprocess.run(command, env={**env, "REDISCLI_AUTH": TEST_REDIS_PASSWORD}, timeout=10).returncode == 0
+        assert subprocess.run(command, env={**env, "REDISCLI_AUTH": "wrong"}, timeout=10).returncode != 0
+    finally:
+        redis.stop()
+
+
+def test_webdis_answers_only_the_proxies_credentials(tmp_path, monkeypatch):
+    for tool in ("redis-server", "redis-cli", "webdis"):
+        require_tool(tool)
+    import requests
+    redis_port, http_port = tb.free_ports(2)
+    redis = start_redis(tmp_path, redis_port, monkeypatch, default_user_like_proxy=True)
+    webdis = tb.Process("webdis", ["webdis", str(webdis_config(tmp_path / "webdis.json", redis_port, http_port))],
+                        tmp_path / "webdis.log")
+    base = f"http://127.0.0.1:{http_port}"
+    proxy = (STORE_USER, TEST_STORE_PASSWORD)
+    try:
+        webdis.start()
+        tb.wait_until(lambda: webdis.ensure_alive() or tb.http_get(f"{base}/PING")[0] == 200, 10, "webdis /PING")
+        evaluate = "EVAL/" + "/".join(urllib.parse.quote(p, safe="") for p in
+                                      ["return redis.call('PTTL', KEYS[1])", "1", "sa:x"])
+
+        def status(auth, method="POST", body=evaluate, path="/"):
+            return requests.request(method, base + path, data=body, auth=auth, timeout=5)
+        reply = status(proxy)
+        assert (reply.status_code, reply.json()) == (200, {"EVAL": -2})
+        assert status(None).status_code == 403
+        assert status((STORE_USER, "wrong")).status_code == 403
+        for command in ("GET/sa:x", "SET/sa:x/v", "FLUSHALL", "CONFIG/GET/maxmemory", "KEYS/*", "DEL/sa:x"):
+            assert status(proxy, "GET", None, "/" + command).status_code == 403, command
+        # Through webdis, Redis still confines EVAL to the session keys.
+        outside = "EVAL/" + "/".join(urllib.parse.quote(p, safe="") for p in
+                                     ["return redis.call('GET', KEYS[1])", "1", "other"])
+        assert status(proxy, body=outside).json()["EVAL"][0] is False
+    finally:
+        webdis.stop()
+        redis.stop()
+
+
+def memory_bytes(value: str) -> int:
+    """A Redis size ("192mb") or a Kubernetes quantity ("256Mi")."""
+    number, unit = re.fullmatch(r"(\d+)([a-zA-Z]*)", value).groups()
+    scale = {"": 1, "kb": 1024, "mb": 1024 ** 2, "gb": 1024 ** 3, "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3}
+    return int(number) * scale[unit]
+
+
+def test_redis_bounds_its_memory_and_never_runs_twice():
+    conf = dict(line.split(" ", 1) for line in base_object("ConfigMap", "redis-config")["data"]["redis.conf"]
+                .splitlines() if line and not line.startswith("#"))
+    redis = base_object("Deployment", "redis")["spec"]
+    resources = redis["template"]["spec"]["containers"][0]["resources"]
+    limit = memory_bytes(resources["limits"]["memory"])
+    assert memory_bytes(conf["maxmemory"]) <= limit * 3 // 4
+    assert resources["requests"]["memory"] == resources["limits"]["memory"]
+    assert conf["maxmemory-policy"] == "volatile-ttl"  # every key the filter writes has a TTL
+    assert redis["strategy"] == {"type": "Recreate"} and redis["replicas"] == 1
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, tmp_path, monkeypatch):
-    for tool in ("redis-server", "webdis"):
+    for tool in ("redis-server", "redis-cli", "webdis"):
         require_tool(tool)
     ports = tb.PortPlan.free(backends=4)
     bed = tb.Testbed(ports, tmp_path / "tb", wasm=wasm_module)
-    bed.webdis.argv = ["webdis", str(webdis_config_from_manifest(tmp_path / "webdis.json", ports.redis, ports.webdis))]
+    # The store as the manifests configure it. The filter sends webdis the
+    # proxies' credentials once its plugin JSON has store.auth; until then
+    # webdis runs its ACL without the basic-auth condition.
+    sends_credentials = "auth" in km.plugin_config(envoyfilter())["store"]
+    bed.webdis.argv = ["webdis", str(webdis_config(tmp_path / "webdis.json", ports.redis, ports.webdis,
+                                                   require_credentials=sends_credentials))]
+    (tmp_path / "redis").mkdir()
     bed.backends.append(tb.Backend("d", ports.backends[3], tb.Process("backend-d", [], bed.workdir / "backend-d.log")))
     listen, admin = tb.free_ports(2)
     workdir = tmp_path / "istio"
@@ -460,14 +890,16 @@ def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, t
     cluster = ke.app_cluster(NAMESPACE)
     envoy = None
     try:
-        bed.start_redis()
+        bed.redis = start_redis(tmp_path / "redis", ports.redis, monkeypatch, default_user_like_proxy=True)
         bed.start_webdis()
         pods = [bed.start_backend(i) for i in range(3)]  # "d" is the pod the ReplicaSet starts later
         ke.write_atomically(workdir / "eds.json", ke.eds(cluster, [("127.0.0.1", p.port) for p in pods]))
         config = assemble(variant, wasm_module, workdir, listen, admin, store=("127.0.0.1", ports.webdis),
                           ecds_files=True)
         (workdir / "envoy.yaml").write_text(yaml.safe_dump(config))
-        monkeypatch.setenv("SA_KEY_1", TEST_KEY)  # what the Secret gives the proxy container
+        # What the Secrets give the proxy container.
+        monkeypatch.setenv("SA_KEY_1", TEST_KEY)
+        monkeypatch.setenv("SA_STORE_PASSWORD", TEST_STORE_PASSWORD)
         envoy = tb.Process("envoy", [ke.ENVOY, "-c", str(workdir / "envoy.yaml"), "--concurrency", "2",
                                       "--disable-hot-restart", "-l", "info"], workdir / "envoy.log")
         envoy.start()
@@ -521,6 +953,12 @@ def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, t
 
         # Counters are flushed from each worker once a second.
         tb.wait_until(lambda: restored() >= 1, 5, "the failovers.restored counter")
+
+        # A header name with an underscore never reaches the filter or the app.
+        import requests
+        forged = requests.get(client.base + "/", timeout=5, headers={
+            "host": host, "cookie": client.cookie, "x_session_state": "forged", "x_session_id": "A" * 22})
+        assert forged.status_code == 400, (forged.status_code, forged.text)
     except BaseException:
         print(bed.log_report(40))
         if envoy is not None:
