@@ -337,6 +337,8 @@ class Envoy:
 
     def write_config(self) -> Path:
         bootstrap = render_bootstrap(self.testbed.ports, self.listener, self.admin, self.filter_config, self.testbed.wasm)
+        for patch in self.testbed.bootstrap_patches:
+            patch(bootstrap)
         self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         return self.config_path
 
@@ -423,6 +425,10 @@ class Testbed:
         self.envoy = Envoy(self, "envoy", ports.listener, ports.admin,
                            filter_config if filter_config is not None else default_filter_config())
         self.extra_envoys: list[Envoy] = []
+        # Changes tests make to every Envoy's bootstrap (callables that edit
+        # it in place), and extra demo-backend options: applied at each start.
+        self.bootstrap_patches: list = []
+        self.backend_args: list[str] = []
 
     def _write_webdis_config(self) -> Path:
         config = json.loads(WEBDIS_JSON.read_text())
@@ -499,7 +505,7 @@ class Testbed:
         backend.instance = instance or f"{backend.name}-{secrets.token_hex(4)}"
         backend.process.argv = [
             sys.executable, "-u", str(BACKEND_APP), "--name", backend.name, "--port", str(backend.port),
-            "--host", "127.0.0.1", "--instance", backend.instance,
+            "--host", "127.0.0.1", "--instance", backend.instance, *self.backend_args,
         ]
         backend.process.start()
 

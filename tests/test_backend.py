@@ -36,8 +36,9 @@ def backend(tmp_path):
     process.stop()
 
 
-def state(count: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"count": count}).encode()).decode().rstrip("=")
+def state(sid: str, count: int, user: str | None = None) -> str:
+    raw = json.dumps({"sid": sid, "count": count, "user": user}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_state(value: str) -> dict:
@@ -75,15 +76,57 @@ def test_session_counts_and_emits_state(backend):
         headers = {"x-session-id": "s2"}
         body = reply.json()
         expect_equal((body["session"], body["count"], body["instance"]), ("s2", expected, "t-1"), "session answer")
-        expect_equal(decode_state(reply.headers["x-session-state"]), {"count": expected}, "x-session-state")
+        expect_equal(decode_state(reply.headers["x-session-state"]), {"sid": "s2", "count": expected, "user": None},
+                     "x-session-state (bound to its session)")
 
 
 def test_restore_replaces_local_state(backend):
-    reply = requests.get(f"{backend}/", headers={"x-session-id": "s3", "x-session-state": state(41)}, timeout=5)
+    reply = requests.get(f"{backend}/", headers={"x-session-id": "s3", "x-session-state": state("s3", 41)}, timeout=5)
     expect_equal(reply.json()["count"], 42, "count after restoring {count: 41}")
-    expect_equal(reply.json()["received"]["x-session-state"], state(41), "restore state reported as received")
+    expect_equal(reply.json()["received"]["x-session-state"], state("s3", 41), "restore state reported as received")
     bad = requests.get(f"{backend}/", headers={"x-session-id": "s3", "x-session-state": "%%"}, timeout=5)
     expect_equal(bad.status_code, 400, "status for undecodable state")
+
+
+def test_another_sessions_state_is_refused_and_counted(backend):
+    reply = requests.get(f"{backend}/", headers={"x-session-id": "s6", "x-session-state": state("s7", 9)}, timeout=5)
+    expect_equal((reply.status_code, reply.headers.get("x-session-unknown")), (409, "1"),
+                 "a state made for another session is answered as unknown")
+    expect_equal(requests.get(f"{backend}/stats", timeout=5).json()["foreign_states"], 1, "foreign states seen")
+
+
+def test_login_rotates_the_id_and_logout_ends_the_session(backend):
+    requests.get(f"{backend}/", headers={"x-session-id": "s8", "x-session-new": "1"}, timeout=5)
+    login = requests.post(f"{backend}/login?user=ann", headers={"x-session-id": "s8"}, timeout=5)
+    new_sid = login.headers["x-session-rotate"]
+    expect_equal((len(new_sid), login.json()["session"], login.json()["user"]), (22, new_sid, "ann"),
+                 "login answers the new id (length, session, user)")
+    expect_equal(decode_state(login.headers["x-session-state"])["sid"], new_sid, "the state is made for the new id")
+    old = requests.get(f"{backend}/", headers={"x-session-id": "s8"}, timeout=5)
+    expect_equal(old.status_code, 409, "the old id is unknown after the rotation")
+    kept = requests.get(f"{backend}/", headers={"x-session-id": new_sid}, timeout=5).json()
+    expect_equal((kept["count"], kept["user"]), (3, "ann"), "the session continues under the new id")
+    logout = requests.post(f"{backend}/logout", headers={"x-session-id": new_sid}, timeout=5)
+    expect_equal((logout.status_code, logout.headers.get("x-session-end")), (200, "1"), "logout ends the session")
+    after = requests.get(f"{backend}/", headers={"x-session-id": new_sid}, timeout=5)
+    expect_equal(after.status_code, 409, "an ended session is unknown")
+
+
+def test_idle_sessions_end_and_apps_without_unknown_serve_them_fresh(tmp_path):
+    process, url = start_backend(tmp_path, "--idle-timeout", "0.3")
+    try:
+        requests.get(f"{url}/", headers={"x-session-id": "s9", "x-session-new": "1"}, timeout=5)
+        time.sleep(0.5)
+        expect_equal(requests.get(f"{url}/", headers={"x-session-id": "s9"}, timeout=5).status_code, 409,
+                     "an idle session ended")
+    finally:
+        process.stop()
+    process, url = start_backend(tmp_path, "--without-unknown")
+    try:
+        reply = requests.get(f"{url}/", headers={"x-session-id": "s10"}, timeout=5)
+        expect_equal((reply.status_code, reply.json()["count"]), (200, 1), "an unknown session served fresh")
+    finally:
+        process.stop()
 
 
 def test_slow_counts_before_it_waits(backend):

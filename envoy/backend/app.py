@@ -11,12 +11,22 @@ Contract (header names are the filter's defaults):
            x-session-new    1 on the first request of a session: create it
            x-session-state  opaque state to restore before handling
   response x-instance-id    this process, on every response
-           x-session-state  base64url of {"count": n} whenever it changed
+           x-session-state  base64url of {"sid", "count", "user"} whenever it
+                            changed; bound to the session id, so a state
+                            restored under any other id is refused
            x-session-unknown 1 (with 409) for an unknown session: nothing done
+           x-session-end    1 when the session ended (logout)
+           x-session-rotate the session's new id, after a login
 
 Routes: GET|POST / (and any other app path) count one request of the session;
-POST /slow?ms=N counts, then waits N ms (to kill a backend mid-request);
-GET /healthz; GET /static/... returns a small file-like body.
+POST /login?user=NAME counts, remembers the user and moves the session to a new
+id; POST /logout ends the session; POST /slow?ms=N counts, then waits N ms (to
+kill a backend mid-request); GET /healthz; GET /stats (what this process saw);
+GET /static/... returns a small file-like body.
+
+Options: --idle-timeout S ends sessions idle for S seconds (like a servlet
+container's session timeout); --without-unknown makes the process serve an
+unknown session as a new one, like an app that does not implement the contract.
 
 Python 3 standard library only, so it runs anywhere without installing.
 """
@@ -37,6 +47,8 @@ SESSION_ID = "x-session-id"
 SESSION_NEW = "x-session-new"
 SESSION_STATE = "x-session-state"
 SESSION_UNKNOWN = "x-session-unknown"
+SESSION_END = "x-session-end"
+SESSION_ROTATE = "x-session-rotate"
 INSTANCE_ID = "x-instance-id"
 SESSION_ROUTE = "x-session-route"
 # Reported back in the body so tests can prove what reached the app.
@@ -50,14 +62,20 @@ STATIC_TYPES = {
 }
 
 
-def encode_state(state):
-    """Opaque state for the filter: base64url of compact JSON, no padding."""
-    raw = json.dumps(state, separators=(",", ":")).encode()
+def encode_state(sid, session):
+    """Opaque state for the filter: base64url of compact JSON, no padding,
+    naming the session it belongs to."""
+    raw = json.dumps({"sid": sid, **session}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def decode_state(value):
-    """Inverse of encode_state; raises ValueError on anything malformed."""
+class ForeignState(ValueError):
+    """A state that belongs to another session."""
+
+
+def decode_state(value, sid):
+    """Inverse of encode_state for session sid; raises ValueError on anything
+    malformed and ForeignState for another session's state."""
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         state = json.loads(raw)
@@ -65,33 +83,67 @@ def decode_state(value):
         raise ValueError(f"undecodable state: {err}") from err
     if not isinstance(state, dict) or not isinstance(state.get("count"), int):
         raise ValueError("state must be an object with an integer count")
-    return {"count": state["count"]}
+    if state.get("sid") != sid:
+        raise ForeignState(f"state of session {state.get('sid')!r} offered for {sid!r}")
+    user = state.get("user")
+    return {"count": state["count"], "user": user if isinstance(user, str) else None}
+
+
+def new_session_id():
+    """A fresh session id in the filter's format: 16 random bytes, base64url."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
 
 
 class SessionTable:
     """In-memory sessions of this process; a lock because handlers are threads."""
 
-    def __init__(self):
+    def __init__(self, idle_timeout=None, serve_unknown=False):
         self._lock = threading.Lock()
         self._sessions = {}
+        self._idle_timeout = idle_timeout
+        self._serve_unknown = serve_unknown
+        self.foreign_states = 0
+        self.restored = 0
 
-    def count(self, sid, new, restore):
+    def _live(self, sid):
+        """The session, unless it is missing or idle too long (then it ends)."""
+        session = self._sessions.get(sid)
+        if session and self._idle_timeout and time.monotonic() - session["seen"] > self._idle_timeout:
+            del self._sessions[sid]
+            return None
+        return session
+
+    def count(self, sid, new, restore, user=None, rotate=False):
         """Count one request of session sid.
 
-        Returns (count, state) or None when the session is unknown, in which
-        case nothing changed. restore (a decoded state) replaces whatever this
-        process holds, because the filter only sends it when the session moved.
+        Returns (sid, count, public state) or None when the session is unknown,
+        in which case nothing changed. restore (a decoded state) replaces
+        whatever this process holds, because the filter only sends it when the
+        session moved. user logs a user in; rotate moves the session to a new
+        id (the returned sid).
         """
         with self._lock:
             if restore is not None:
-                self._sessions[sid] = dict(restore)
-            elif sid not in self._sessions:
-                if not new:
+                self.restored += 1
+                self._sessions[sid] = {"count": restore["count"], "user": restore["user"]}
+            elif self._live(sid) is None:
+                if not new and not self._serve_unknown:
                     return None
-                self._sessions[sid] = {"count": 0}
+                self._sessions[sid] = {"count": 0, "user": None}
             session = self._sessions[sid]
             session["count"] += 1
-            return session["count"], dict(session)
+            session["seen"] = time.monotonic()
+            if user is not None:
+                session["user"] = user
+            if rotate:
+                old, sid = sid, new_session_id()
+                self._sessions[sid] = self._sessions.pop(old)
+            return sid, session["count"], {"count": session["count"], "user": session["user"]}
+
+    def end(self, sid):
+        """Ends session sid; False if it was not known here."""
+        with self._lock:
+            return self._sessions.pop(sid, None) is not None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -119,34 +171,51 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path == "/healthz":
             self._send(200, {"status": "ok", "instance": self.server.instance})
+        elif url.path == "/stats":
+            sessions = self.server.sessions
+            self._send(200, {"instance": self.server.instance, "foreign_states": sessions.foreign_states,
+                             "restored": sessions.restored})
         elif url.path.startswith("/static/"):
             self._send_static(url.path)
         elif url.path == "/slow" and self.command == "POST":
             self._count(delay_ms=self._delay_ms(url.query))
+        elif url.path == "/logout" and self.command == "POST":
+            self._logout()
+        elif url.path == "/login" and self.command == "POST":
+            self._count(delay_ms=0, user=parse_qs(url.query).get("user", ["user"])[0], rotate=True)
         else:
             self._count(delay_ms=0)
 
-    def _count(self, delay_ms):
+    def _count(self, delay_ms, user=None, rotate=False):
         """The app itself: count requests per session and report them."""
         sid = self.headers.get(SESSION_ID)
         received = {name: self.headers[name] for name in CONTRACT_HEADERS if name in self.headers}
         extra = {}
-        if not sid:
-            count = 1
-        else:
+        count, session_user = 1, None
+        if sid:
             restore = None
             if SESSION_STATE in self.headers:
                 try:
-                    restore = decode_state(self.headers[SESSION_STATE])
+                    restore = decode_state(self.headers[SESSION_STATE], sid)
+                except ForeignState as err:
+                    # Never use it: that would hand one user another's session.
+                    self.server.sessions.foreign_states += 1
+                    self.log_message("refused %s", err)
+                    self._send(409, {"error": "unknown session", "session": sid}, {SESSION_UNKNOWN: "1"})
+                    return
                 except ValueError as err:
                     self._send(400, {"error": str(err)})
                     return
-            counted = self.server.sessions.count(sid, self.headers.get(SESSION_NEW) == "1", restore)
+            counted = self.server.sessions.count(sid, self.headers.get(SESSION_NEW) == "1", restore, user, rotate)
             if counted is None:
                 self._send(409, {"error": "unknown session", "session": sid}, {SESSION_UNKNOWN: "1"})
                 return
-            count, state = counted
-            extra[SESSION_STATE] = encode_state(state)
+            new_sid, count, state = counted
+            session_user = state["user"]
+            extra[SESSION_STATE] = encode_state(new_sid, state)
+            if new_sid != sid:
+                extra[SESSION_ROTATE] = new_sid
+                sid = new_sid
         if delay_ms:
             time.sleep(delay_ms / 1000)
         self._send(200, {
@@ -154,8 +223,18 @@ class Handler(BaseHTTPRequestHandler):
             "instance": self.server.instance,
             "session": sid or None,
             "count": count,
+            "user": session_user,
             "received": received,
         }, extra)
+
+    def _logout(self):
+        """Ends the session; the filter drops the cookie and the stored copy."""
+        sid = self.headers.get(SESSION_ID)
+        if not sid or not self.server.sessions.end(sid):
+            self._send(409, {"error": "unknown session", "session": sid}, {SESSION_UNKNOWN: "1"})
+            return
+        self._send(200, {"backend": self.server.name, "instance": self.server.instance, "session": sid,
+                         "ended": True}, {SESSION_END: "1"})
 
     def _delay_ms(self, query):
         """The ms query parameter, clamped so a typo cannot hang a thread."""
@@ -227,11 +306,11 @@ class BackendServer(ThreadingHTTPServer):
     # Restarting on the same port right after a SIGKILL must not fail.
     allow_reuse_address = True
 
-    def __init__(self, address, name, instance):
+    def __init__(self, address, name, instance, idle_timeout=None, serve_unknown=False):
         super().__init__(address, Handler)
         self.name = name
         self.instance = instance
-        self.sessions = SessionTable()
+        self.sessions = SessionTable(idle_timeout, serve_unknown)
 
 
 def parse_args(argv):
@@ -240,13 +319,16 @@ def parse_args(argv):
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--instance", help="instance id (default: name plus random hex, new each start)")
+    parser.add_argument("--idle-timeout", type=float, help="end sessions idle for this many seconds")
+    parser.add_argument("--without-unknown", action="store_true",
+                        help="serve an unknown session as a new one (an app without that part of the contract)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     instance = args.instance or f"{args.name}-{secrets.token_hex(4)}"
-    server = BackendServer((args.host, args.port), args.name, instance)
+    server = BackendServer((args.host, args.port), args.name, instance, args.idle_timeout, args.without_unknown)
     # SIGTERM (docker stop, the testbed) ends serve_forever cleanly.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"{args.name} instance {instance} listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)

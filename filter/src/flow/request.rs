@@ -79,10 +79,16 @@ pub enum Arrival {
 
 /// Classifies a request arriving at `now_ms` on a route to the cluster tagged `cluster`.
 pub fn classify(view: &RequestView<'_>, config: &Config, verified: &VerifiedCookies, gone: &GoneTable, cluster: ClusterTag, now_ms: u64) -> Arrival {
-    let claims = match session_cookie(view, config, verified, now_ms / 1000) {
+    let now = now_ms / 1000;
+    let claims = match session_cookie(view, config, verified, now) {
         Ok(claims) => claims,
         Err(rejection) => return Arrival::New(rejection),
     };
+    // Past its absolute lifetime whatever the cookie says (a config that
+    // shortened the lifetime applies to cookies issued before it).
+    if now >= claims.since.saturating_add(config.cookie.max_lifetime_secs) {
+        return Arrival::New(Some(Rejection::Expired));
+    }
     if claims.cluster() != cluster.as_str() {
         return Arrival::OtherCluster;
     }

@@ -207,6 +207,21 @@ fn no_refresh_extends_a_session_past_its_absolute_lifetime() {
 }
 
 #[test]
+fn a_session_past_its_absolute_lifetime_starts_over_whatever_its_cookie_says() {
+    let bed = Bed::new(config(r#","cookie":{"name":"sa","ttl":"1h","max_lifetime":"2h"}"#));
+    let tag = cookie::cluster_tag("app");
+    let old = cookie::encode(
+        &NewClaims { sid: SID, cluster: tag.as_str(), upstream: B1, instance: "pod-a", since: NOW - 7200, iat: NOW - 10, exp: NOW + 3000, flags: 0 },
+        &bed.config.keys,
+    )
+    .unwrap();
+    let mut host = bed.proxy(&[("cookie", &format!("{COOKIE}={old}"))]);
+    bed.flow().on_request_headers(&mut host);
+    assert_eq!((host.routed_to.as_deref(), host.req("x-session-new")), (None, Some("1")));
+    assert_eq!(bed.count(Counter::RejectedExpired), 1);
+}
+
+#[test]
 fn a_503_uh_or_uf_for_the_pinned_host_marks_it_gone_and_replays_with_a_moving_cookie() {
     for flags in [FLAG_UF, FLAG_UH] {
         let bed = Bed::new(config(""));
