@@ -22,6 +22,7 @@ import ctypes
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +48,8 @@ BACKEND_APP = ENVOY_DIR / "backend" / "app.py"
 WASM = REPO / "target" / "wasm32-unknown-unknown" / "release" / "session_affinity.wasm"
 BACKEND_NAMES = ("a", "b", "c")
 ENVOY_BIN = os.environ.get("ENVOY_BIN", "envoy")
+# The programs a testbed starts; .ci/setup testbed installs them.
+TOOLS = (ENVOY_BIN, "redis-server", "webdis")
 WASM_FILTER = "envoy.filters.http.wasm"
 APP_CLUSTER = "app"
 STORE_CLUSTER = "session_store"
@@ -550,6 +553,11 @@ class Testbed:
         return "\n".join(parts)
 
 
+def missing_tools() -> list[str]:
+    """The TOOLS that are not on PATH."""
+    return [tool for tool in TOOLS if shutil.which(tool) is None]
+
+
 def wasm_is_stale() -> bool:
     """True if the module is missing or older than any filter source."""
     if not WASM.exists():
@@ -588,6 +596,8 @@ def parse_args(argv):
     parser.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
     parser.add_argument("--rebuild", action="store_true", help="run filter/build even if the .wasm exists")
     parser.add_argument("--workdir", type=Path, help="where configs and logs go (default: a new temp dir)")
+    parser.add_argument("--no-install", action="store_true",
+                        help="only check that the tools are there; envoy/testbed passes it to .ci/setup")
     return parser.parse_args(argv)
 
 
@@ -600,8 +610,18 @@ def main(argv=None) -> int:
     # Explicit handlers: SIGINT may arrive ignored from a non-interactive parent.
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
+    missing = missing_tools()
+    if missing:
+        say(f"not installed: {', '.join(missing)}; `.ci/setup testbed` installs them (Debian/Ubuntu)")
+        return 2
     try:
         ensure_wasm(args.rebuild, say)
+    except subprocess.CalledProcessError as err:
+        say(f"filter/build failed with exit code {err.returncode} (its output is above)")
+        return 1
+    except (OSError, subprocess.TimeoutExpired) as err:
+        say(f"cannot build the filter: {err}")
+        return 1
     except _Stop:
         return 130
     ports = PortPlan.free() if args.free_ports else PortPlan()

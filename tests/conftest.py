@@ -15,7 +15,7 @@ from harness import Client, require_tool, tb
 @pytest.fixture(scope="session")
 def wasm():
     """The filter module; built with filter/build if it is missing or older than its sources."""
-    for tool in (tb.ENVOY_BIN, "redis-server", "webdis"):
+    for tool in tb.TOOLS:
         require_tool(tool)
     return tb.ensure_wasm()
 

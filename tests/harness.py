@@ -38,7 +38,7 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path:
         return path
-    message = f"{name} is not installed (.ci/run installs it)"
+    message = f"{name} is not installed (`.ci/setup tests` installs it)"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
