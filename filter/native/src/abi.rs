@@ -260,13 +260,6 @@ pub fn log_message(level: log::Level, message: &str) {
     unsafe { envoy_dynamic_module_callback_log(level_of(level), RawBuffer::of(message.as_bytes())) }
 }
 
-/// The number of Envoy worker threads (`--concurrency`), for sizing
-/// per-worker state (see [`Stream::worker_index`]).
-pub fn concurrency() -> u32 {
-    // SAFETY: no arguments; reads a value fixed at startup.
-    unsafe { envoy_dynamic_module_callback_get_concurrency() }
-}
-
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
     crate::envoy_log::install();
@@ -291,6 +284,15 @@ impl ConfigContext<'_> {
 
     pub fn define_histogram(&mut self, name: &str) -> Result<Histogram, MetricError> {
         self.define(envoy_dynamic_module_callback_http_filter_config_define_histogram, name).map(Histogram)
+    }
+
+    /// The number of Envoy worker threads (`--concurrency`), for sizing
+    /// per-worker state (see [`Stream::worker_index`]). Envoy answers only on
+    /// its main thread, where configurations are created.
+    pub fn concurrency(&self) -> u32 {
+        // SAFETY: no arguments; ConfigContext exists only in on_http_filter_config_new,
+        // which Envoy calls on the main thread (off it, Envoy logs a bug and returns 0).
+        unsafe { envoy_dynamic_module_callback_get_concurrency() }
     }
 
     fn define(&mut self, define: DefineMetric, name: &str) -> Result<usize, MetricError> {
@@ -899,7 +901,8 @@ impl Stream<'_> {
             .then_some(value)
     }
 
-    /// This stream's worker, in `0..concurrency()`: per-worker state needs no lock.
+    /// This stream's worker, in `0..ConfigContext::concurrency()`: per-worker
+    /// state needs no lock.
     pub fn worker_index(&self) -> u32 {
         // SAFETY: see the impl.
         unsafe { envoy_dynamic_module_callback_http_filter_get_worker_index(self.envoy) }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::abi::{concurrency, ConfigContext, Stream};
+use crate::abi::{ConfigContext, Stream};
 use crate::filter::{
     BodyStatus, CalloutError, CalloutFailure, CalloutId, CalloutResponse, Counter, FilterConfig, HeaderMap,
     HeadersStatus, Histogram, HttpFilter, LocalResponse, TrailersStatus,
@@ -52,6 +52,7 @@ pub struct DemoConfig {
 }
 
 struct Settings {
+    workers: u32,
     callout_cluster: String,
     callout_timeout: Duration,
     metrics: Metrics,
@@ -73,7 +74,7 @@ struct Metrics {
 impl FilterConfig for DemoConfig {
     type Filter = DemoFilter;
 
-    fn new(name: &str, config: &[u8], metrics: &mut ConfigContext<'_>) -> Result<Self, String> {
+    fn new(name: &str, config: &[u8], context: &mut ConfigContext<'_>) -> Result<Self, String> {
         let json: DemoJson = serde_json::from_slice(config).map_err(|e| format!("filter_config: {e}"))?;
         if json.callout_cluster.is_empty() {
             return Err("filter_config.callout_cluster: name the cluster that callouts go to".into());
@@ -81,7 +82,7 @@ impl FilterConfig for DemoConfig {
         if json.callout_timeout_ms == 0 {
             return Err("filter_config.callout_timeout_ms: must be at least 1".into());
         }
-        let mut counter = |name: &str| metrics.define_counter(name).map_err(|e| format!("counter {name}: {e:?}"));
+        let mut counter = |name: &str| context.define_counter(name).map_err(|e| format!("counter {name}: {e:?}"));
         let metrics = Metrics {
             requests: counter("demo_requests")?,
             pinned: counter("demo_pinned")?,
@@ -91,13 +92,14 @@ impl FilterConfig for DemoConfig {
             response_body_chunks: counter("demo_response_body_chunks")?,
             response_trailers: counter("demo_response_trailers")?,
             streams_completed: counter("demo_streams_completed")?,
-            callout_ms: metrics.define_histogram("demo_callout_ms").map_err(|e| format!("histogram: {e:?}"))?,
+            callout_ms: context.define_histogram("demo_callout_ms").map_err(|e| format!("histogram: {e:?}"))?,
         };
         log::info!(
             "session-affinity-native demo filter {name:?} configured: callouts to cluster {:?}",
             json.callout_cluster
         );
         let settings = Settings {
+            workers: context.concurrency(),
             callout_cluster: json.callout_cluster,
             callout_timeout: Duration::from_millis(json.callout_timeout_ms),
             metrics,
@@ -279,7 +281,7 @@ impl DemoFilter {
         self.note("x-demo-request-headers", &names.join(","));
         self.note("x-demo-multi", &multi.join("|"));
         self.note("x-demo-live-filters", &LIVE_FILTERS.load(Ordering::Relaxed).to_string());
-        self.note("x-demo-worker", &format!("{}/{}", stream.worker_index(), concurrency()));
+        self.note("x-demo-worker", &format!("{}/{}", stream.worker_index(), self.settings.workers));
         stream.set_header(HeaderMap::RequestHeaders, "x-demo-set", b"1");
         stream.remove_header(HeaderMap::RequestHeaders, "x-demo-remove");
     }

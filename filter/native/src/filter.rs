@@ -10,8 +10,8 @@ pub trait FilterConfig: Sized + Send + Sync + 'static {
 
     /// Parses `config` (the bytes of the `filter_config` value). The error
     /// names the field at fault and says what to fix; Envoy then rejects the
-    /// configuration. Metrics can only be defined here.
-    fn new(name: &str, config: &[u8], metrics: &mut ConfigContext<'_>) -> Result<Self, String>;
+    /// configuration. Metrics can only be defined here, through `context`.
+    fn new(name: &str, config: &[u8], context: &mut ConfigContext<'_>) -> Result<Self, String>;
 
     /// The filter for a new HTTP stream.
     fn new_filter(&self) -> Self::Filter;

@@ -36,7 +36,7 @@ mod filter;
 mod timer;
 
 #[cfg(target_os = "linux")]
-pub use abi::{concurrency, ConfigContext, Scheduler, Stream};
+pub use abi::{ConfigContext, Scheduler, Stream};
 #[cfg(target_os = "linux")]
 pub use filter::*;
 
