@@ -419,6 +419,16 @@ def test_scheduler_continues_after_a_delay(demo):
     assert 0.15 <= elapsed < 5
 
 
+def test_a_held_response_continues_after_a_delay(demo):
+    started = time.monotonic()
+    reply = demo.pinned("/delay-response/150")
+    elapsed = time.monotonic() - started
+    assert reply.status == 200 and reply.header("x-backend-id") == "b"
+    assert int(reply.header("x-demo-response-delayed-ms")) >= 150, "set_header while the response is held"
+    assert json.loads(reply.body)["path"] == "/delay-response/150", "the held body arrives whole"
+    assert 0.15 <= elapsed < 5
+
+
 def test_a_panic_fails_open(demo):
     for path in ("/panic/headers", "/panic/callout"):
         reply = demo.pinned(path)

@@ -10,6 +10,7 @@
 //! |---|---|
 //! | `/local` | answers 418 itself |
 //! | `/delay/<ms>` | holds the request `<ms>` milliseconds (scheduler + timer) |
+//! | `/delay-response/<ms>` | holds the response `<ms>` milliseconds |
 //! | `/callout`, `/callout-slow` | asks the callout cluster's `/status` (or `/slow`) first |
 //! | `/callout-missing`, `/callout-empty` | callouts that cannot start |
 //! | `/panic/headers`, `/panic/callout` | panics, to show the request still passes |
@@ -31,6 +32,9 @@ use crate::filter::{
 use crate::timer;
 
 const ROUTE_HEADER: &str = "x-demo-route";
+/// Scheduler events: which way of the stream a delay holds back.
+const REQUEST_DELAY: u64 = 0;
+const RESPONSE_DELAY: u64 = 1;
 
 /// Filters alive in this process, across workers: shows that Envoy destroys them.
 static LIVE_FILTERS: AtomicU64 = AtomicU64::new(0);
@@ -115,6 +119,7 @@ impl FilterConfig for DemoConfig {
             reporting: false,
             callout: None,
             delayed_since: None,
+            response_delay: None,
             panic_in_callout: false,
         }
     }
@@ -127,6 +132,7 @@ pub struct DemoFilter {
     reporting: bool,
     callout: Option<(CalloutId, Instant)>,
     delayed_since: Option<Instant>,
+    response_delay: Option<Duration>,
     panic_in_callout: bool,
 }
 
@@ -176,10 +182,15 @@ impl HttpFilter for DemoFilter {
                 self.panic_in_callout = true;
                 self.start_callout(stream, sidecar, "/status")
             }
-            _ => match path.strip_prefix("/delay/").map(str::parse::<u64>) {
-                Some(Ok(ms)) => self.delay(stream, Duration::from_millis(ms)),
-                _ => HeadersStatus::Continue,
-            },
+            _ => {
+                if let Some(Ok(ms)) = path.strip_prefix("/delay-response/").map(str::parse::<u64>) {
+                    self.response_delay = Some(Duration::from_millis(ms));
+                }
+                match path.strip_prefix("/delay/").map(str::parse::<u64>) {
+                    Some(Ok(ms)) => self.delay(stream, Duration::from_millis(ms), REQUEST_DELAY),
+                    _ => HeadersStatus::Continue,
+                }
+            }
         }
     }
 
@@ -215,9 +226,15 @@ impl HttpFilter for DemoFilter {
         stream.continue_decoding();
     }
 
-    fn on_scheduled(&mut self, stream: &mut Stream<'_>, _event_id: u64) {
-        if let Some(since) = self.delayed_since.take() {
-            self.note("x-demo-delayed-ms", &since.elapsed().as_millis().to_string());
+    fn on_scheduled(&mut self, stream: &mut Stream<'_>, event_id: u64) {
+        let Some(since) = self.delayed_since.take() else { return };
+        let elapsed_ms = since.elapsed().as_millis().to_string();
+        if event_id == RESPONSE_DELAY {
+            // The response is held back, so its headers can still change.
+            stream.set_header(HeaderMap::ResponseHeaders, "x-demo-response-delayed-ms", elapsed_ms.as_bytes());
+            stream.continue_encoding();
+        } else {
+            self.note("x-demo-delayed-ms", &elapsed_ms);
             stream.continue_decoding();
         }
     }
@@ -240,7 +257,10 @@ impl HttpFilter for DemoFilter {
         stream.add_header(HeaderMap::ResponseHeaders, "x-demo-added", b"first");
         stream.add_header(HeaderMap::ResponseHeaders, "x-demo-added", b"second");
         stream.remove_header(HeaderMap::ResponseHeaders, "x-backend-remove-me");
-        HeadersStatus::Continue
+        match self.response_delay.take() {
+            Some(delay) => self.delay(stream, delay, RESPONSE_DELAY),
+            None => HeadersStatus::Continue,
+        }
     }
 
     fn on_response_body(&mut self, stream: &mut Stream<'_>, _end_of_stream: bool) -> BodyStatus {
@@ -301,10 +321,11 @@ impl DemoFilter {
         }
     }
 
-    fn delay(&mut self, stream: &mut Stream<'_>, delay: Duration) -> HeadersStatus {
+    /// Holds the request or the response back for `delay`.
+    fn delay(&mut self, stream: &mut Stream<'_>, delay: Duration, event_id: u64) -> HeadersStatus {
         let Some(scheduler) = stream.scheduler() else { return HeadersStatus::Continue };
         self.delayed_since = Some(Instant::now());
-        timer::schedule(delay, scheduler, 0);
+        timer::schedule(delay, scheduler, event_id);
         HeadersStatus::StopAllIterationAndBuffer
     }
 }
