@@ -386,6 +386,16 @@ def test_callout_pauses_the_request_and_continues_it(demo):
     assert reply.header("x-demo-callout-body-bytes") == str(len(b"sidecar ok\n"))
 
 
+def test_local_reply_after_a_callout(demo):
+    """A local reply from the callout hook ends the stream inside the module's own frame."""
+    for _ in range(3):
+        reply = demo.pinned("/callout-then-local")
+        assert (reply.status, reply.header("x-demo-local")) == (503, "after-callout")
+        assert reply.body == b"answered after the callout\n"
+    demo.envoy.ensure_alive()
+    assert demo.pinned("/pinned").header("x-demo-live-filters") == "1", "the filter was freed"
+
+
 def test_callout_timeout_answers_504_and_the_request_continues(demo):
     """Envoy answers a callout that times out with its own 504, not a failure."""
     started = time.monotonic()

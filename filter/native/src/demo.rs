@@ -12,6 +12,7 @@
 //! | `/delay/<ms>` | holds the request `<ms>` milliseconds (scheduler + timer) |
 //! | `/delay-response/<ms>` | holds the response `<ms>` milliseconds |
 //! | `/callout`, `/callout-slow` | asks the callout cluster's `/status` (or `/slow`) first |
+//! | `/callout-then-local` | answers 503 itself once the callout is done |
 //! | `/callout-missing`, `/callout-empty` | callouts that cannot start |
 //! | `/panic/headers`, `/panic/callout` | panics, to show the request still passes |
 //!
@@ -120,6 +121,7 @@ impl FilterConfig for DemoConfig {
             callout: None,
             delayed_since: None,
             response_delay: None,
+            reply_after_callout: false,
             panic_in_callout: false,
         }
     }
@@ -133,6 +135,7 @@ pub struct DemoFilter {
     callout: Option<(CalloutId, Instant)>,
     delayed_since: Option<Instant>,
     response_delay: Option<Duration>,
+    reply_after_callout: bool,
     panic_in_callout: bool,
 }
 
@@ -175,6 +178,10 @@ impl HttpFilter for DemoFilter {
             }
             "/callout" => self.start_callout(stream, sidecar, "/status"),
             "/callout-slow" => self.start_callout(stream, sidecar, "/slow"),
+            "/callout-then-local" => {
+                self.reply_after_callout = true;
+                self.start_callout(stream, sidecar, "/status")
+            }
             "/callout-missing" => self.start_callout(stream, "no-such-cluster", "/status"),
             "/callout-empty" => self.start_callout(stream, "empty", "/status"),
             "/panic/headers" => deliberate_panic("on_request_headers"),
@@ -223,7 +230,16 @@ impl HttpFilter for DemoFilter {
         if self.panic_in_callout {
             deliberate_panic("on_callout_done");
         }
-        stream.continue_decoding();
+        if self.reply_after_callout {
+            stream.send_response(LocalResponse {
+                status: 503,
+                headers: vec![("x-demo-local".into(), b"after-callout".to_vec())],
+                body: b"answered after the callout\n".to_vec(),
+                details: "demo_after_callout".into(),
+            });
+        } else {
+            stream.continue_decoding();
+        }
     }
 
     fn on_scheduled(&mut self, stream: &mut Stream<'_>, event_id: u64) {
