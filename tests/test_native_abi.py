@@ -387,7 +387,7 @@ def test_callout_pauses_the_request_and_continues_it(demo):
 
 
 def test_local_reply_after_a_callout(demo):
-    """A local reply from the callout hook ends the stream inside the module's own frame."""
+    """A local reply from the callout hook ends the stream while the module's hook is on the stack."""
     for _ in range(3):
         reply = demo.pinned("/callout-then-local")
         assert (reply.status, reply.header("x-demo-local")) == (503, "after-callout")
@@ -412,7 +412,7 @@ def test_callout_to_an_unknown_cluster_does_not_start(demo):
 
 
 def test_callout_that_completes_inline_is_contained(demo):
-    """A cluster without hosts answers inside http_callout itself: Envoy re-enters the module."""
+    """A cluster without hosts fails the callout inside http_callout itself (a re-entry the binding guards)."""
     for _ in range(3):
         reply = demo.pinned("/callout-empty")
         assert reply.status == 200

@@ -420,6 +420,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: ModulePtr)
     if slot.state.frames.get() > 0 {
         // Called from inside one of this stream's hooks (a local reply ends the
         // stream at once): the outermost frame frees the slot when it returns.
+        log::debug!("session-affinity-native: filter destroyed inside its own hook; freed when the hook returns");
         slot.state.destroyed.set(true);
         return;
     }
@@ -667,6 +668,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     if let Some(slot) = unsafe { slot(module) } {
         if slot.state.busy.get() {
             // Completed inside `http_callout`: keep a copy for when the filter is free.
+            log::debug!("session-affinity-native: callout {callout_id} completed inside http_callout");
             slot.state.inline_callouts.borrow_mut().push(InlineCallout {
                 id: callout_id,
                 result,
