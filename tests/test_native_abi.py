@@ -88,9 +88,9 @@ def symbols(path: Path, *nm_args: str) -> set[str]:
 
 
 def declared_abi_version() -> str:
-    source = (NATIVE / "src" / "abi.rs").read_text()
+    source = (NATIVE / "src" / "abi" / "mod.rs").read_text()
     match = re.search(r'pub const ABI_VERSION: &CStr = c"([^"]+)";', source)
-    assert match, "filter/native/src/abi.rs no longer declares ABI_VERSION as a C string literal"
+    assert match, "filter/native/src/abi/mod.rs no longer declares ABI_VERSION as a C string literal"
     return match.group(1)
 
 
@@ -234,7 +234,7 @@ def test_every_imported_callback_exists_in_this_envoy(module_so):
     assert imported, "the module imports no Envoy callback: the build is wrong"
     assert not missing, (
         f"{envoy_binary()} does not export {missing}: the module was written against another ABI "
-        f"than this Envoy's. Bind the callbacks of this Envoy's abi.h in filter/native/src/abi.rs."
+        f"than this Envoy's. Bind the callbacks of this Envoy's abi.h in filter/native/src/abi/ffi.rs."
     )
 
 

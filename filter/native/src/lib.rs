@@ -5,7 +5,7 @@
 //! every part of it; the filter core comes in phase 2.
 //!
 //! Layout:
-//! - [`abi`]: the only module with `unsafe`. The raw declarations of
+//! - [`abi`]: the only module with `unsafe` (a directory). The raw declarations of
 //!   Envoy 1.40's `abi.h`, the exported event hooks, and the safe handles
 //!   ([`Stream`], [`ConfigContext`], [`Scheduler`]) built on them.
 //! - [`filter`]: the traits a filter implements and the plain types it uses.
