@@ -87,11 +87,7 @@ impl FilterConfig for DemoConfig {
         if json.callout_timeout_ms == 0 {
             return Err("filter_config.callout_timeout_ms: must be at least 1".into());
         }
-        let mut counter = |name: &str| {
-            context
-                .define_counter(name)
-                .map_err(|e| format!("counter {name}: {e:?}"))
-        };
+        let mut counter = |name: &str| context.define_counter(name).map_err(|e| format!("counter {name}: {e:?}"));
         let metrics = Metrics {
             requests: counter("demo_requests")?,
             pinned: counter("demo_pinned")?,
@@ -101,9 +97,7 @@ impl FilterConfig for DemoConfig {
             response_body_chunks: counter("demo_response_body_chunks")?,
             response_trailers: counter("demo_response_trailers")?,
             streams_completed: counter("demo_streams_completed")?,
-            callout_ms: context
-                .define_histogram("demo_callout_ms")
-                .map_err(|e| format!("histogram: {e:?}"))?,
+            callout_ms: context.define_histogram("demo_callout_ms").map_err(|e| format!("histogram: {e:?}"))?,
         };
         log::info!(
             "session-affinity-native demo filter {name:?} configured: callouts to cluster {:?}",
@@ -115,9 +109,7 @@ impl FilterConfig for DemoConfig {
             callout_timeout: Duration::from_millis(json.callout_timeout_ms),
             metrics,
         };
-        Ok(Self {
-            settings: Arc::new(settings),
-        })
+        Ok(Self { settings: Arc::new(settings) })
     }
 
     fn new_filter(&self) -> DemoFilter {
@@ -164,10 +156,7 @@ impl HttpFilter for DemoFilter {
             stream.increment(metrics.pinned, 1);
             self.note("x-demo-override", if accepted { "set" } else { "rejected" });
         }
-        let path = stream
-            .header(HeaderMap::RequestHeaders, ":path")
-            .map(text)
-            .unwrap_or_default();
+        let path = stream.header(HeaderMap::RequestHeaders, ":path").map(text).unwrap_or_default();
         if path.starts_with("/bench") {
             self.report.clear();
             return HeadersStatus::Continue;
@@ -235,10 +224,7 @@ impl HttpFilter for DemoFilter {
             Ok(response) => {
                 let status = response.status().map_or_else(|| "none".to_owned(), |s| s.to_string());
                 self.note("x-demo-callout", &status);
-                self.note(
-                    "x-demo-callout-header",
-                    &response.header("x-sidecar").map(text).unwrap_or_default(),
-                );
+                self.note("x-demo-callout-header", &response.header("x-sidecar").map(text).unwrap_or_default());
                 self.note("x-demo-callout-body-bytes", &response.body().len().to_string());
             }
             Err(failure) => self.note("x-demo-callout", failure_name(failure)),
@@ -265,11 +251,7 @@ impl HttpFilter for DemoFilter {
         let elapsed_ms = since.elapsed().as_millis().to_string();
         if event_id == RESPONSE_DELAY {
             // The response is held back, so its headers can still change.
-            stream.set_header(
-                HeaderMap::ResponseHeaders,
-                "x-demo-response-delayed-ms",
-                elapsed_ms.as_bytes(),
-            );
+            stream.set_header(HeaderMap::ResponseHeaders, "x-demo-response-delayed-ms", elapsed_ms.as_bytes());
             stream.continue_encoding();
         } else {
             self.note("x-demo-delayed-ms", &elapsed_ms);
@@ -284,10 +266,7 @@ impl HttpFilter for DemoFilter {
         let upstream = stream.upstream_address().unwrap_or_default();
         let flags = stream.response_flags().map_or_else(String::new, |f| f.to_string());
         let code = stream.response_code().map_or_else(String::new, |c| c.to_string());
-        let backend = stream
-            .header(HeaderMap::ResponseHeaders, "x-backend-id")
-            .map(text)
-            .unwrap_or_default();
+        let backend = stream.header(HeaderMap::ResponseHeaders, "x-backend-id").map(text).unwrap_or_default();
         self.note("x-demo-upstream", &upstream);
         self.note("x-demo-flags", &flags);
         self.note("x-demo-code", &code);
@@ -311,15 +290,8 @@ impl HttpFilter for DemoFilter {
 
     fn on_response_trailers(&mut self, stream: &mut Stream<'_>) -> TrailersStatus {
         stream.increment(self.settings.metrics.response_trailers, 1);
-        let seen = stream
-            .header(HeaderMap::ResponseTrailers, "x-backend-trailer")
-            .map(text)
-            .unwrap_or_default();
-        stream.set_header(
-            HeaderMap::ResponseTrailers,
-            "x-demo-trailer",
-            format!("saw-{seen}").as_bytes(),
-        );
+        let seen = stream.header(HeaderMap::ResponseTrailers, "x-backend-trailer").map(text).unwrap_or_default();
+        stream.set_header(HeaderMap::ResponseTrailers, "x-demo-trailer", format!("saw-{seen}").as_bytes());
         stream.remove_header(HeaderMap::ResponseTrailers, "x-backend-trailer-remove");
         TrailersStatus::Continue
     }
@@ -343,23 +315,13 @@ impl DemoFilter {
     /// Reads the request through every header call, and changes it.
     fn report_request(&mut self, stream: &mut Stream<'_>) {
         let cluster = stream.cluster_name().unwrap_or_default().to_owned();
-        let names: Vec<String> = stream
-            .headers(HeaderMap::RequestHeaders)
-            .iter()
-            .map(|(name, _)| text(name))
-            .collect();
-        let multi: Vec<String> = stream
-            .header_values(HeaderMap::RequestHeaders, "x-demo-multi")
-            .map(text)
-            .collect();
+        let names: Vec<String> = stream.headers(HeaderMap::RequestHeaders).iter().map(|(name, _)| text(name)).collect();
+        let multi: Vec<String> = stream.header_values(HeaderMap::RequestHeaders, "x-demo-multi").map(text).collect();
         self.note("x-demo-cluster", &cluster);
         self.note("x-demo-request-headers", &names.join(","));
         self.note("x-demo-multi", &multi.join("|"));
         self.note("x-demo-live-filters", &LIVE_FILTERS.load(Ordering::Relaxed).to_string());
-        self.note(
-            "x-demo-worker",
-            &format!("{}/{}", stream.worker_index(), self.settings.workers),
-        );
+        self.note("x-demo-worker", &format!("{}/{}", stream.worker_index(), self.settings.workers));
         stream.set_header(HeaderMap::RequestHeaders, "x-demo-set", b"1");
         stream.remove_header(HeaderMap::RequestHeaders, "x-demo-remove");
     }

@@ -175,10 +175,7 @@ impl<'a> CalloutResponse<'a> {
 
     /// The first value of a header; `name` in lower case.
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
-        self.headers
-            .iter()
-            .find(|(key, _)| *key == name.as_bytes())
-            .map(|(_, value)| *value)
+        self.headers.iter().find(|(key, _)| *key == name.as_bytes()).map(|(_, value)| *value)
     }
 
     pub fn headers(&self) -> &[(&'a [u8], &'a [u8])] {

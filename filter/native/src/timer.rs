@@ -49,12 +49,7 @@ static TIMER: OnceLock<Option<Sender<Due>>> = OnceLock::new();
 pub fn schedule(delay: Duration, scheduler: Scheduler, event_id: u64) {
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
     let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    let due = Due {
-        at: Instant::now() + delay,
-        sequence,
-        scheduler,
-        event_id,
-    };
+    let due = Due { at: Instant::now() + delay, sequence, scheduler, event_id };
     let sent = match TIMER.get_or_init(start) {
         Some(sender) => sender.send(due),
         None => Err(mpsc::SendError(due)),
@@ -66,10 +61,7 @@ pub fn schedule(delay: Duration, scheduler: Scheduler, event_id: u64) {
 
 fn start() -> Option<Sender<Due>> {
     let (sender, receiver) = mpsc::channel();
-    match std::thread::Builder::new()
-        .name("sa-native-timer".into())
-        .spawn(move || run(receiver))
-    {
+    match std::thread::Builder::new().name("sa-native-timer".into()).spawn(move || run(receiver)) {
         Ok(_) => Some(sender),
         Err(error) => {
             log::error!("session-affinity-native: cannot start the timer thread ({error}); delays are skipped");

@@ -19,13 +19,11 @@ type DefineMetric = unsafe extern "C" fn(EnvoyConfigPtr, RawBuffer, *mut RawBuff
 
 impl ConfigContext<'_> {
     pub fn define_counter(&mut self, name: &str) -> Result<Counter, MetricError> {
-        self.define(envoy_dynamic_module_callback_http_filter_config_define_counter, name)
-            .map(Counter)
+        self.define(envoy_dynamic_module_callback_http_filter_config_define_counter, name).map(Counter)
     }
 
     pub fn define_histogram(&mut self, name: &str) -> Result<Histogram, MetricError> {
-        self.define(envoy_dynamic_module_callback_http_filter_config_define_histogram, name)
-            .map(Histogram)
+        self.define(envoy_dynamic_module_callback_http_filter_config_define_histogram, name).map(Histogram)
     }
 
     /// The number of Envoy worker threads (`--concurrency`), for sizing
@@ -62,10 +60,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     let (name, config) = unsafe { (bytes(name), bytes(config)) };
     let created = catch_unwind(AssertUnwindSafe(|| {
         let name = std::str::from_utf8(name).map_err(|_| "filter_name: must be UTF-8".to_owned())?;
-        let mut metrics = ConfigContext {
-            envoy,
-            _during_config_new: PhantomData,
-        };
+        let mut metrics = ConfigContext { envoy, _during_config_new: PhantomData };
         Module::new(name, config, &mut metrics)
     }));
     match created {

@@ -33,34 +33,18 @@ pub struct RawHeader {
 }
 
 impl RawBuffer {
-    pub const NULL: Self = Self {
-        ptr: ptr::null(),
-        length: 0,
-    };
+    pub const NULL: Self = Self { ptr: ptr::null(), length: 0 };
 
     pub fn of(bytes: &[u8]) -> Self {
-        Self {
-            ptr: bytes.as_ptr(),
-            length: bytes.len(),
-        }
+        Self { ptr: bytes.as_ptr(), length: bytes.len() }
     }
 }
 
 impl RawHeader {
-    pub const NULL: Self = Self {
-        key_ptr: ptr::null(),
-        key_length: 0,
-        value_ptr: ptr::null(),
-        value_length: 0,
-    };
+    pub const NULL: Self = Self { key_ptr: ptr::null(), key_length: 0, value_ptr: ptr::null(), value_length: 0 };
 
     pub fn of(key: &[u8], value: &[u8]) -> Self {
-        Self {
-            key_ptr: key.as_ptr(),
-            key_length: key.len(),
-            value_ptr: value.as_ptr(),
-            value_length: value.len(),
-        }
+        Self { key_ptr: key.as_ptr(), key_length: key.len(), value_ptr: value.as_ptr(), value_length: value.len() }
     }
 }
 
@@ -208,14 +192,8 @@ pub unsafe fn array<'a, T>(first: *const T, length: usize) -> &'a [T] {
 
 /// Views of a header's name and value. Same contract as [`bytes`], for both.
 pub unsafe fn header_parts<'a>(header: &RawHeader) -> (&'a [u8], &'a [u8]) {
-    let key = RawBuffer {
-        ptr: header.key_ptr,
-        length: header.key_length,
-    };
-    let value = RawBuffer {
-        ptr: header.value_ptr,
-        length: header.value_length,
-    };
+    let key = RawBuffer { ptr: header.key_ptr, length: header.key_length };
+    let value = RawBuffer { ptr: header.value_ptr, length: header.value_length };
     // SAFETY: the caller vouches for both views.
     unsafe { (bytes(key), bytes(value)) }
 }

@@ -72,10 +72,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(config: ModulePtr, _en
     // shared use from every worker.
     let config = unsafe { config.cast::<Module>().as_ref() };
     let filter = config.and_then(|config| catch_unwind(AssertUnwindSafe(|| config.new_filter())).ok());
-    let slot = Slot {
-        state: SlotState::default(),
-        filter: UnsafeCell::new(filter),
-    };
+    let slot = Slot { state: SlotState::default(), filter: UnsafeCell::new(filter) };
     Box::into_raw(Box::new(slot)).cast_const().cast()
 }
 
@@ -180,11 +177,7 @@ fn run<S: HookStatus>(
         return S::FAIL_OPEN;
     }
     state.frames.set(state.frames.get() + 1);
-    let mut stream = Stream {
-        envoy,
-        state,
-        after: AfterHook::default(),
-    };
+    let mut stream = Stream { envoy, state, after: AfterHook::default() };
     let status = with_filter(slot, &mut stream, hook).unwrap_or(S::FAIL_OPEN);
     match direction {
         Direction::Request => state.decoding_stopped.set(status.stops()),
@@ -229,9 +222,7 @@ fn with_filter<R>(
     // SAFETY: `busy` makes this the only reference to the filter: it is checked and
     // set before every borrow, and all of them happen on this one thread.
     let filter = unsafe { &mut *slot.filter.get() };
-    let outcome = filter
-        .as_mut()
-        .map(|filter| catch_unwind(AssertUnwindSafe(|| hook(filter, stream))));
+    let outcome = filter.as_mut().map(|filter| catch_unwind(AssertUnwindSafe(|| hook(filter, stream))));
     let result = match outcome {
         Some(Ok(result)) => Some(result),
         Some(Err(_)) => {
@@ -271,9 +262,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     module: ModulePtr,
     end_of_stream: bool,
 ) -> u32 {
-    headers_status(run(envoy, module, Direction::Request, |f, s| {
-        f.on_request_headers(s, end_of_stream)
-    }))
+    headers_status(run(envoy, module, Direction::Request, |f, s| f.on_request_headers(s, end_of_stream)))
 }
 
 #[no_mangle]
@@ -282,9 +271,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     module: ModulePtr,
     end_of_stream: bool,
 ) -> u32 {
-    body_status(run(envoy, module, Direction::Request, |f, s| {
-        f.on_request_body(s, end_of_stream)
-    }))
+    body_status(run(envoy, module, Direction::Request, |f, s| f.on_request_body(s, end_of_stream)))
 }
 
 #[no_mangle]
@@ -301,9 +288,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     module: ModulePtr,
     end_of_stream: bool,
 ) -> u32 {
-    headers_status(run(envoy, module, Direction::Response, |f, s| {
-        f.on_response_headers(s, end_of_stream)
-    }))
+    headers_status(run(envoy, module, Direction::Response, |f, s| f.on_response_headers(s, end_of_stream)))
 }
 
 #[no_mangle]
@@ -312,9 +297,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     module: ModulePtr,
     end_of_stream: bool,
 ) -> u32 {
-    body_status(run(envoy, module, Direction::Response, |f, s| {
-        f.on_response_body(s, end_of_stream)
-    }))
+    body_status(run(envoy, module, Direction::Response, |f, s| f.on_response_body(s, end_of_stream)))
 }
 
 #[no_mangle]
@@ -322,9 +305,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
     envoy: EnvoyFilterPtr,
     module: ModulePtr,
 ) -> u32 {
-    trailers_status(run(envoy, module, Direction::Response, |f, s| {
-        f.on_response_trailers(s)
-    }))
+    trailers_status(run(envoy, module, Direction::Response, |f, s| f.on_response_trailers(s)))
 }
 
 #[no_mangle]

@@ -47,9 +47,7 @@ impl Stream<'_> {
     pub fn header_values(&self, map: HeaderMap, name: &str) -> impl Iterator<Item = &[u8]> + '_ {
         let (first, count) = self.header_at(map, name, 0);
         let name = name.to_owned();
-        first
-            .into_iter()
-            .chain((1..count).filter_map(move |index| self.header_at(map, &name, index).0))
+        first.into_iter().chain((1..count).filter_map(move |index| self.header_at(map, &name, index).0))
     }
 
     fn header_at(&self, map: HeaderMap, name: &str, index: usize) -> (Option<&[u8]>, usize) {
@@ -90,33 +88,18 @@ impl Stream<'_> {
 
     /// Replaces every value of a header (adding it if absent).
     pub fn set_header(&mut self, map: HeaderMap, name: &str, value: &[u8]) -> bool {
-        self.change_header(
-            envoy_dynamic_module_callback_http_set_header,
-            map,
-            name,
-            RawBuffer::of(value),
-        )
+        self.change_header(envoy_dynamic_module_callback_http_set_header, map, name, RawBuffer::of(value))
     }
 
     /// Adds a value to a header, keeping the others (e.g. another `set-cookie`).
     pub fn add_header(&mut self, map: HeaderMap, name: &str, value: &[u8]) -> bool {
-        self.change_header(
-            envoy_dynamic_module_callback_http_add_header,
-            map,
-            name,
-            RawBuffer::of(value),
-        )
+        self.change_header(envoy_dynamic_module_callback_http_add_header, map, name, RawBuffer::of(value))
     }
 
     /// Removes every value of a header.
     pub fn remove_header(&mut self, map: HeaderMap, name: &str) -> bool {
         // A null value removes the header (abi.h, `..._http_set_header`).
-        self.change_header(
-            envoy_dynamic_module_callback_http_set_header,
-            map,
-            name,
-            RawBuffer::NULL,
-        )
+        self.change_header(envoy_dynamic_module_callback_http_set_header, map, name, RawBuffer::NULL)
     }
 
     fn change_header(
@@ -137,9 +120,7 @@ impl Stream<'_> {
         // and this crate has no call that changes the route.
         let found = unsafe { envoy_dynamic_module_callback_http_get_cluster_name(self.envoy, &mut name) };
         // SAFETY: as above.
-        found
-            .then(|| std::str::from_utf8(unsafe { bytes(name) }).ok())
-            .flatten()
+        found.then(|| std::str::from_utf8(unsafe { bytes(name) }).ok()).flatten()
     }
 
     /// Sends this request to the upstream host `host` ("ip:port") of the routed
@@ -290,11 +271,8 @@ impl Stream<'_> {
             return;
         }
         if let Some(response) = after.local_response {
-            let mut headers: Vec<RawHeader> = response
-                .headers
-                .iter()
-                .map(|(k, v)| RawHeader::of(k.as_bytes(), v))
-                .collect();
+            let mut headers: Vec<RawHeader> =
+                response.headers.iter().map(|(k, v)| RawHeader::of(k.as_bytes(), v)).collect();
             // SAFETY: see the impl; Envoy copies headers, body and details. This may
             // destroy the filter, which `frames` defers.
             unsafe {
