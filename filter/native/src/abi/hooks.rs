@@ -179,9 +179,17 @@ fn run<S: HookStatus>(
     state.frames.set(state.frames.get() + 1);
     let mut stream = Stream { envoy, state, after: AfterHook::default() };
     let status = with_filter(slot, &mut stream, hook).unwrap_or(S::FAIL_OPEN);
+    // A hook that returns Continue resumes its own way of the stream; a continue
+    // call on top (asked for, or set by failing open) would resume it twice.
     match direction {
-        Direction::Request => state.decoding_stopped.set(status.stops()),
-        Direction::Response => state.encoding_stopped.set(status.stops()),
+        Direction::Request => {
+            state.decoding_stopped.set(status.stops());
+            stream.after.continue_decoding &= status.stops();
+        }
+        Direction::Response => {
+            state.encoding_stopped.set(status.stops());
+            stream.after.continue_encoding &= status.stops();
+        }
         Direction::Neither => {}
     }
     loop {
