@@ -4,7 +4,7 @@ picking the upstream host on every request (`/bench` + `x-demo-route`, see
 filter/native/src/demo.rs) against Envoy with the router only, same run.
 
     cargo build --profile native -p session-affinity-native
-    filter/native/demo/bench.py [--duration 10] [--rounds 3]
+    filter/native/demo/bench_pinned.py [--duration 10] [--rounds 3]
 
 It uses the wasm benchmark's harness (tests/bench/bench.py), so the numbers
 compare with tests/bench/results.md: the same Envoy config template, Envoy
