@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the native module's pinned path costs: Envoy with the demo filter
-picking the upstream host on every request (`/bench` + `x-demo-route`, see
-filter/native/src/demo.rs) against Envoy with the router only, same run.
+picking the upstream host on every request (`x-demo-route`, `"report": false`,
+see filter/native/src/demo.rs) against Envoy with the router only, same run.
 
     cargo build --profile native -p session-affinity-native
     filter/native/demo/bench_pinned.py [--duration 10] [--rounds 3]
@@ -40,7 +40,7 @@ NATIVE_FILTER = {
         "dynamic_module_config": {"name": "session_affinity_native"},
         "filter_name": "demo",
         "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                          "value": json.dumps({"callout_cluster": "session_store"})},
+                          "value": json.dumps({"callout_cluster": "session_store", "report": False})},
     },
 }
 VARIANTS = {"router": [harness.ROUTER], "native": [NATIVE_FILTER, harness.ROUTER]}

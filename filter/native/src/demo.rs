@@ -2,9 +2,10 @@
 //! need, so tests/test_native_abi.py can prove each one in the real Envoy.
 //!
 //! Every request: `x-demo-route: ip:port` picks the upstream host (strict
-//! unless `x-demo-strict: 0`), and the header is removed. `/bench...` paths
-//! stop there (the pinned path the benchmark measures). Other paths report
-//! what the filter saw in `x-demo-*` response headers, and some paths do more:
+//! unless `x-demo-strict: 0`), and the header is removed. With `"report":
+//! false` in the config that is all (the pinned path the benchmark
+//! measures). Otherwise the filter reports what it saw in `x-demo-*` response
+//! headers, and some paths do more:
 //!
 //! | path | what the filter does |
 //! |---|---|
@@ -17,7 +18,7 @@
 //! | `/panic/headers`, `/panic/callout` | panics, to show the request still passes |
 //!
 //! Its `filter_config` is JSON: `{"callout_cluster": "sidecar",
-//! "callout_timeout_ms": 1000}`.
+//! "callout_timeout_ms": 1000, "report": true}`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,6 +47,13 @@ struct DemoJson {
     callout_cluster: String,
     #[serde(default = "default_timeout_ms")]
     callout_timeout_ms: u64,
+    /// False: only pick the host from `x-demo-route` (strict), nothing else.
+    #[serde(default = "default_report")]
+    report: bool,
+}
+
+fn default_report() -> bool {
+    true
 }
 
 fn default_timeout_ms() -> u64 {
@@ -57,6 +65,7 @@ pub struct DemoConfig {
 }
 
 struct Settings {
+    report: bool,
     workers: u32,
     callout_cluster: String,
     callout_timeout: Duration,
@@ -104,6 +113,7 @@ impl FilterConfig for DemoConfig {
             json.callout_cluster
         );
         let settings = Settings {
+            report: json.report,
             workers: context.concurrency(),
             callout_cluster: json.callout_cluster,
             callout_timeout: Duration::from_millis(json.callout_timeout_ms),
@@ -148,6 +158,16 @@ impl Drop for DemoFilter {
 impl HttpFilter for DemoFilter {
     fn on_request_headers(&mut self, stream: &mut Stream<'_>, _end_of_stream: bool) -> HeadersStatus {
         let metrics = self.settings.metrics;
+        if !self.settings.report {
+            // The pinned path alone, as the benchmark measures it.
+            let host = stream.header(HeaderMap::RequestHeaders, ROUTE_HEADER).and_then(|h| std::str::from_utf8(h).ok());
+            if let Some(host) = host {
+                stream.set_upstream_override_host(host, true);
+                stream.remove_header(HeaderMap::RequestHeaders, ROUTE_HEADER);
+                stream.increment(metrics.pinned, 1);
+            }
+            return HeadersStatus::Continue;
+        }
         stream.increment(metrics.requests, 1);
         if let Some(host) = stream.header(HeaderMap::RequestHeaders, ROUTE_HEADER).map(text) {
             let strict = stream.header(HeaderMap::RequestHeaders, "x-demo-strict") != Some(b"0");
@@ -157,10 +177,6 @@ impl HttpFilter for DemoFilter {
             self.note("x-demo-override", if accepted { "set" } else { "rejected" });
         }
         let path = stream.header(HeaderMap::RequestHeaders, ":path").map(text).unwrap_or_default();
-        if path.starts_with("/bench") {
-            self.report.clear();
-            return HeadersStatus::Continue;
-        }
         self.reporting = true;
         self.report_request(stream);
         let settings = Arc::clone(&self.settings);
@@ -202,6 +218,9 @@ impl HttpFilter for DemoFilter {
     }
 
     fn on_request_body(&mut self, stream: &mut Stream<'_>, _end_of_stream: bool) -> BodyStatus {
+        if !self.settings.report {
+            return BodyStatus::Continue;
+        }
         stream.increment(self.settings.metrics.request_body_chunks, 1);
         BodyStatus::Continue
     }
@@ -284,6 +303,9 @@ impl HttpFilter for DemoFilter {
     }
 
     fn on_response_body(&mut self, stream: &mut Stream<'_>, _end_of_stream: bool) -> BodyStatus {
+        if !self.settings.report {
+            return BodyStatus::Continue;
+        }
         stream.increment(self.settings.metrics.response_body_chunks, 1);
         BodyStatus::Continue
     }
@@ -297,6 +319,9 @@ impl HttpFilter for DemoFilter {
     }
 
     fn on_stream_complete(&mut self, stream: &mut Stream<'_>) {
+        if !self.settings.report {
+            return;
+        }
         stream.increment(self.settings.metrics.streams_completed, 1);
         log::debug!(
             "demo stream complete: code {:?}, flags {:?}, upstream {:?}",

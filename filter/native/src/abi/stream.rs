@@ -127,7 +127,8 @@ impl Stream<'_> {
     /// cluster. With `strict`, a host that is not in the cluster (or not in an
     /// allowed health state) fails the request (503, flag UH) instead of
     /// falling back to load balancing. False if `host` is not a valid address.
-    pub fn set_upstream_override_host(&mut self, host: &str, strict: bool) -> bool {
+    /// Header views stay valid (so `host` may be one).
+    pub fn set_upstream_override_host(&self, host: &str, strict: bool) -> bool {
         // SAFETY: see the impl.
         unsafe {
             envoy_dynamic_module_callback_http_set_upstream_override_host(
