@@ -8,8 +8,9 @@ use super::ffi::*;
 use crate::filter::{Counter, FilterConfig, Histogram, MetricError};
 use crate::Module;
 
-/// Defines metrics while Envoy creates a filter configuration: Envoy freezes
-/// metric creation once `on_http_filter_config_new` returns.
+/// Envoy's side of a filter configuration while it is created, on the main
+/// thread: metrics can be defined only now (Envoy freezes metric creation
+/// once `on_http_filter_config_new` returns).
 pub struct ConfigContext<'a> {
     envoy: EnvoyConfigPtr,
     _during_config_new: PhantomData<&'a mut ()>,
@@ -60,8 +61,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     let (name, config) = unsafe { (bytes(name), bytes(config)) };
     let created = catch_unwind(AssertUnwindSafe(|| {
         let name = std::str::from_utf8(name).map_err(|_| "filter_name: must be UTF-8".to_owned())?;
-        let mut metrics = ConfigContext { envoy, _during_config_new: PhantomData };
-        Module::new(name, config, &mut metrics)
+        let mut context = ConfigContext { envoy, _during_config_new: PhantomData };
+        Module::new(name, config, &mut context)
     }));
     match created {
         Ok(Ok(module)) => Box::into_raw(Box::new(module)).cast_const().cast(),
