@@ -406,6 +406,12 @@ def test_callout_timeout_answers_504_and_the_request_continues(demo):
     assert elapsed < 1.8, f"the 500 ms callout timeout took {elapsed:.2f}s"
 
 
+def test_callout_reset_mid_response_fails_and_the_request_continues(demo):
+    reply = demo.pinned("/callout-truncated")
+    assert reply.status == 200 and reply.header("x-backend-id") == "b"
+    assert reply.header("x-demo-callout") == "reset"
+
+
 def test_callout_to_an_unknown_cluster_does_not_start(demo):
     reply = demo.pinned("/callout-missing")
     assert reply.status == 200 and reply.header("x-demo-callout") == "cluster_not_found"

@@ -9,6 +9,7 @@ filter removes. Paths:
 
     /status    200 "sidecar ok" with `x-sidecar: yes` (the callout target)
     /slow      the same after 2 s (a callout that times out)
+    /truncated headers promising 100 bytes, 10 bytes, then the connection closes
     /trailers  a chunked body with trailers `x-backend-trailer` and `x-backend-trailer-remove`
     anything   200 with a JSON body: the backend, the path and the request headers it received
 """
@@ -29,6 +30,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/trailers":
             self.send_trailers()
+        elif self.path == "/truncated":
+            self.send_response(200)
+            self.send_header("content-length", "100")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            self.wfile.flush()
+            self.close_connection = True
         elif self.path in ("/status", "/slow"):
             if self.path == "/slow":
                 time.sleep(2)

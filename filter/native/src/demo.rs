@@ -12,7 +12,7 @@
 //! | `/local` | answers 418 itself |
 //! | `/delay/<ms>` | holds the request `<ms>` milliseconds (scheduler + timer) |
 //! | `/delay-response/<ms>` | holds the response `<ms>` milliseconds |
-//! | `/callout`, `/callout-slow` | asks the callout cluster's `/status` (or `/slow`) first |
+//! | `/callout`, `/callout-slow`, `/callout-truncated` | asks the callout cluster's `/status` (or `/slow`, `/truncated`) first |
 //! | `/callout-then-local` | answers 503 itself once the callout is done |
 //! | `/callout-missing`, `/callout-empty` | callouts that cannot start |
 //! | `/panic/headers`, `/panic/callout` | panics, to show the request still passes |
@@ -194,6 +194,7 @@ impl HttpFilter for DemoFilter {
             }
             "/callout" => self.start_callout(stream, sidecar, "/status"),
             "/callout-slow" => self.start_callout(stream, sidecar, "/slow"),
+            "/callout-truncated" => self.start_callout(stream, sidecar, "/truncated"),
             "/callout-then-local" => {
                 self.reply_after_callout = true;
                 self.start_callout(stream, sidecar, "/status")
