@@ -157,67 +157,21 @@ impl Drop for DemoFilter {
 
 impl HttpFilter for DemoFilter {
     fn on_request_headers(&mut self, stream: &mut Stream<'_>, _end_of_stream: bool) -> HeadersStatus {
-        let metrics = self.settings.metrics;
         if !self.settings.report {
             // The pinned path alone, as the benchmark measures it.
-            let host = stream.header(HeaderMap::RequestHeaders, ROUTE_HEADER).and_then(|h| std::str::from_utf8(h).ok());
-            if let Some(host) = host {
-                stream.set_upstream_override_host(host, true);
-                stream.remove_header(HeaderMap::RequestHeaders, ROUTE_HEADER);
-                stream.increment(metrics.pinned, 1);
-            }
+            self.pin(stream, true);
             return HeadersStatus::Continue;
         }
-        stream.increment(metrics.requests, 1);
-        if let Some(host) = stream.header(HeaderMap::RequestHeaders, ROUTE_HEADER).map(text) {
-            let strict = stream.header(HeaderMap::RequestHeaders, "x-demo-strict") != Some(b"0");
-            let accepted = stream.set_upstream_override_host(&host, strict);
-            stream.remove_header(HeaderMap::RequestHeaders, ROUTE_HEADER);
-            stream.increment(metrics.pinned, 1);
+        stream.increment(self.settings.metrics.requests, 1);
+        let strict = stream.header(HeaderMap::RequestHeaders, "x-demo-strict") != Some(b"0");
+        if let Some(accepted) = self.pin(stream, strict) {
             self.note("x-demo-override", if accepted { "set" } else { "rejected" });
         }
-        let path = stream.header(HeaderMap::RequestHeaders, ":path").map(text).unwrap_or_default();
         self.reporting = true;
         self.report_request(stream);
-        let settings = Arc::clone(&self.settings);
-        let sidecar = settings.callout_cluster.as_str();
-        match path.as_str() {
-            "/local" => {
-                stream.increment(metrics.local_replies, 1);
-                stream.send_response(LocalResponse {
-                    status: 418,
-                    headers: vec![("x-demo-local".into(), b"1".to_vec())],
-                    body: b"local reply from the native module\n".to_vec(),
-                    details: "demo_local_reply".into(),
-                });
-                HeadersStatus::StopIteration
-            }
-            "/callout" => self.start_callout(stream, sidecar, "/status"),
-            "/callout-slow" => self.start_callout(stream, sidecar, "/slow"),
-            "/callout-truncated" => self.start_callout(stream, sidecar, "/truncated"),
-            "/callout-then-local" => {
-                self.reply_after_callout = true;
-                self.start_callout(stream, sidecar, "/status")
-            }
-            "/callout-missing" => self.start_callout(stream, "no-such-cluster", "/status"),
-            "/callout-empty" => self.start_callout(stream, "empty", "/status"),
-            "/panic/headers" => deliberate_panic("on_request_headers"),
-            "/panic/callout" => {
-                self.panic_in_callout = true;
-                self.start_callout(stream, sidecar, "/status")
-            }
-            _ => {
-                if let Some(Ok(ms)) = path.strip_prefix("/delay-response/").map(str::parse::<u64>) {
-                    self.response_delay = Some(Duration::from_millis(ms));
-                }
-                match path.strip_prefix("/delay/").map(str::parse::<u64>) {
-                    Some(Ok(ms)) => self.delay(stream, Duration::from_millis(ms), REQUEST_DELAY),
-                    _ => HeadersStatus::Continue,
-                }
-            }
-        }
+        let path = stream.header(HeaderMap::RequestHeaders, ":path").map(text).unwrap_or_default();
+        self.act_on_path(stream, &path)
     }
-
     fn on_request_body(&mut self, stream: &mut Stream<'_>, _end_of_stream: bool) -> BodyStatus {
         if !self.settings.report {
             return BodyStatus::Continue;
@@ -334,6 +288,57 @@ impl HttpFilter for DemoFilter {
 }
 
 impl DemoFilter {
+    /// What the demo paths do beyond reporting (see the table at the top).
+    fn act_on_path(&mut self, stream: &mut Stream<'_>, path: &str) -> HeadersStatus {
+        let settings = Arc::clone(&self.settings);
+        let sidecar = settings.callout_cluster.as_str();
+        match path {
+            "/local" => {
+                stream.increment(self.settings.metrics.local_replies, 1);
+                stream.send_response(LocalResponse {
+                    status: 418,
+                    headers: vec![("x-demo-local".into(), b"1".to_vec())],
+                    body: b"local reply from the native module\n".to_vec(),
+                    details: "demo_local_reply".into(),
+                });
+                HeadersStatus::StopIteration
+            }
+            "/callout" => self.start_callout(stream, sidecar, "/status"),
+            "/callout-slow" => self.start_callout(stream, sidecar, "/slow"),
+            "/callout-truncated" => self.start_callout(stream, sidecar, "/truncated"),
+            "/callout-then-local" => {
+                self.reply_after_callout = true;
+                self.start_callout(stream, sidecar, "/status")
+            }
+            "/callout-missing" => self.start_callout(stream, "no-such-cluster", "/status"),
+            "/callout-empty" => self.start_callout(stream, "empty", "/status"),
+            "/panic/headers" => deliberate_panic("on_request_headers"),
+            "/panic/callout" => {
+                self.panic_in_callout = true;
+                self.start_callout(stream, sidecar, "/status")
+            }
+            _ => {
+                if let Some(Ok(ms)) = path.strip_prefix("/delay-response/").map(str::parse::<u64>) {
+                    self.response_delay = Some(Duration::from_millis(ms));
+                }
+                match path.strip_prefix("/delay/").map(str::parse::<u64>) {
+                    Some(Ok(ms)) => self.delay(stream, Duration::from_millis(ms), REQUEST_DELAY),
+                    _ => HeadersStatus::Continue,
+                }
+            }
+        }
+    }
+
+    /// Picks the upstream host that `x-demo-route` names, and removes the
+    /// header; whether Envoy accepted the host, if there was one.
+    fn pin(&self, stream: &mut Stream<'_>, strict: bool) -> Option<bool> {
+        let host = stream.header(HeaderMap::RequestHeaders, ROUTE_HEADER).and_then(|h| std::str::from_utf8(h).ok())?;
+        let accepted = stream.set_upstream_override_host(host, strict);
+        stream.remove_header(HeaderMap::RequestHeaders, ROUTE_HEADER);
+        stream.increment(self.settings.metrics.pinned, 1);
+        Some(accepted)
+    }
+
     fn note(&mut self, header: &'static str, value: &str) {
         self.report.push((header, value.to_owned()));
     }
