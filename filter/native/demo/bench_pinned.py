@@ -37,7 +37,7 @@ NATIVE_FILTER = {
     "name": "envoy.filters.http.dynamic_modules",
     "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
-        "dynamic_module_config": {"name": "session_affinity_native"},
+        "dynamic_module_config": {"name": "session_affinity_native", "do_not_close": True},
         "filter_name": "demo",
         "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
                           "value": json.dumps({"callout_cluster": "session_store", "report": False})},

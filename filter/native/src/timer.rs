@@ -3,7 +3,9 @@
 //! Envoy 1.40's ABI gives an HTTP filter no timer, only a [`Scheduler`] that
 //! any thread can commit to. So one process-wide thread sleeps until the
 //! earliest deadline and commits the due events; Envoy then calls the
-//! filter's `on_scheduled` on the stream's worker.
+//! filter's `on_scheduled` on the stream's worker. The thread lives as long
+//! as the process, so Envoy must not unload the library
+//! (`dynamic_module_config.do_not_close: true`).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
