@@ -78,7 +78,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10, help="seconds per load run (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--warmup", type=float, default=2, help="warm-up seconds per run (default 2)")
+    parser.add_argument("--nice", type=int, default=-10,
+                        help="niceness of every measured process, as tests/bench/run uses (default -10)")
     args = parser.parse_args()
+    harness.NICE = args.nice
     if not (MODULE_DIR / "libsession_affinity_native.so").is_file():
         sys.exit(f"bench: no module in {MODULE_DIR}: cargo build --profile native -p session-affinity-native")
     os.environ["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(MODULE_DIR)
