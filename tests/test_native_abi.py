@@ -35,8 +35,9 @@ REQUEST_TIMEOUT = 10.0
 # The ports in filter/native/demo/envoy.yaml; the tests swap in free ones.
 CONFIG_PORTS = {"listener": 10000, "admin": 9901, "a": 18081, "b": 18082, "sidecar": 18083, "dead": 18089}
 
-# The hooks Envoy 1.40 requires of an HTTP filter module: without any one of
-# them it rejects the filter configuration.
+# The hooks that Envoy's HTTP filter loader looks up as required
+# (filters/http/dynamic_modules/filter_config.cc): without any one of them it
+# rejects the filter configuration.
 REQUIRED_HOOKS = {
     "envoy_dynamic_module_on_program_init",
     "envoy_dynamic_module_on_http_filter_config_new",
