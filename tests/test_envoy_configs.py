@@ -16,9 +16,10 @@ from harness import REPO, expect, tb
 SHORT_SECRET = "too-short-secret"
 
 
-def validate(path, cwd=REPO) -> subprocess.CompletedProcess:
+def validate(path, cwd=REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([tb.ENVOY_BIN, "--mode", "validate", "-c", str(path)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, stdin=subprocess.DEVNULL, env={**os.environ, **tb.envoy_env()})
+                          text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env={**os.environ, **tb.envoy_env(), **(env or {})})
 
 
 def envoy_bootstraps() -> list:
@@ -74,3 +75,33 @@ def test_bad_plugin_config_is_refused_naming_the_field(case, wasm, tmp_path):
     expect(any(field in line for line in filter_lines), f"the filter's error line names the field ({case})",
            f"a line with {field!r}", "\n".join(filter_lines) or output[-2000:])
     expect(SHORT_SECRET not in output, "no secret in Envoy's output", f"no {SHORT_SECRET!r}", "the secret appears")
+
+
+# Values that reach the VM through environment variables and are wrong: the
+# error must name the field and the variable, never the value.
+BAD_ENV = {
+    "short_key_from_env": ("SA_TEST_KEY", "a-short-but-secret-key", "keys[0].secret_env",
+                           lambda c: c["keys"].insert(0, {"id": "env", "secret_env": "SA_TEST_KEY"})),
+    "store_password_with_control_characters": (tb.STORE_PASSWORD_ENV, "secret-store-pass\x01word",
+                                               "store.auth.password_env", lambda c: None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ENV)
+def test_a_bad_secret_from_the_environment_is_refused_without_echoing_it(case, wasm, tmp_path):
+    var, value, field, change = BAD_ENV[case]
+    bootstrap = tb.render_bootstrap(tb.PortPlan(), 10000, 9901, _with(change))
+    config = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm_config = next(f for f in config["http_filters"] if f["name"] == tb.WASM_FILTER)["typed_config"]["config"]
+    host_env_keys = wasm_config["vm_config"]["environment_variables"]["host_env_keys"]
+    if var not in host_env_keys:
+        host_env_keys.append(var)
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    result = validate(path, env={var: value})
+    output = result.stdout + result.stderr
+    expect(result.returncode != 0, f"envoy --mode validate with {case}", "a non-zero exit", f"exit 0\n{output[-2000:]}")
+    expect(any(field in line for line in output.splitlines() if "invalid config" in line),
+           f"the error names {field}", f"a line with {field!r}", output[-2000:])
+    expect(value not in output and value.encode("unicode_escape").decode() not in output,
+           "the value is not in Envoy's output", "absent", "it appears")

@@ -216,24 +216,8 @@ def health(envoy: "tb.Envoy") -> str:
 
 
 def settle_load_balancer(envoy: "tb.Envoy"):
-    """After health checks failed (e.g. timing out while Envoy compiled the
-    module on a loaded machine), Envoy's round robin sends every new request to
-    one host for a few seconds even though /clusters shows all healthy. Wait
-    for two clean rounds of checks then (bounded), so new sessions spread."""
-    def read():
-        stats = envoy.stats("cluster.app.health_check.")
-        return (stats.get("cluster.app.health_check.failure", 0),
-                stats.get("cluster.app.health_check.success", 0))
-
-    failures, successes = read()
-    if failures == 0:
-        return
-    hosts = len(envoy.testbed.backends)
-    try:
-        tb.wait_until(lambda: read()[0] == failures and read()[1] >= successes + 2 * hosts, 6.0,
-                      "two clean rounds of health checks")
-    except tb.StartupError:
-        pass  # start_sessions tops up and reports the spread if it stays skewed
+    """See testbed.Envoy.wait_balanced (for an Envoy started without waiting on health)."""
+    envoy.wait_balanced()
 
 
 def owner_of(backend: "tb.Backend") -> str:
