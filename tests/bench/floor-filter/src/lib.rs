@@ -5,10 +5,13 @@
 //!
 //! 1. read the whole request header map;
 //! 2. read the clock;
-//! 3. set `x-session-route` (its value is the plugin configuration: the
+//! 3. read the route's cluster name (`xds.cluster_name`: the cookie is bound
+//!    to its cluster);
+//! 4. set `x-session-route` (its value is the plugin configuration: the
 //!    base64 address of the pinned upstream, for `stateful_session`) and
 //!    `x-session-id`;
-//! 4. read the whole response header map.
+//! 5. read the whole response header map, and remove `x-instance-id` (an
+//!    internal header that must not reach the client).
 //!
 //! `tests/bench/run` measures it next to the filter, so the filter's own work
 //! (cookie check, cache, decisions) shows as the gap between the two, and the
@@ -26,6 +29,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
 const ROUTE_HEADER: &str = "x-session-route";
 const SESSION_ID_HEADER: &str = "x-session-id";
+const INSTANCE_HEADER: &str = "x-instance-id";
 /// A session id of the real length (22 characters).
 const SESSION_ID: &str = "AAAAAAAAAAAAAAAAAAAAAA";
 
@@ -81,6 +85,7 @@ impl HttpContext for Floor {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let _ = hostcalls::get_map_bytes(MapType::HttpRequestHeaders);
         let _ = hostcalls::get_current_time();
+        let _ = hostcalls::get_property(vec!["xds", "cluster_name"]);
         let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, ROUTE_HEADER, Some(&self.route));
         let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, SESSION_ID_HEADER, Some(SESSION_ID));
         Action::Continue
@@ -88,6 +93,7 @@ impl HttpContext for Floor {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let _ = hostcalls::get_map_bytes(MapType::HttpResponseHeaders);
+        let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, INSTANCE_HEADER);
         Action::Continue
     }
 }
