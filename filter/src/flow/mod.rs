@@ -38,7 +38,11 @@ pub use worker::{Sent, Worker};
 /// Envoy router retry conditions under which the request provably reached no
 /// app, for requests the load balancer places (a retry ignores a routing
 /// override, so pinned requests never get them).
-const RETRY_ON_UNREACHED: &str = "connect-failure,refused-stream,reset-before-request,retriable-headers";
+const RETRY_ON_UNREACHED: &str = "connect-failure,refused-stream,reset-before-request";
+/// For safe methods, also a mesh sidecar's reply that it did not reach its
+/// app: the router matches the header's presence, not its flags, so it would
+/// also retry a connection lost mid-request, which only a safe method allows.
+const RETRY_ON_UNREACHED_SAFE: &str = "connect-failure,refused-stream,reset-before-request,retriable-headers";
 const MAX_RETRIES: &str = "3";
 
 /// Facts about the request that the response phase needs.
@@ -203,9 +207,13 @@ impl Flow {
             None => host.set_request_header(&h.session_new, "1"),
         }
         // The router may retry on another host when no app saw the request:
-        // refused connections, and a mesh sidecar's "app not reached" answer.
-        host.set_request_header("x-envoy-retry-on", RETRY_ON_UNREACHED);
-        host.set_request_header("x-envoy-retriable-header-names", &h.unreached);
+        // refused connections, and (safe methods) a mesh sidecar's answer.
+        if self.request.safe_method {
+            host.set_request_header("x-envoy-retry-on", RETRY_ON_UNREACHED_SAFE);
+            host.set_request_header("x-envoy-retriable-header-names", &h.unreached);
+        } else {
+            host.set_request_header("x-envoy-retry-on", RETRY_ON_UNREACHED);
+        }
         host.set_request_header("x-envoy-max-retries", MAX_RETRIES);
     }
 

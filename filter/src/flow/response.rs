@@ -41,8 +41,10 @@ pub struct ResponseView<'a> {
     pub end: bool,
     /// The header value of a rotation (`Some("")` when it names no valid id).
     pub rotate: Option<&'a str>,
-    /// A mesh sidecar's "app not reached" mark.
-    pub unreached: bool,
+    /// A mesh sidecar's mark on its own reply: the Envoy response flags it
+    /// answered with (UF: its app refused the connection; UC: the connection
+    /// broke), so the flags cross the mesh.
+    pub unreached: Option<&'a str>,
     /// Internal header names present, to strip before the client sees them
     /// (an array: the pinned path allocates nothing for them).
     internal: [&'a [u8]; INTERNAL_RESPONSE_HEADERS],
@@ -75,7 +77,7 @@ impl<'a> ResponseView<'a> {
             } else if name == h.session_rotate.as_bytes() {
                 view.rotate = Some(text().filter(|s| is_sid(s)).unwrap_or(""));
             } else if name == h.unreached.as_bytes() {
-                view.unreached = true;
+                view.unreached = text();
             } else if name != h.route.as_bytes() {
                 continue;
             }
@@ -98,7 +100,13 @@ impl<'a> ResponseView<'a> {
         if self.status != 503 {
             return Reach::Served;
         }
-        if flags & FLAG_UF != 0 || (self.unreached && self.instance.is_none()) {
+        // A sidecar's own reply never carries the app's instance id; an answer
+        // that does is the app's, whatever headers it sends.
+        if let (Some(sidecar_flags), None) = (self.unreached, self.instance) {
+            let has = |flag: &str| sidecar_flags.split(',').any(|f| f.trim() == flag);
+            return if has("UC") || has("UR") { Reach::ConnectionLost } else { Reach::ConnectFailed };
+        }
+        if flags & FLAG_UF != 0 {
             Reach::ConnectFailed
         } else if flags & FLAG_UH != 0 {
             Reach::NoHealthyHost

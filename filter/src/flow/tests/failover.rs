@@ -36,7 +36,7 @@ fn a_known_gone_host_restores_state_then_commits_the_new_owner() {
     assert_eq!(host.resumed_request, 1);
     assert_eq!((host.req("x-session-state"), host.req("x-session-id"), host.req("x-session-new")), (Some("st1"), Some(SID), None));
     assert_eq!(host.routed_to, None, "the load balancer picks a live host");
-    assert_eq!(host.req("x-envoy-retry-on"), Some(RETRY_ON_UNREACHED));
+    assert_eq!(host.req("x-envoy-retry-on"), Some(RETRY_ON_UNREACHED_SAFE));
 
     host.respond(B2, &[("x-instance-id", "pod-b"), ("x-session-state", "st2")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Pause, "sync: the commit holds the response");

@@ -14,7 +14,7 @@ fn a_new_session_gets_an_id_and_a_cookie_pinned_to_the_cluster_upstream_and_inst
     assert!(crate::ids::is_sid(&sid));
     assert_eq!(host.req("x-session-new"), Some("1"));
     assert_eq!(host.routed_to, None, "the load balancer picks");
-    assert_eq!(host.req("x-envoy-retry-on"), Some(RETRY_ON_UNREACHED));
+    assert_eq!(host.req("x-envoy-retry-on"), Some(RETRY_ON_UNREACHED_SAFE));
     assert_eq!(host.req("x-envoy-retriable-header-names"), Some("x-session-unreached"));
     host.respond(B1, &[("x-instance-id", "pod-a")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Continue);
@@ -254,6 +254,23 @@ fn a_mesh_sidecars_unreached_answer_counts_as_a_connection_failure() {
     let (_, host, _) = bed.answer_pinned(&[(":status", "503"), ("x-session-unreached", "UF"), ("x-instance-id", "pod-a")]);
     assert!(host.local_reply.is_none());
     assert_eq!(host.resp("x-session-unreached"), None, "stripped either way");
+    // The sidecar lost its connection to the app mid-request (UC; "URX" is not "UR"):
+    // a safe method is replayed, nothing is marked.
+    for (flags, marked) in [("UC", false), ("UR", false), ("URX,UF", true), ("UH", true)] {
+        let bed = Bed::new(config(""));
+        let (_, host, action) = bed.answer_pinned(&[(":status", "503"), ("x-session-unreached", flags)]);
+        assert_eq!((action, host.local_reply.as_ref().map(|r| r.0)), (Action::Pause, Some(307)), "{flags}");
+        assert_eq!(bed.worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS + 1), marked, "{flags}");
+    }
+}
+
+#[test]
+fn unsafe_requests_the_load_balancer_places_retry_only_what_no_app_saw() {
+    let bed = Bed::new(config(""));
+    let mut host = bed.proxy(&[(":method", "POST")]);
+    bed.flow().on_request_headers(&mut host);
+    assert_eq!(host.req("x-envoy-retry-on"), Some(RETRY_ON_UNREACHED));
+    assert_eq!(host.req("x-envoy-retriable-header-names"), None, "a sidecar's reply may follow a lost connection");
 }
 
 #[test]
