@@ -36,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+import mesh as mesh_mode
+
 REPO = Path(__file__).resolve().parent.parent
 ENVOY_DIR = REPO / "envoy"
 TESTBED_YAML = ENVOY_DIR / "testbed.yaml"
@@ -205,17 +207,28 @@ class Process:
 
 @dataclass
 class Backend:
-    """A demo backend: fixed name and port, a new instance id on every start."""
+    """A demo backend: fixed name and port, a new instance id on every start.
+
+    In mesh mode `port` is its sidecar's (the pod's address, as the gateway
+    and cookies see it) and the app itself listens on `app_port`; the
+    sidecar outlives the app, as a pod's istio-proxy outlives a crashed app
+    container."""
 
     name: str
     port: int
     process: Process
     instance: str = ""
+    app_port: int = 0
+    sidecar: Process | None = None
 
     @property
     def address(self) -> str:
         """As Envoy reports it in upstream.address, and as cookies record it."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def app_address(self) -> str:
+        return f"127.0.0.1:{self.app_port or self.port}"
 
 
 def redis_admin() -> tuple[str, str]:
@@ -374,6 +387,11 @@ class Envoy:
             for backend in self.testbed.backends:
                 if backend.process.running():
                     self.wait_host_health(backend.address, healthy=True, timeout=timeout)
+            if self.testbed.webdis.running():
+                # Until its health check passes, store calls fail at once.
+                store = f"127.0.0.1:{self.testbed.ports.webdis}"
+                wait_until(lambda: self.host_health(STORE_CLUSTER).get(store) == "healthy", timeout,
+                           f"{self.name}: the store {store} healthy")
             self.wait_balanced()
 
     def wait_balanced(self, timeout: float = 6.0):
@@ -396,13 +414,13 @@ class Envoy:
         except StartupError:
             pass  # a skewed balancer only makes tests that count placements report it
 
-    def host_health(self) -> dict[str, str]:
-        """health_flags of every app host, e.g. {"127.0.0.1:18081": "healthy"}."""
+    def host_health(self, cluster: str = APP_CLUSTER) -> dict[str, str]:
+        """health_flags of every host of a cluster, e.g. {"127.0.0.1:18081": "healthy"}."""
         _, _, body = http_get(f"{self.admin_url}/clusters")
         flags = {}
         for line in body.decode().splitlines():
             parts = line.split("::")
-            if len(parts) == 4 and parts[0] == APP_CLUSTER and parts[2] == "health_flags":
+            if len(parts) == 4 and parts[0] == cluster and parts[2] == "health_flags":
                 flags[parts[1]] = parts[3]
         return flags
 
@@ -431,7 +449,7 @@ class Testbed:
     """
 
     def __init__(self, ports: PortPlan, workdir: Path, concurrency: int = 2,
-                 filter_config: dict | None = None, wasm: Path = WASM, say=None):
+                 filter_config: dict | None = None, wasm: Path = WASM, say=None, mesh: bool = False):
         self.ports = ports
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -453,6 +471,22 @@ class Testbed:
         # it in place), and extra demo-backend options: applied at each start.
         self.bootstrap_patches: list = []
         self.backend_args: list[str] = []
+        self.mesh = mesh
+        if mesh:
+            self._add_sidecars()
+
+    def _add_sidecars(self):
+        """Mesh mode: a sidecar Envoy in front of each backend, reached over mutual TLS."""
+        certs = mesh_mode.make_certificates(self.workdir / "mesh")
+        self.bootstrap_patches.append(mesh_mode.gateway_patch(certs))
+        ports = free_ports(2 * len(self.backends))
+        for backend, app_port, admin in zip(self.backends, ports[::2], ports[1::2]):
+            backend.app_port = app_port
+            config = self.workdir / f"sidecar-{backend.name}.yaml"
+            config.write_text(yaml.safe_dump(mesh_mode.render_sidecar(backend.port, admin, app_port, certs), sort_keys=False))
+            backend.sidecar = Process(f"sidecar-{backend.name}", [
+                ENVOY_BIN, "-c", str(config), "--concurrency", "1", "--disable-hot-restart", "-l", "warning",
+            ], self.workdir / f"sidecar-{backend.name}.log")
 
     def _write_webdis_config(self) -> Path:
         config = json.loads(WEBDIS_JSON.read_text())
@@ -463,7 +497,8 @@ class Testbed:
 
     def processes(self) -> list[Process]:
         """Every process this testbed manages, in start order."""
-        return ([self.redis, self.webdis] + [b.process for b in self.backends]
+        sidecars = [b.sidecar for b in self.backends if b.sidecar]
+        return ([self.redis, self.webdis] + [b.process for b in self.backends] + sidecars
                 + [self.envoy.process] + [e.process for e in self.extra_envoys])
 
     def start(self):
@@ -473,6 +508,9 @@ class Testbed:
             self.start_webdis()
             for index in range(len(self.backends)):
                 self.start_backend(index)
+            for backend in self.backends:
+                if backend.sidecar:
+                    self._start_sidecar(backend)
             self.envoy.start()
             self.say(f"started envoy pid {self.envoy.process.pid} (listener {self.envoy.url}, admin {self.envoy.admin_url})")
         except StartupError as err:
@@ -528,22 +566,29 @@ class Testbed:
         backend = self.backends[index]
         backend.instance = instance or f"{backend.name}-{secrets.token_hex(4)}"
         backend.process.argv = [
-            sys.executable, "-u", str(BACKEND_APP), "--name", backend.name, "--port", str(backend.port),
+            sys.executable, "-u", str(BACKEND_APP), "--name", backend.name, "--port", str(backend.app_port or backend.port),
             "--host", "127.0.0.1", "--instance", backend.instance, *self.backend_args,
         ]
         backend.process.start()
 
         def healthy():
             backend.process.ensure_alive()
-            status, headers, _ = http_get(f"http://{backend.address}/healthz")
+            status, headers, _ = http_get(f"http://{backend.app_address}/healthz")
             return status == 200 and headers.get("x-instance-id") == backend.instance
 
-        wait_until(healthy, START_TIMEOUT, f"backend {backend.name} on {backend.address}")
+        wait_until(healthy, START_TIMEOUT, f"backend {backend.name} on {backend.app_address}")
         self.say(f"started backend {backend.name} pid {backend.process.pid} ({backend.address}, instance {backend.instance})")
         return backend
 
+    def _start_sidecar(self, backend: Backend):
+        backend.sidecar.start()
+        wait_until(lambda: backend.sidecar.ensure_alive() or accepts(backend.port), START_TIMEOUT,
+                   f"sidecar of {backend.name} on {backend.address}")
+        self.say(f"started sidecar {backend.name} pid {backend.sidecar.pid} ({backend.address} -> {backend.app_address})")
+
     def kill_backend(self, index: int) -> Backend:
-        """SIGKILL backend index, like a crashed pod; its sessions are lost."""
+        """SIGKILL backend index, like a crashed pod (in mesh mode: a crashed
+        app container, its sidecar still up); its sessions are lost."""
         backend = self.backends[index]
         backend.process.kill()
         return backend
@@ -617,6 +662,8 @@ def parse_args(argv):
     parser.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
     parser.add_argument("--rebuild", action="store_true", help="run filter/build even if the .wasm exists")
     parser.add_argument("--workdir", type=Path, help="where configs and logs go (default: a new temp dir)")
+    parser.add_argument("--mesh", action="store_true",
+                        help="put every backend behind its own sidecar Envoy, reached over mutual TLS (like Istio)")
     parser.add_argument("--no-install", action="store_true",
                         help="only check that the tools are there; envoy/testbed passes it to .ci/setup")
     return parser.parse_args(argv)
@@ -647,7 +694,7 @@ def main(argv=None) -> int:
         return 130
     ports = PortPlan.free() if args.free_ports else PortPlan()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sa-testbed-"))
-    testbed = Testbed(ports, workdir, concurrency=args.concurrency, say=say)
+    testbed = Testbed(ports, workdir, concurrency=args.concurrency, say=say, mesh=args.mesh)
     say(f"configs and logs in {workdir}")
     try:
         testbed.start()

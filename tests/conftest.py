@@ -3,6 +3,10 @@ clients. A failing test's report gets the tail of every testbed process log.
 
 `testbed` is shared by every test that only sends requests; a test that kills,
 restarts or reconfigures anything asks for `own_testbed` instead.
+
+A test marked `mesh` runs twice: with the backends reached directly, and with
+each backend behind its own sidecar Envoy over mutual TLS (`--mesh`), as in
+an Istio mesh.
 """
 
 from __future__ import annotations
@@ -20,8 +24,23 @@ def wasm():
     return tb.ensure_wasm()
 
 
-def _testbed(workdir, filter_config=None):
-    return tb.Testbed(tb.PortPlan.free(), workdir, concurrency=2, filter_config=filter_config)
+def _testbed(workdir, filter_config=None, mesh=False):
+    return tb.Testbed(tb.PortPlan.free(), workdir, concurrency=2, filter_config=filter_config, mesh=mesh)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "mesh: also run the test with every backend behind a sidecar Envoy (mTLS)")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("mesh") and "own_testbed" in metafunc.fixturenames:
+        metafunc.parametrize("topology", ["direct", "mesh"], indirect=True)
+
+
+@pytest.fixture
+def topology(request):
+    """How the backends are reached: "direct", or "mesh" (through sidecars)."""
+    return getattr(request, "param", "direct")
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +59,9 @@ def testbed(shared_testbed):
 
 
 @pytest.fixture
-def own_testbed(wasm, tmp_path):
+def own_testbed(wasm, tmp_path, topology):
     """A testbed for this test alone, which it may kill, restart and reconfigure."""
-    with _testbed(tmp_path / "testbed") as bed:
+    with _testbed(tmp_path / "testbed", mesh=topology == "mesh") as bed:
         yield bed
 
 

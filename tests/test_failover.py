@@ -291,6 +291,7 @@ def start_sessions(bed: "tb.Testbed", url: str, users: int, requests_each: int =
 
 # ---------------------------------------------------------------------- tests
 
+@pytest.mark.mesh
 def test_kill_a_backend_and_every_session_keeps_counting(own_testbed):
     """30 sessions over three backends; SIGKILL the busiest backend; nobody notices."""
     bed, envoy = own_testbed, own_testbed.envoy
@@ -343,6 +344,7 @@ def test_kill_a_backend_and_every_session_keeps_counting(own_testbed):
     checks.done()
 
 
+@pytest.mark.mesh
 def test_restart_at_the_same_address_keeps_counting(own_testbed):
     """Kill a backend and start it again on its port as a new instance."""
     bed, envoy = own_testbed, own_testbed.envoy
@@ -508,6 +510,7 @@ def test_store_outage(own_testbed, outage):
     checks.done()
 
 
+@pytest.mark.mesh
 def test_two_envoys_race_one_failover(own_testbed):
     """The same session through two Envoys at once while its host is dead."""
     bed, envoy_a = own_testbed, own_testbed.envoy

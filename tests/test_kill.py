@@ -17,6 +17,7 @@ import random
 import threading
 import time
 
+import pytest
 import requests
 
 from harness import expect
@@ -41,6 +42,7 @@ def keep_clicking(user: User, url: str, stop: threading.Event, log: list):
         time.sleep(random.uniform(0.01, 0.03))
 
 
+@pytest.mark.mesh
 def test_killing_a_backend_under_continuous_gets_shows_no_error_and_loses_nothing(own_testbed):
     bed, envoy = own_testbed, own_testbed.envoy
     by_backend = start_sessions(bed, envoy.url, SESSIONS, min_each=3)
