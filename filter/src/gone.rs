@@ -73,6 +73,11 @@ impl GoneTable {
         })
     }
 
+    /// Whether this copy has any entry for `upstream` (so `alive` may have work).
+    pub fn mentions(&self, upstream: &str) -> bool {
+        self.entries.iter().any(|e| e.upstream == upstream)
+    }
+
     /// Re-reads the shared table if it changed since the last read.
     pub fn refresh(&mut self, shared: &dyn SharedData) {
         let (value, cas) = shared.get(SHARED_KEY);

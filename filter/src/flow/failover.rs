@@ -18,7 +18,7 @@ use log::{info, warn};
 
 use super::issue::Pin;
 use super::response::{Reach, ResponseView};
-use super::{Flow, Held, Pending, Stream};
+use super::{Flow, Held, Pending, Served, Stream};
 use crate::config::OutagePolicy;
 use crate::cookie::Claims;
 use crate::host::{Action, HttpHost};
@@ -185,7 +185,7 @@ impl Flow {
     /// The answer to the request sent with the restored state.
     pub(super) fn failover_response(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, failover: Failover) -> Action {
         let Phase::Sent { restored } = failover.phase else { return Action::Continue };
-        match response.reach(host.response_flags()) {
+        match response.reach(|| host.response_flags()) {
             Reach::Served => {}
             Reach::NoHealthyHost => {
                 self.release(host, &failover);
@@ -236,7 +236,7 @@ impl Flow {
         let since = failover.from.since;
         self.pin(host, failover.from.sid(), &upstream, instance, since);
         let sid = failover.from.sid().to_string();
-        self.stream = Stream::Served { sid: sid.clone(), owner: to.to_string(), since };
+        self.stream = Stream::Served(Served::At { sid: sid.clone(), owner: to.to_string(), since });
         if response.state.is_some() {
             self.count(Counter::StoreWrites);
         }

@@ -67,11 +67,45 @@ enum Stream {
     New { sid: SessionId },
     Pinned { claims: Claims, reissue: bool },
     Failover(Failover),
-    /// The response headers were handled; trailers may still carry state for
-    /// the session `sid` owned by `owner`, started at `since`.
-    Served { sid: String, owner: String, since: u64 },
+    /// The response headers were handled; trailers may still carry state
+    /// for this session.
+    Served(Served),
     /// Nothing more to do (a local reply, or a response that ends the story).
     Done,
+}
+
+/// The session a response served, and its owner.
+#[derive(Debug)]
+enum Served {
+    /// As the cookie says (the pinned path: nothing to copy).
+    Cookie(Claims),
+    /// Somewhere new: a new session, a move, a rotation.
+    At { sid: String, owner: String, since: u64 },
+}
+
+impl Served {
+    fn sid(&self) -> &str {
+        match self {
+            Served::Cookie(claims) => claims.sid(),
+            Served::At { sid, .. } => sid,
+        }
+    }
+
+    fn since(&self) -> u64 {
+        match self {
+            Served::Cookie(claims) => claims.since,
+            Served::At { since, .. } => *since,
+        }
+    }
+
+    /// The fenced write of `state` from this owner.
+    fn write(&self, state: &str, ttl_ms: u64) -> Op {
+        let owner = match self {
+            Served::Cookie(claims) => claims.owner().to_string(),
+            Served::At { owner, .. } => owner.clone(),
+        };
+        Op::Write { sid: self.sid().to_string(), from: owner.clone(), to: owner, state: Some(state.to_string()), ttl_ms }
+    }
 }
 
 /// Which direction waits for a store answer.
@@ -233,7 +267,7 @@ impl Flow {
             warn!("[{}] the app sent session state that is not a valid header value; not stored", self.context_id);
         }
         match std::mem::replace(&mut self.stream, Stream::Done) {
-            Stream::Idle | Stream::Done | Stream::Served { .. } | Stream::Unmanaged => Action::Continue,
+            Stream::Idle | Stream::Done | Stream::Served(_) | Stream::Unmanaged => Action::Continue,
             Stream::New { sid } => self.new_session_response(host, &response, sid),
             Stream::Pinned { claims, reissue } => self.pinned_response(host, &response, claims, reissue),
             Stream::Failover(failover) => self.failover_response(host, &response, failover),
@@ -243,7 +277,7 @@ impl Flow {
     /// State the app could only send after the body (its response was
     /// already committed) arrives as a trailer: store it like a header.
     pub fn on_response_trailers(&mut self, host: &mut impl HttpHost) -> Action {
-        let Stream::Served { sid, owner, since } = std::mem::replace(&mut self.stream, Stream::Done) else {
+        let Stream::Served(served) = std::mem::replace(&mut self.stream, Stream::Done) else {
             return Action::Continue;
         };
         let trailers = host.response_trailers();
@@ -256,7 +290,8 @@ impl Flow {
             warn!("[{}] the app sent a session state trailer that is not a valid header value; not stored", self.context_id);
             return Action::Continue;
         };
-        let op = Op::Write { sid, from: owner.clone(), to: owner, state: Some(state.to_string()), ttl_ms: self.store_ttl(since, host.now_ms()) };
+        let op = served.write(state, self.store_ttl(served.since(), host.now_ms()));
+        self.stream = Stream::Served(served);
         self.count(Counter::StoreWrites);
         self.store_change(host, op)
     }
@@ -346,7 +381,7 @@ impl Flow {
         let now = host.now_ms() / 1000;
         let owner = owner.as_deref().and_then(crate::ids::Owner::parse);
         let since = match &self.stream {
-            Stream::Served { since, .. } => *since,
+            Stream::Served(served) => served.since(),
             _ => now,
         };
         let set_cookie = owner.and_then(|o| {

@@ -95,8 +95,9 @@ impl<'a> ResponseView<'a> {
         self.internal.get(..self.internal_count).unwrap_or_default()
     }
 
-    /// Whether the request reached an app, given Envoy's response flags.
-    pub fn reach(&self, flags: u64) -> Reach {
+    /// Whether the request reached an app. `flags` reads Envoy's response
+    /// flags (a host call), only for a 503.
+    pub fn reach(&self, flags: impl FnOnce() -> u64) -> Reach {
         if self.status != 503 {
             return Reach::Served;
         }
@@ -106,6 +107,7 @@ impl<'a> ResponseView<'a> {
             let has = |flag: &str| sidecar_flags.split(',').any(|f| f.trim() == flag);
             return if has("UC") || has("UR") { Reach::ConnectionLost } else { Reach::ConnectFailed };
         }
+        let flags = flags();
         if flags & FLAG_UF != 0 {
             Reach::ConnectFailed
         } else if flags & FLAG_UH != 0 {

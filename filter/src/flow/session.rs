@@ -20,7 +20,7 @@ use log::info;
 
 use super::issue::Pin;
 use super::response::{Reach, ResponseView};
-use super::{Flow, Stream};
+use super::{Flow, Served, Stream};
 use crate::cookie::{Claims, FLAG_MOVING};
 use crate::gone::{Change, Sighting};
 use crate::host::{Action, HttpHost};
@@ -30,7 +30,7 @@ use crate::store::Op;
 
 impl Flow {
     pub(super) fn new_session_response(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, sid: SessionId) -> Action {
-        if response.reach(host.response_flags()) != Reach::Served {
+        if response.reach(|| host.response_flags()) != Reach::Served {
             return Action::Continue; // no app served it: nothing to pin to
         }
         let Some(upstream) = host.upstream_address() else { return Action::Continue };
@@ -46,17 +46,11 @@ impl Flow {
         let since = self.request.started_ms / 1000;
         self.pin(host, &sid, &upstream, instance, since);
         let owner = Owner { upstream: &upstream, instance }.to_string();
-        match response.state {
-            Some(state) => self.write_state(host, sid, owner, Some(state), since),
-            None => {
-                self.stream = Stream::Served { sid, owner, since };
-                Action::Continue
-            }
-        }
+        self.write_state(host, Served::At { sid, owner, since }, response.state)
     }
 
     pub(super) fn pinned_response(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, claims: Claims, reissue: bool) -> Action {
-        match response.reach(host.response_flags()) {
+        match response.reach(|| host.response_flags()) {
             Reach::NoHealthyHost | Reach::ConnectFailed => {
                 info!("[{}] upstream {} is gone; its sessions fail over", self.context_id, claims.upstream());
                 self.mark(host, claims.upstream(), Sighting::Down);
@@ -70,12 +64,18 @@ impl Flow {
             Reach::ConnectionLost => return Action::Continue,
             Reach::Served => {}
         }
+        let instance = response.instance.unwrap_or("");
+        let instance_changed = !claims.instance().is_empty() && !instance.is_empty() && instance != claims.instance();
+        if !response.unknown && !instance_changed {
+            // The hot path: the pinned instance answered (strict steering means
+            // it came from the pinned upstream: no address to read).
+            return self.pinned_session_continues(host, response, claims, reissue);
+        }
+        // Only a config without `strict` lets Envoy pick another host: then the pinned one is gone.
         let upstream = host.upstream_address().unwrap_or_else(|| claims.upstream().to_string());
         let moved = upstream != claims.upstream();
-        let instance = response.instance.unwrap_or("");
-        let restarted = !moved && !claims.instance().is_empty() && !instance.is_empty() && instance != claims.instance();
+        let restarted = !moved && instance_changed;
         if moved {
-            // Only a config without `strict` lets Envoy pick another host: the pinned one is gone.
             self.mark(host, claims.upstream(), Sighting::Down);
         } else if restarted {
             info!("[{}] upstream {} restarted as instance {instance}", self.context_id, claims.upstream());
@@ -90,19 +90,22 @@ impl Flow {
             self.end_session(host, &claims, None);
             return self.replay_as_new(host);
         }
-        if moved || restarted {
-            // An app without "unknown" served it from a fresh session: pin to
-            // it, and move the owner (its stored state no longer applies).
-            self.count(if restarted { Counter::FailoversRestart } else { Counter::FailoversFresh });
-            if restarted {
-                self.count(Counter::FailoversFresh);
-            }
-            let since = claims.since;
-            self.pin(host, claims.sid(), &upstream, instance, since);
-            let to = Owner { upstream: &upstream, instance }.to_string();
-            return self.move_owner(host, &claims, to, response.state, since);
+        // An app without "unknown" served it from a fresh session: pin to it,
+        // and move the owner (its stored state no longer applies).
+        self.count(if restarted { Counter::FailoversRestart } else { Counter::FailoversFresh });
+        if restarted {
+            self.count(Counter::FailoversFresh);
         }
-        self.host_answered(host, &upstream, instance);
+        let since = claims.since;
+        self.pin(host, claims.sid(), &upstream, instance, since);
+        let to = Owner { upstream: &upstream, instance }.to_string();
+        self.move_owner(host, &claims, to, response.state, since)
+    }
+
+    /// The pinned instance served the request: end, rotate, or refresh the
+    /// cookie and store new state, as the app asks.
+    fn pinned_session_continues(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, claims: Claims, reissue: bool) -> Action {
+        self.host_answered(host, claims.upstream(), response.instance.unwrap_or(""));
         if response.end {
             self.end_session(host, &claims, None);
             host.add_response_header("set-cookie", &self.issuer().expired_cookie());
@@ -111,13 +114,12 @@ impl Flow {
         if let Some(new_sid) = response.rotate {
             return self.rotate(host, &claims, claims.owner(), new_sid, None, response.state);
         }
-        let now = host.now_ms() / 1000;
-        if reissue || self.issuer().needs_refresh(&claims, now) {
+        if reissue || self.issuer().needs_refresh(&claims, self.request.started_ms / 1000) {
             self.count(Counter::CookiesRefreshed);
             self.pin(host, claims.sid(), claims.upstream(), claims.instance(), claims.since);
             self.touch(host, &claims);
         }
-        self.write_state(host, claims.sid().to_string(), claims.owner().to_string(), response.state, claims.since)
+        self.write_state(host, Served::Cookie(claims), response.state)
     }
 
     /// Records a sighting of `upstream` in the gone table.
@@ -132,6 +134,9 @@ impl Flow {
     /// The app at `upstream` answered as `instance`: whatever marked it gone
     /// before this request was sent is over.
     pub(super) fn host_answered(&self, host: &mut impl HttpHost, upstream: &str, instance: &str) {
+        if !self.worker.gone.borrow().mentions(upstream) {
+            return; // the usual case: nothing to forget, no clock read
+        }
         let sent_ms = self.request.started_ms;
         let now_ms = host.now_ms();
         let change = self.worker.gone.borrow_mut().alive(&*host, upstream, instance, sent_ms, now_ms, self.config.gone_ttl_ms);
@@ -172,19 +177,22 @@ impl Flow {
 
     /// Stores the state a response carries (if any) from its owner, and
     /// remembers the session for a state that may come as a trailer.
-    pub(super) fn write_state(&mut self, host: &mut impl HttpHost, sid: String, owner: String, state: Option<&str>, since: u64) -> Action {
-        self.stream = Stream::Served { sid: sid.clone(), owner: owner.clone(), since };
-        let (Some(state), Some(_)) = (state, &self.config.store) else { return Action::Continue };
+    pub(super) fn write_state(&mut self, host: &mut impl HttpHost, served: Served, state: Option<&str>) -> Action {
+        let write = match (state, &self.config.store) {
+            (Some(state), Some(_)) => Some(served.write(state, self.store_ttl(served.since(), host.now_ms()))),
+            _ => None,
+        };
+        self.stream = Stream::Served(served);
+        let Some(op) = write else { return Action::Continue };
         self.count(Counter::StoreWrites);
-        let ttl_ms = self.store_ttl(since, host.now_ms());
-        self.store_change(host, Op::Write { sid, from: owner.clone(), to: owner, state: Some(state.to_string()), ttl_ms })
+        self.store_change(host, op)
     }
 
     /// Moves the stored owner from the cookie's to `to`, fenced, with the
     /// response's state or none.
     fn move_owner(&mut self, host: &mut impl HttpHost, from: &Claims, to: String, state: Option<&str>, since: u64) -> Action {
         let sid = from.sid().to_string();
-        self.stream = Stream::Served { sid: sid.clone(), owner: to.clone(), since };
+        self.stream = Stream::Served(Served::At { sid: sid.clone(), owner: to.clone(), since });
         if self.config.store.is_none() {
             return Action::Continue;
         }
@@ -226,12 +234,12 @@ impl Flow {
     pub(super) fn rotate(&mut self, host: &mut impl HttpHost, claims: &Claims, to: Owner<'_>, new_sid: &str, lease: Option<String>, state: Option<&str>) -> Action {
         if new_sid.is_empty() {
             info!("[{}] the app asked to rotate the session without a valid new id; ignored", self.context_id);
-            return self.write_state(host, claims.sid().to_string(), to.to_string(), state, claims.since);
+            return self.write_state(host, Served::Cookie(claims.clone()), state);
         }
         self.count(Counter::SessionsRotated);
         self.pin(host, new_sid, to.upstream, to.instance, claims.since);
         let to = to.to_string();
-        self.stream = Stream::Served { sid: new_sid.to_string(), owner: to.clone(), since: claims.since };
+        self.stream = Stream::Served(Served::At { sid: new_sid.to_string(), owner: to.clone(), since: claims.since });
         let Some(store) = &self.config.store else { return Action::Continue };
         let op = Op::Rotate {
             sid: claims.sid().to_string(),
