@@ -1027,14 +1027,15 @@ class IstioRun:
     and Redis + webdis configured from base/store.yaml. The filter is loaded
     over ECDS and the endpoints over EDS, from files. With `app_sidecars`
     (an Istio version), each pod's app sits behind its own sidecar, assembled
-    from the overlay like an app pod's istio-proxy: the proxy's endpoints are
-    the sidecars, and killing an app leaves its sidecar up."""
+    from the overlay like an app pod's istio-proxy (or as Istio makes it,
+    without `inbound_patch`): the proxy's endpoints are the sidecars, and
+    killing an app leaves its sidecar up."""
 
     def __init__(self, variant: str, wasm: Path, tmp_path: Path, monkeypatch, certificate: tuple[Path, Path],
-                 app_sidecars: tuple[int, int] | None = None):
+                 app_sidecars: tuple[int, int] | None = None, inbound_patch: bool = True):
         for tool in ("redis-server", "redis-cli", "webdis"):
             require_tool(tool)
-        self.variant, self.monkeypatch = variant, monkeypatch
+        self.variant, self.monkeypatch, self.inbound_patch = variant, monkeypatch, inbound_patch
         ports = tb.PortPlan.free(backends=4)
         self.bed = tb.Testbed(ports, tmp_path / "tb", wasm=wasm)
         # The store as the manifests configure it. The filter sends webdis the
@@ -1067,8 +1068,11 @@ class IstioRun:
         """The pod's address (backend.port) is its sidecar's; the app moves to a port of its own."""
         backend.app_port, admin = tb.free_ports(2)
         config = self.workdir / f"sidecar-{backend.name}.yaml"
-        config.write_text(yaml.safe_dump(assemble_app_sidecar(VARIANTS[self.variant][0], backend.port, admin,
-                                                              backend.app_port, istio)))
+        if self.inbound_patch:
+            bootstrap = assemble_app_sidecar(VARIANTS[self.variant][0], backend.port, admin, backend.app_port, istio)
+        else:
+            bootstrap = ke.app_sidecar_skeleton(NAMESPACE, backend.port, admin, backend.app_port, istio)[0]
+        config.write_text(yaml.safe_dump(bootstrap))
         backend.sidecar = tb.Process(f"sidecar-{backend.name}", [
             ke.ENVOY, "-c", str(config), "--concurrency", "1", "--disable-hot-restart", "-l", "warning",
         ], self.workdir / f"sidecar-{backend.name}.log")
@@ -1191,16 +1195,25 @@ def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, g
             assert "set-cookie" not in plain.headers
 
 
-@pytest.mark.parametrize("istio", ke.ISTIO_VERSIONS, ids=lambda v: "istio-%d.%d" % v)
-def test_istio_gateway_moves_sessions_off_a_pod_whose_app_died(istio, wasm_module, gateway_certificate, tmp_path,
+APP_DEATH = {  # name: (Istio version, the app's sidecar has the inbound patch)
+    "istio-1.22": ((1, 22), True),
+    "istio-1.28": ((1, 28), True),
+    "istio-1.28-without-inbound-patch": ((1, 28), False),
+}
+
+
+@pytest.mark.parametrize("case", list(APP_DEATH))
+def test_istio_gateway_moves_sessions_off_a_pod_whose_app_died(case, wasm_module, gateway_certificate, tmp_path,
                                                               monkeypatch):
     """Each pod's app behind its own sidecar, as in the mesh. The app
     container of the session's pod dies and the pod stays in EDS (a crash,
     or a deleted pod the proxies' endpoints still list: istio/istio#7665).
     Its sidecar answers 503 itself, marked by the inbound patch; the gateway's
-    filter moves the session to another pod with its state."""
+    filter moves the session to another pod with its state. Without the
+    patch, the client gets the sidecar's 503."""
+    istio, patched = APP_DEATH[case]
     with IstioRun("gateway-envoyfilter", wasm_module, tmp_path, monkeypatch, gateway_certificate,
-                  app_sidecars=istio) as run:
+                  app_sidecars=istio, inbound_patch=patched) as run:
         pods = run.start()
         client, body = run.first_session()
         first = body["backend"]
@@ -1208,7 +1221,11 @@ def test_istio_gateway_moves_sessions_off_a_pod_whose_app_died(istio, wasm_modul
             assert client.get()[2]["count"] == n
         run.bed.backend_named(first).process.kill()
         assert run.hosts() == {p.address for p in pods}  # nothing told the gateway
-        assert_session_moves(run, client, first, 4)
+        if patched:
+            assert_session_moves(run, client, first, 4)
+        else:
+            status, headers, body = client.get()
+            assert status == 503 and "x-instance-id" not in headers, (status, body)
 
 
 # --------------------------------------------------------------------------
