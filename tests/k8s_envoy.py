@@ -4,16 +4,21 @@ can check and run, without a cluster.
 istiod would generate a proxy's listeners and clusters, apply the EnvoyFilter
 patches to them, and serve the Wasm module config over ECDS; the Istio agent
 would download the module and check its sha256. Here:
-- `skeleton()` builds the part istiod generates, reduced to what matters to the
-  filter: Istio's names (listener 0.0.0.0_8080, a sidecar's virtualInbound,
-  clusters outbound|8080||demo.<ns>.svc.cluster.local and webdis'), an EDS
-  cluster, the gateway's or the sidecar's route with the retry policy istiod
-  derives from the VirtualService, and Istio's HTTP filters in istiod's order
-  (its own extensions, such as istio.stats, by stand-ins under their names).
-  It is not istiod's full output (no mTLS, no authn/authz filters).
-- `apply_envoyfilters()` applies EnvoyFilter configPatches with Istio's
-  semantics for the operations k8s/ uses; anything else raises, so the subset
-  cannot silently grow.
+- The skeletons build the part istiod generates, reduced to what matters to
+  the filter, with Istio's names, routes and HTTP filters in istiod's order
+  (its own extensions, such as istio.stats, by stand-ins under their names):
+  `gateway_skeleton()` a gateway's listeners from a Gateway resource (HTTPS
+  with the credentialName Secret's files, the redirect of an HTTP server with
+  httpsRedirect), `sidecar_skeleton()` the sidecar of a client of the app
+  (outbound port 8080, and a virtualInbound chain of its own), and
+  `app_sidecar_skeleton()` an app pod's sidecar, inbound side
+  (virtualInbound, the route istiod builds for Istio 1.22 or 1.23+, the
+  inbound cluster). The app's cluster is EDS, and its route carries the
+  retry policy istiod derives from the VirtualService. It is not istiod's
+  full output (no mTLS, no authn/authz filters).
+- `apply_envoyfilters()` applies the EnvoyFilters whose workloadSelector
+  selects the proxy's pod, with Istio's semantics for the operations k8s/
+  uses; anything else raises, so the subset cannot silently grow.
 - `insert_wasmplugin()` does what istiod does with a WasmPlugin.
 - `agent_fetch()` does what the Istio agent does with a remote module: it maps
   the URL to a local file, checks the sha256 and rewrites the code source to
@@ -116,47 +121,52 @@ def static_cluster(name: str, address: str, port: int) -> dict:
             {"endpoint": {"address": {"socket_address": {"address": address, "port_value": port}}}}]}]}}
 
 
-def skeleton(kind: str, namespace: str, listen_port: int, admin_port: int, eds_path: Path,
-             http_route: dict | None = None) -> tuple[dict, dict]:
-    """An Istio-shaped bootstrap for a gateway ("gateway") or for a client's
-    sidecar ("sidecar"). Returns the bootstrap and the Istio view of it: the
-    context and Istio port of each filter chain (the socket binds
-    `listen_port` on 127.0.0.1; Istio's port is 8080) and the context of each
-    cluster, for matching patches. `http_route` is the VirtualService http
-    route to the app, if any: it decides the route's retry policy.
+# The Istio versions whose inbound route differs: from 1.23 on (with a proxy
+# of the same version, and PILOT_ENABLE_INBOUND_RETRY_POLICY on, its
+# default), istiod gives the inbound route a retry policy
+# (BuildDefaultHTTPInboundRoute in pilot/pkg/networking/core/route/route.go).
+ISTIO_VERSIONS = ((1, 22), (1, 28))
+LATEST = ISTIO_VERSIONS[-1]
 
-    The sidecar also gets Istio's virtualInbound listener with a chain for a
-    port 8080 of its own (a labelled client may serve that port too), not
-    bound, so that a patch meant for the outbound side shows where else it
-    lands. Both get webdis' outbound cluster, as istiod sends every service's
-    cluster; its address is the Service's name, for resolve_dns."""
+
+def inbound_route_config(port: int, istio: tuple[int, int]) -> dict:
+    """The route configuration istiod builds inline in a sidecar's inbound
+    HTTP connection manager (buildSidecarInboundHTTPRouteConfig in
+    pilot/pkg/networking/core/httproute.go): named after the inbound cluster,
+    one wildcard virtual host, one route without timeouts."""
+    cluster = f"inbound|{port}||"
+    route = {"cluster": cluster, "timeout": "0s",
+             "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}}
+    if istio >= (1, 23):
+        route["retry_policy"] = {"retry_on": "reset-before-request", "num_retries": 2}
+    return {"name": cluster, "validate_clusters": False, "virtual_hosts": [{
+        "name": f"inbound|http|{port}", "domains": ["*"],
+        "routes": [{"name": "default", "match": {"prefix": "/"}, "route": route}]}]}
+
+
+def virtual_inbound(port: int, bind_port: int | None, istio: tuple[int, int]) -> dict:
+    """A sidecar's virtualInbound listener with the HTTP chain of `port`.
+    Istio binds it on 15006 and iptables sends it the pod's inbound
+    connections, whose original destination port selects the chain. Bound
+    here on 127.0.0.1:`bind_port` (the chain then matches that port), or not
+    bound at all (None)."""
+    listener = {
+        "name": "virtualInbound",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": bind_port or 15006}},
+        "filter_chains": [{"filter_chain_match": {"destination_port": bind_port or port},
+                           "filters": [hcm(f"inbound_0.0.0.0_{port}", inbound_route_config(port, istio),
+                                           "inbound", False)]}],
+    }
+    if bind_port is None:
+        listener["bind_to_port"] = False
+    return listener
+
+
+def outbound_clusters(namespace: str, eds_path: Path) -> list[dict]:
+    """The app's cluster (EDS, as istiod sends it) and webdis' (its address is
+    the Service's name, for resolve_dns)."""
     cluster = app_cluster(namespace)
-    host = f"demo.{namespace}.svc.cluster.local"
-    if kind == "gateway":
-        context, route_name = "GATEWAY", "http.8080"
-        vhost = {"name": "*:8080", "domains": ["*"]}
-    elif kind == "sidecar":
-        context, route_name = "SIDECAR_OUTBOUND", "8080"
-        vhost = {"name": f"{host}:8080",
-                 "domains": [host, f"{host}:8080", "demo", "demo:8080", f"demo.{namespace}", f"demo.{namespace}:8080"]}
-    else:
-        raise ValueError(kind)
-    vhost["routes"] = [{
-        "name": "demo" if kind == "gateway" else "default",
-        "match": {"prefix": "/"},
-        "route": {"cluster": cluster, "timeout": "0s"},
-    }]
-    policy = istio_retry_policy(http_route)
-    if policy is not None:
-        vhost["routes"][0]["route"]["retry_policy"] = policy
-    route_config = {"name": route_name, "virtual_hosts": [vhost], "validate_clusters": False}
-    listeners = [{
-        "name": "0.0.0.0_8080",
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-        "filter_chains": [{"filters": [hcm("outbound_0.0.0.0_8080", route_config, "outbound", kind == "gateway")]}],
-    }]
-    chains = {("0.0.0.0_8080", 0): {"context": context, "port": 8080}}
-    clusters = [{
+    return [{
         "name": cluster,
         "type": "EDS",
         "eds_cluster_config": {"service_name": cluster, "eds_config": {
@@ -167,28 +177,123 @@ def skeleton(kind: str, namespace: str, listen_port: int, admin_port: int, eds_p
             "max_connections": 4294967295, "max_pending_requests": 4294967295,
             "max_requests": 4294967295, "max_retries": 4294967295, "track_remaining": True}]},
     }, static_cluster(store_cluster(namespace), f"webdis.{namespace}.svc.cluster.local", 7379)]
-    view_clusters = {c["name"]: context for c in clusters}
-    if kind == "sidecar":
-        inbound_route = {"name": "inbound|8080||", "validate_clusters": False, "virtual_hosts": [{
-            "name": "inbound|http|8080", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "inbound|8080||", "timeout": "0s"}}]}]}
-        listeners.append({
-            "name": "virtualInbound",
-            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
-            "bind_to_port": False,
-            "filter_chains": [{"filter_chain_match": {"destination_port": 8080},
-                               "filters": [hcm("inbound_0.0.0.0_8080", inbound_route, "inbound", False)]}],
-        })
-        chains[("virtualInbound", 0)] = {"context": "SIDECAR_INBOUND", "port": 8080}
-        clusters.append(static_cluster("inbound|8080||", "127.0.0.1", 8080))
-        view_clusters["inbound|8080||"] = "SIDECAR_INBOUND"
+
+
+def app_route(name: str, namespace: str, http_route: dict | None) -> dict:
+    """The route to the app istiod derives from a VirtualService http route."""
+    route = {"name": name, "match": {"prefix": "/"}, "route": {"cluster": app_cluster(namespace), "timeout": "0s"}}
+    policy = istio_retry_policy(http_route)
+    if policy is not None:
+        route["route"]["retry_policy"] = policy
+    return route
+
+
+def proxy_bootstrap(kind: str, namespace: str, admin_port: int, listeners: list[dict], clusters: list[dict],
+                    chains: dict, cluster_contexts: dict) -> tuple[dict, dict]:
+    """The bootstrap, and the Istio view of it that patches match against:
+    the context and Istio port of each filter chain, the context of each
+    cluster."""
     bootstrap = {
         "node": {"id": f"{kind}~127.0.0.1~test.{namespace}~{namespace}.svc.cluster.local", "cluster": f"{kind}.{namespace}"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
-    view = {"chains": chains, "clusters": view_clusters, "context": context}
-    return bootstrap, view
+    return bootstrap, {"chains": chains, "clusters": cluster_contexts}
+
+
+def gateway_tls(credential: tuple[Path, Path]) -> dict:
+    """A gateway's HTTPS server (tls mode SIMPLE): the certificate istiod
+    serves it from the credentialName Secret over SDS, here its files."""
+    cert, key = credential
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": {
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+            "alpn_protocols": ["h2", "http/1.1"],
+            "tls_certificates": [{"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}],
+        },
+    }}
+
+
+def gateway_skeleton(namespace: str, gateway: dict, http_route: dict | None, listen: dict[int, int], admin_port: int,
+                     eds_path: Path, credentials: dict[str, tuple[Path, Path]]) -> tuple[dict, dict]:
+    """An Istio gateway's bootstrap from a Gateway resource: a listener
+    0.0.0.0_<port> per server (bound on 127.0.0.1:listen[port]), the route
+    config istiod names after the server (gatewayRDSRouteName in
+    pilot/pkg/model/gateway.go), HTTPS with the credentialName Secret's files
+    from `credentials`, and a redirect to HTTPS (require_tls ALL) on an HTTP
+    server with httpsRedirect. `http_route` is the VirtualService http route
+    bound to the gateway."""
+    listeners, chains = [], {}
+    for server in gateway["spec"]["servers"]:
+        port, name, protocol = server["port"]["number"], server["port"]["name"], server["port"]["protocol"]
+        tls = server.get("tls", {})
+        if server["hosts"] != ["*"] or "bind" in server:
+            raise NotImplementedError(f"Gateway server hosts {server['hosts']}, bind")
+        vhost = {"name": f"*:{port}", "domains": ["*"], "routes": [app_route("demo", namespace, http_route)]}
+        chain: dict = {}
+        if protocol == "HTTPS":
+            if set(tls) != {"mode", "credentialName"} or tls["mode"] != "SIMPLE":
+                raise NotImplementedError(f"Gateway HTTPS tls {tls}")
+            route_name = f"https.{port}.{name}.{gateway['metadata']['name']}.{namespace}"
+            chain["transport_socket"] = gateway_tls(credentials[tls["credentialName"]])
+        elif protocol == "HTTP":
+            if set(tls) - {"httpsRedirect"}:
+                raise NotImplementedError(f"Gateway HTTP tls {tls}")
+            route_name = f"http.{port}"
+            if tls.get("httpsRedirect"):
+                vhost["require_tls"] = "ALL"
+        else:
+            raise NotImplementedError(f"Gateway protocol {protocol}")
+        route_config = {"name": route_name, "virtual_hosts": [vhost], "validate_clusters": False}
+        chain["filters"] = [hcm(f"outbound_0.0.0.0_{port}", route_config, "outbound", True)]
+        listeners.append({"name": f"0.0.0.0_{port}",
+                          "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen[port]}},
+                          "filter_chains": [chain]})
+        chains[(f"0.0.0.0_{port}", 0)] = {"context": "GATEWAY", "port": port}
+    clusters = outbound_clusters(namespace, eds_path)
+    return proxy_bootstrap("router", namespace, admin_port, listeners, clusters, chains,
+                           {c["name"]: "GATEWAY" for c in clusters})
+
+
+def sidecar_skeleton(namespace: str, listen_port: int, admin_port: int, eds_path: Path,
+                     http_route: dict | None = None, istio: tuple[int, int] = LATEST) -> tuple[dict, dict]:
+    """The sidecar of a client of the app: its outbound listener for the
+    app's port 8080 (bound on 127.0.0.1:`listen_port`), with the route
+    istiod derives from `http_route`, the mesh VirtualService's. It also gets
+    Istio's virtualInbound listener with a chain for a port 8080 of its own
+    (a labelled client may serve that port too), not bound, so that a patch
+    meant for the outbound side shows where else it lands."""
+    host = f"demo.{namespace}.svc.cluster.local"
+    vhost = {"name": f"{host}:8080",
+             "domains": [host, f"{host}:8080", "demo", "demo:8080", f"demo.{namespace}", f"demo.{namespace}:8080"],
+             "routes": [app_route("default", namespace, http_route)]}
+    route_config = {"name": "8080", "virtual_hosts": [vhost], "validate_clusters": False}
+    listeners = [{
+        "name": "0.0.0.0_8080",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+        "filter_chains": [{"filters": [hcm("outbound_0.0.0.0_8080", route_config, "outbound", False)]}],
+    }, virtual_inbound(8080, None, istio)]
+    clusters = outbound_clusters(namespace, eds_path) + [static_cluster("inbound|8080||", "127.0.0.1", 8080)]
+    contexts = {c["name"]: "SIDECAR_OUTBOUND" for c in clusters}
+    contexts["inbound|8080||"] = "SIDECAR_INBOUND"
+    chains = {("0.0.0.0_8080", 0): {"context": "SIDECAR_OUTBOUND", "port": 8080},
+              ("virtualInbound", 0): {"context": "SIDECAR_INBOUND", "port": 8080}}
+    return proxy_bootstrap("sidecar", namespace, admin_port, listeners, clusters, chains, contexts)
+
+
+def app_sidecar_skeleton(namespace: str, listen_port: int, admin_port: int, app_port: int,
+                         istio: tuple[int, int] = LATEST) -> tuple[dict, dict]:
+    """The istio-proxy of an app pod, inbound side: what callers reach
+    (127.0.0.1:`listen_port` stands for the pod's 8080) and the app it
+    forwards to (127.0.0.1:`app_port`). Istio's inbound cluster is
+    ORIGINAL_DST, bound to 127.0.0.6; a static one stands in for it.
+    No mTLS, as everywhere here (envoy/sidecar.yaml runs the same inbound
+    config with mTLS in the testbed's --mesh mode)."""
+    cluster = static_cluster("inbound|8080||", "127.0.0.1", app_port)
+    return proxy_bootstrap("sidecar", namespace, admin_port, [virtual_inbound(8080, listen_port, istio)], [cluster],
+                           {("virtualInbound", 0): {"context": "SIDECAR_INBOUND", "port": 8080}},
+                           {cluster["name"]: "SIDECAR_INBOUND"})
 
 
 def apply_destination_rule(bootstrap: dict, namespace: str, rule: dict) -> None:
@@ -276,12 +381,25 @@ def _proto_merge(base, patch):
     return copy.deepcopy(patch)
 
 
-def apply_envoyfilters(bootstrap: dict, view: dict, envoyfilters: list[dict], ecds: dict) -> list[str]:
-    """Applies EnvoyFilters as istiod does: by priority, then in the given
-    order (istiod: creation time, then name)."""
+def selects(envoyfilter: dict, labels: dict[str, str]) -> bool:
+    """Whether an EnvoyFilter applies to a pod with these labels (its
+    workloadSelector; none: every proxy of its namespace)."""
+    spec = envoyfilter["spec"]
+    if "targetRefs" in spec:
+        raise NotImplementedPatch(f"{envoyfilter['metadata']['name']}: targetRefs")
+    wanted = spec.get("workloadSelector", {}).get("labels", {})
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+def apply_envoyfilters(bootstrap: dict, view: dict, envoyfilters: list[dict], ecds: dict,
+                       labels: dict[str, str]) -> list[str]:
+    """Applies the EnvoyFilters that select a pod with `labels` as istiod
+    does: by priority, then in the given order (istiod: creation time, then
+    name)."""
     applied = []
     for ef in sorted(envoyfilters, key=lambda ef: ef["spec"].get("priority", 0)):
-        applied += apply_envoyfilter(bootstrap, view, ef, ecds)
+        if selects(ef, labels):
+            applied += apply_envoyfilter(bootstrap, view, ef, ecds)
     return applied
 
 
@@ -293,7 +411,7 @@ def apply_envoyfilter(bootstrap: dict, view: dict, envoyfilter: dict, ecds: dict
         match, patch = p.get("match", {}), p["patch"]
         op, value = patch["operation"], patch.get("value")
         where = f"{envoyfilter['metadata']['name']}[{i}] {p['applyTo']} {op}"
-        if set(match) - {"context", "listener", "cluster"}:
+        if set(match) - {"context", "listener", "cluster", "routeConfiguration"}:
             raise NotImplementedPatch(f"{where}: match fields {sorted(match)}")
         if p["applyTo"] == "EXTENSION_CONFIG":
             if op != "ADD":
@@ -304,6 +422,8 @@ def apply_envoyfilter(bootstrap: dict, view: dict, envoyfilter: dict, ecds: dict
             applied += _patch_listeners(bootstrap, view, p["applyTo"], match, op, value, where)
         elif p["applyTo"] == "CLUSTER":
             applied += _patch_clusters(bootstrap, view, match, op, value, where)
+        elif p["applyTo"] == "ROUTE_CONFIGURATION":
+            applied += _patch_route_configurations(bootstrap, view, match, op, value, where)
         else:
             raise NotImplementedPatch(where)
     return applied
@@ -359,6 +479,36 @@ def _patch_listeners(bootstrap, view, apply_to, match, op, value, where) -> list
             raise NotImplementedPatch(where)
         filters.insert(at, copy.deepcopy(value))
         applied.append(f"{where} {value['name']} at {at} in {listener}")
+    return applied
+
+
+def _patch_route_configurations(bootstrap, view, match, op, value, where) -> list[str]:
+    """ROUTE_CONFIGURATION MERGE on the route configurations held in the
+    connection managers (a sidecar's inbound ones; istiod sends outbound ones
+    over RDS, and patches those the same way), with istiod's
+    routeConfigurationMatch for sidecars (envoyfilter/rc_patch.go): an exact
+    name, and portNumber is the port in the name ("inbound|8080||", or "8080"
+    outbound). Gateway route names carry more (gateway, port name): not
+    implemented."""
+    rm = match.get("routeConfiguration", {})
+    if op != "MERGE" or set(rm) - {"portNumber", "name"}:
+        raise NotImplementedPatch(f"{where}: route configuration match {rm}")
+    applied = []
+    for listener in bootstrap["static_resources"]["listeners"]:
+        for index, chain in enumerate(listener["filter_chains"]):
+            context = view["chains"][(listener["name"], index)]["context"]
+            if not _context_ok(match, context):
+                continue
+            if context == "GATEWAY":
+                raise NotImplementedPatch(f"{where}: route configurations of a gateway")
+            for f in (f for f in chain["filters"] if f["name"] == HCM):
+                rc = f["typed_config"]["route_config"]
+                name = rc["name"]
+                port = parse_cluster_name(name)[3] if name.startswith("inbound") else int(name) if name.isdigit() else 0
+                if rm.get("name", name) != name or rm.get("portNumber", port) != port:
+                    continue
+                f["typed_config"]["route_config"] = _proto_merge(rc, value)
+                applied.append(f"{where} {name} in {listener['name']}")
     return applied
 
 
@@ -430,11 +580,16 @@ def wasmplugin_resource(plugin: dict) -> tuple[str, dict]:
                            "typed_config": {"@type": WASM_TYPE, "config": config}}
 
 
-def insert_wasmplugin(bootstrap: dict, view: dict, plugin: dict, ecds: dict) -> str:
+def insert_wasmplugin(bootstrap: dict, view: dict, plugin: dict, ecds: dict, labels: dict[str, str]) -> str | None:
     """Adds the plugin's filter where istiod puts a plugin without a phase:
     after the authentication and authorization filters, before the filters
-    istiod appends last (AFTER_PLUGINS). Only on the chains its match selects:
-    mode CLIENT (gateways, sidecars' outbound side) and the listed ports."""
+    istiod appends last (AFTER_PLUGINS). Only on a pod its selector selects,
+    and on the chains its match selects: mode CLIENT (gateways, sidecars'
+    outbound side) and the listed ports."""
+    if set(plugin["spec"].get("selector", {})) - {"matchLabels"}:
+        raise NotImplementedPatch(f"WasmPlugin selector {plugin['spec']['selector']}")
+    if any(labels.get(k) != v for k, v in plugin["spec"].get("selector", {}).get("matchLabels", {}).items()):
+        return None
     name, resource = wasmplugin_resource(plugin)
     ecds[name] = resource
     if plugin["spec"].get("phase", "UNSPECIFIED_PHASE") != "UNSPECIFIED_PHASE":

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import urllib.parse
@@ -66,6 +67,23 @@ def wasm_module() -> Path:
     """The filter module; built with filter/build when it is missing."""
     require_tool(ke.ENVOY)
     return tb.ensure_wasm()
+
+
+def readme_certificate_command() -> str:
+    """The openssl command k8s/README.md gives for the gateways' TLS Secret."""
+    blocks = re.findall(r"```sh\n(.*?)```", (K8S / "README.md").read_text(), re.S)
+    block = one(b for b in blocks if "create secret tls" in b).replace("\\\n", " ")
+    return re.search(r"openssl req [^&\n]*", block).group(0).strip()
+
+
+@pytest.fixture(scope="session")
+def gateway_certificate(tmp_path_factory) -> tuple[Path, Path]:
+    """tls.crt and tls.key, made by the README's own command."""
+    require_tool("openssl")
+    directory = tmp_path_factory.mktemp("tls")
+    subprocess.run(["sh", "-c", readme_certificate_command()], cwd=directory, check=True, capture_output=True,
+                   timeout=60)
+    return directory / "tls.crt", directory / "tls.key"
 
 
 # --------------------------------------------------------------------------
@@ -229,21 +247,25 @@ def test_only_the_proxies_reach_the_app_and_the_store(overlay):
 
 
 @pytest.mark.parametrize("overlay", ISTIO_OVERLAYS)
-def test_istio_webdis_admits_only_the_proxies_service_accounts(overlay):
-    """With Istio, webdis has a sidecar, and its ALLOW policies name exactly
-    the proxies' service accounts (mTLS identities, which labels are not)."""
+@pytest.mark.parametrize("target", ["demo", "webdis"])
+def test_istio_app_and_store_admit_only_the_proxies_service_accounts(overlay, target):
+    """With Istio, the app and webdis have sidecars, and their ALLOW policies
+    name exactly the proxies' service accounts (mTLS identities, which labels
+    are not), on the port they serve."""
     docs = rendered(overlay)
     templates = pod_templates(docs)
     assert docs[("Namespace", NAMESPACE)]["metadata"]["labels"]["istio-injection"] == "enabled"
-    webdis = templates["webdis"]["metadata"]["labels"]
-    assert webdis["sidecar.istio.io/inject"] == "true"
+    labels = templates[target]["metadata"]["labels"]
+    assert labels.get("sidecar.istio.io/inject", "true") == "true"
     policies = [d for (kind, _), d in docs.items()
-                if kind == "AuthorizationPolicy" and selects(d["spec"]["selector"], webdis)]
+                if kind == "AuthorizationPolicy" and selects(d["spec"]["selector"], labels)]
     assert policies and all(p["spec"]["action"] == "ALLOW" for p in policies)
     principals = {pr for p in policies for r in p["spec"]["rules"] for f in r["from"] for pr in f["source"]["principals"]}
     accounts = {templates[name]["spec"].get("serviceAccountName", "default") for name in proxies(docs)}
     assert principals == {f"cluster.local/ns/{NAMESPACE}/sa/{sa}" for sa in accounts}
     assert "default" not in accounts  # the app's pods run as default
+    port = {"demo": "8080", "webdis": "7379"}[target]
+    assert {p for pol in policies for r in pol["spec"]["rules"] for t in r["to"] for p in t["operation"]["ports"]} == {port}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -284,6 +306,25 @@ def wasmplugin() -> dict:
     return km.load_docs(K8S / "istio" / "wasmplugin" / "wasmplugin.yaml")[0]
 
 
+def inbound_envoyfilter() -> dict:
+    return km.load_docs(K8S / "istio" / "app" / "inbound.yaml")[0]
+
+
+def demo_gateway() -> dict:
+    return next(d for d in km.load_docs(K8S / "istio" / "gateway" / "gateway.yaml") if d["kind"] == "Gateway")
+
+
+def https_port() -> int:
+    """The port of the demo Gateway's HTTPS server: where the filter runs."""
+    return one(s["port"]["number"] for s in demo_gateway()["spec"]["servers"] if s["port"]["protocol"] == "HTTPS")
+
+
+def one(items):
+    items = list(items)
+    assert len(items) == 1, items
+    return items[0]
+
+
 PROXY_CONTEXTS = ("GATEWAY", "SIDECAR_OUTBOUND")
 STATEFUL_SESSION = "session-affinity.stateful_session"
 ECDS_NAME = f"{NAMESPACE}.session-affinity"
@@ -319,13 +360,19 @@ def test_envoyfilter_parts_in_order():
 def test_envoyfilter_patches_name_their_context(ef):
     """No listener or cluster patch uses ANY (it would also reach a labelled
     client's inbound chain on port 8080), and the gateway and the sidecar's
-    outbound side get the same patches."""
+    outbound side get the same patches: on the gateway's HTTPS listener and
+    on the sidecar's listener for the app's port."""
     patches = [p for p in ef["spec"]["configPatches"] if p["applyTo"] != "EXTENSION_CONFIG"]
     assert patches and all(p["match"].get("context") in PROXY_CONTEXTS for p in patches)
+    ports = {"GATEWAY": https_port(), "SIDECAR_OUTBOUND": 8080}
 
-    def without_context(p):
-        return {**p, "match": {k: v for k, v in p["match"].items() if k != "context"}}
-    by_context = {c: [without_context(p) for p in patches if p["match"]["context"] == c] for c in PROXY_CONTEXTS}
+    def generic(p):
+        match = {k: v for k, v in p["match"].items() if k != "context"}
+        if "listener" in match:
+            assert match["listener"]["portNumber"] == ports[p["match"]["context"]], p
+            match["listener"] = {k: v for k, v in match["listener"].items() if k != "portNumber"}
+        return {**p, "match": match}
+    by_context = {c: [generic(p) for p in patches if p["match"]["context"] == c] for c in PROXY_CONTEXTS}
     assert by_context["GATEWAY"] == by_context["SIDECAR_OUTBOUND"]
 
 
@@ -352,12 +399,42 @@ def istioctl_envoyfilter_findings(ef: dict) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("ef", [envoyfilter(), routing_envoyfilter()], ids=lambda ef: ef["metadata"]["name"])
+@pytest.mark.parametrize("ef", [envoyfilter(), routing_envoyfilter(), inbound_envoyfilter()],
+                         ids=lambda ef: ef["metadata"]["name"])
 def test_envoyfilter_passes_istioctl_analyze_checks(ef):
-    assert istioctl_envoyfilter_findings(ef) == []
+    """Every EnvoyFilter sets its priority; without it, those with relative
+    operations would get IST0151."""
+    assert istioctl_envoyfilter_findings(ef) == [] and ef["spec"]["priority"] != 0
     without_priority = copy.deepcopy(ef)
     del without_priority["spec"]["priority"]
-    assert any(f.startswith("IST0151") for f in istioctl_envoyfilter_findings(without_priority))
+    relative = any(p["patch"]["operation"].startswith("INSERT_") for p in ef["spec"]["configPatches"])
+    assert any(f.startswith("IST0151") for f in istioctl_envoyfilter_findings(without_priority)) == relative
+
+
+def test_app_inbound_patch_is_the_reference_sidecars():
+    """The app's inbound EnvoyFilter selects the app's pods and nothing that
+    runs the filter, patches only their inbound side, and adds exactly what
+    envoy/sidecar.yaml (the testbed's mesh sidecar) has: the local reply mark
+    for the flags of an unreached app, and its removal from the app's answers,
+    under the name the plugin config uses."""
+    ef = inbound_envoyfilter()
+    for overlay in ISTIO_OVERLAYS:
+        templates = pod_templates(rendered(overlay))
+        chosen = {name for name, t in templates.items() if ke.selects(ef, t["metadata"]["labels"])}
+        assert chosen == {"demo"}, overlay
+    patches = ef["spec"]["configPatches"]
+    assert [(p["applyTo"], p["patch"]["operation"], p["match"]["context"]) for p in patches] == [
+        ("NETWORK_FILTER", "MERGE", "SIDECAR_INBOUND"), ("ROUTE_CONFIGURATION", "MERGE", "SIDECAR_INBOUND")]
+    mark, strip = patches
+    assert mark["match"]["listener"]["portNumber"] == strip["match"]["routeConfiguration"]["portNumber"] == 8080
+    reference = yaml.safe_load((REPO / "envoy" / "sidecar.yaml").read_text())
+    inbound = reference["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert mark["patch"]["value"]["typed_config"]["local_reply_config"] == inbound["local_reply_config"]
+    assert strip["patch"]["value"] == {"response_headers_to_remove": inbound["route_config"]["response_headers_to_remove"]}
+    header = km.plugin_config(envoyfilter()).get("headers", {}).get("unreached", "x-session-unreached")
+    assert strip["patch"]["value"]["response_headers_to_remove"] == [header]
+    mapper = one(mark["patch"]["value"]["typed_config"]["local_reply_config"]["mappers"])
+    assert one(mapper["headers_to_add"])["header"] == {"key": header, "value": "%RESPONSE_FLAGS%"}
 
 
 def test_keys_come_from_the_secret_only():
@@ -417,13 +494,14 @@ def test_set_wasm_source_pins_both_manifests(tmp_path, wasm_module):
     wp = km.load_docs(copy_dir / "istio" / "wasmplugin" / "wasmplugin.yaml")[0]
     km.validate(ef)
     km.validate(wp)
+    labels = {"session-affinity": "enabled"}
     ecds = {}
-    ke.apply_envoyfilters(*ke.skeleton("gateway", NAMESPACE, 1, 2, tmp_path / "eds.json"), [ef], ecds)
+    ke.apply_envoyfilters(*ke.sidecar_skeleton(NAMESPACE, 1, 2, tmp_path / "eds.json"), [ef], ecds, labels)
     ke.agent_fetch(ecds, {url: wasm_module})  # checks the pinned sha256
     other = tmp_path / "other.wasm"
     other.write_bytes(wasm_module.read_bytes() + b"\0")
     ecds = {}
-    ke.apply_envoyfilters(*ke.skeleton("gateway", NAMESPACE, 1, 2, tmp_path / "eds.json"), [ef], ecds)
+    ke.apply_envoyfilters(*ke.sidecar_skeleton(NAMESPACE, 1, 2, tmp_path / "eds.json"), [ef], ecds, labels)
     with pytest.raises(ValueError, match="sha256 mismatch"):
         ke.agent_fetch(ecds, {url: other})
 
@@ -432,23 +510,56 @@ def test_set_wasm_source_pins_both_manifests(tmp_path, wasm_module):
 # The Istio manifests in the real Envoy.
 
 VARIANTS = {
-    # name: (overlay, proxy kind)
-    "gateway-envoyfilter": ("istio-gateway", "gateway"),
-    "gateway-wasmplugin": ("istio-gateway-wasmplugin", "gateway"),
-    "sidecar-envoyfilter": ("istio-sidecar", "sidecar"),
-    "gateway-configmap-wasm": ("istio-gateway-local-wasm", "gateway"),
+    # name: (overlay, the Deployment whose proxy runs the filter)
+    "gateway-envoyfilter": ("istio-gateway", "demo-gateway"),
+    "gateway-wasmplugin": ("istio-gateway-wasmplugin", "demo-gateway"),
+    "sidecar-envoyfilter": ("istio-sidecar", "client"),
+    "gateway-configmap-wasm": ("istio-gateway-local-wasm", "demo-gateway"),
 }
+TLS_SECRET = "demo-gateway-tls"
 
 
-def assemble(variant: str, wasm: Path, workdir: Path, listen_port: int, admin_port: int,
-             store: tuple[str, int] = ("127.0.0.1", 7379), ecds_files: bool = False) -> dict:
-    """The Envoy config an Istio proxy selected by the overlay would run."""
-    overlay, kind = VARIANTS[variant]
+def is_gateway(variant: str) -> bool:
+    return VARIANTS[variant][1] == "demo-gateway"
+
+
+def proxy_ports(variant: str) -> list[int]:
+    """The ports the variant's proxy serves, as Istio numbers them: the
+    Gateway's servers, or the app's port on the client's outbound side."""
+    return [s["port"]["number"] for s in demo_gateway()["spec"]["servers"]] if is_gateway(variant) else [8080]
+
+
+def filter_port(variant: str) -> int:
+    return https_port() if is_gateway(variant) else 8080
+
+
+def free_listen_ports(variant: str) -> dict[int, int]:
+    """Istio port -> the 127.0.0.1 port its listener binds here."""
+    ports = proxy_ports(variant)
+    return dict(zip(ports, tb.free_ports(len(ports))))
+
+
+def pod_labels(docs: list[dict], deployment: str) -> dict[str, str]:
+    return one(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == deployment)[
+        "spec"]["template"]["metadata"]["labels"]
+
+
+def assemble(variant: str, wasm: Path, workdir: Path, listen: dict[int, int], admin_port: int,
+             certificate: tuple[Path, Path], store: tuple[str, int] = ("127.0.0.1", 7379),
+             ecds_files: bool = False) -> dict:
+    """The Envoy config an Istio proxy selected by the overlay would run;
+    `certificate` stands for the gateway's TLS Secret."""
+    overlay, deployment = VARIANTS[variant]
     docs = km.render(K8S / "overlays" / overlay)
     routes = [h for d in docs if d["kind"] == "VirtualService" for h in d["spec"]["http"]
-              if (kind == "gateway") == bool(d["spec"].get("gateways"))]
-    assert len(routes) == 1, routes
-    bootstrap, view = ke.skeleton(kind, NAMESPACE, listen_port, admin_port, workdir / "eds.json", routes[0])
+              if is_gateway(variant) == bool(d["spec"].get("gateways"))]
+    if is_gateway(variant):
+        gateway = one(d for d in docs if d["kind"] == "Gateway")
+        bootstrap, view = ke.gateway_skeleton(NAMESPACE, gateway, one(routes), listen, admin_port,
+                                              workdir / "eds.json", {TLS_SECRET: certificate})
+    else:
+        bootstrap, view = ke.sidecar_skeleton(NAMESPACE, listen[8080], admin_port, workdir / "eds.json", one(routes))
+    labels = pod_labels(docs, deployment)
     for d in docs:
         if d["kind"] == "DestinationRule":
             ke.apply_destination_rule(bootstrap, NAMESPACE, d)
@@ -458,9 +569,9 @@ def assemble(variant: str, wasm: Path, workdir: Path, listen_port: int, admin_po
     modules = {}
     for d in docs:
         if d["kind"] == "WasmPlugin":
-            ke.insert_wasmplugin(bootstrap, view, d, ecds)
+            assert ke.insert_wasmplugin(bootstrap, view, d, ecds, labels)
             modules[d["spec"]["url"]] = wasm
-    ke.apply_envoyfilters(bootstrap, view, [d for d in docs if d["kind"] == "EnvoyFilter"], ecds)
+    ke.apply_envoyfilters(bootstrap, view, [d for d in docs if d["kind"] == "EnvoyFilter"], ecds, labels)
     for r in ecds.values():
         code = r["typed_config"]["config"]["vm_config"]["code"]
         if "remote" in code:
@@ -491,12 +602,29 @@ def test_module_fits_in_a_configmap(wasm_module):
     assert wasm_module.stat().st_size < 1024 * 1024 - 4096
 
 
-def filter_chains(config: dict) -> tuple[list[str], list[str] | None]:
-    """The HTTP filters of the outbound (or gateway) chain, and of the
-    sidecar's inbound chain (None on a gateway)."""
+def assemble_app_sidecar(overlay: str, listen_port: int, admin_port: int, app_port: int,
+                         istio: tuple[int, int] = ke.LATEST) -> dict:
+    """The Envoy config of an app pod's sidecar (inbound side) in the overlay:
+    Istio's inbound shape, with the EnvoyFilters and WasmPlugins that select
+    the app's pods applied. None of them may bring the filter there."""
+    docs = km.render(K8S / "overlays" / overlay)
+    bootstrap, view = ke.app_sidecar_skeleton(NAMESPACE, listen_port, admin_port, app_port, istio)
+    labels, ecds = pod_labels(docs, "demo"), {}
+    for d in docs:
+        if d["kind"] == "WasmPlugin":
+            assert ke.insert_wasmplugin(bootstrap, view, d, ecds, labels) is None
+    applied = ke.apply_envoyfilters(bootstrap, view, [d for d in docs if d["kind"] == "EnvoyFilter"], ecds, labels)
+    assert ecds == {} and len(applied) == 2, applied  # the inbound patch's two parts, once each
+    return bootstrap
+
+
+def filter_chains(config: dict, variant: str) -> tuple[list[str], list[str] | None]:
+    """The HTTP filters of the chain that runs the filter (a gateway's HTTPS
+    listener, a sidecar's outbound one), and of the sidecar's inbound chain
+    (None on a gateway)."""
     hcms = ke.http_connection_managers(config)
     inbound = hcms.get(("virtualInbound", 0))
-    return (ke.http_filter_names(hcms[("0.0.0.0_8080", 0)]),
+    return (ke.http_filter_names(hcms[(f"0.0.0.0_{filter_port(variant)}", 0)]),
             None if inbound is None else ke.http_filter_names(inbound))
 
 
@@ -516,15 +644,21 @@ def rejects_underscores(hcm_config: dict) -> bool:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_istio_config_loads_in_envoy(variant, wasm_module, tmp_path):
-    config = assemble(variant, wasm_module, tmp_path, *tb.free_ports(2))
-    outbound, inbound = filter_chains(config)
+def test_istio_config_loads_in_envoy(variant, wasm_module, gateway_certificate, tmp_path):
+    config = assemble(variant, wasm_module, tmp_path, free_listen_ports(variant), tb.free_ports(1)[0],
+                      gateway_certificate)
+    outbound, inbound = filter_chains(config, variant)
     assert outbound == expected_chain(variant)
     hcms = ke.http_connection_managers(config)
-    assert rejects_underscores(hcms[("0.0.0.0_8080", 0)])
+    assert rejects_underscores(hcms[(f"0.0.0.0_{filter_port(variant)}", 0)])
     if inbound is not None:  # the sidecar's inbound side is left as Istio made it
-        assert inbound == ke.http_filter_names({"http_filters": ke.istio_http_filters("inbound")})
-        assert not rejects_underscores(hcms[("virtualInbound", 0)])
+        assert hcms[("virtualInbound", 0)] == ke.virtual_inbound(8080, None, ke.LATEST)[
+            "filter_chains"][0]["filters"][0]["typed_config"]
+    # On a gateway, every port but the HTTPS one only redirects, without the filter.
+    for port in set(proxy_ports(variant)) - {filter_port(variant)}:
+        plain = hcms[(f"0.0.0.0_{port}", 0)]
+        assert ke.http_filter_names(plain) == ke.http_filter_names({"http_filters": ke.istio_http_filters("outbound")})
+        assert [v["require_tls"] for v in plain["route_config"]["virtual_hosts"]] == ["ALL"]
     cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == ke.app_cluster(NAMESPACE))
     # The app cluster's lb settings are the testbed's (override_host_status, panic threshold).
     testbed = yaml.safe_load((REPO / "envoy" / "testbed.yaml").read_text())
@@ -553,12 +687,12 @@ def test_app_cluster_patch_reaches_subsets_only_of_the_app(tmp_path):
     """The CLUSTER MERGE matches the app's service and port: its subset
     clusters too (a DestinationRule with subsets), not another service's
     cluster on the same port nor the sidecar's inbound cluster."""
-    bootstrap, view = ke.skeleton("sidecar", NAMESPACE, 1, 2, tmp_path / "eds.json")
+    bootstrap, view = ke.sidecar_skeleton(NAMESPACE, 1, 2, tmp_path / "eds.json")
     extra = [f"outbound|8080|v1|demo.{NAMESPACE}.svc.cluster.local", f"outbound|8080||other.{NAMESPACE}.svc.cluster.local"]
     for name in extra:
         bootstrap["static_resources"]["clusters"].append(ke.static_cluster(name, "127.0.0.1", 1))
         view["clusters"][name] = "SIDECAR_OUTBOUND"
-    ke.apply_envoyfilters(bootstrap, view, [envoyfilter()], {})
+    ke.apply_envoyfilters(bootstrap, view, [envoyfilter()], {}, {"session-affinity": "enabled"})
     patched = {c["name"] for c in bootstrap["static_resources"]["clusters"] if "common_lb_config" in c}
     assert patched == {ke.app_cluster(NAMESPACE), extra[0]}
 
@@ -610,23 +744,35 @@ def envoy_configmap_bootstrap_wasm(bootstrap: dict | None = None) -> dict:
     raise KeyError("no wasm filter")
 
 
-def test_envoy_gateway_config_loads_in_envoy(wasm_module):
+def test_envoy_gateway_config_loads_in_envoy(wasm_module, gateway_certificate):
     bootstrap = envoy_configmap_bootstrap()
     pod = rendered("envoy-gateway")[("Deployment", "envoy-gateway")]["spec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    volumes = {v["name"]: v["configMap"]["name"] for v in pod["volumes"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
     wasm = envoy_configmap_bootstrap_wasm(bootstrap)
-    # The paths in the config are where the pod mounts its ConfigMaps.
+    # The paths in the config are where the pod mounts its ConfigMaps and the TLS Secret.
     assert pod["containers"][0]["args"][:2] == ["-c", f"{mounts['config']}/envoy.yaml"]
-    assert volumes["config"] == km.load_docs(ENVOY_CONFIGMAP)[0]["metadata"]["name"]
+    assert volumes["config"]["configMap"]["name"] == km.load_docs(ENVOY_CONFIGMAP)[0]["metadata"]["name"]
     assert wasm["vm_config"]["code"]["local"]["filename"] == f"{mounts['wasm']}/session_affinity.wasm"
+    assert volumes["tls"]["secret"]["secretName"] == TLS_SECRET
+    app_chain = one(next(l for l in bootstrap["static_resources"]["listeners"] if l["name"] == "app")["filter_chains"])
+    tls = app_chain["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"][0]
+    assert (tls["certificate_chain"]["filename"], tls["private_key"]["filename"]) == \
+        (f"{mounts['tls']}/tls.crt", f"{mounts['tls']}/tls.key")
     app_hcm = ke.http_connection_managers(bootstrap)[("app", 0)]
     assert ke.http_filter_names(app_hcm) == ["envoy.filters.http.wasm", STATEFUL_SESSION, "envoy.filters.http.router"]
     assert rejects_underscores(app_hcm)
+    # Plain HTTP only redirects, without the filter.
+    http_hcm = ke.http_connection_managers(bootstrap)[("http", 0)]
+    assert ke.http_filter_names(http_hcm) == ["envoy.filters.http.router"]
+    assert [r["redirect"] for r in http_hcm["route_config"]["virtual_hosts"][0]["routes"]] == [{"https_redirect": True}]
     ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
     listen = {l["name"]: l["address"]["socket_address"]["port_value"] for l in bootstrap["static_resources"]["listeners"]}
-    assert listen == {"app": ports["http"], "health": ports["health"]}
+    assert listen == {"app": ports["https"], "http": ports["http"], "health": ports["health"]}
+    service = rendered("envoy-gateway")[("Service", "envoy-gateway")]["spec"]["ports"]
+    assert {(p["port"], p["targetPort"]) for p in service} == {(443, "https"), (80, "http")}
     wasm["vm_config"]["code"]["local"]["filename"] = str(wasm_module)
+    tls["certificate_chain"]["filename"], tls["private_key"]["filename"] = map(str, gateway_certificate)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SA_")}
     ok = ke.envoy_validate(bootstrap, env={**env, "SA_KEY_1": TEST_KEY, "SA_STORE_PASSWORD": TEST_STORE_PASSWORD})
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -642,8 +788,10 @@ class Client:
     """A cookie-keeping client that follows a redirect back to the same URL the
     way a browser does (the filter's recovery uses a 307)."""
 
-    def __init__(self, base: str, host: str):
-        self.base, self.host, self.cookie = base, host, None
+    def __init__(self, base: str, host: str, ca: Path | None = None):
+        """`ca`: the certificate an https:// `base` must present."""
+        self.base, self.host, self.cookie, self.set_cookie = base, host, None, None
+        self.tls = ssl.create_default_context(cafile=str(ca)) if ca else None
 
     def get(self, path: str = "/", hops: int = 3) -> tuple[int, dict, dict]:
         import urllib.request
@@ -652,12 +800,12 @@ class Client:
             if self.cookie:
                 req.add_header("cookie", self.cookie)
             try:
-                with urllib.request.urlopen(req, timeout=10) as r:
+                with urllib.request.urlopen(req, timeout=10, context=self.tls) as r:
                     status, headers, body = r.status, r.headers, r.read()
             except urllib.error.HTTPError as e:
                 status, headers, body = e.code, e.headers, e.read()
             for value in headers.get_all("set-cookie") or []:
-                self.cookie = value.split(";", 1)[0]
+                self.cookie, self.set_cookie = value.split(";", 1)[0], value
             if status in (302, 303, 307, 308):
                 path = headers.get("location", path).replace(self.base, "") or "/"
                 continue
@@ -873,61 +1021,155 @@ def test_redis_bounds_its_memory_and_never_runs_twice():
     assert redis["strategy"] == {"type": "Recreate"} and redis["replicas"] == 1
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, tmp_path, monkeypatch):
-    for tool in ("redis-server", "redis-cli", "webdis"):
-        require_tool(tool)
-    ports = tb.PortPlan.free(backends=4)
-    bed = tb.Testbed(ports, tmp_path / "tb", wasm=wasm_module)
-    # The store as the manifests configure it. The filter sends webdis the
-    # proxies' credentials once its plugin JSON has store.auth; until then
-    # webdis runs its ACL without the basic-auth condition.
-    sends_credentials = "auth" in km.plugin_config(envoyfilter())["store"]
-    bed.webdis.argv = ["webdis", str(webdis_config(tmp_path / "webdis.json", ports.redis, ports.webdis,
-                                                   require_credentials=sends_credentials))]
-    (tmp_path / "redis").mkdir()
-    bed.backends.append(tb.Backend("d", ports.backends[3], tb.Process("backend-d", [], bed.workdir / "backend-d.log")))
-    listen, admin = tb.free_ports(2)
-    workdir = tmp_path / "istio"
-    workdir.mkdir()
-    cluster = ke.app_cluster(NAMESPACE)
-    envoy = None
-    try:
-        bed.redis = start_redis(tmp_path / "redis", ports.redis, monkeypatch, default_user_like_proxy=True)
-        bed.start_webdis()
-        pods = [bed.start_backend(i) for i in range(3)]  # "d" is the pod the ReplicaSet starts later
-        ke.write_atomically(workdir / "eds.json", ke.eds(cluster, [("127.0.0.1", p.port) for p in pods]))
-        config = assemble(variant, wasm_module, workdir, listen, admin, store=("127.0.0.1", ports.webdis),
-                          ecds_files=True)
-        (workdir / "envoy.yaml").write_text(yaml.safe_dump(config))
+class IstioRun:
+    """The assembled config of a variant, running on 127.0.0.1 in front of
+    real demo backends ("pods"; a fourth for the ReplicaSet to start later)
+    and Redis + webdis configured from base/store.yaml. The filter is loaded
+    over ECDS and the endpoints over EDS, from files. With `app_sidecars`
+    (an Istio version), each pod's app sits behind its own sidecar, assembled
+    from the overlay like an app pod's istio-proxy (or as Istio makes it,
+    without `inbound_patch`): the proxy's endpoints are the sidecars, and
+    killing an app leaves its sidecar up."""
+
+    def __init__(self, variant: str, wasm: Path, tmp_path: Path, monkeypatch, certificate: tuple[Path, Path],
+                 app_sidecars: tuple[int, int] | None = None, inbound_patch: bool = True):
+        for tool in ("redis-server", "redis-cli", "webdis"):
+            require_tool(tool)
+        self.variant, self.monkeypatch, self.inbound_patch = variant, monkeypatch, inbound_patch
+        ports = tb.PortPlan.free(backends=4)
+        self.bed = tb.Testbed(ports, tmp_path / "tb", wasm=wasm)
+        # The store as the manifests configure it. The filter sends webdis the
+        # proxies' credentials once its plugin JSON has store.auth; until then
+        # webdis runs its ACL without the basic-auth condition.
+        sends_credentials = "auth" in km.plugin_config(envoyfilter())["store"]
+        self.bed.webdis.argv = ["webdis", str(webdis_config(tmp_path / "webdis.json", ports.redis, ports.webdis,
+                                                            require_credentials=sends_credentials))]
+        (tmp_path / "redis").mkdir()
+        self.redis_dir = tmp_path / "redis"
+        self.bed.backends.append(tb.Backend("d", ports.backends[3],
+                                            tb.Process("backend-d", [], self.bed.workdir / "backend-d.log")))
+        self.workdir = tmp_path / "istio"
+        self.workdir.mkdir()
+        self.listen, self.admin = free_listen_ports(variant), tb.free_ports(1)[0]
+        if app_sidecars is not None:
+            for backend in self.bed.backends:
+                self._add_app_sidecar(backend, app_sidecars)
+        self.config = assemble(variant, wasm, self.workdir, self.listen, self.admin, certificate,
+                               store=("127.0.0.1", ports.webdis), ecds_files=True)
+        self.envoy = tb.Process("envoy", [ke.ENVOY, "-c", str(self.workdir / "envoy.yaml"), "--concurrency", "2",
+                                          "--disable-hot-restart", "-l", "info"], self.workdir / "envoy.log")
+        if is_gateway(variant):
+            self.url, self.host, self.ca = f"https://127.0.0.1:{self.listen[https_port()]}", "demo-gateway.example", \
+                certificate[0]
+        else:
+            self.url, self.host, self.ca = f"http://127.0.0.1:{self.listen[8080]}", "demo:8080", None
+
+    def _add_app_sidecar(self, backend: tb.Backend, istio: tuple[int, int]) -> None:
+        """The pod's address (backend.port) is its sidecar's; the app moves to a port of its own."""
+        backend.app_port, admin = tb.free_ports(2)
+        config = self.workdir / f"sidecar-{backend.name}.yaml"
+        if self.inbound_patch:
+            bootstrap = assemble_app_sidecar(VARIANTS[self.variant][0], backend.port, admin, backend.app_port, istio)
+        else:
+            bootstrap = ke.app_sidecar_skeleton(NAMESPACE, backend.port, admin, backend.app_port, istio)[0]
+        config.write_text(yaml.safe_dump(bootstrap))
+        backend.sidecar = tb.Process(f"sidecar-{backend.name}", [
+            ke.ENVOY, "-c", str(config), "--concurrency", "1", "--disable-hot-restart", "-l", "warning",
+        ], self.workdir / f"sidecar-{backend.name}.log")
+
+    def start_pod(self, index: int) -> tb.Backend:
+        backend = self.bed.start_backend(index)
+        if backend.sidecar is not None:
+            backend.sidecar.start()
+            tb.wait_until(lambda: backend.sidecar.ensure_alive() or tb.accepts(backend.port), 30,
+                          f"the sidecar of pod {backend.name}")
+        return backend
+
+    def start(self) -> list[tb.Backend]:
+        """Everything but the fourth pod; returns the three pods in EDS."""
+        self.bed.redis = start_redis(self.redis_dir, self.bed.ports.redis, self.monkeypatch,
+                                     default_user_like_proxy=True)
+        self.bed.start_webdis()
+        pods = [self.start_pod(i) for i in range(3)]
+        self.set_endpoints(pods)
+        (self.workdir / "envoy.yaml").write_text(yaml.safe_dump(self.config))
         # What the Secrets give the proxy container.
-        monkeypatch.setenv("SA_KEY_1", TEST_KEY)
-        monkeypatch.setenv("SA_STORE_PASSWORD", TEST_STORE_PASSWORD)
-        envoy = tb.Process("envoy", [ke.ENVOY, "-c", str(workdir / "envoy.yaml"), "--concurrency", "2",
-                                      "--disable-hot-restart", "-l", "info"], workdir / "envoy.log")
-        envoy.start()
+        self.monkeypatch.setenv("SA_KEY_1", TEST_KEY)
+        self.monkeypatch.setenv("SA_STORE_PASSWORD", TEST_STORE_PASSWORD)
+        self.envoy.start()
+        tb.wait_until(lambda: self.hosts() == {p.address for p in pods}, 30, "envoy with the three pods from EDS")
+        tb.wait_until(lambda: all(tb.accepts(port) for port in self.listen.values()), 30, "envoy's listeners")
+        return pods
 
-        def hosts() -> set[str]:
-            envoy.ensure_alive()
-            _, _, body = tb.http_get(f"http://127.0.0.1:{admin}/clusters")
-            return {line.split("::")[1] for line in body.decode().splitlines()
-                    if line.startswith(cluster + "::") and "::cx_active::" in line}
+    def set_endpoints(self, pods: list[tb.Backend]) -> None:
+        """The pods' addresses in EDS, as istiod sends them; waits until Envoy has them."""
+        ke.write_atomically(self.workdir / "eds.json",
+                            ke.eds(ke.app_cluster(NAMESPACE), [("127.0.0.1", p.port) for p in pods]))
+        if self.envoy.running():
+            tb.wait_until(lambda: self.hosts() == {p.address for p in pods}, 30, "the new endpoints in EDS")
 
-        tb.wait_until(lambda: hosts() == {p.address for p in pods}, 30, "envoy with the three pods from EDS")
-        tb.wait_until(lambda: tb.accepts(listen), 30, "envoy listener")
-        host = "demo-gateway.example" if VARIANTS[variant][1] == "gateway" else "demo:8080"
-        client = Client(f"http://127.0.0.1:{listen}", host)
-        # The filter is loaded over ECDS once the listener answers.
+    def hosts(self) -> set[str]:
+        self.envoy.ensure_alive()
+        _, _, body = tb.http_get(f"http://127.0.0.1:{self.admin}/clusters")
+        prefix = ke.app_cluster(NAMESPACE) + "::"
+        return {line.split("::")[1] for line in body.decode().splitlines()
+                if line.startswith(prefix) and "::cx_active::" in line}
+
+    def client(self) -> Client:
+        return Client(self.url, self.host, self.ca)
+
+    def first_session(self) -> tuple[Client, dict]:
+        """A client whose session started; the filter is loaded over ECDS once
+        the listener answers."""
+        client = self.client()
         status, headers, body = tb.wait_until(lambda: (lambda r: r if r[0] == 200 else None)(client.get()),
                                                30, "first answer through the filter")
-        assert client.cookie and client.cookie.startswith("__Host-sa="), headers
+        assert client.cookie and body["count"] == 1 and body["session"], headers
+        return client, body
+
+    def restored(self) -> int:
+        body = tb.http_get(f"http://127.0.0.1:{self.admin}/stats?filter=session_affinity.failovers.restored")[2]
+        return sum(int(line.rsplit(": ", 1)[1]) for line in body.decode().splitlines() if ": " in line)
+
+    def __enter__(self) -> "IstioRun":
+        return self
+
+    def __exit__(self, failed, *_):
+        if failed is not None:
+            print(self.bed.log_report(40))
+            print(f"===== envoy\n{self.envoy.log_tail(80)}")
+        self.envoy.stop()
+        self.bed.stop()
+
+
+def assert_session_moves(run: IstioRun, client: Client, gone: str, count: int) -> None:
+    """The session that was on pod `gone` with `count` requests continues on
+    another pod with its state, and stays there; the failover is counted."""
+    status, _, body = client.get()
+    assert status == 200, (status, body, run.envoy.log_tail(30))
+    assert body["backend"] != gone and body["count"] == count + 1, body
+    moved = body["backend"]
+    for n in range(count + 2, count + 5):
+        status, _, body = client.get()
+        assert (status, body["backend"], body["count"]) == (200, moved, n), body
+    # Counters are flushed from each worker once a second.
+    tb.wait_until(lambda: run.restored() >= 1, 5, "the failovers.restored counter")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, gateway_certificate, tmp_path,
+                                                         monkeypatch):
+    with IstioRun(variant, wasm_module, tmp_path, monkeypatch, gateway_certificate) as run:
+        pods = run.start()
+        client, body = run.first_session()
+        # A gateway serves HTTPS, so the cookie is Secure, with the __Host- prefix.
+        assert client.cookie.startswith("__Host-sa=") and "; Secure" in client.set_cookie, client.set_cookie
         first = body["backend"]
-        assert body["count"] == 1 and body["session"]
         for n in range(2, 8):
             status, _, body = client.get()
             assert (status, body["backend"], body["count"]) == (200, first, n), body
         # Several sessions spread over the pods, each pinned to its own.
-        others = [Client(client.base, host) for _ in range(8)]
+        others = [run.client() for _ in range(8)]
         placed = {c: c.get()[2]["backend"] for c in others}
         assert len(set(placed.values())) >= 2, placed
         for c, name in placed.items():
@@ -935,41 +1177,151 @@ def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, t
 
         # kubectl delete pod: its endpoint leaves EDS, the pod stops, the
         # ReplicaSet starts a new pod (new address) that joins EDS.
-        doomed = bed.backend_named(first)
-        replacement = bed.start_backend(3)
-        alive = [p for p in pods if p is not doomed] + [replacement]
-        ke.write_atomically(workdir / "eds.json", ke.eds(cluster, [("127.0.0.1", p.port) for p in alive]))
-        tb.wait_until(lambda: hosts() == {p.address for p in alive}, 30, "EDS without the deleted pod")
+        doomed = run.bed.backend_named(first)
+        replacement = run.start_pod(3)
+        run.set_endpoints([p for p in pods if p is not doomed] + [replacement])
         doomed.process.stop()
-
-        status, _, body = client.get()
-        assert status == 200, (status, body, envoy.log_tail(30))
-        assert body["backend"] != first and body["count"] == 8, body
-        moved = body["backend"]
-        for n in range(9, 12):
-            status, _, body = client.get()
-            assert (status, body["backend"], body["count"]) == (200, moved, n), body
-
-        def restored() -> int:
-            body = tb.http_get(f"http://127.0.0.1:{admin}/stats?filter=session_affinity.failovers.restored")[2]
-            return sum(int(line.rsplit(": ", 1)[1]) for line in body.decode().splitlines() if ": " in line)
-
-        # Counters are flushed from each worker once a second.
-        tb.wait_until(lambda: restored() >= 1, 5, "the failovers.restored counter")
+        assert_session_moves(run, client, first, 7)
 
         # A header name with an underscore never reaches the filter or the app.
         import requests
-        forged = requests.get(client.base + "/", timeout=5, headers={
-            "host": host, "cookie": client.cookie, "x_session_state": "forged", "x_session_id": "A" * 22})
+        forged = requests.get(client.base + "/", timeout=5, verify=str(run.ca) if run.ca else True, headers={
+            "host": run.host, "cookie": client.cookie, "x_session_state": "forged", "x_session_id": "A" * 22})
         assert forged.status_code == 400, (forged.status_code, forged.text)
+        if is_gateway(variant):  # plain HTTP: a redirect to HTTPS, and no cookie
+            plain = requests.get(f"http://127.0.0.1:{run.listen[8080]}/", timeout=5, allow_redirects=False,
+                                 headers={"host": run.host})
+            assert (plain.status_code, plain.headers["location"]) == (301, f"https://{run.host}/"), plain.headers
+            assert "set-cookie" not in plain.headers
+
+
+APP_DEATH = {  # name: (Istio version, the app's sidecar has the inbound patch)
+    "istio-1.22": ((1, 22), True),
+    "istio-1.28": ((1, 28), True),
+    "istio-1.28-without-inbound-patch": ((1, 28), False),
+}
+
+
+@pytest.mark.parametrize("case", list(APP_DEATH))
+def test_istio_gateway_moves_sessions_off_a_pod_whose_app_died(case, wasm_module, gateway_certificate, tmp_path,
+                                                              monkeypatch):
+    """Each pod's app behind its own sidecar, as in the mesh. The app
+    container of the session's pod dies and the pod stays in EDS (a crash,
+    or a deleted pod the proxies' endpoints still list: istio/istio#7665).
+    Its sidecar answers 503 itself, marked by the inbound patch; the gateway's
+    filter moves the session to another pod with its state. Without the
+    patch, the client gets the sidecar's 503."""
+    istio, patched = APP_DEATH[case]
+    with IstioRun("gateway-envoyfilter", wasm_module, tmp_path, monkeypatch, gateway_certificate,
+                  app_sidecars=istio, inbound_patch=patched) as run:
+        pods = run.start()
+        client, body = run.first_session()
+        first = body["backend"]
+        for n in range(2, 5):
+            assert client.get()[2]["count"] == n
+        run.bed.backend_named(first).process.kill()
+        assert run.hosts() == {p.address for p in pods}  # nothing told the gateway
+        if patched:
+            assert_session_moves(run, client, first, 4)
+        else:
+            status, headers, body = client.get()
+            assert status == 503 and "x-instance-id" not in headers, (status, body)
+
+
+# --------------------------------------------------------------------------
+# The app pods' sidecars: the inbound patch, in the real Envoy.
+
+@pytest.mark.parametrize("istio", ke.ISTIO_VERSIONS, ids=lambda v: "istio-%d.%d" % v)
+@pytest.mark.parametrize("overlay", ISTIO_OVERLAYS)
+def test_app_sidecar_config_loads_in_envoy(overlay, istio, tmp_path):
+    config = assemble_app_sidecar(overlay, *tb.free_ports(3), istio)
+    inbound = ke.http_connection_managers(config)[("virtualInbound", 0)]
+    assert "local_reply_config" in inbound and inbound["route_config"]["response_headers_to_remove"]
+    assert ke.http_filter_names(inbound) == ke.http_filter_names({"http_filters": ke.istio_http_filters("inbound")})
+    ok = ke.envoy_validate(config)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+class ForgingApp:
+    """An app that answers 503 with its own x-session-unreached, as a buggy or
+    hostile app might, on 127.0.0.1:port (a thread of this process)."""
+
+    def __init__(self, port: int):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(503)
+                self.send_header("x-session-unreached", "UF")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("istio", ke.ISTIO_VERSIONS, ids=lambda v: "istio-%d.%d" % v)
+def test_app_sidecar_marks_only_its_own_replies(istio, tmp_path):
+    """A demo app behind the sidecar config an app pod gets: its answers pass
+    unmarked; killed, the sidecar's own 503 carries x-session-unreached with
+    its response flags (without the patch: a bare 503, which the gateway
+    cannot tell from the app's); an app that sends the header itself has it
+    removed."""
+    require_tool(ke.ENVOY)
+    import requests
+    bed = tb.Testbed(tb.PortPlan.free(backends=1), tmp_path / "tb")
+    app = bed.backends[0]
+    app.app_port, patched, bare, *admins = tb.free_ports(5)
+    # Istio 1.23+ retries a reset before the request reached the app, twice.
+    flags = "URX,UF" if istio >= (1, 23) else "UF"
+    sidecars = []
+    for port, admin, config in [
+            (patched, admins[0], assemble_app_sidecar("istio-gateway", patched, admins[0], app.app_port, istio)),
+            (bare, admins[1], ke.app_sidecar_skeleton(NAMESPACE, bare, admins[1], app.app_port, istio)[0])]:
+        path = tmp_path / f"sidecar-{port}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        sidecars.append(tb.Process(f"sidecar-{port}", [ke.ENVOY, "-c", str(path), "--concurrency", "1",
+                                                         "--disable-hot-restart", "-l", "warning"],
+                                   tmp_path / f"sidecar-{port}.log"))
+    try:
+        bed.start_backend(0)
+        for sidecar, port in zip(sidecars, (patched, bare)):
+            sidecar.start()
+            tb.wait_until(lambda: sidecar.ensure_alive() or tb.accepts(port), 30, f"sidecar on {port}")
+
+        def get(port: int) -> requests.Response:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        served = get(patched)
+        assert served.status_code == 200 and "x-session-unreached" not in served.headers
+        assert served.headers["x-instance-id"] == app.instance
+        app.process.kill()
+        reply = get(patched)
+        assert (reply.status_code, reply.headers.get("x-session-unreached")) == (503, flags), reply.headers
+        assert "x-instance-id" not in reply.headers
+        reply = get(bare)
+        assert reply.status_code == 503 and "x-session-unreached" not in reply.headers, reply.headers
+        with ForgingApp(app.app_port):
+            forged = get(patched)
+            assert forged.status_code == 503 and "x-session-unreached" not in forged.headers, forged.headers
     except BaseException:
-        print(bed.log_report(40))
-        if envoy is not None:
-            print(f"===== envoy\n{envoy.log_tail(80)}")
+        for sidecar in sidecars:
+            print(f"===== {sidecar.name}\n{sidecar.log_tail(40)}")
         raise
     finally:
-        if envoy is not None:
-            envoy.stop()
+        for sidecar in sidecars:
+            sidecar.stop()
         bed.stop()
 
 
@@ -982,3 +1334,18 @@ def test_readme_names_what_exists():
         assert (K8S / path).exists(), path
     for path in set(re.findall(r"`((?:base|istio|overlays)/[\w./-]+)`", text)):
         assert (K8S / path).exists(), path
+
+
+def test_gateways_serve_the_tls_secret_the_readme_creates():
+    """Both gateways serve HTTPS from the one TLS Secret k8s/README.md tells
+    users to create; no key is committed."""
+    blocks = re.findall(r"```sh\n(.*?)```", (K8S / "README.md").read_text(), re.S)
+    assert f"create secret tls {TLS_SECRET} " in one(b for b in blocks if "create secret tls" in b)
+    https = one(s for s in demo_gateway()["spec"]["servers"] if s["port"]["protocol"] == "HTTPS")
+    assert https["tls"] == {"mode": "SIMPLE", "credentialName": TLS_SECRET}
+    service = rendered("istio-gateway")[("Service", "demo-gateway")]["spec"]["ports"]
+    assert {(p["port"], p["targetPort"]) for p in service} == {(443, https_port()), (80, 8080)}
+    envoy_pod = rendered("envoy-gateway")[("Deployment", "envoy-gateway")]["spec"]["template"]["spec"]
+    assert {v["secret"]["secretName"] for v in envoy_pod["volumes"] if "secret" in v} == {TLS_SECRET}
+    for f in K8S.rglob("*"):
+        assert not f.is_file() or "PRIVATE KEY" not in f.read_text(errors="replace"), f
