@@ -101,6 +101,8 @@ final class Attributes {
 
     /** The values read back from write()'s bytes, in name order. */
     static Map<String, Object> read(byte[] bytes, ClassLoader loader, Pattern allowedClasses) throws RestoreRefused {
+        // Tomcat's stream checks each class name (and proxy interface) against the allow-list before loading
+        // it, and logs each refused class once.
         try (ObjectInputStream in = new CustomObjectInputStream(new ByteArrayInputStream(bytes), loader, log,
                 allowedClasses, true)) {
             // No array may claim more elements than the stream has bytes: no huge allocation from a small state.
@@ -120,7 +122,8 @@ final class Attributes {
             }
             return values;
         } catch (InvalidClassException | ClassNotFoundException e) {
-            throw new RestoreRefused(Reason.CLASS_NOT_ALLOWED, e.getMessage());
+            String message = String.valueOf(e.getMessage());
+            throw new RestoreRefused(Reason.CLASS_NOT_ALLOWED, message.length() > 160 ? message.substring(0, 160) + "..." : message);
         } catch (IOException | RuntimeException e) {
             throw new RestoreRefused(Reason.MALFORMED, "attributes: " + e.getClass().getSimpleName());
         }
