@@ -91,8 +91,9 @@ class Tomcat:
     """One Tomcat: fixed name, port and CATALINA_BASE; a new JVM (and instance id) on every start."""
 
     def __init__(self, name: str, port: int, base: Path, valve: dict[str, str] | None = None,
-                 key: str | None = TEST_KEY, connector: dict[str, str] | None = None):
+                 key: str | None = TEST_KEY, connector: dict[str, str] | None = None, cpus: str | None = None):
         self.name = name
+        self.cpus = cpus
         self.port = port
         self.base = Path(base)
         self.valve = valve
@@ -117,7 +118,9 @@ class Tomcat:
         if self.key is not None:
             environment[KEY_ENVIRONMENT] = self.key
         # env execs catalina.sh, which execs java: the PID we hold is the JVM's.
-        return ["env", *(f"{k}={v}" for k, v in environment.items()), str(CATALINA_HOME / "bin" / "catalina.sh"), "run"]
+        pinned = ["taskset", "-c", self.cpus] if self.cpus else []
+        return [*pinned, "env", *(f"{k}={v}" for k, v in environment.items()),
+                str(CATALINA_HOME / "bin" / "catalina.sh"), "run"]
 
     def write_base(self):
         """A fresh CATALINA_BASE: conf from Debian's install, the valve jar, the demo app as ROOT."""

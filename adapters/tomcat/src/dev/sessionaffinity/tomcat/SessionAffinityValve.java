@@ -67,6 +67,7 @@ public final class SessionAffinityValve extends ValveBase {
     /** Room left for the status line and framing when checking that a state fits the response headers. */
     private static final int HEADER_SLACK = 512;
     private static final int DEFAULT_MAX_RESPONSE_HEADER = 8192;
+    private static final MessageDigest SHA256 = sha256();
 
     // Configuration: attributes of the <Valve> element.
     private String keyFile = "";
@@ -411,10 +412,19 @@ public final class SessionAffinityValve extends ValveBase {
     }
 
     private static byte[] hash(int maxInactiveInterval, byte[] attributes) {
+        MessageDigest digest;
         try {
-            MessageDigest digest = MessageDigest.getInstance("SHA-256");
-            digest.update(ByteBuffer.allocate(4).putInt(0, maxInactiveInterval));
-            return digest.digest(attributes);
+            digest = (MessageDigest) SHA256.clone(); // cheaper than a provider lookup on every request
+        } catch (CloneNotSupportedException e) {
+            throw new IllegalStateException("SHA-256 provider does not support clone()", e);
+        }
+        digest.update(ByteBuffer.allocate(4).putInt(0, maxInactiveInterval));
+        return digest.digest(attributes);
+    }
+
+    private static MessageDigest sha256() {
+        try {
+            return MessageDigest.getInstance("SHA-256");
         } catch (NoSuchAlgorithmException e) {
             throw new IllegalStateException("SHA-256 is not available", e);
         }

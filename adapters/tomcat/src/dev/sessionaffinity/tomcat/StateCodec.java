@@ -9,6 +9,8 @@ import java.io.InputStream;
 import java.io.UncheckedIOException;
 import java.util.Arrays;
 import java.util.Base64;
+import java.util.concurrent.ArrayBlockingQueue;
+import java.util.concurrent.BlockingQueue;
 import java.util.zip.Deflater;
 import java.util.zip.DeflaterOutputStream;
 import java.util.zip.InflaterInputStream;
@@ -19,10 +21,14 @@ import dev.sessionaffinity.tomcat.RestoreRefused.Reason;
  * The x-session-state format, version 1:
  *
  * <pre>
- * base64url( 0x01 || deflate(body) || HMAC-SHA256(key, 0x01 || deflate(body)) )
+ * base64url( 0x01 || encoding || data || HMAC-SHA256(key, 0x01 || encoding || data) )
+ * encoding = 0: data is the body; 1: data is deflate(body), used when that is smaller
  * body = sessionId, context (UTF), creationTime, lastAccessedTime (long),
  *        maxInactiveInterval (int), attributes (int length + bytes)
  * </pre>
+ *
+ * <p>Small bodies are stored as they are: setting up a deflate stream costs
+ * more than it saves on a few hundred bytes.
  *
  * <p>Decoding checks, in this order, so nothing unauthenticated is inflated or
  * deserialized: format, signature, size after inflating, binding to the
@@ -36,11 +42,22 @@ final class StateCodec {
     static final int MAX_ATTRIBUTE_BYTES = 1 << 20;
     /** The largest body encode can produce: two UTF strings, the metadata and the attributes. */
     private static final int MAX_BODY_BYTES = MAX_ATTRIBUTE_BYTES + 2 * (2 + 65535) + 3 * 8;
+    private static final byte STORED = 0;
+    private static final byte DEFLATED = 1;
+    /** Bodies up to this size are stored, not deflated. */
+    private static final int DEFLATE_ABOVE = 512;
+    private static final int HEADER = 2;
 
+    private static final int POOLED_DEFLATERS = Math.max(2, 2 * Runtime.getRuntime().availableProcessors());
     private static final Base64.Encoder BASE64URL = Base64.getUrlEncoder().withoutPadding();
     private static final Base64.Decoder BASE64URL_DECODER = Base64.getUrlDecoder();
 
     private final StateKeys keys;
+    /**
+     * Reused deflaters: setting one up costs more than compressing a typical
+     * state. Bounded, so idle ones hold little native memory (about 256 KiB each).
+     */
+    private final BlockingQueue<Deflater> deflaters = new ArrayBlockingQueue<>(POOLED_DEFLATERS);
 
     StateCodec(StateKeys keys) {
         this.keys = keys;
@@ -48,27 +65,50 @@ final class StateCodec {
 
     /** The header value for state; callers keep attributes within {@link #MAX_ATTRIBUTE_BYTES}. */
     String encode(SessionState state) {
-        ByteArrayOutputStream envelope = new ByteArrayOutputStream(256 + state.attributes.length / 2);
-        envelope.write(VERSION);
-        Deflater deflater = new Deflater();
-        try (DataOutputStream body = new DataOutputStream(new DeflaterOutputStream(envelope, deflater, 1024))) {
-            body.writeUTF(state.sessionId);
-            body.writeUTF(state.context);
-            body.writeLong(state.creationTime);
-            body.writeLong(state.lastAccessedTime);
-            body.writeInt(state.maxInactiveInterval);
-            body.writeInt(state.attributes.length);
-            body.write(state.attributes);
+        ByteArrayOutputStream body = new ByteArrayOutputStream(64 + state.attributes.length);
+        try (DataOutputStream out = new DataOutputStream(body)) {
+            out.writeUTF(state.sessionId);
+            out.writeUTF(state.context);
+            out.writeLong(state.creationTime);
+            out.writeLong(state.lastAccessedTime);
+            out.writeInt(state.maxInactiveInterval);
+            out.writeInt(state.attributes.length);
+            out.write(state.attributes);
         } catch (IOException e) {
             throw new UncheckedIOException("writing to memory failed", e);
-        } finally {
-            deflater.end();
         }
-        byte[] signed = envelope.toByteArray();
-        byte[] mac = keys.sign(signed, signed.length);
-        byte[] all = Arrays.copyOf(signed, signed.length + mac.length);
-        System.arraycopy(mac, 0, all, signed.length, mac.length);
+        byte[] raw = body.toByteArray();
+        byte[] deflated = raw.length > DEFLATE_ABOVE ? deflate(raw) : raw;
+        boolean smaller = deflated.length < raw.length;
+        byte[] data = smaller ? deflated : raw;
+        byte[] all = new byte[HEADER + data.length + StateKeys.MAC_LENGTH];
+        all[0] = VERSION;
+        all[1] = smaller ? DEFLATED : STORED;
+        System.arraycopy(data, 0, all, HEADER, data.length);
+        byte[] mac = keys.sign(all, HEADER + data.length);
+        System.arraycopy(mac, 0, all, HEADER + data.length, mac.length);
         return BASE64URL.encodeToString(all);
+    }
+
+    private byte[] deflate(byte[] raw) {
+        Deflater deflater = deflaters.poll();
+        if (deflater == null) {
+            deflater = new Deflater();
+        }
+        try {
+            ByteArrayOutputStream out = new ByteArrayOutputStream(raw.length / 2 + 64);
+            try (DeflaterOutputStream stream = new DeflaterOutputStream(out, deflater, 1024)) {
+                stream.write(raw);
+            }
+            return out.toByteArray();
+        } catch (IOException e) {
+            throw new UncheckedIOException("deflating in memory failed", e);
+        } finally {
+            deflater.reset();
+            if (!deflaters.offer(deflater)) {
+                deflater.end();
+            }
+        }
     }
 
     /**
@@ -83,16 +123,17 @@ final class StateCodec {
             throw new RestoreRefused(Reason.MALFORMED, "not base64url");
         }
         int signedLength = all.length - StateKeys.MAC_LENGTH;
-        if (signedLength < 2) {
+        if (signedLength < HEADER + 1) {
             throw new RestoreRefused(Reason.MALFORMED, "too short (" + all.length + " bytes)");
         }
         if (!keys.verify(all, signedLength, Arrays.copyOfRange(all, signedLength, all.length))) {
             throw new RestoreRefused(Reason.SIGNATURE, "no key verifies its signature");
         }
-        if (all[0] != VERSION) {
-            throw new RestoreRefused(Reason.MALFORMED, "unknown version " + all[0]);
+        if (all[0] != VERSION || (all[1] != STORED && all[1] != DEFLATED)) {
+            throw new RestoreRefused(Reason.MALFORMED, "unknown version " + all[0] + " or encoding " + all[1]);
         }
-        SessionState state = readBody(new ByteArrayInputStream(all, 1, signedLength - 1));
+        InputStream data = new ByteArrayInputStream(all, HEADER, signedLength - HEADER);
+        SessionState state = readBody(all[1] == DEFLATED ? new Capped(new InflaterInputStream(data), MAX_BODY_BYTES) : data);
         if (!state.sessionId.equals(sessionId)) {
             throw new RestoreRefused(Reason.OTHER_SESSION, "made for another session id");
         }
@@ -106,8 +147,8 @@ final class StateCodec {
         return state;
     }
 
-    private static SessionState readBody(InputStream deflated) throws RestoreRefused {
-        try (DataInputStream body = new DataInputStream(new Capped(new InflaterInputStream(deflated), MAX_BODY_BYTES))) {
+    private static SessionState readBody(InputStream data) throws RestoreRefused {
+        try (DataInputStream body = new DataInputStream(data)) {
             String sessionId = body.readUTF();
             String context = body.readUTF();
             long creationTime = body.readLong();

@@ -7,6 +7,7 @@ import static org.junit.Assert.assertTrue;
 
 import java.io.ByteArrayOutputStream;
 import java.io.DataOutputStream;
+import java.io.OutputStream;
 import java.nio.charset.StandardCharsets;
 import java.util.Arrays;
 import java.util.Base64;
@@ -47,21 +48,36 @@ public class StateCodecTest {
 
     @Test
     public void theFormatIsTheDocumentedOne() throws Exception {
-        // Built independently of the codec: version 1, deflated body, HMAC-SHA256 of both, base64url.
-        ByteArrayOutputStream signed = new ByteArrayOutputStream();
-        signed.write(1);
-        try (DataOutputStream body = new DataOutputStream(new DeflaterOutputStream(signed))) {
-            body.writeUTF(SID);
-            body.writeUTF("/shop");
-            body.writeLong(NOW - 5);
-            body.writeLong(NOW);
-            body.writeInt(60);
-            body.writeInt(ATTRIBUTES.length);
-            body.write(ATTRIBUTES);
+        // Built independently of the codec: version 1, encoding, body (stored or deflated), HMAC-SHA256, base64url.
+        for (boolean deflated : new boolean[] {false, true}) {
+            ByteArrayOutputStream signed = new ByteArrayOutputStream();
+            signed.write(1);
+            signed.write(deflated ? 1 : 0);
+            OutputStream data = deflated ? new DeflaterOutputStream(signed) : signed;
+            try (DataOutputStream body = new DataOutputStream(data)) {
+                body.writeUTF(SID);
+                body.writeUTF("/shop");
+                body.writeLong(NOW - 5);
+                body.writeLong(NOW);
+                body.writeInt(60);
+                body.writeInt(ATTRIBUTES.length);
+                body.write(ATTRIBUTES);
+            }
+            SessionState back = codec.decode(sign(signed.toByteArray(), StateKeysTest.KEY_1), SID, "/shop", NOW);
+            assertEquals(NOW - 5, back.creationTime);
+            assertArrayEquals(ATTRIBUTES, back.attributes);
         }
-        SessionState back = codec.decode(sign(signed.toByteArray(), StateKeysTest.KEY_1), SID, "/shop", NOW);
-        assertEquals(NOW - 5, back.creationTime);
-        assertArrayEquals(ATTRIBUTES, back.attributes);
+    }
+
+    @Test
+    public void bigStatesAreDeflatedAndSmallOnesStored() throws Exception {
+        byte[] big = new byte[4000]; // zeros: deflate shrinks them to almost nothing
+        String value = codec.encode(state(SID, NOW, 1800, big));
+        assertTrue(value.length() + " chars", value.length() < 200);
+        assertEquals(1, Base64.getUrlDecoder().decode(value)[1]);
+        assertArrayEquals(big, codec.decode(value, SID, "/shop", NOW).attributes);
+        String small = codec.encode(state(SID, NOW, 1800, ATTRIBUTES));
+        assertEquals(0, Base64.getUrlDecoder().decode(small)[1]);
     }
 
     @Test
@@ -87,7 +103,7 @@ public class StateCodecTest {
                 .encodeToString("{\"count\":3}".getBytes(StandardCharsets.UTF_8));
         assertRefused(Reason.MALFORMED, demoBackendState, SID); // too short to hold a MAC
         byte[] noMac = new byte[200];
-        noMac[0] = 1;
+        noMac[0] = 1; // a plausible version and encoding, and no MAC
         assertRefused(Reason.SIGNATURE, Base64.getUrlEncoder().encodeToString(noMac).replace("=", ""), SID);
         assertRefused(Reason.MALFORMED, "not base64!", SID);
         assertRefused(Reason.MALFORMED, "", SID);
@@ -119,6 +135,7 @@ public class StateCodecTest {
     @Test
     public void aSignedStateThatInflatesPastTheCapIsRefused() throws Exception {
         ByteArrayOutputStream signed = new ByteArrayOutputStream();
+        signed.write(1);
         signed.write(1);
         try (DataOutputStream body = new DataOutputStream(new DeflaterOutputStream(signed))) {
             body.writeUTF(SID);
