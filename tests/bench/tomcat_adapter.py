@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import secrets
 import shutil
@@ -83,15 +84,28 @@ def make_sessions(tomcat: "tomcats.Tomcat", with_valve: bool) -> list[str]:
     return ids
 
 
-def wrk(url: str, script: Path, seconds: float, cpus: str) -> dict:
-    """One bounded wrk run; req/s and latency percentiles (ms)."""
-    argv = ["taskset", "-c", cpus, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url]
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(tomcat: "tomcats.Tomcat", script: Path, seconds: float, cpus: str) -> dict:
+    """One bounded wrk run: req/s, latency percentiles (ms), and the JVM's CPU time per request (us).
+
+    CPU time per request holds up on a shared machine, where req/s moves with
+    whatever else runs."""
+    argv = ["taskset", "-c", cpus, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency",
+            "-s", str(script), tomcat.url]
+    cpu_before = cpu_seconds(tomcat.process.pid)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+    cpu = cpu_seconds(tomcat.process.pid) - cpu_before
+    done = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     latency = {p: re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out) for p in ("50", "99")}
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-    return {"rps": rps, "non_2xx": int(errors.group(1)) if errors else 0,
+    return {"rps": rps, "cpu_us": cpu * 1e6 / max(done, 1), "non_2xx": int(errors.group(1)) if errors else 0,
             **{f"p{p}_ms": float(m.group(1)) * scale[m.group(2)] for p, m in latency.items() if m}}
 
 
@@ -117,6 +131,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=float, default=8.0, help="JIT warm-up per JVM and scenario")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scenarios", default="read,write,none")
+    parser.add_argument("--valve", default="", help="extra valve attributes, e.g. bufferSize=0,trailers=false")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     for tool in ("wrk", "taskset", "java"):
@@ -124,11 +139,12 @@ def main(argv=None) -> int:
             print(f"tomcat_adapter: {tool} is not installed", file=sys.stderr)
             return 2
     tomcats.build()
+    extra = dict(pair.split("=", 1) for pair in args.valve.split(",") if pair)
     workdir = Path(tempfile.mkdtemp(prefix="sa-bench-tomcat-"))
     plain_port, valve_port = tb.free_ports(2)
     servers = {
         "plain": tomcats.Tomcat("plain", plain_port, workdir / "plain", valve=None, cpus="0"),
-        "valve": tomcats.Tomcat("valve", valve_port, workdir / "valve", valve=tomcats.demo_valve(), cpus="0"),
+        "valve": tomcats.Tomcat("valve", valve_port, workdir / "valve", valve=tomcats.demo_valve(**extra), cpus="0"),
     }
     results = {"sessions": SESSIONS, "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds,
                "runs": {}, "ratios": {}}
@@ -139,19 +155,20 @@ def main(argv=None) -> int:
         for scenario in args.scenarios.split(","):
             scripts = {name: script_for(workdir, name, scenario, ids[name], name == "valve") for name in servers}
             for name, tomcat in servers.items():
-                wrk(tomcat.url, scripts[name], args.warmup, "1")
+                wrk(tomcat, scripts[name], args.warmup, "1")
             runs = {name: [] for name in servers}
             for round_number in range(args.rounds):
                 order = list(servers) if round_number % 2 == 0 else list(reversed(servers))
                 for name in order:
-                    runs[name].append(wrk(servers[name].url, scripts[name], args.seconds, "1"))
+                    runs[name].append(wrk(servers[name], scripts[name], args.seconds, "1"))
             results["runs"][scenario] = runs
-            median = {name: statistics.median(r["rps"] for r in runs[name]) for name in servers}
-            results["ratios"][scenario] = median["valve"] / median["plain"]
-            print(f"{scenario:6} plain {median['plain']:9.0f} req/s   valve {median['valve']:9.0f} req/s   "
-                  f"ratio {results['ratios'][scenario]:.3f}   "
-                  f"(p99 ms plain {[r.get('p99_ms') for r in runs['plain']]}, valve {[r.get('p99_ms') for r in runs['valve']]}; "
-                  f"non-2xx {sum(r['non_2xx'] for rs in runs.values() for r in rs)})", flush=True)
+            rps = {name: statistics.median(r["rps"] for r in runs[name]) for name in servers}
+            cpu = {name: statistics.median(r["cpu_us"] for r in runs[name]) for name in servers}
+            results["ratios"][scenario] = {"rps": rps["valve"] / rps["plain"], "cpu_per_request": cpu["valve"] / cpu["plain"]}
+            print(f"{scenario:6} req/s plain {rps['plain']:7.0f} valve {rps['valve']:7.0f} (x{rps['valve'] / rps['plain']:.2f})   "
+                  f"CPU us/request plain {cpu['plain']:6.1f} valve {cpu['valve']:6.1f} (x{cpu['valve'] / cpu['plain']:.2f}, "
+                  f"+{cpu['valve'] - cpu['plain']:.1f} us)   non-2xx {sum(r['non_2xx'] for rs in runs.values() for r in rs)}",
+                  flush=True)
         counters = json.loads(urllib.request.urlopen(f"{servers['valve'].url}/counters", timeout=10).read())
         results["valve_counters"] = counters
         print(f"state per write: {results['state_bytes']} bytes; valve counters: statesSent {counters['statesSent']}, "

@@ -14,6 +14,7 @@ import jakarta.servlet.http.HttpServletResponse;
 
 import org.apache.catalina.Context;
 import org.apache.catalina.LifecycleException;
+import org.apache.catalina.Wrapper;
 import org.apache.catalina.connector.Connector;
 import org.apache.catalina.startup.Tomcat;
 
@@ -53,7 +54,7 @@ final class EmbeddedTomcat implements AutoCloseable {
         configure.accept(valve);
         context.getPipeline().addValve(valve);
         ApiServlet app = new ApiServlet();
-        Tomcat.addServlet(context, "app", new HttpServlet() {
+        Wrapper wrapper = Tomcat.addServlet(context, "app", new HttpServlet() {
             private static final long serialVersionUID = 1L;
 
             @Override
@@ -62,6 +63,7 @@ final class EmbeddedTomcat implements AutoCloseable {
                 app.service(request, response);
             }
         });
+        wrapper.setAsyncSupported(true);
         context.addServletMappingDecoded("/", "app");
         tomcat.start();
     }

@@ -236,6 +236,30 @@ public class ValveTest {
     }
 
     @Test
+    public void invalidatingAndMakingANewSessionIsARotationToo() throws Exception {
+        String sid = newSessionWithApple(a);
+        RawHttp.Reply login = a.send("POST", "/login?user=bob&style=replace", session(sid));
+        String newSid = login.header("x-session-rotate");
+        assertTrue(login.toString(), SessionIds.isSessionId(newSid) && !newSid.equals(sid));
+        assertNull("the session goes on under a new id: no end", login.header("x-session-end"));
+        assertEquals(newSid, codec.decode(login.header(STATE), newSid, "", System.currentTimeMillis()).sessionId);
+        expectUnknown(a, session(sid));
+        assertTrue(a.send("GET", "/cart", session(newSid)).body.contains("\"user\":\"bob\""));
+    }
+
+    @Test
+    public void anAsyncResponseCarriesTheChangeInATrailer() throws Exception {
+        String sid = newSessionWithApple(a);
+        RawHttp.Reply reply = a.send("POST", "/async?item=kiwi", session(sid));
+        assertEquals(reply.toString(), 200, reply.status);
+        assertTrue(reply.body, reply.body.contains("\"kiwi\":1"));
+        String state = reply.trailers.get(STATE);
+        assertNotNull(reply.toString(), state);
+        RawHttp.Reply moved = b.send("GET", "/cart", session(sid, "x-session-state", state));
+        assertTrue(moved.body, moved.body.contains("\"items\":{\"apple\":1,\"kiwi\":1}"));
+    }
+
+    @Test
     public void aCommittedResponseCarriesTheStateInATrailer() throws Exception {
         String sid = newSessionWithApple(a);
         RawHttp.Reply reply = a.send("POST", "/flush?item=pear", session(sid));

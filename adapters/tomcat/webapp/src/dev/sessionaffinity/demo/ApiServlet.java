@@ -7,6 +7,7 @@ import java.util.LinkedHashMap;
 import java.util.Map;
 import java.util.Set;
 
+import jakarta.servlet.AsyncContext;
 import jakarta.servlet.http.HttpServlet;
 import jakarta.servlet.http.HttpServletRequest;
 import jakarta.servlet.http.HttpServletResponse;
@@ -65,8 +66,7 @@ public final class ApiServlet extends HttpServlet {
                 cart(session).add(request.getParameter("item"), quantity(request));
                 break;
             case "/login":
-                request.changeSessionId();
-                session.setAttribute("user", request.getParameter("user"));
+                session = login(request, session);
                 break;
             case "/logout":
                 session.invalidate();
@@ -80,6 +80,9 @@ public final class ApiServlet extends HttpServlet {
                 break;
             case "/flush":
                 flushThenAdd(request, response, session);
+                return;
+            case "/async":
+                addLater(request, session);
                 return;
             case "/ttl":
                 session.setMaxInactiveInterval(Integer.parseInt(request.getParameter("seconds")));
@@ -98,6 +101,35 @@ public final class ApiServlet extends HttpServlet {
             session.setAttribute("cart", cart);
         }
         return cart;
+    }
+
+    /** A new session id against session fixation, the Servlet 3.1 way or the older one. */
+    private static HttpSession login(HttpServletRequest request, HttpSession session) {
+        HttpSession loggedIn = session;
+        if ("replace".equals(request.getParameter("style"))) {
+            session.invalidate();
+            loggedIn = request.getSession(true);
+        } else {
+            request.changeSessionId();
+        }
+        loggedIn.setAttribute("user", request.getParameter("user"));
+        return loggedIn;
+    }
+
+    /** The response is written and the session changed by another thread, after the servlet returned. */
+    private static void addLater(HttpServletRequest request, HttpSession session) {
+        String item = request.getParameter("item");
+        AsyncContext async = request.startAsync();
+        async.start(() -> {
+            try {
+                cart(session).add(item, 1);
+                send((HttpServletResponse) async.getResponse(), view(session));
+            } catch (IOException e) {
+                request.getServletContext().log("demo: the async answer failed", e);
+            } finally {
+                async.complete();
+            }
+        });
     }
 
     private static int quantity(HttpServletRequest request) {
