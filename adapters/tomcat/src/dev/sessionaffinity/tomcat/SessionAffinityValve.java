@@ -261,7 +261,9 @@ public final class SessionAffinityValve extends ValveBase {
         StandardSession session = (StandardSession) created;
         session.setValid(true);
         session.setNew(false);
-        session.setCreationTime(state.creationTime);
+        session.setCreationTime(state.creationTime); // also sets the access times, to the creation time
+        session.access(); // so the access times are now: Tomcat would otherwise expire an old session at once
+        session.endAccess();
         session.setMaxInactiveInterval(state.maxInactiveInterval);
         // Like Tomcat loading persisted sessions: no attribute or creation events, then sessionDidActivate.
         attributes.forEach((name, attribute) -> session.setAttribute(name, attribute, false));

@@ -196,6 +196,20 @@ public class ValveTest {
     }
 
     @Test
+    public void aSessionOlderThanItsTimeoutButInUseIsRestoredAndStays() throws Exception {
+        String sid = SessionIds.newSessionId();
+        long now = System.currentTimeMillis();
+        Cart cart = new Cart();
+        cart.add("apple", 1);
+        byte[] attributes = Attributes.write(new TreeMap<>(Map.of("cart", cart))).bytes;
+        String state = codec.encode(new SessionState(sid, "", now - 7_200_000, now - 60_000, 1800, attributes));
+        assertEquals(200, b.send("GET", "/healthz", session(sid, "x-session-state", state)).status);
+        RawHttp.Reply next = b.send("GET", "/cart", session(sid));
+        assertEquals(next.toString(), 200, next.status);
+        assertTrue(next.body, next.body.contains("\"apple\":1"));
+    }
+
+    @Test
     public void anOldUnchangedStateIsRefreshedOnItsFirstResponse() throws Exception {
         String sid = SessionIds.newSessionId();
         long then = System.currentTimeMillis() - 300_000;
