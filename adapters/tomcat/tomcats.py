@@ -88,7 +88,12 @@ def demo_valve(**overrides) -> dict[str, str]:
 
 
 class Tomcat:
-    """One Tomcat: fixed name, port and CATALINA_BASE; a new JVM (and instance id) on every start."""
+    """One Tomcat: fixed name, port and CATALINA_BASE; a new JVM (and instance id) on every start.
+
+    valve: the valve's attributes (None: plain Tomcat, no valve and no jar);
+    key: the signing key in its environment; connector: extra attributes of
+    the HTTP connector; cpus: a taskset CPU list to pin the JVM to (benchmarks).
+    """
 
     def __init__(self, name: str, port: int, base: Path, valve: dict[str, str] | None = None,
                  key: str | None = TEST_KEY, connector: dict[str, str] | None = None, cpus: str | None = None):
