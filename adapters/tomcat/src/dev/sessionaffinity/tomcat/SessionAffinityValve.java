@@ -12,6 +12,7 @@ import java.util.LinkedHashMap;
 import java.util.Map;
 import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.function.Supplier;
 import java.util.regex.Pattern;
 import java.util.regex.PatternSyntaxException;
@@ -88,6 +89,7 @@ public final class SessionAffinityValve extends ValveBase {
     // Set up by startInternal().
     private final Counters counters = new Counters();
     private final Set<String> warnedAttributes = ConcurrentHashMap.newKeySet();
+    private final AtomicBoolean warnedNoRoom = new AtomicBoolean();
     private volatile String instanceId;
     private volatile StateCodec codec;
     private volatile Pattern allowList;
@@ -305,8 +307,11 @@ public final class SessionAffinityValve extends ValveBase {
                 announcement.sent(false);
                 return;
             }
-            log.warn("SessionAffinityValve: the response headers have no room for a " + announcement.state.length()
-                    + "-byte state; raise the connector's maxHttpResponseHeaderSize");
+            if (warnedNoRoom.compareAndSet(false, true)) {
+                log.warn("SessionAffinityValve: the response headers have no room for a " + announcement.state.length()
+                        + "-byte state, so it goes in a trailer; raise the connector's maxHttpResponseHeaderSize"
+                        + " (warned once)");
+            }
         }
         if (trailerIsOurs && announcement.trailerCanCarry()) {
             exchange.trailer = announcement;
