@@ -8,7 +8,9 @@ in time) cycles through 256 sessions, each with a small cart:
 
   read   GET /cart             the session is read; nothing changes, no state is sent
   write  POST /cart/add        every request changes the cart; the valve serializes,
-                               compresses, signs and sends the state on every response
+                               signs and sends the state on every response
+  flush  POST /flush           the app commits the response, then changes the cart:
+                               the state goes in a trailer after the chunked body
   none   GET /healthz          no session at all (the valve only adds x-instance-id)
 
 Plain Tomcat finds its sessions by JSESSIONID cookie; the valve's by
@@ -48,6 +50,7 @@ CONNECTIONS = 16
 SCENARIOS = {
     "read": ("GET", "/cart"),
     "write": ("POST", "/cart/add?item=apple"),
+    "flush": ("POST", "/flush?item=apple"),
     "none": ("GET", "/healthz"),
 }
 WRK_SCRIPT = """
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each measured wrk run")
     parser.add_argument("--warmup", type=float, default=10.0, help="JIT warm-up per JVM and scenario, before any run")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--scenarios", default="read,write,none")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--valve", default="", help="extra valve attributes, e.g. bufferSize=0,trailers=false")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -192,6 +195,7 @@ def main(argv=None) -> int:
         counters = json.loads(urllib.request.urlopen(f"{servers['valve'].url}/counters", timeout=10).read())
         results["valve_counters"] = counters
         print(f"state per write: {results['state_bytes']} bytes; valve counters: statesSent {counters['statesSent']}, "
+              f"statesSentInTrailers {counters['statesSentInTrailers']}, "
               f"serializationFailures {counters['serializationFailures']}", flush=True)
     finally:
         for tomcat in servers.values():
