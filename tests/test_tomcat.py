@@ -118,10 +118,10 @@ def total(bed, name: str) -> int:
     return sum(counters(t).get(name, 0) for t in bed.tomcats if t.process.running())
 
 
-def stored_state(bed, sid: str) -> str | None:
-    """The session's state in Redis, through webdis."""
+def stored_field(bed, sid: str, field: str) -> str | None:
+    """A field of the session's record in Redis ("state", "owner"), through webdis."""
     prefix = bed.envoy.filter_config["store"]["key_prefix"]
-    reply = requests.get(f"http://127.0.0.1:{bed.ports.webdis}/HGET/{prefix}{sid}/state", timeout=5)
+    reply = requests.get(f"http://127.0.0.1:{bed.ports.webdis}/HGET/{prefix}{sid}/{field}", timeout=5)
     return reply.json()["HGET"]
 
 
@@ -191,7 +191,7 @@ def test_tomcat_several_attributes_and_metadata_move_together(bed):
 def test_tomcat_refuses_a_forged_state(bed, forgery):
     shopper, view = shop(bed, "apple")
     sid = view["session"]
-    state = stored_state(bed, sid)
+    state = stored_field(bed, sid, "state")
     expect(state, "the store holds the session's state", "a state", state)
     if forgery == "tampered":
         raw = bytearray(base64.urlsafe_b64decode(state + "=" * (-len(state) % 4)))
@@ -299,7 +299,6 @@ def test_tomcat_committed_response_sends_state_in_a_trailer(bed):
                  "the change made after the commit survived the kill")
 
 
-@pytest.mark.xfail(reason=NEEDS_FILTER_CORE + "two-proxy fencing of one failover", strict=False)
 def test_tomcat_two_proxies_fail_one_session_over_once(bed):
     envoy_b = bed.extra_envoys[0] if bed.extra_envoys else bed.start_envoy("envoy-b")
     shopper, view = shop(bed, "apple", "apple")
@@ -323,7 +322,11 @@ def test_tomcat_two_proxies_fail_one_session_over_once(bed):
                 for name, r in replies.items()}
     expect(all(a[0] == 200 and a[2] == {"apple": 2} for a in answered.values()), "both proxies serve the cart",
            "200 with the cart on both", answered)
-    expect_equal(len({a[1] for a in answered.values()}), 1, f"one owner serves both ({answered})")
+    instances = {a[1] for a in answered.values()}
+    expect_equal(len(instances), 1, f"one owner serves both ({answered})")
+    owner = next(t for t in bed.tomcats if t.instance in instances)
+    expect_equal(stored_field(bed, view["session"], "owner"), f"{owner.address}#{owner.instance}",
+                 "the store names that Tomcat as the owner")
     expect_equal(total(bed, "sessionsRestored"), restored + 1, "restored exactly once")
 
 
