@@ -678,6 +678,8 @@ def parse_args(argv):
 def testbed_class(app: str):
     """The Testbed for --app: tomcat swaps the backends for Tomcats (adapters/tomcat/tomcats.py)."""
     if app == "tomcat":
+        # tomcats.py imports this module as `testbed`: when it runs as a script, that must be this very module.
+        sys.modules.setdefault("testbed", sys.modules[__name__])
         sys.path.insert(0, str(REPO / "adapters" / "tomcat"))
         from tomcats import TomcatTestbed
         return TomcatTestbed
