@@ -4,14 +4,13 @@ the SessionAffinityValve (adapters/tomcat).
 
 Clients are browser-like `requests.Session`s: a cookie jar, redirects followed
 (a 307 is replayed with its method and body). Which Tomcat answered comes from
-x-instance-id; the valve's counters are read from each Tomcat's /counters
+the demo app's "served_by"; the valve's counters are read from each Tomcat's /counters
 (the app reads the valve's JMX MBean), straight from the Tomcat, not through
 Envoy.
 
 The testbed is shared by the module to keep JVM starts down: a test may
 SIGKILL Tomcats, and the fixture starts any dead one again before the next
-test. Tests marked xfail need filter features still being built (session end,
-rotation, trailers); they run, and report XPASS once the filter has them.
+test.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ sys.path.insert(0, str(REPO / "adapters" / "tomcat"))
 import tomcats  # noqa: E402  (adapters/tomcat/tomcats.py, after the path is set)
 
 REQUEST_TIMEOUT = 15.0
-NEEDS_FILTER_CORE = "needs filter core: "
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +91,22 @@ class Shopper:
 
 def describe(reply: requests.Response) -> str:
     hops = " -> ".join(str(h.status_code) for h in reply.history)
-    headers = {k: v for k, v in reply.headers.items() if k.lower() in ("x-instance-id", "set-cookie", "location")}
+    headers = {k: v for k, v in reply.headers.items() if k.lower() in ("set-cookie", "location", "retry-after")}
     return f"{reply.status_code} {headers} body={reply.text[:300]!r}" + (f" after {hops}" if hops else "")
 
 
 def serving(bed: "tomcats.TomcatTestbed", reply: requests.Response) -> int:
-    """Index of the Tomcat whose instance answered."""
-    instance = reply.headers.get("x-instance-id")
+    """Index of the Tomcat that answered, from the demo app's "served_by" (the filter strips x-instance-id)."""
+    try:
+        body = reply.json()
+    except ValueError:
+        body = {}
+    view = body.get("session") if isinstance(body.get("session"), dict) else body  # /flush nests the view
+    address = view.get("served_by")
     for index, tomcat in enumerate(bed.tomcats):
-        if tomcat.instance == instance:
+        if tomcat.address == address:
             return index
-    pytest.fail(f"x-instance-id {instance!r} is no running Tomcat's ({[t.instance for t in bed.tomcats]})")
+    pytest.fail(f"no Tomcat at served_by {address!r}: {describe(reply)}")
 
 
 def counters(tomcat: "tomcats.Tomcat") -> dict[str, int]:
@@ -118,17 +121,13 @@ def total(bed, name: str) -> int:
     return sum(counters(t).get(name, 0) for t in bed.tomcats if t.process.running())
 
 
+def store_key(bed, sid: str) -> str:
+    return bed.envoy.filter_config["store"]["key_prefix"] + sid
+
+
 def stored_field(bed, sid: str, field: str) -> str | None:
-    """A field of the session's record in Redis ("state", "owner"), through webdis."""
-    prefix = bed.envoy.filter_config["store"]["key_prefix"]
-    reply = requests.get(f"http://127.0.0.1:{bed.ports.webdis}/HGET/{prefix}{sid}/{field}", timeout=5)
-    return reply.json()["HGET"]
-
-
-def overwrite_stored_state(bed, sid: str, state: str):
-    prefix = bed.envoy.filter_config["store"]["key_prefix"]
-    reply = requests.get(f"http://127.0.0.1:{bed.ports.webdis}/HSET/{prefix}{sid}/state/{state}", timeout=5)
-    expect_equal(reply.status_code, 200, "HSET through webdis")
+    """A field of the session's record in Redis ("state", "owner")."""
+    return bed.redis_command("HGET", store_key(bed, sid), field)
 
 
 def kill_serving(bed, reply: requests.Response) -> int:
@@ -148,7 +147,7 @@ def shop(bed, *items: str) -> tuple[Shopper, dict]:
     return shopper, view
 
 
-# ------------------------------------------------------------ failover today
+# ------------------------------------------------------------------- failover
 
 def test_tomcat_state_survives_sigkill(bed):
     shopper, view = shop(bed, "apple", "apple", "pear")
@@ -199,7 +198,7 @@ def test_tomcat_refuses_a_forged_state(bed, forgery):
         forged = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
     else:
         forged = base64.urlsafe_b64encode(json.dumps({"count": 99}).encode()).rstrip(b"=").decode()
-    overwrite_stored_state(bed, sid, forged)
+    bed.redis_command("HSET", store_key(bed, sid), "state", forged)
     kill_serving(bed, shopper.last)
     refused_before = total(bed, "restoresRefusedSignature") + total(bed, "restoresRefusedMalformed")
     restored_before = total(bed, "sessionsRestored")
@@ -241,22 +240,21 @@ def test_tomcat_oversized_state_is_a_warning_not_a_500(bed):
                  "after a failover an oversized session starts empty (never an older copy)")
 
 
-# ----------------------------------------------------- needs the filter core
+# ------------------------------------------------ end, expiry, rotation, trailers
 
-@pytest.mark.xfail(reason=NEEDS_FILTER_CORE + "x-session-end deletes the stored session (fenced, tombstone)", strict=False)
 def test_tomcat_logout_is_never_resurrected_after_a_kill(bed):
     shopper, view = shop(bed, "apple")
     before_logout = shopper.copy("old cookie")
+    owner = serving(bed, shopper.last)
     logout = shopper.send("POST", "/logout")
     expect_equal(logout.status_code, 200, f"logout ({describe(logout)})")
-    kill_serving(bed, logout)
+    bed.kill_backend(owner)
     for client in (before_logout, shopper):
         after = client.json("GET", "/cart")
         expect(after["items"] == {} and after["session"] != view["session"], f"{client.name}: a fresh session",
                "empty cart, new session", after)
 
 
-@pytest.mark.xfail(reason=NEEDS_FILTER_CORE + "unknown (+ x-session-end) from the pinned instance means ended", strict=False)
 @pytest.mark.parametrize("then", ["same instance", "after a kill"])
 def test_tomcat_idle_expiry_is_never_resurrected(bed, then):
     shopper, view = shop(bed, "apple")
@@ -269,7 +267,6 @@ def test_tomcat_idle_expiry_is_never_resurrected(bed, then):
            "empty cart, new session", after)
 
 
-@pytest.mark.xfail(reason=NEEDS_FILTER_CORE + "x-session-rotate moves the session to the app's new id", strict=False)
 def test_tomcat_login_rotates_the_session_id(bed):
     shopper, view = shop(bed, "apple")
     before_login = shopper.copy("pre-login cookie")
@@ -286,7 +283,6 @@ def test_tomcat_login_rotates_the_session_id(bed):
            "the pre-login cookie starts a fresh session", "a new anonymous session", old)
 
 
-@pytest.mark.xfail(reason=NEEDS_FILTER_CORE + "x-session-state read from response trailers", strict=False)
 def test_tomcat_committed_response_sends_state_in_a_trailer(bed):
     shopper, _ = shop(bed, "apple")
     reply = shopper.send("POST", "/flush?item=pear")
@@ -318,13 +314,13 @@ def test_tomcat_two_proxies_fail_one_session_over_once(bed):
         thread.start()
     for thread in threads:
         thread.join(30)
-    answered = {name: (r.status_code, r.headers.get("x-instance-id"), r.json().get("items") if r.ok else None)
+    answered = {name: (r.status_code, r.json().get("served_by") if r.ok else None, r.json().get("items") if r.ok else None)
                 for name, r in replies.items()}
     expect(all(a[0] == 200 and a[2] == {"apple": 2} for a in answered.values()), "both proxies serve the cart",
            "200 with the cart on both", answered)
-    instances = {a[1] for a in answered.values()}
-    expect_equal(len(instances), 1, f"one owner serves both ({answered})")
-    owner = next(t for t in bed.tomcats if t.instance in instances)
+    addresses = {a[1] for a in answered.values()}
+    expect_equal(len(addresses), 1, f"one owner serves both ({answered})")
+    owner = next(t for t in bed.tomcats if t.address in addresses)
     expect_equal(stored_field(bed, view["session"], "owner"), f"{owner.address}#{owner.instance}",
                  "the store names that Tomcat as the owner")
     expect_equal(total(bed, "sessionsRestored"), restored + 1, "restored exactly once")
@@ -343,13 +339,13 @@ def test_tomcat_cart_survives_a_kill_in_chromium(bed):
             page = browser.new_page()
             page.set_default_timeout(REQUEST_TIMEOUT * 1000)
             page.goto(f"{bed.envoy.url}/shop")
-            first = submit(page, "apple")
-            instance = first.headers.get("x-instance-id")
+            submit(page, "apple")
+            served_by = page.inner_text("#served-by")
             expect_equal(page.inner_text("#cart").strip(), "apple × 1", "the cart after the first submit")
-            bed.kill_backend(next(i for i, t in enumerate(bed.tomcats) if t.instance == instance))
+            bed.kill_backend(next(i for i, t in enumerate(bed.tomcats) if t.address == served_by))
             second = submit(page, "pear")
-            expect(second.status == 200 and second.headers.get("x-instance-id") != instance,
-                   "another Tomcat answered the form", f"200, not instance {instance}", second.headers)
+            expect(second.status == 200 and page.inner_text("#served-by") != served_by,
+                   "another Tomcat answered the form", f"200, not {served_by}", page.inner_text("#served-by"))
             expect_equal(page.inner_text("#cart").split("\n"), ["apple × 1", "pear × 1"],
                          "the cart after the kill (Chromium replayed the POST)")
         finally:

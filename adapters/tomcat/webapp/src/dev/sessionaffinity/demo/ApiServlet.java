@@ -24,7 +24,7 @@ import javax.management.ObjectName;
  * state, a response committed before the session changes, a short timeout).
  *
  * <pre>
- * GET  /cart                the session as JSON (reads only)
+ * GET  /cart                the session as JSON (reads only), and which Tomcat answered
  * POST /cart/add            item, qty: add to the cart (changes a nested object in place)
  * POST /login               user: changeSessionId(), then remember the user
  * POST /logout              invalidate the session
@@ -51,7 +51,7 @@ public final class ApiServlet extends HttpServlet {
                 send(response, counters());
                 break;
             case "/cart":
-                send(response, view(request.getSession()));
+                send(response, view(request, request.getSession()));
                 break;
             default:
                 response.sendError(404);
@@ -91,7 +91,7 @@ public final class ApiServlet extends HttpServlet {
                 response.sendError(404);
                 return;
         }
-        send(response, view(session));
+        send(response, view(request, session));
     }
 
     static Cart cart(HttpSession session) {
@@ -123,7 +123,7 @@ public final class ApiServlet extends HttpServlet {
         async.start(() -> {
             try {
                 cart(session).add(item, 1);
-                send((HttpServletResponse) async.getResponse(), view(session));
+                send((HttpServletResponse) async.getResponse(), view(request, session));
             } catch (IOException e) {
                 request.getServletContext().log("demo: the async answer failed", e);
             } finally {
@@ -154,11 +154,13 @@ public final class ApiServlet extends HttpServlet {
         response.getWriter().write("{\"committed_first\":true,\"padding\":\"");
         response.flushBuffer();
         cart(session).add(request.getParameter("item"), quantity(request));
-        response.getWriter().write("\",\"session\":" + Json.of(view(session)) + "}\n");
+        response.getWriter().write("\",\"session\":" + Json.of(view(request, session)) + "}\n");
     }
 
-    static Map<String, Object> view(HttpSession session) {
+    /** The session as JSON, and which Tomcat answered (the proxy strips x-instance-id from what clients see). */
+    static Map<String, Object> view(HttpServletRequest request, HttpSession session) {
         Map<String, Object> view = new LinkedHashMap<>();
+        view.put("served_by", servedBy(request));
         view.put("session", session.getId());
         view.put("user", session.getAttribute("user"));
         view.put("items", cart(session).items());
@@ -167,6 +169,11 @@ public final class ApiServlet extends HttpServlet {
         view.put("report_bytes", report == null ? 0 : report.length);
         view.put("max_inactive", session.getMaxInactiveInterval());
         return view;
+    }
+
+    /** This Tomcat's connector address, e.g. 127.0.0.1:18081. */
+    static String servedBy(HttpServletRequest request) {
+        return request.getLocalAddr() + ":" + request.getLocalPort();
     }
 
     /** Reads the valve's counters the way any JMX client would. */

@@ -19,17 +19,18 @@ public final class PageServlet extends HttpServlet {
 
     @Override
     protected void doGet(HttpServletRequest request, HttpServletResponse response) throws IOException {
-        render(request.getSession(), response);
+        render(request, request.getSession(), response);
     }
 
     @Override
     protected void doPost(HttpServletRequest request, HttpServletResponse response) throws IOException {
         HttpSession session = request.getSession();
         ApiServlet.cart(session).add(request.getParameter("item"), 1);
-        render(session, response);
+        render(request, session, response);
     }
 
-    private static void render(HttpSession session, HttpServletResponse response) throws IOException {
+    private static void render(HttpServletRequest request, HttpSession session, HttpServletResponse response)
+            throws IOException {
         response.setContentType("text/html;charset=UTF-8");
         response.setHeader("Cache-Control", "no-store");
         PrintWriter page = response.getWriter();
@@ -39,7 +40,8 @@ public final class PageServlet extends HttpServlet {
             page.println("<li data-item=\"" + escape(line.getKey()) + "\">" + escape(line.getKey()) + " &times; "
                     + line.getValue() + "</li>");
         }
-        page.println("</ul><form method=\"post\" action=\"/shop\">");
+        page.println("</ul><p>Served by <span id=\"served-by\">" + ApiServlet.servedBy(request) + "</span></p>");
+        page.println("<form method=\"post\" action=\"/shop\">");
         page.println("<input name=\"item\" id=\"item\"><button id=\"add\" type=\"submit\">Add</button></form>");
         page.println("</body></html>");
     }
