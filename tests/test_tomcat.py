@@ -255,6 +255,17 @@ def test_tomcat_logout_is_never_resurrected_after_a_kill(bed):
                "empty cart, new session", after)
 
 
+def test_tomcat_logout_on_a_committed_response_is_not_resurrected_after_a_kill(bed):
+    shopper, _ = shop(bed, "apple")
+    shopper.json("POST", "/login?user=ann")
+    logout = shopper.json("POST", "/flush?then=logout")
+    expect(logout.get("logged_out"), "the app logged out after committing", True, logout)
+    bed.kill_backend(serving(bed, shopper.last))
+    after = shopper.json("GET", "/cart")
+    expect_equal((after["user"], after["items"]), (None, {}),
+                 "the trailer emptied the stored session: no login and no cart come back")
+
+
 @pytest.mark.parametrize("then", ["same instance", "after a kill"])
 def test_tomcat_idle_expiry_is_never_resurrected(bed, then):
     shopper, view = shop(bed, "apple")

@@ -325,7 +325,7 @@ public final class SessionAffinityValve extends ValveBase {
         Request request = exchange.request;
         Session session = exchange.session.isValid() ? exchange.session : request.getSessionInternal(false);
         if (session == null) {
-            return new Announcement(null, true, null, null, null);
+            return new Announcement(exchange.sid, exchange.session, null, true, null, null);
         }
         String id = session.getIdInternal();
         if (!id.equals(exchange.sid) && !SessionIds.isSessionId(id)) {
@@ -348,7 +348,7 @@ public final class SessionAffinityValve extends ValveBase {
         } catch (IOException | RuntimeException e) {
             counters.add(Counter.SERIALIZATION_FAILURES);
             log.warn("SessionAffinityValve: session state not sent, serializing its attributes failed: " + e);
-            return new Announcement(null, false, rotatedTo, null, null);
+            return new Announcement(id, session, null, false, rotatedTo, null);
         }
         reportSkipped(http, written);
         byte[] hash = hash(maxInactive, written.bytes);
@@ -356,7 +356,7 @@ public final class SessionAffinityValve extends ValveBase {
         boolean changed = sent == null || !Arrays.equals(sent.hash, hash);
         boolean refreshDue = sent != null && sent.holdsAttributes && now - sent.sentAt >= refreshSeconds * 1000L;
         if (!mustSend && !changed && !refreshDue) {
-            return new Announcement(null, false, rotatedTo, null, null);
+            return new Announcement(id, session, null, false, rotatedTo, null);
         }
         long created = session.getCreationTimeInternal();
         String value = written.bytes.length > StateCodec.MAX_ATTRIBUTE_BYTES ? null
@@ -370,7 +370,7 @@ public final class SessionAffinityValve extends ValveBase {
             value = codec.encode(new SessionState(id, contextPath, created, now, maxInactive, emptyAttributes));
         }
         boolean holdsAttributes = !oversized && !Arrays.equals(written.bytes, emptyAttributes);
-        return new Announcement(value, false, rotatedTo, session, new SentNote(hash, now, holdsAttributes, oversized));
+        return new Announcement(id, session, value, false, rotatedTo, new SentNote(hash, now, holdsAttributes, oversized));
     }
 
     private void reportSkipped(HttpSession session, Attributes.Written written) {
@@ -460,17 +460,20 @@ public final class SessionAffinityValve extends ValveBase {
 
     /** The contract headers one response announces, and the note to record once they are sent. */
     private final class Announcement {
+        /** The session id the state is for (the new one after a rotation). */
+        private final String sessionId;
+        private final Session session;
         final String state;
         final boolean ended;
         final String rotatedTo;
-        private final Session session;
         private final SentNote note;
 
-        Announcement(String state, boolean ended, String rotatedTo, Session session, SentNote note) {
+        Announcement(String sessionId, Session session, String state, boolean ended, String rotatedTo, SentNote note) {
+            this.sessionId = sessionId;
+            this.session = session;
             this.state = state;
             this.ended = ended;
             this.rotatedTo = rotatedTo;
-            this.session = session;
             this.note = note;
         }
 
@@ -497,12 +500,28 @@ public final class SessionAffinityValve extends ValveBase {
             return headers;
         }
 
+        /**
+         * A trailer carries only x-session-state. For a session the app ended,
+         * that is the session emptied: the store's copy can then never bring
+         * the old session back, and the next request to this instance is
+         * answered "unknown", which ends it at the proxy.
+         */
+        Map<String, String> trailerFields() {
+            return Map.of(sessionStateHeader, state != null ? state : codec.encode(new SessionState(sessionId, contextPath,
+                    session.getCreationTimeInternal(), System.currentTimeMillis(), session.getMaxInactiveInterval(),
+                    emptyAttributes)));
+        }
+
         void sent(boolean inTrailer) {
             if (note != null) {
                 session.setNote(SENT_NOTE, note);
             }
+            if (inTrailer) {
+                counters.add(Counter.STATES_SENT_IN_TRAILERS);
+                return;
+            }
             if (state != null) {
-                counters.add(inTrailer ? Counter.STATES_SENT_IN_TRAILERS : Counter.STATES_SENT);
+                counters.add(Counter.STATES_SENT);
             }
             if (ended) {
                 counters.add(Counter.SESSIONS_ENDED);
@@ -542,8 +561,9 @@ public final class SessionAffinityValve extends ValveBase {
                 counters.add(Counter.CHANGES_DEFERRED);
                 return null;
             }
+            Map<String, String> fields = announcement.trailerFields();
             announcement.sent(true);
-            return announcement.headers();
+            return fields;
         }
     }
 

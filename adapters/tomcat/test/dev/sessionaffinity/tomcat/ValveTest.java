@@ -286,6 +286,17 @@ public class ValveTest {
     }
 
     @Test
+    public void aLogoutOnACommittedResponseEmptiesTheStoredSession() throws Exception {
+        String sid = newSessionWithApple(a);
+        RawHttp.Reply reply = a.send("POST", "/flush?then=logout", session(sid));
+        assertTrue(reply.body, reply.body.contains("\"logged_out\":true"));
+        assertNull("the end cannot go in a header any more", reply.header("x-session-end"));
+        SessionState emptied = codec.decode(reply.trailers.get(STATE), sid, "", System.currentTimeMillis());
+        assertEquals(Attributes.none().length, emptied.attributes.length);
+        expectUnknown(a, session(sid));
+    }
+
+    @Test
     public void withoutTrailersTheNextResponseCarriesTheChange() throws Exception {
         String sid = newSessionWithApple(a);
         long deferred = a.valve.counter(Counter.CHANGES_DEFERRED);

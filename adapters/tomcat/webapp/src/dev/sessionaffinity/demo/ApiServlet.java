@@ -24,16 +24,19 @@ import javax.management.ObjectName;
  * state, a response committed before the session changes, a short timeout).
  *
  * <pre>
- * GET  /cart                the session as JSON (reads only), and which Tomcat answered
- * POST /cart/add            item, qty: add to the cart (changes a nested object in place)
- * POST /login               user: changeSessionId(), then remember the user
- * POST /logout              invalidate the session
- * POST /helper              store a non-Serializable attribute
- * POST /big                 kb: store kb KiB of random bytes (0 removes them)
- * POST /flush               item: commit the response, then add item to the cart
- * POST /ttl                 seconds: the session's max inactive interval
- * GET  /counters            the SessionAffinityValve's JMX counters
- * GET  /healthz             200 while the app is up
+ * GET  /cart         the session as JSON (reads only), and which Tomcat answered
+ * POST /cart/add     item, qty: add to the cart (changes a nested object in place)
+ * POST /login        user: changeSessionId(), then remember the user
+ *                    (style=replace: the older idiom, invalidate() and a new session)
+ * POST /logout       invalidate the session
+ * POST /helper       store a non-Serializable attribute
+ * POST /big          kb: store kb KiB of random bytes (0 removes them)
+ * POST /flush        item: commit the response, then add item to the cart
+ *                    (then=logout: commit the response, then invalidate the session)
+ * POST /async        item: add to the cart from another thread (startAsync)
+ * POST /ttl          seconds: the session's max inactive interval
+ * GET  /counters     the SessionAffinityValve's JMX counters
+ * GET  /healthz      200 while the app is up
  * </pre>
  */
 public final class ApiServlet extends HttpServlet {
@@ -151,10 +154,15 @@ public final class ApiServlet extends HttpServlet {
     private static void flushThenAdd(HttpServletRequest request, HttpServletResponse response, HttpSession session)
             throws IOException {
         response.setContentType("application/json");
-        response.getWriter().write("{\"committed_first\":true,\"padding\":\"");
+        response.getWriter().write("{\"committed_first\":true,\"served_by\":\"" + servedBy(request) + "\",");
         response.flushBuffer();
+        if ("logout".equals(request.getParameter("then"))) {
+            session.invalidate();
+            response.getWriter().write("\"logged_out\":true}\n");
+            return;
+        }
         cart(session).add(request.getParameter("item"), quantity(request));
-        response.getWriter().write("\",\"session\":" + Json.of(view(request, session)) + "}\n");
+        response.getWriter().write("\"session\":" + Json.of(view(request, session)) + "}\n");
     }
 
     /** The session as JSON, and which Tomcat answered (the proxy strips x-instance-id from what clients see). */
