@@ -161,6 +161,9 @@ def main(argv=None) -> int:
     extra = dict(pair.split("=", 1) for pair in args.valve.split(",") if pair)
     workdir = Path(tempfile.mkdtemp(prefix="sa-bench-tomcat-"))
     plain_port, valve_port = tb.free_ports(2)
+    # -Xbatch: the JIT compiles in the request threads, so the warm-up ends with the code compiled; in the
+    # background, C2 is still compiling minutes later on a busy machine and the runs measure half-compiled code.
+    tomcats.JAVA_OPTS += " -Xbatch"
     servers = {
         "plain": tomcats.Tomcat("plain", plain_port, workdir / "plain", valve=None, cpus="0"),
         "valve": tomcats.Tomcat("valve", valve_port, workdir / "valve", valve=tomcats.demo_valve(**extra), cpus="0"),
