@@ -65,6 +65,14 @@ public class ValveTest {
         return sid;
     }
 
+    /** B's answer to GET /cart with the session restored from state (as after a failover to B). */
+    private static String restoredOnB(String sid, String state) throws IOException {
+        assertNotNull("a state to restore", state);
+        RawHttp.Reply reply = b.send("GET", "/cart", session(sid, "x-session-state", state));
+        assertEquals(reply.toString(), 200, reply.status);
+        return reply.body;
+    }
+
     private static RawHttp.Reply expectUnknown(EmbeddedTomcat tomcat, Map<String, String> headers) throws IOException {
         int before = tomcat.appInvocations.get();
         RawHttp.Reply reply = tomcat.send("GET", "/cart", headers);
@@ -245,8 +253,8 @@ public class ValveTest {
         expectUnknown(a, session(sid));
         RawHttp.Reply after = a.send("GET", "/cart", session(newSid));
         assertTrue(after.body, after.body.contains("\"user\":\"ann\""));
-        RawHttp.Reply moved = b.send("GET", "/cart", session(newSid, "x-session-state", login.header(STATE)));
-        assertTrue(moved.body, moved.body.contains("\"user\":\"ann\",\"items\":{\"apple\":1}"));
+        String moved = restoredOnB(newSid, login.header(STATE));
+        assertTrue(moved, moved.contains("\"user\":\"ann\",\"items\":{\"apple\":1}"));
     }
 
     @Test
@@ -267,10 +275,8 @@ public class ValveTest {
         RawHttp.Reply reply = a.send("POST", "/async?item=kiwi", session(sid));
         assertEquals(reply.toString(), 200, reply.status);
         assertTrue(reply.body, reply.body.contains("\"kiwi\":1"));
-        String state = reply.trailers.get(STATE);
-        assertNotNull(reply.toString(), state);
-        RawHttp.Reply moved = b.send("GET", "/cart", session(sid, "x-session-state", state));
-        assertTrue(moved.body, moved.body.contains("\"items\":{\"apple\":1,\"kiwi\":1}"));
+        String moved = restoredOnB(sid, reply.trailers.get(STATE));
+        assertTrue(moved, moved.contains("\"items\":{\"apple\":1,\"kiwi\":1}"));
     }
 
     @Test
@@ -279,10 +285,8 @@ public class ValveTest {
         RawHttp.Reply reply = a.send("POST", "/flush?item=pear", session(sid));
         assertEquals("chunked", reply.header("transfer-encoding"));
         assertNull(reply.header(STATE));
-        String state = reply.trailers.get(STATE);
-        assertNotNull(reply.toString(), state);
-        RawHttp.Reply moved = b.send("GET", "/cart", session(sid, "x-session-state", state));
-        assertTrue(moved.body, moved.body.contains("\"items\":{\"apple\":1,\"pear\":1}"));
+        String moved = restoredOnB(sid, reply.trailers.get(STATE));
+        assertTrue(moved, moved.contains("\"items\":{\"apple\":1,\"pear\":1}"));
     }
 
     @Test
@@ -316,8 +320,8 @@ public class ValveTest {
         String state = a.send("POST", "/helper", session(sid)).header(STATE);
         assertEquals(before + 1, a.valve.counter(Counter.ATTRIBUTES_SKIPPED));
         state = state != null ? state : a.send("POST", "/cart/add?item=fig", session(sid)).header(STATE);
-        RawHttp.Reply moved = b.send("GET", "/cart", session(sid, "x-session-state", state));
-        assertTrue(moved.body, moved.body.contains("\"items\":{\"apple\":1") && moved.body.contains("\"helper\":false"));
+        String moved = restoredOnB(sid, state);
+        assertTrue(moved, moved.contains("\"items\":{\"apple\":1") && moved.contains("\"helper\":false"));
     }
 
     @Test
