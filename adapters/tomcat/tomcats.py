@@ -197,7 +197,8 @@ class TomcatTestbed(tb.Testbed):
     def __init__(self, ports: tb.PortPlan, workdir: Path, valve: dict[str, str] | None = None, **kwargs):
         super().__init__(ports, workdir, **kwargs)
         build(say=self.say)
-        self.tomcats = [Tomcat(b.name, b.port, self.workdir / f"tomcat-{b.name}", valve or demo_valve())
+        # In mesh mode (--mesh) each Tomcat listens on its app port, behind its sidecar.
+        self.tomcats = [Tomcat(b.name, b.app_port or b.port, self.workdir / f"tomcat-{b.name}", valve or demo_valve())
                         for b in self.backends]
         for backend, tomcat in zip(self.backends, self.tomcats):
             backend.process = tomcat.process
