@@ -168,8 +168,9 @@ def main(argv=None) -> int:
         "plain": tomcats.Tomcat("plain", plain_port, workdir / "plain", valve=None, cpus="0"),
         "valve": tomcats.Tomcat("valve", valve_port, workdir / "valve", valve=tomcats.demo_valve(**extra), cpus="0"),
     }
-    results = {"sessions": SESSIONS, "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds,
-               "runs": {}, "ratios": {}}
+    revision = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    results = {"revision": revision.stdout.strip(), "load_before": os.getloadavg(), "sessions": SESSIONS,
+               "connections": CONNECTIONS, "seconds": args.seconds, "rounds": args.rounds, "runs": {}, "ratios": {}}
     try:
         tomcats.start_all(list(servers.values()))
         ids = {name: make_sessions(t, name == "valve") for name, t in servers.items()}
@@ -203,6 +204,7 @@ def main(argv=None) -> int:
     finally:
         for tomcat in servers.values():
             tomcat.stop()
+    results["load_after"] = os.getloadavg()
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     return 0
