@@ -506,8 +506,7 @@ class Testbed:
         try:
             self.start_redis()
             self.start_webdis()
-            for index in range(len(self.backends)):
-                self.start_backend(index)
+            self.start_backends()
             for backend in self.backends:
                 if backend.sidecar:
                     self._start_sidecar(backend)
@@ -560,6 +559,10 @@ class Testbed:
 
     def stop_webdis(self):
         self.webdis.stop()
+
+    def start_backends(self):
+        for index in range(len(self.backends)):
+            self.start_backend(index)
 
     def start_backend(self, index: int, instance: str | None = None) -> Backend:
         """Start backend index on its port with a new instance id; wait for /healthz."""
@@ -666,7 +669,21 @@ def parse_args(argv):
                         help="put every backend behind its own sidecar Envoy, reached over mutual TLS (like Istio)")
     parser.add_argument("--no-install", action="store_true",
                         help="only check that the tools are there; envoy/testbed passes it to .ci/setup")
+    parser.add_argument("--app", choices=("demo", "tomcat"), default="demo",
+                        help="the backends: the demo backend (default), or Tomcat 10 with the adapter "
+                             "valve and its demo app (adapters/tomcat)")
     return parser.parse_args(argv)
+
+
+def testbed_class(app: str):
+    """The Testbed for --app: tomcat swaps the backends for Tomcats (adapters/tomcat/tomcats.py)."""
+    if app == "tomcat":
+        # tomcats.py imports this module as `testbed`: when it runs as a script, that must be this very module.
+        sys.modules.setdefault("testbed", sys.modules[__name__])
+        sys.path.insert(0, str(REPO / "adapters" / "tomcat"))
+        from tomcats import TomcatTestbed
+        return TomcatTestbed
+    return Testbed
 
 
 def main(argv=None) -> int:
@@ -694,7 +711,7 @@ def main(argv=None) -> int:
         return 130
     ports = PortPlan.free() if args.free_ports else PortPlan()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sa-testbed-"))
-    testbed = Testbed(ports, workdir, concurrency=args.concurrency, say=say, mesh=args.mesh)
+    testbed = testbed_class(args.app)(ports, workdir, concurrency=args.concurrency, say=say, mesh=args.mesh)
     say(f"configs and logs in {workdir}")
     try:
         testbed.start()

@@ -1,0 +1,659 @@
+package dev.sessionaffinity.tomcat;
+
+import java.io.IOException;
+import java.nio.ByteBuffer;
+import java.security.MessageDigest;
+import java.security.NoSuchAlgorithmException;
+import java.util.Arrays;
+import java.util.Collections;
+import java.util.Comparator;
+import java.util.LinkedHashMap;
+import java.util.Map;
+import java.util.Set;
+import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.function.Supplier;
+import java.util.regex.Pattern;
+import java.util.regex.PatternSyntaxException;
+import java.util.stream.Collectors;
+
+import jakarta.servlet.ServletException;
+import jakarta.servlet.http.HttpSession;
+
+import javax.management.JMException;
+import javax.management.MBeanServer;
+import javax.management.ObjectName;
+
+import org.apache.catalina.Context;
+import org.apache.catalina.LifecycleException;
+import org.apache.catalina.Manager;
+import org.apache.catalina.Session;
+import org.apache.catalina.connector.Request;
+import org.apache.catalina.connector.Response;
+import org.apache.catalina.session.StandardSession;
+import org.apache.catalina.valves.ValveBase;
+import org.apache.coyote.ProtocolHandler;
+import org.apache.coyote.http11.AbstractHttp11Protocol;
+import org.apache.juli.logging.Log;
+import org.apache.juli.logging.LogFactory;
+import org.apache.tomcat.util.http.MimeHeaders;
+import org.apache.tomcat.util.modeler.Registry;
+
+/**
+ * Speaks the session-affinity proxy's app contract for an unmodified web app,
+ * so its in-memory HttpSessions survive the loss of the pod.
+ *
+ * <p>Install: the jar in {@code $CATALINA_BASE/lib}, and in the app's
+ * {@code context.xml}: {@code <Valve className="dev.sessionaffinity.tomcat.SessionAffinityValve"/>}.
+ *
+ * <p>The Tomcat session id is the proxy's session id (x-session-id), so the
+ * app's own session cookie, if Tomcat sets one, carries the same value.
+ * Requests without x-session-id are served exactly like plain Tomcat.
+ *
+ * <p>Per request of a session: create it (x-session-new), recreate it from a
+ * signed state (x-session-state), or answer "unknown" without running the
+ * app. After the app: send the state if the serialized attributes changed,
+ * x-session-end if the app invalidated the session, x-session-rotate if it
+ * changed the session id. A response committed before the app finished
+ * carries the state in a trailer when it can, otherwise the session's next
+ * response does.
+ */
+public final class SessionAffinityValve extends ValveBase {
+
+    private static final Log log = LogFactory.getLog(SessionAffinityValve.class);
+    /** Session note: what the proxy's store holds for the session, as far as this valve sent it. */
+    private static final String SENT_NOTE = SessionAffinityValve.class.getName() + ".sent";
+    private static final int MIN_STATE_BYTES = 512;
+    /** Room left for the status line and framing when checking that a state fits the response headers. */
+    private static final int HEADER_SLACK = 512;
+    private static final int DEFAULT_MAX_RESPONSE_HEADER = 8192;
+    private static final MessageDigest SHA256 = sha256();
+
+    // Configuration: attributes of the <Valve> element.
+    private String keyFile = "";
+    private String keyEnvironment = "SESSION_STATE_KEYS";
+    private String allowedClasses = "";
+    private int maxStateBytes = 4096;
+    private int bufferSize = 64 * 1024;
+    private boolean trailers = true;
+    private int refreshSeconds = 60;
+    private String sessionIdHeader = "x-session-id";
+    private String sessionNewHeader = "x-session-new";
+    private String sessionStateHeader = "x-session-state";
+    private String sessionUnknownHeader = "x-session-unknown";
+    private String sessionEndHeader = "x-session-end";
+    private String sessionRotateHeader = "x-session-rotate";
+    private String instanceIdHeader = "x-instance-id";
+
+    // Set up by startInternal().
+    private final Counters counters = new Counters();
+    private final Set<String> warnedAttributes = ConcurrentHashMap.newKeySet();
+    private final AtomicBoolean warnedNoRoom = new AtomicBoolean();
+    private volatile String instanceId;
+    private volatile StateCodec codec;
+    private volatile Pattern allowList;
+    private volatile String contextPath;
+    private volatile byte[] emptyAttributes;
+    private volatile ObjectName countersName;
+
+    public SessionAffinityValve() {
+        super(true);
+    }
+
+    // ------------------------------------------------------------ lifecycle
+
+    @Override
+    protected void startInternal() throws LifecycleException {
+        if (!(getContainer() instanceof Context)) {
+            throw new LifecycleException("SessionAffinityValve belongs in a Context (context.xml), not in "
+                    + getContainer());
+        }
+        if (maxStateBytes < MIN_STATE_BYTES) {
+            throw new LifecycleException("SessionAffinityValve maxStateBytes: " + maxStateBytes
+                    + " is too small; use at least " + MIN_STATE_BYTES);
+        }
+        if (refreshSeconds < 1 || bufferSize < 0) {
+            throw new LifecycleException("SessionAffinityValve: refreshSeconds must be at least 1 and bufferSize at least 0");
+        }
+        try {
+            codec = new StateCodec(StateKeys.load(keyFile, keyEnvironment, System.getenv()));
+            allowList = Attributes.allowList(allowedClasses);
+        } catch (IllegalArgumentException e) {
+            String field = e instanceof PatternSyntaxException ? "allowedClasses: " : "";
+            throw new LifecycleException("SessionAffinityValve " + field + e.getMessage());
+        }
+        emptyAttributes = Attributes.none();
+        contextPath = ((Context) getContainer()).getPath();
+        instanceId = SessionIds.randomToken(12);
+        countersName = registerCounters();
+        log.info("SessionAffinityValve for '" + contextPath + "': instance id " + instanceId + ", maxStateBytes "
+                + maxStateBytes + ", trailers " + (trailers ? "on" : "off") + ", counters " + countersName);
+        super.startInternal();
+    }
+
+    @Override
+    protected void stopInternal() throws LifecycleException {
+        super.stopInternal();
+        if (countersName != null) {
+            try {
+                mbeanServer().unregisterMBean(countersName);
+            } catch (JMException e) {
+                log.debug("counters MBean already gone", e);
+            }
+            countersName = null;
+        }
+    }
+
+    private ObjectName registerCounters() {
+        try {
+            ObjectName valve = getObjectName();
+            String where = valve == null ? "context=" + ObjectName.quote(contextPath)
+                    : "host=" + valve.getKeyProperty("host") + ",context=" + valve.getKeyProperty("context");
+            ObjectName name = new ObjectName(getDomain() + ":type=SessionAffinity," + where);
+            mbeanServer().registerMBean(counters, name);
+            return name;
+        } catch (JMException e) {
+            log.warn("SessionAffinityValve: counters are not registered in JMX (" + e + ")");
+            return null;
+        }
+    }
+
+    private static MBeanServer mbeanServer() {
+        return Registry.getRegistry(null).getMBeanServer();
+    }
+
+    // --------------------------------------------------------------- request
+
+    @Override
+    public void invoke(Request request, Response response) throws IOException, ServletException {
+        response.setHeader(instanceIdHeader, instanceId);
+        String sid = request.getHeader(sessionIdHeader);
+        if (sid == null) {
+            getNext().invoke(request, response);
+            return;
+        }
+        if (!SessionIds.isSessionId(sid)) {
+            counters.add(Counter.INVALID_SESSION_IDS);
+            getNext().invoke(request, response);
+            return;
+        }
+        Manager manager = request.getContext().getManager();
+        useProxySessionIds(manager);
+        Session session = resolve(request, response, sid, manager);
+        if (session == null) {
+            return; // answered "unknown session"
+        }
+        request.setRequestedSessionId(sid);
+        request.setRequestedSessionCookie(true);
+        request.setRequestedSessionURL(false);
+        Exchange exchange = new Exchange(request, sid, session);
+        if (bufferSize > response.getBufferSize()) {
+            // Most pages then stay uncommitted until the app returns, so the state goes in a header.
+            response.setBufferSize(bufferSize);
+        }
+        if (trailers) {
+            try {
+                response.setTrailerFields(exchange);
+            } catch (IllegalStateException e) {
+                // HTTP/1.0: no trailers; a change on a committed response waits for the next one.
+            }
+        }
+        getNext().invoke(request, response);
+        if (request.isAsync()) {
+            // The app goes on in another thread: the trailer reads the session when the response ends.
+            exchange.atEnd = true;
+            return;
+        }
+        finish(exchange, response);
+    }
+
+    /** Ids that Tomcat itself picks (changeSessionId at login) must be in the proxy's format. */
+    private static void useProxySessionIds(Manager manager) {
+        if (!(manager.getSessionIdGenerator() instanceof SessionIds)) {
+            manager.setSessionIdGenerator(new SessionIds());
+        }
+    }
+
+    /**
+     * The session this request belongs to: found, created or restored. Null
+     * when the request was answered "unknown session" instead.
+     */
+    private Session resolve(Request request, Response response, String sid, Manager manager) throws IOException {
+        Session local = manager.findSession(sid);
+        String state = request.getHeader(sessionStateHeader);
+        if (state != null) {
+            // The app has no use for it, and it should not reach logs that dump headers.
+            request.getCoyoteRequest().getMimeHeaders().removeHeader(sessionStateHeader);
+            try {
+                return restore(request, manager, sid, state, local);
+            } catch (RestoreRefused refused) {
+                counters.add(refused.reason.counter);
+                log.warn("SessionAffinityValve: refused the restore state for session " + sid.substring(0, 4)
+                        + "... from " + request.getRemoteAddr() + ": " + refused.reason + " (" + refused.getMessage() + ")");
+                answerUnknown(response, refused.reason == RestoreRefused.Reason.EXPIRED);
+                return null;
+            }
+        }
+        if (local != null && local.isValid()) {
+            return local;
+        }
+        if ("1".equals(request.getHeader(sessionNewHeader))) {
+            Session created = manager.createSession(sid);
+            created.setNote(SENT_NOTE, SentNote.nothing(hash(created.getMaxInactiveInterval(), emptyAttributes)));
+            counters.add(Counter.SESSIONS_CREATED);
+            return created;
+        }
+        counters.add(Counter.SESSIONS_UNKNOWN);
+        // A session found but invalid just expired for inactivity: say it ended.
+        answerUnknown(response, local != null);
+        return null;
+    }
+
+    private Session restore(Request request, Manager manager, String sid, String value, Session local)
+            throws RestoreRefused {
+        long now = System.currentTimeMillis();
+        SessionState state = codec.decode(value, sid, contextPath, now);
+        Map<String, Object> attributes = Attributes.read(state.attributes, request.getContext().getLoader().getClassLoader(), allowList);
+        Session created = manager.createEmptySession();
+        if (!(created instanceof StandardSession)) {
+            throw new IllegalStateException("SessionAffinityValve needs a Manager whose sessions are StandardSession"
+                    + " (the default StandardManager); found " + created.getClass().getName());
+        }
+        StandardSession session = (StandardSession) created;
+        session.setValid(true);
+        session.setNew(false);
+        session.setCreationTime(state.creationTime); // also sets the access times, to the creation time
+        session.access(); // so the access times are now: Tomcat would otherwise expire an old session at once
+        session.endAccess();
+        session.setMaxInactiveInterval(state.maxInactiveInterval);
+        // Like Tomcat loading persisted sessions: no attribute or creation events, then sessionDidActivate.
+        attributes.forEach((name, attribute) -> session.setAttribute(name, attribute, false));
+        session.setNote(SENT_NOTE, new SentNote(hash(state.maxInactiveInterval, state.attributes), state.lastAccessedTime,
+                !attributes.isEmpty(), false));
+        if (local != null) {
+            manager.remove(local); // a stale copy from before the session moved away
+        }
+        session.setId(sid, false);
+        session.activate();
+        counters.add(Counter.SESSIONS_RESTORED);
+        return session;
+    }
+
+    private void answerUnknown(Response response, boolean ended) throws IOException {
+        response.setStatus(409);
+        response.setHeader(sessionUnknownHeader, "1");
+        if (ended) {
+            response.setHeader(sessionEndHeader, "1");
+        }
+        response.setHeader("Cache-Control", "no-store");
+        response.setContentType("text/plain;charset=UTF-8");
+        response.getWriter().write("This session is not known here.\n");
+    }
+
+    // ---------------------------------------------------------- after the app
+
+    /** Announces what the request changed: in headers if possible, else in the trailer, else later. */
+    private void finish(Exchange exchange, Response response) {
+        Announcement announcement = announce(exchange);
+        boolean trailerIsOurs = response.getTrailerFields() == exchange;
+        if (!response.isCommitted()) {
+            if (announcement.state == null || fitsInHeaders(exchange.request, response, announcement.state)) {
+                if (trailerIsOurs) {
+                    response.setTrailerFields(null); // keeps Content-Length framing
+                }
+                response.setHeader(instanceIdHeader, instanceId); // again, in case the app reset the response
+                announcement.headers().forEach(response::setHeader);
+                announcement.sent(false);
+                return;
+            }
+            if (warnedNoRoom.compareAndSet(false, true)) {
+                log.warn("SessionAffinityValve: the response headers have no room for a " + announcement.state.length()
+                        + "-byte state, so it goes in a trailer; raise the connector's maxHttpResponseHeaderSize"
+                        + " (warned once)");
+            }
+        }
+        if (trailerIsOurs && announcement.trailerCanCarry()) {
+            exchange.trailer = announcement;
+        } else if (!announcement.isEmpty()) {
+            counters.add(Counter.CHANGES_DEFERRED);
+        }
+    }
+
+    /** What this request's session change is, once the app is done with it. */
+    private Announcement announce(Exchange exchange) {
+        Request request = exchange.request;
+        Session session = exchange.session.isValid() ? exchange.session : request.getSessionInternal(false);
+        if (session == null) {
+            return new Announcement(exchange.sid, exchange.session, null, true, null, null);
+        }
+        String id = session.getIdInternal();
+        if (!id.equals(exchange.sid) && !SessionIds.isSessionId(id)) {
+            // Renamed by something other than our generator: rename again into the proxy's format.
+            request.getContext().getManager().changeSessionId(session, SessionIds.newSessionId());
+            id = session.getIdInternal();
+        }
+        String rotatedTo = id.equals(exchange.sid) ? null : id;
+        SentNote sent = (SentNote) session.getNote(SENT_NOTE);
+        return stateOf(session, id, sent, rotatedTo != null || sent == null, rotatedTo);
+    }
+
+    private Announcement stateOf(Session session, String id, SentNote sent, boolean mustSend, String rotatedTo) {
+        HttpSession http = session.getSession();
+        Attributes.Written written;
+        int maxInactive;
+        try {
+            written = Attributes.write(http, session.getManager());
+            maxInactive = http.getMaxInactiveInterval();
+        } catch (IOException | RuntimeException e) {
+            counters.add(Counter.SERIALIZATION_FAILURES);
+            log.warn("SessionAffinityValve: session state not sent, serializing its attributes failed: " + e);
+            return new Announcement(id, session, null, false, rotatedTo, null);
+        }
+        reportSkipped(http, written);
+        byte[] hash = hash(maxInactive, written.bytes);
+        long now = System.currentTimeMillis();
+        boolean changed = sent == null || !Arrays.equals(sent.hash, hash);
+        boolean refreshDue = sent != null && sent.holdsAttributes && now - sent.sentAt >= refreshSeconds * 1000L;
+        if (!mustSend && !changed && !refreshDue) {
+            return new Announcement(id, session, null, false, rotatedTo, null);
+        }
+        long created = session.getCreationTimeInternal();
+        String value = written.bytes.length > StateCodec.MAX_ATTRIBUTE_BYTES ? null
+                : codec.encode(new SessionState(id, contextPath, created, now, maxInactive, written.bytes));
+        boolean oversized = value == null || value.length() > maxStateBytes;
+        if (oversized) {
+            counters.add(Counter.STATES_OVERSIZED);
+            if (sent == null || !sent.oversized) {
+                warnOversized(http, value == null ? written.bytes.length : value.length());
+            }
+            value = codec.encode(new SessionState(id, contextPath, created, now, maxInactive, emptyAttributes));
+        }
+        boolean holdsAttributes = !oversized && !Arrays.equals(written.bytes, emptyAttributes);
+        return new Announcement(id, session, value, false, rotatedTo, new SentNote(hash, now, holdsAttributes, oversized));
+    }
+
+    private void reportSkipped(HttpSession session, Attributes.Written written) {
+        if (written.skipped.isEmpty()) {
+            return;
+        }
+        counters.add(Counter.ATTRIBUTES_SKIPPED, written.skipped.size());
+        for (String name : written.skipped) {
+            if (warnedAttributes.add(name)) {
+                Object value = session.getAttribute(name);
+                log.warn("SessionAffinityValve: session attribute '" + name + "' ("
+                        + (value == null ? "removed" : value.getClass().getName())
+                        + ") cannot be serialized; it is not carried to another pod (warned once per attribute name)");
+            }
+        }
+    }
+
+    private void warnOversized(HttpSession session, int size) {
+        Map<String, Integer> sizes = new LinkedHashMap<>();
+        for (String name : Collections.list(session.getAttributeNames())) {
+            try {
+                sizes.put(name, Attributes.size(name, session.getAttribute(name)));
+            } catch (IOException | RuntimeException e) {
+                // left out of the message
+            }
+        }
+        String largest = sizes.entrySet().stream().filter(e -> e.getValue() >= 0)
+                .sorted(Map.Entry.<String, Integer>comparingByValue(Comparator.reverseOrder())).limit(3)
+                .map(e -> e.getKey() + "=" + e.getValue() + " B").collect(Collectors.joining(", "));
+        log.warn("SessionAffinityValve: a session state of " + size + " bytes is over maxStateBytes=" + maxStateBytes
+                + "; the proxy stores it without attributes, so a failover starts this session empty."
+                + " Largest attributes (serialized): " + largest);
+    }
+
+    /** True if value fits in the response headers under the connector's limit (Tomcat answers 500 otherwise). */
+    private boolean fitsInHeaders(Request request, Response response, String value) {
+        ProtocolHandler protocol = request.getConnector().getProtocolHandler();
+        int limit = protocol instanceof AbstractHttp11Protocol
+                ? ((AbstractHttp11Protocol<?>) protocol).getMaxHttpResponseHeaderSize() : DEFAULT_MAX_RESPONSE_HEADER;
+        MimeHeaders headers = response.getCoyoteResponse().getMimeHeaders();
+        int size = HEADER_SLACK + sessionStateHeader.length() + value.length();
+        for (int i = 0; i < headers.size(); i++) {
+            size += headers.getName(i).getLength() + headers.getValue(i).getLength() + 4;
+        }
+        return size <= limit;
+    }
+
+    private static byte[] hash(int maxInactiveInterval, byte[] attributes) {
+        MessageDigest digest;
+        try {
+            digest = (MessageDigest) SHA256.clone(); // cheaper than a provider lookup on every request
+        } catch (CloneNotSupportedException e) {
+            throw new IllegalStateException("SHA-256 provider does not support clone()", e);
+        }
+        digest.update(ByteBuffer.allocate(4).putInt(0, maxInactiveInterval));
+        return digest.digest(attributes);
+    }
+
+    private static MessageDigest sha256() {
+        try {
+            return MessageDigest.getInstance("SHA-256");
+        } catch (NoSuchAlgorithmException e) {
+            throw new IllegalStateException("SHA-256 is not available", e);
+        }
+    }
+
+    /** What the proxy's store holds for a session, as far as this valve knows. */
+    private static final class SentNote {
+        final byte[] hash;
+        /** The last access time written into the stored state. */
+        final long sentAt;
+        final boolean holdsAttributes;
+        final boolean oversized;
+
+        SentNote(byte[] hash, long sentAt, boolean holdsAttributes, boolean oversized) {
+            this.hash = hash;
+            this.sentAt = sentAt;
+            this.holdsAttributes = holdsAttributes;
+            this.oversized = oversized;
+        }
+
+        /** A new session: the store holds nothing, which is what an empty session looks like. */
+        static SentNote nothing(byte[] emptyHash) {
+            return new SentNote(emptyHash, System.currentTimeMillis(), false, false);
+        }
+    }
+
+    /** The contract headers one response announces, and the note to record once they are sent. */
+    private final class Announcement {
+        /** The session id the state is for (the new one after a rotation). */
+        private final String sessionId;
+        private final Session session;
+        final String state;
+        final boolean ended;
+        final String rotatedTo;
+        private final SentNote note;
+
+        Announcement(String sessionId, Session session, String state, boolean ended, String rotatedTo, SentNote note) {
+            this.sessionId = sessionId;
+            this.session = session;
+            this.state = state;
+            this.ended = ended;
+            this.rotatedTo = rotatedTo;
+            this.note = note;
+        }
+
+        boolean isEmpty() {
+            return state == null && !ended && rotatedTo == null;
+        }
+
+        /** A new session id needs a new cookie, which only headers can set. */
+        boolean trailerCanCarry() {
+            return rotatedTo == null && !isEmpty();
+        }
+
+        Map<String, String> headers() {
+            Map<String, String> headers = new LinkedHashMap<>();
+            if (rotatedTo != null) {
+                headers.put(sessionRotateHeader, rotatedTo);
+            }
+            if (state != null) {
+                headers.put(sessionStateHeader, state);
+            }
+            if (ended) {
+                headers.put(sessionEndHeader, "1");
+            }
+            return headers;
+        }
+
+        /**
+         * A trailer carries only x-session-state. For a session the app ended,
+         * that is the session emptied: the store's copy can then never bring
+         * the old session back, and the next request to this instance is
+         * answered "unknown", which ends it at the proxy.
+         */
+        Map<String, String> trailerFields() {
+            return Map.of(sessionStateHeader, state != null ? state : codec.encode(new SessionState(sessionId, contextPath,
+                    session.getCreationTimeInternal(), System.currentTimeMillis(), session.getMaxInactiveInterval(),
+                    emptyAttributes)));
+        }
+
+        void sent(boolean inTrailer) {
+            if (note != null) {
+                session.setNote(SENT_NOTE, note);
+            }
+            if (inTrailer) {
+                counters.add(Counter.STATES_SENT_IN_TRAILERS);
+                return;
+            }
+            if (state != null) {
+                counters.add(Counter.STATES_SENT);
+            }
+            if (ended) {
+                counters.add(Counter.SESSIONS_ENDED);
+            }
+            if (rotatedTo != null) {
+                counters.add(Counter.SESSIONS_ROTATED);
+            }
+        }
+    }
+
+    /**
+     * One request of a session, and the trailer supplier that carries its
+     * change when the response was committed before the app finished.
+     */
+    private final class Exchange implements Supplier<Map<String, String>> {
+        final Request request;
+        final String sid;
+        final Session session;
+        /** Set by finish() for a committed response. */
+        volatile Announcement trailer;
+        /** Async request: read the session when the response ends. */
+        volatile boolean atEnd;
+
+        Exchange(Request request, String sid, Session session) {
+            this.request = request;
+            this.sid = sid;
+            this.session = session;
+        }
+
+        @Override
+        public Map<String, String> get() {
+            Announcement announcement = atEnd ? announce(this) : trailer;
+            if (announcement == null || announcement.isEmpty()) {
+                return null;
+            }
+            if (!announcement.trailerCanCarry()) {
+                counters.add(Counter.CHANGES_DEFERRED);
+                return null;
+            }
+            Map<String, String> fields = announcement.trailerFields();
+            announcement.sent(true);
+            return fields;
+        }
+    }
+
+    // ------------------------------------------------------------ for tests
+
+    long counter(Counter counter) {
+        return counters.get(counter);
+    }
+
+    String getInstanceId() {
+        return instanceId;
+    }
+
+    // ---------------------------------------------------------- configuration
+
+    /** A file holding the signing key(s), e.g. a mounted Kubernetes Secret. Wins over keyEnvironment. */
+    public void setKeyFile(String keyFile) {
+        this.keyFile = keyFile;
+    }
+
+    /** The environment variable holding the signing key(s) when keyFile is not set. */
+    public void setKeyEnvironment(String keyEnvironment) {
+        this.keyEnvironment = keyEnvironment;
+    }
+
+    /** A regular expression of the app's class names allowed in restored state, e.g. {@code com\.example\.shop\..*}. */
+    public void setAllowedClasses(String allowedClasses) {
+        this.allowedClasses = allowedClasses;
+    }
+
+    /** The largest x-session-state (encoded characters) to send; a bigger state is sent without attributes. */
+    public void setMaxStateBytes(int maxStateBytes) {
+        this.maxStateBytes = maxStateBytes;
+    }
+
+    public int getMaxStateBytes() {
+        return maxStateBytes;
+    }
+
+    /** The response buffer set before the app runs (0: Tomcat's default), so most pages stay uncommitted. */
+    public void setBufferSize(int bufferSize) {
+        this.bufferSize = bufferSize;
+    }
+
+    public int getBufferSize() {
+        return bufferSize;
+    }
+
+    /** Whether a committed response carries its session change in an HTTP trailer. */
+    public void setTrailers(boolean trailers) {
+        this.trailers = trailers;
+    }
+
+    public boolean getTrailers() {
+        return trailers;
+    }
+
+    /** An unchanged state is sent again after this many seconds of use, so the stored copy's last access stays fresh. */
+    public void setRefreshSeconds(int refreshSeconds) {
+        this.refreshSeconds = refreshSeconds;
+    }
+
+    public int getRefreshSeconds() {
+        return refreshSeconds;
+    }
+
+    public void setSessionIdHeader(String name) {
+        this.sessionIdHeader = name;
+    }
+
+    public void setSessionNewHeader(String name) {
+        this.sessionNewHeader = name;
+    }
+
+    public void setSessionStateHeader(String name) {
+        this.sessionStateHeader = name;
+    }
+
+    public void setSessionUnknownHeader(String name) {
+        this.sessionUnknownHeader = name;
+    }
+
+    public void setSessionEndHeader(String name) {
+        this.sessionEndHeader = name;
+    }
+
+    public void setSessionRotateHeader(String name) {
+        this.sessionRotateHeader = name;
+    }
+
+    public void setInstanceIdHeader(String name) {
+        this.instanceIdHeader = name;
+    }
+}

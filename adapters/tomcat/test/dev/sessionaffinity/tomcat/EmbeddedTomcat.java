@@ -1,0 +1,84 @@
+package dev.sessionaffinity.tomcat;
+
+import java.io.File;
+import java.io.IOException;
+import java.nio.file.Files;
+import java.util.Map;
+import java.util.concurrent.atomic.AtomicInteger;
+import java.util.function.Consumer;
+
+import jakarta.servlet.ServletException;
+import jakarta.servlet.http.HttpServlet;
+import jakarta.servlet.http.HttpServletRequest;
+import jakarta.servlet.http.HttpServletResponse;
+
+import org.apache.catalina.Context;
+import org.apache.catalina.LifecycleException;
+import org.apache.catalina.Wrapper;
+import org.apache.catalina.connector.Connector;
+import org.apache.catalina.startup.Tomcat;
+
+import dev.sessionaffinity.demo.ApiServlet;
+
+/**
+ * A real Tomcat in the test's JVM on a free loopback port: the valve in the
+ * ROOT context's pipeline, the demo app's servlet behind it, and a count of
+ * the requests that reached the app.
+ */
+final class EmbeddedTomcat implements AutoCloseable {
+
+    static final String DEMO_CLASSES = "dev\\.sessionaffinity\\.demo\\..*";
+    private static final AtomicInteger ENGINES = new AtomicInteger();
+
+    final SessionAffinityValve valve = new SessionAffinityValve();
+    final AtomicInteger appInvocations = new AtomicInteger();
+    final Context context;
+    private final Tomcat tomcat = new Tomcat();
+    private final Connector connector = new Connector("HTTP/1.1");
+    private final File base;
+
+    @SuppressWarnings("deprecation") // addServletMappingDecoded: what Tomcat's own embedded examples use
+    EmbeddedTomcat(File keyFile, Consumer<SessionAffinityValve> configure, Map<String, String> connectorProperties)
+            throws IOException, LifecycleException {
+        base = Files.createTempDirectory("valve-test").toFile();
+        tomcat.setBaseDir(base.getPath());
+        tomcat.getEngine().setName("test" + ENGINES.incrementAndGet()); // own JMX domain per Tomcat
+        connector.setPort(0);
+        connector.setProperty("address", "127.0.0.1");
+        connectorProperties.forEach(connector::setProperty);
+        tomcat.getService().addConnector(connector);
+        tomcat.setConnector(connector);
+        context = tomcat.addContext("", base.getPath());
+        valve.setKeyFile(keyFile.getPath());
+        valve.setAllowedClasses(DEMO_CLASSES);
+        configure.accept(valve);
+        context.getPipeline().addValve(valve);
+        ApiServlet app = new ApiServlet();
+        Wrapper wrapper = Tomcat.addServlet(context, "app", new HttpServlet() {
+            private static final long serialVersionUID = 1L;
+
+            @Override
+            protected void service(HttpServletRequest request, HttpServletResponse response) throws ServletException, IOException {
+                appInvocations.incrementAndGet();
+                app.service(request, response);
+            }
+        });
+        wrapper.setAsyncSupported(true);
+        context.addServletMappingDecoded("/", "app");
+        tomcat.start();
+    }
+
+    int port() {
+        return connector.getLocalPort();
+    }
+
+    RawHttp.Reply send(String method, String path, Map<String, String> headers) throws IOException {
+        return RawHttp.send(port(), method, path, headers, "HTTP/1.1");
+    }
+
+    @Override
+    public void close() throws LifecycleException {
+        tomcat.stop();
+        tomcat.destroy();
+    }
+}

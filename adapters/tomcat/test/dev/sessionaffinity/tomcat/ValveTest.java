@@ -1,0 +1,367 @@
+package dev.sessionaffinity.tomcat;
+
+import static org.junit.Assert.assertEquals;
+import static org.junit.Assert.assertFalse;
+import static org.junit.Assert.assertNotEquals;
+import static org.junit.Assert.assertNotNull;
+import static org.junit.Assert.assertNull;
+import static org.junit.Assert.assertThrows;
+import static org.junit.Assert.assertTrue;
+
+import java.io.File;
+import java.io.IOException;
+import java.nio.file.Files;
+import java.util.Map;
+import java.util.TreeMap;
+
+import org.apache.catalina.LifecycleException;
+import org.junit.AfterClass;
+import org.junit.BeforeClass;
+import org.junit.Test;
+
+import dev.sessionaffinity.demo.Cart;
+
+/**
+ * The valve's decisions, on two real embedded Tomcats (A and B) that share a
+ * key, with the demo app behind the valve. B plays the pod a session moves to.
+ */
+public class ValveTest {
+
+    private static final String STATE = "x-session-state";
+    private static File keyFile;
+    private static EmbeddedTomcat a;
+    private static EmbeddedTomcat b;
+    private final StateCodec codec = new StateCodec(StateKeys.parse(StateKeysTest.KEY_1, "test"));
+
+    @BeforeClass
+    public static void startTomcats() throws Exception {
+        keyFile = File.createTempFile("state-key", ".txt");
+        Files.writeString(keyFile.toPath(), StateKeysTest.KEY_1);
+        a = new EmbeddedTomcat(keyFile, valve -> { }, Map.of());
+        b = new EmbeddedTomcat(keyFile, valve -> { }, Map.of());
+    }
+
+    @AfterClass
+    public static void stopTomcats() throws Exception {
+        a.close();
+        b.close();
+        Files.delete(keyFile.toPath());
+    }
+
+    private static Map<String, String> session(String sid, String... more) {
+        Map<String, String> headers = new TreeMap<>(Map.of("x-session-id", sid));
+        for (int i = 0; i < more.length; i += 2) {
+            headers.put(more[i], more[i + 1]);
+        }
+        return headers;
+    }
+
+    /** A new session on tomcat with an apple in the cart; returns its sid. */
+    private static String newSessionWithApple(EmbeddedTomcat tomcat) throws IOException {
+        String sid = SessionIds.newSessionId();
+        assertEquals(200, tomcat.send("GET", "/cart", session(sid, "x-session-new", "1")).status);
+        RawHttp.Reply added = tomcat.send("POST", "/cart/add?item=apple", session(sid));
+        assertNotNull(added.toString(), added.header(STATE));
+        return sid;
+    }
+
+    /** B's answer to GET /cart with the session restored from state (as after a failover to B). */
+    private static String restoredOnB(String sid, String state) throws IOException {
+        assertNotNull("a state to restore", state);
+        RawHttp.Reply reply = b.send("GET", "/cart", session(sid, "x-session-state", state));
+        assertEquals(reply.toString(), 200, reply.status);
+        return reply.body;
+    }
+
+    private static RawHttp.Reply expectUnknown(EmbeddedTomcat tomcat, Map<String, String> headers) throws IOException {
+        int before = tomcat.appInvocations.get();
+        RawHttp.Reply reply = tomcat.send("GET", "/cart", headers);
+        assertEquals(reply.toString(), 409, reply.status);
+        assertEquals("1", reply.header("x-session-unknown"));
+        assertNull(reply.header(STATE));
+        assertEquals("the app must not run", before, tomcat.appInvocations.get());
+        return reply;
+    }
+
+    @Test
+    public void withoutSessionIdTheRequestIsPlainTomcat() throws IOException {
+        RawHttp.Reply reply = a.send("GET", "/cart", Map.of());
+        assertEquals(200, reply.status);
+        assertEquals(a.valve.getInstanceId(), reply.header("x-instance-id"));
+        assertTrue(reply.toString(), reply.header("set-cookie").startsWith("JSESSIONID="));
+        assertNull(reply.header(STATE));
+        assertNull(reply.header("transfer-encoding"));
+    }
+
+    @Test
+    public void anIdNotInTheProxyFormatIsServedLikePlainTomcat() throws IOException {
+        long before = a.valve.counter(Counter.INVALID_SESSION_IDS);
+        RawHttp.Reply reply = a.send("GET", "/cart", session("not-a-session-id"));
+        assertEquals(200, reply.status);
+        assertNull(reply.header("x-session-unknown"));
+        assertEquals(before + 1, a.valve.counter(Counter.INVALID_SESSION_IDS));
+    }
+
+    @Test
+    public void anUnknownSessionIsAnsweredWithoutRunningTheApp() throws IOException {
+        RawHttp.Reply reply = expectUnknown(a, session(SessionIds.newSessionId()));
+        assertEquals(a.valve.getInstanceId(), reply.header("x-instance-id"));
+        assertNull(reply.header("x-session-end"));
+    }
+
+    @Test
+    public void aNewSessionUsesTheProxysIdAndSendsStateOnlyWhenItChanges() throws IOException {
+        String sid = SessionIds.newSessionId();
+        RawHttp.Reply created = a.send("GET", "/cart", session(sid, "x-session-new", "1"));
+        assertTrue(created.body, created.body.contains("\"session\":\"" + sid + "\""));
+        assertNull("Tomcat sets no cookie of its own", created.header("set-cookie"));
+        RawHttp.Reply added = a.send("POST", "/cart/add?item=apple", session(sid));
+        assertNotNull(added.header(STATE));
+        assertNull("reading changes nothing", a.send("GET", "/cart", session(sid)).header(STATE));
+        // The cart changes a nested object in place: only the serialized form shows it.
+        RawHttp.Reply again = a.send("POST", "/cart/add?item=apple", session(sid));
+        assertNotNull(again.header(STATE));
+        assertNotEquals(added.header(STATE), again.header(STATE));
+        assertNull(again.header("transfer-encoding"));
+        assertNotNull("Content-Length framing is kept", again.header("content-length"));
+    }
+
+    @Test
+    public void aStateMovesTheSessionToAnotherTomcat() throws Exception {
+        String sid = newSessionWithApple(a);
+        a.send("POST", "/ttl?seconds=900", session(sid));
+        String state = a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+        long restoredBefore = b.valve.counter(Counter.SESSIONS_RESTORED);
+        RawHttp.Reply moved = b.send("GET", "/cart", session(sid, "x-session-state", state));
+        assertEquals(moved.toString(), 200, moved.status);
+        assertTrue(moved.body, moved.body.contains("\"items\":{\"apple\":1,\"pear\":1}"));
+        assertTrue(moved.body, moved.body.contains("\"max_inactive\":900"));
+        assertEquals(restoredBefore + 1, b.valve.counter(Counter.SESSIONS_RESTORED));
+        assertNull("the unchanged, fresh state is not sent back", moved.header(STATE));
+        assertEquals(200, b.send("GET", "/cart", session(sid)).status);
+    }
+
+    @Test
+    public void aStaleLocalCopyIsReplacedByTheRestoredState() throws Exception {
+        String sid = newSessionWithApple(a);
+        String older = a.send("GET", "/cart", session(sid)).header(STATE);
+        assertNull(older);
+        String state = a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+        b.send("GET", "/cart", session(sid, "x-session-state", state));
+        b.send("POST", "/cart/add?item=plum", session(sid)); // the session lives on B now
+        String fromB = b.send("POST", "/cart/add?item=fig", session(sid)).header(STATE);
+        RawHttp.Reply back = a.send("GET", "/cart", session(sid, "x-session-state", fromB));
+        assertTrue(back.body, back.body.contains("\"items\":{\"apple\":1,\"pear\":1,\"plum\":1,\"fig\":1}"));
+    }
+
+    @Test
+    public void aTamperedStateIsRefusedAndCounted() throws Exception {
+        String sid = newSessionWithApple(a);
+        String state = a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+        char last = state.charAt(state.length() / 2);
+        String tampered = state.substring(0, state.length() / 2) + (last == 'A' ? 'B' : 'A') + state.substring(state.length() / 2 + 1);
+        long before = b.valve.counter(Counter.RESTORES_REFUSED_SIGNATURE);
+        RawHttp.Reply reply = expectUnknown(b, session(sid, "x-session-state", tampered));
+        assertNull("a refused signature is not an end", reply.header("x-session-end"));
+        assertEquals(before + 1, b.valve.counter(Counter.RESTORES_REFUSED_SIGNATURE));
+        long other = b.valve.counter(Counter.RESTORES_REFUSED_OTHER_SESSION);
+        expectUnknown(b, session(SessionIds.newSessionId(), "x-session-state", state));
+        assertEquals(other + 1, b.valve.counter(Counter.RESTORES_REFUSED_OTHER_SESSION));
+    }
+
+    @Test
+    public void aStateHoldingAClassOutsideTheAllowListIsRefused() throws Exception {
+        String sid = SessionIds.newSessionId();
+        long now = System.currentTimeMillis();
+        byte[] attributes = Attributes.write(new TreeMap<>(Map.of("x", new AttributesTest.Gadget()))).bytes;
+        String state = codec.encode(new SessionState(sid, "", now, now, 1800, attributes));
+        AttributesTest.Gadget.ran = false;
+        long before = b.valve.counter(Counter.RESTORES_REFUSED_CLASS);
+        expectUnknown(b, session(sid, "x-session-state", state));
+        assertEquals(before + 1, b.valve.counter(Counter.RESTORES_REFUSED_CLASS));
+        assertFalse(AttributesTest.Gadget.ran);
+    }
+
+    @Test
+    public void anExpiredStateIsRefusedAsEnded() throws Exception {
+        String sid = SessionIds.newSessionId();
+        long idle = System.currentTimeMillis() - 120_000;
+        String state = codec.encode(new SessionState(sid, "", idle - 1000, idle, 60, Attributes.none()));
+        long before = b.valve.counter(Counter.RESTORES_REFUSED_EXPIRED);
+        RawHttp.Reply reply = expectUnknown(b, session(sid, "x-session-state", state));
+        assertEquals("1", reply.header("x-session-end"));
+        assertEquals(before + 1, b.valve.counter(Counter.RESTORES_REFUSED_EXPIRED));
+    }
+
+    @Test
+    public void aSessionTomcatExpiredIsNeverResurrected() throws Exception {
+        String sid = newSessionWithApple(a);
+        a.send("POST", "/ttl?seconds=1", session(sid));
+        Thread.sleep(1100); // the session's own timeout has to pass
+        RawHttp.Reply reply = expectUnknown(a, session(sid));
+        assertEquals("1", reply.header("x-session-end"));
+        expectUnknown(a, session(sid, "x-session-new", "0"));
+    }
+
+    @Test
+    public void aSessionOlderThanItsTimeoutButInUseIsRestoredAndStays() throws Exception {
+        String sid = SessionIds.newSessionId();
+        long now = System.currentTimeMillis();
+        Cart cart = new Cart();
+        cart.add("apple", 1);
+        byte[] attributes = Attributes.write(new TreeMap<>(Map.of("cart", cart))).bytes;
+        String state = codec.encode(new SessionState(sid, "", now - 7_200_000, now - 60_000, 1800, attributes));
+        assertEquals(200, b.send("GET", "/healthz", session(sid, "x-session-state", state)).status);
+        RawHttp.Reply next = b.send("GET", "/cart", session(sid));
+        assertEquals(next.toString(), 200, next.status);
+        assertTrue(next.body, next.body.contains("\"apple\":1"));
+    }
+
+    @Test
+    public void anOldUnchangedStateIsRefreshedOnItsFirstResponse() throws Exception {
+        String sid = SessionIds.newSessionId();
+        long then = System.currentTimeMillis() - 300_000;
+        Cart cart = new Cart();
+        cart.add("apple", 2);
+        byte[] attributes = Attributes.write(new TreeMap<>(Map.of("cart", cart))).bytes;
+        String state = codec.encode(new SessionState(sid, "", then, then, 1800, attributes));
+        RawHttp.Reply reply = b.send("GET", "/cart", session(sid, "x-session-state", state));
+        assertEquals(200, reply.status);
+        SessionState refreshed = codec.decode(reply.header(STATE), sid, "", System.currentTimeMillis());
+        assertTrue(refreshed.lastAccessedTime > then + 290_000);
+        assertEquals(then, refreshed.creationTime);
+    }
+
+    @Test
+    public void logoutEndsTheSession() throws IOException {
+        String sid = newSessionWithApple(a);
+        RawHttp.Reply reply = a.send("POST", "/logout", session(sid));
+        assertEquals("1", reply.header("x-session-end"));
+        assertNull(reply.header(STATE));
+        expectUnknown(a, session(sid));
+    }
+
+    @Test
+    public void loginRotatesToANewIdWithAStateBoundToIt() throws Exception {
+        String sid = newSessionWithApple(a);
+        RawHttp.Reply login = a.send("POST", "/login?user=ann", session(sid));
+        String newSid = login.header("x-session-rotate");
+        assertTrue(login.toString(), SessionIds.isSessionId(newSid));
+        assertNotEquals(sid, newSid);
+        SessionState state = codec.decode(login.header(STATE), newSid, "", System.currentTimeMillis());
+        assertEquals(newSid, state.sessionId);
+        expectUnknown(a, session(sid));
+        RawHttp.Reply after = a.send("GET", "/cart", session(newSid));
+        assertTrue(after.body, after.body.contains("\"user\":\"ann\""));
+        String moved = restoredOnB(newSid, login.header(STATE));
+        assertTrue(moved, moved.contains("\"user\":\"ann\",\"items\":{\"apple\":1}"));
+    }
+
+    @Test
+    public void invalidatingAndMakingANewSessionIsARotationToo() throws Exception {
+        String sid = newSessionWithApple(a);
+        RawHttp.Reply login = a.send("POST", "/login?user=bob&style=replace", session(sid));
+        String newSid = login.header("x-session-rotate");
+        assertTrue(login.toString(), SessionIds.isSessionId(newSid) && !newSid.equals(sid));
+        assertNull("the session goes on under a new id: no end", login.header("x-session-end"));
+        assertEquals(newSid, codec.decode(login.header(STATE), newSid, "", System.currentTimeMillis()).sessionId);
+        expectUnknown(a, session(sid));
+        assertTrue(a.send("GET", "/cart", session(newSid)).body.contains("\"user\":\"bob\""));
+    }
+
+    @Test
+    public void anAsyncResponseCarriesTheChangeInATrailer() throws Exception {
+        String sid = newSessionWithApple(a);
+        RawHttp.Reply reply = a.send("POST", "/async?item=kiwi", session(sid));
+        assertEquals(reply.toString(), 200, reply.status);
+        assertTrue(reply.body, reply.body.contains("\"kiwi\":1"));
+        String moved = restoredOnB(sid, reply.trailers.get(STATE));
+        assertTrue(moved, moved.contains("\"items\":{\"apple\":1,\"kiwi\":1}"));
+    }
+
+    @Test
+    public void aCommittedResponseCarriesTheStateInATrailer() throws Exception {
+        String sid = newSessionWithApple(a);
+        RawHttp.Reply reply = a.send("POST", "/flush?item=pear", session(sid));
+        assertEquals("chunked", reply.header("transfer-encoding"));
+        assertNull(reply.header(STATE));
+        String moved = restoredOnB(sid, reply.trailers.get(STATE));
+        assertTrue(moved, moved.contains("\"items\":{\"apple\":1,\"pear\":1}"));
+    }
+
+    @Test
+    public void aLogoutOnACommittedResponseEmptiesTheStoredSession() throws Exception {
+        String sid = newSessionWithApple(a);
+        RawHttp.Reply reply = a.send("POST", "/flush?then=logout", session(sid));
+        assertTrue(reply.body, reply.body.contains("\"logged_out\":true"));
+        assertNull("the end cannot go in a header any more", reply.header("x-session-end"));
+        SessionState emptied = codec.decode(reply.trailers.get(STATE), sid, "", System.currentTimeMillis());
+        assertEquals(Attributes.none().length, emptied.attributes.length);
+        expectUnknown(a, session(sid));
+    }
+
+    @Test
+    public void withoutTrailersTheNextResponseCarriesTheChange() throws Exception {
+        String sid = newSessionWithApple(a);
+        long deferred = a.valve.counter(Counter.CHANGES_DEFERRED);
+        RawHttp.Reply reply = RawHttp.send(a.port(), "POST", "/flush?item=pear", session(sid), "HTTP/1.0");
+        assertEquals(200, reply.status);
+        assertNull(reply.header(STATE));
+        assertEquals(deferred + 1, a.valve.counter(Counter.CHANGES_DEFERRED));
+        String state = a.send("GET", "/cart", session(sid)).header(STATE);
+        assertNotNull("the next response sends the change", state);
+        assertTrue(codec.decode(state, sid, "", System.currentTimeMillis()).attributes.length > 0);
+    }
+
+    @Test
+    public void anAttributeThatCannotBeSerializedIsSkippedAndCounted() throws Exception {
+        String sid = newSessionWithApple(a);
+        long before = a.valve.counter(Counter.ATTRIBUTES_SKIPPED);
+        String state = a.send("POST", "/helper", session(sid)).header(STATE);
+        assertEquals(before + 1, a.valve.counter(Counter.ATTRIBUTES_SKIPPED));
+        state = state != null ? state : a.send("POST", "/cart/add?item=fig", session(sid)).header(STATE);
+        String moved = restoredOnB(sid, state);
+        assertTrue(moved, moved.contains("\"items\":{\"apple\":1") && moved.contains("\"helper\":false"));
+    }
+
+    @Test
+    public void anOversizedStateIsSentWithoutAttributesNotAsA500() throws Exception {
+        String sid = newSessionWithApple(a);
+        long before = a.valve.counter(Counter.STATES_OVERSIZED);
+        RawHttp.Reply reply = a.send("POST", "/big?kb=16", session(sid));
+        assertEquals(200, reply.status);
+        assertEquals(before + 1, a.valve.counter(Counter.STATES_OVERSIZED));
+        String state = reply.header(STATE);
+        assertTrue(state.length() <= a.valve.getMaxStateBytes());
+        assertEquals(Attributes.none().length, codec.decode(state, sid, "", System.currentTimeMillis()).attributes.length);
+        RawHttp.Reply smaller = a.send("POST", "/big?kb=0", session(sid));
+        assertTrue("back under the cap, the attributes travel again",
+                codec.decode(smaller.header(STATE), sid, "", System.currentTimeMillis()).attributes.length > 100);
+    }
+
+    @Test
+    public void aStateWithNoRoomInTheHeadersGoesInTheTrailer() throws Exception {
+        // 2 KiB of random bytes: a state of about 2.8 KB, under maxStateBytes but over this connector's header limit.
+        try (EmbeddedTomcat tight = new EmbeddedTomcat(keyFile, valve -> { }, Map.of("maxHttpResponseHeaderSize", "2048"))) {
+            String sid = SessionIds.newSessionId();
+            tight.send("GET", "/cart", session(sid, "x-session-new", "1"));
+            RawHttp.Reply reply = tight.send("POST", "/big?kb=2", session(sid));
+            assertEquals(reply.toString(), 200, reply.status);
+            assertNull(reply.header(STATE));
+            String state = reply.trailers.get(STATE);
+            assertNotNull(reply.toString(), state);
+            assertTrue(state.length() > 2048 && state.length() < tight.valve.getMaxStateBytes());
+        }
+    }
+
+    @Test
+    public void aContextWithoutAKeyDoesNotStart() throws Exception {
+        File missing = new File(keyFile.getPath() + ".missing");
+        LifecycleException e = assertThrows(LifecycleException.class, () -> new EmbeddedTomcat(missing, valve -> { }, Map.of()));
+        Throwable cause = e;
+        while (cause.getCause() != null) {
+            cause = cause.getCause();
+        }
+        assertEquals("SessionAffinityValve keyFile: cannot read " + missing + " (NoSuchFileException)", cause.getMessage());
+    }
+}

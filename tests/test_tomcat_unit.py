@@ -1,0 +1,32 @@
+"""The Tomcat adapter's unit tests (JUnit 4: the state codec, keys, allow-list,
+session ids, and the valve's decisions on embedded Tomcats), run through
+adapters/tomcat/test/run so `tests/run` and `pytest -k tomcat` include them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness import REPO, require_tool
+
+JUNIT = Path("/usr/share/java/junit4.jar")
+
+
+def test_tomcat_adapter_unit_tests():
+    require_tool("javac")
+    if not JUNIT.exists():
+        message = f"{JUNIT} is missing (apt-get install junit4; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    run = subprocess.run([str(REPO / "adapters" / "tomcat" / "test" / "run")], capture_output=True, text=True,
+                         timeout=600, stdin=subprocess.DEVNULL)
+    summary = re.findall(r"^(OK \(\d+ tests\)|Tests run: .*)$", run.stdout, re.M)
+    if run.returncode != 0:
+        pytest.fail(f"adapters/tomcat/test/run failed ({summary}):\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}",
+                    pytrace=False)
+    assert summary and summary[-1].startswith("OK"), run.stdout[-2000:]
