@@ -263,7 +263,7 @@ def test_tomcat_logout_on_a_committed_response_is_not_resurrected_after_a_kill(b
     bed.kill_backend(serving(bed, shopper.last))
     after = shopper.json("GET", "/cart")
     expect_equal((after["user"], after["items"]), (None, {}),
-                 "the trailer emptied the stored session: no login and no cart come back")
+                 "the x-session-end trailer tombstoned the stored session: no login and no cart come back")
 
 
 @pytest.mark.parametrize("then", ["same instance", "after a kill"])

@@ -32,7 +32,7 @@ use crate::store::{Op, Reply, StoreError};
 use failover::Failover;
 use issue::Issuer;
 use request::{Arrival, RequestView};
-use response::{trailer_state, ResponseView};
+use response::ResponseView;
 pub use worker::{Sent, Worker};
 
 /// Envoy router retry conditions under which the request provably reached no
@@ -98,12 +98,16 @@ impl Served {
         }
     }
 
-    /// The fenced write of `state` from this owner.
-    fn write(&self, state: &str, ttl_ms: u64) -> Op {
-        let owner = match self {
+    fn owner(&self) -> String {
+        match self {
             Served::Cookie(claims) => claims.owner().to_string(),
             Served::At { owner, .. } => owner.clone(),
-        };
+        }
+    }
+
+    /// The fenced write of `state` from this owner.
+    fn write(&self, state: &str, ttl_ms: u64) -> Op {
+        let owner = self.owner();
         Op::Write { sid: self.sid().to_string(), from: owner.clone(), to: owner, state: Some(state.to_string()), ttl_ms }
     }
 }
@@ -280,16 +284,23 @@ impl Flow {
         let Stream::Served(served) = std::mem::replace(&mut self.stream, Stream::Done) else {
             return Action::Continue;
         };
+        let config = Rc::clone(&self.config);
         let trailers = host.response_trailers();
-        let (sent, state) = trailer_state(&trailers, &self.config);
-        if !sent {
+        let trailer = ResponseView::read(&trailers, &config);
+        for name in trailer.internal() {
+            if let Ok(name) = std::str::from_utf8(name) {
+                host.remove_response_trailer(name);
+            }
+        }
+        if trailer.end {
+            // Too late to drop the cookie; the app's next "unknown" will.
+            self.end_served(host, &served);
             return Action::Continue;
         }
-        host.remove_response_trailer(&self.config.headers.session_state);
-        let Some(state) = state else {
+        if trailer.state_sent && trailer.state.is_none() {
             warn!("[{}] the app sent a session state trailer that is not a valid header value; not stored", self.context_id);
-            return Action::Continue;
-        };
+        }
+        let Some(state) = trailer.state else { return Action::Continue };
         let op = served.write(state, self.store_ttl(served.since(), host.now_ms()));
         self.stream = Stream::Served(served);
         self.count(Counter::StoreWrites);

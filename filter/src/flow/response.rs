@@ -119,12 +119,3 @@ impl<'a> ResponseView<'a> {
         }
     }
 }
-
-/// The session state in a response's trailers, if the app sent one there.
-pub fn trailer_state<'a>(trailers: &'a HeaderMap, config: &Config) -> (bool, Option<&'a str>) {
-    let name = config.headers.session_state.as_bytes();
-    match trailers.iter().find(|(n, _)| *n == name) {
-        Some((_, value)) => (true, Some(value).filter(|v| !v.is_empty() && is_header_value(v)).and_then(|v| std::str::from_utf8(v).ok())),
-        None => (false, None),
-    }
-}

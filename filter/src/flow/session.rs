@@ -219,10 +219,19 @@ impl Flow {
     /// on the owner, or on `lease` during a failover), so no failover on any
     /// replica can bring it back.
     pub(super) fn end_session(&mut self, host: &mut impl HttpHost, claims: &Claims, lease: Option<String>) {
+        self.end(host, claims.sid().to_string(), claims.owner().to_string(), lease);
+    }
+
+    /// The app ended a session it already answered for (in a trailer).
+    pub(super) fn end_served(&mut self, host: &mut impl HttpHost, served: &Served) {
+        self.end(host, served.sid().to_string(), served.owner(), None);
+    }
+
+    fn end(&mut self, host: &mut impl HttpHost, sid: String, owner: String, lease: Option<String>) {
         self.count(Counter::SessionsEnded);
         self.stream = Stream::Done;
         let Some(store) = &self.config.store else { return };
-        let op = Op::End { sid: claims.sid().to_string(), owner: claims.owner().to_string(), lease, tombstone_ms: store.idle_ttl_ms };
+        let op = Op::End { sid, owner, lease, tombstone_ms: store.idle_ttl_ms };
         if !self.worker.send_later(host, &self.config, self.context_id, op) {
             self.worker.unprotected(host.now_ms());
         }

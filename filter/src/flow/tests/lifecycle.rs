@@ -147,3 +147,15 @@ fn a_write_to_a_session_that_ended_elsewhere_drops_the_cookie() {
     assert!(host.resp_all("set-cookie").iter().any(|v| expires_the_cookie(v)));
     assert_eq!(host.resumed_response, 1);
 }
+
+#[test]
+fn an_end_sent_as_a_trailer_tombstones_the_session() {
+    let bed = Bed::new(with_store("sync"));
+    let (mut f, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a")]);
+    host.trailers = vec![("x-session-end".into(), "1".into()), ("x-session-state".into(), "ignored".into())];
+    assert_eq!(f.on_response_trailers(&mut host), Action::Continue);
+    assert!(host.trailers.is_empty(), "both internal trailers are stripped");
+    send_queued(&bed, &mut host);
+    assert!(matches!(host.ops()[..], [Op::End { sid, .. }] if sid == SID));
+    assert_eq!(bed.count(Counter::SessionsEnded), 1);
+}

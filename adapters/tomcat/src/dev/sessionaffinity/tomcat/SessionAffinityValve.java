@@ -500,15 +500,13 @@ public final class SessionAffinityValve extends ValveBase {
         }
 
         /**
-         * A trailer carries only x-session-state. For a session the app ended,
-         * that is the session emptied: the store's copy can then never bring
-         * the old session back, and the next request to this instance is
-         * answered "unknown", which ends it at the proxy.
+         * A trailer carries x-session-state, or x-session-end for a session
+         * the app ended: the proxy then tombstones the stored copy (it can no
+         * longer drop the cookie; the next request to this instance is
+         * answered "unknown", which does).
          */
         Map<String, String> trailerFields() {
-            return Map.of(sessionStateHeader, state != null ? state : codec.encode(new SessionState(sessionId, contextPath,
-                    session.getCreationTimeInternal(), System.currentTimeMillis(), session.getMaxInactiveInterval(),
-                    emptyAttributes)));
+            return ended ? Map.of(sessionEndHeader, "1") : Map.of(sessionStateHeader, state);
         }
 
         void sent(boolean inTrailer) {
