@@ -419,7 +419,8 @@ def judge(summary: Summary, faults: Faults, rules: Rules) -> tuple[list[str], di
     if ratio is not None and ratio > rules.p99_limit:
         problems.append(f"p99 while the store was frozen is {ratio:.2f} x the p99 before any fault "
                         f"(limit {rules.p99_limit})")
-    return problems, {**figures, "foreign states": foreign, "rolled back": len(continuity.rolled_back),
+    return problems, {**figures, "foreign states": foreign, "sessions on hosts killed while frozen": len(allowed),
+                      "rolled back": len(continuity.rolled_back),
                       "changes lost": sum(p + 1 - r.count for p, r in continuity.rolled_back)}
 
 
