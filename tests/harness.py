@@ -1,6 +1,8 @@
 """Helpers shared by the e2e tests: an HTTP client with explicit cookies,
-assertions that print what was expected next to what was received, and a
-counter probe that copes with the filter flushing metrics once a second.
+browser-like users (a cookie jar, redirects followed), assertions that print
+what was expected next to what was received, counter probes that cope with
+the filter flushing metrics once a second, the store's record of a session,
+and processes paused with SIGSTOP.
 
 Fixtures live in conftest.py; the processes themselves in envoy/testbed.py.
 """
