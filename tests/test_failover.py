@@ -28,29 +28,19 @@ what was received, and conftest.py adds the tail of every process log.
 
 from __future__ import annotations
 
-import base64
-import copy
-import json
-import os
-import signal
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait as wait_futures
-from dataclasses import dataclass, field
 
 import pytest
 import requests
 
-from harness import METRIC_PREFIX, REPO, expect, expect_equal, tb, verify_cookie
+from harness import (REPO, REQUEST_TIMEOUT, Checks, Paused, User, backend_at, changes, describe, drive, expect,
+                     expect_equal, failovers, health, in_parallel, json_body, owner_of, settle_load_balancer,
+                     settled_counters, start_sessions, stored, tb, verify_cookie, with_config)
 
-REQUEST_TIMEOUT = 10.0
-FLUSH_PERIOD = 1.0
-SETTLE_TIMEOUT = 8.0
 # How long a store that is back may take to serve again (webdis reconnecting to Redis).
 RECOVERY_TIMEOUT = 6.0
-# The three counters that each count one moved session.
-FAILOVER_COUNTERS = ("failovers.known", "failovers.replayed", "failovers.restart")
 
 
 # ----------------------------------------------------------------- the module
@@ -65,228 +55,6 @@ def fresh_wasm(wasm):
         subprocess.run([str(REPO / "filter" / "build")], cwd=REPO, check=True, stdin=subprocess.DEVNULL,
                        timeout=900)
     return tb.WASM
-
-
-def with_config(base: dict, **sections) -> dict:
-    """A copy of a plugin config with some sections' keys replaced."""
-    config = copy.deepcopy(base)
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    return config
-
-
-# -------------------------------------------------------------------- clients
-
-@dataclass
-class User:
-    """One browser-like client: its own cookie jar and connection, follows redirects."""
-
-    name: str
-    http: requests.Session = field(default_factory=requests.Session)
-    replies: list = field(default_factory=list)
-
-    def send(self, url: str, path: str = "/", method: str = "GET", data: bytes | None = None,
-             timeout: float = REQUEST_TIMEOUT) -> requests.Response:
-        reply = self.http.request(method, url + path, data=data, timeout=timeout)
-        self.replies.append(reply)
-        return reply
-
-    @property
-    def cookie(self) -> str | None:
-        values = [c.value for c in self.http.cookies if c.name == "sa"]
-        if len(values) > 1:
-            raise AssertionError(f"{self.name} holds {len(values)} cookies named sa: {values}")
-        return values[0] if values else None
-
-    def with_cookie(self, name: str) -> "User":
-        """Another client holding a copy of this one's cookies (same session)."""
-        other = User(name)
-        other.http.cookies.update(self.http.cookies)
-        return other
-
-
-def json_body(reply: requests.Response) -> dict | None:
-    try:
-        body = reply.json()
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
-
-
-def describe(reply: requests.Response) -> str:
-    hops = " -> ".join(f"{h.status_code} (set-cookie {h.headers.get('set-cookie')!r})" for h in reply.history)
-    interesting = {k: v for k, v in reply.headers.items()
-                   if k.lower() in ("retry-after", "set-cookie", "location", "x-instance-id")}
-    return (f"{reply.request.method} {reply.url}: {reply.status_code} {interesting} body={reply.text[:240]!r}"
-            + (f" after {hops}" if hops else ""))
-
-
-def drive(user: User, url: str, first: int, count: int) -> list[str]:
-    """count requests that must answer 200 with counts first, first+1, ...; returns problems."""
-    for expected in range(first, first + count):
-        try:
-            reply = user.send(url)
-        except requests.RequestException as err:
-            return [f"{user.name}: request with expected count {expected} raised {err!r}"]
-        body = json_body(reply)
-        if reply.status_code != 200 or body is None or body.get("count") != expected:
-            return [f"{user.name}: expected 200 with count {expected}, received {describe(reply)}"]
-    return []
-
-
-class Checks:
-    """Collects failed expectations so one run reports every problem it saw."""
-
-    def __init__(self):
-        self.failures: list[str] = []
-
-    def expect(self, condition: bool, what: str, expected, received) -> bool:
-        if not condition:
-            self.failures.append(f"{what}\n  expected: {expected}\n  received: {received}")
-        return bool(condition)
-
-    def expect_equal(self, received, expected, what: str) -> bool:
-        return self.expect(received == expected, what, expected, received)
-
-    def done(self):
-        if self.failures:
-            pytest.fail(f"{len(self.failures)} expectation(s) failed:\n" + "\n".join(self.failures), pytrace=False)
-
-
-def in_parallel(function, items, workers: int = 8, timeout: float = 60.0) -> list:
-    """function(item) for every item on a bounded pool; results in order."""
-    pool = ThreadPoolExecutor(workers)
-    try:
-        futures = [pool.submit(function, item) for item in items]
-        done, pending = wait_futures(futures, timeout)
-        expect(not pending, f"clients finish within {timeout:.0f}s", "all done", f"{len(pending)} still running")
-        return [f.result() for f in futures]
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-# ------------------------------------------------------------------- counters
-
-def read_counters(envoy: "tb.Envoy") -> dict[str, int]:
-    return {name[len(METRIC_PREFIX):]: value for name, value in envoy.stats(METRIC_PREFIX).items()}
-
-
-def settled_counters(envoy: "tb.Envoy") -> dict[str, int]:
-    """The filter's counters once two reads a flush period apart agree (bounded)."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    previous = read_counters(envoy)
-    while True:
-        time.sleep(FLUSH_PERIOD + 0.15)
-        current = read_counters(envoy)
-        if current == previous or time.monotonic() > deadline:
-            return current
-        previous = current
-
-
-def changes(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {name: value - before.get(name, 0) for name, value in sorted(after.items())
-            if value != before.get(name, 0)}
-
-
-def failovers(delta: dict[str, int]) -> int:
-    return sum(delta.get(name, 0) for name in FAILOVER_COUNTERS)
-
-
-# ------------------------------------------------------------- store, hosts
-
-def stored(bed: "tb.Testbed", sid: str) -> dict:
-    """The store's record of a session: {"owner": "host#instance", "count": n, "lease": token|None}."""
-    prefix = bed.envoy.filter_config["store"]["key_prefix"]
-    flat = bed.redis_command("HGETALL", f"{prefix}{sid}") or []
-    record = dict(zip(flat[::2], flat[1::2]))
-    count = None
-    if "state" in record:
-        raw = record["state"]
-        count = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))).get("count")
-    return {"owner": record.get("owner"), "count": count,
-            "lease": bed.redis_command("GET", f"{prefix}{sid}:lease")}
-
-
-def health(envoy: "tb.Envoy") -> str:
-    """Envoy's view of the app hosts, to tell a filter problem from a host the
-    health checker took out (e.g. checks timing out on a loaded machine)."""
-    checks = {k.rsplit(".", 1)[-1]: v for k, v in envoy.stats("cluster.app.health_check.").items()
-              if k.rsplit(".", 1)[-1] in ("attempt", "success", "failure", "network_failure")}
-    return f"[{envoy.name}: hosts {envoy.host_health()}, health checks {checks}]"
-
-
-def settle_load_balancer(envoy: "tb.Envoy"):
-    """See testbed.Envoy.wait_balanced (for an Envoy started without waiting on health)."""
-    envoy.wait_balanced()
-
-
-def owner_of(backend: "tb.Backend") -> str:
-    return f"{backend.address}#{backend.instance}"
-
-
-def backend_at(bed: "tb.Testbed", address: str) -> "tb.Backend":
-    return next(b for b in bed.backends if b.address == address)
-
-
-class Paused:
-    """SIGSTOP a backend (alive, sessions in memory, answering nothing); SIGCONT on exit."""
-
-    def __init__(self, backend: "tb.Backend"):
-        self.pid = backend.process.pid
-        self.paused = False
-
-    def __enter__(self):
-        os.kill(self.pid, signal.SIGSTOP)
-        self.paused = True
-        return self
-
-    def resume(self):
-        if self.paused:
-            os.kill(self.pid, signal.SIGCONT)
-            self.paused = False
-
-    def __exit__(self, *exc):
-        self.resume()
-
-
-def envoy_at(bed: "tb.Testbed", url: str) -> "tb.Envoy":
-    return next(e for e in [bed.envoy] + bed.extra_envoys if e.url == url)
-
-
-def start_sessions(bed: "tb.Testbed", url: str, users: int, requests_each: int = 1,
-                   prefix: str = "user", min_each: int = 2) -> dict[str, list[User]]:
-    """Create sessions (one request each, sequentially so round robin spreads them),
-    then give each requests_each requests in all. Returns users by backend name.
-
-    If the load balancer left a backend with fewer than min_each sessions (its
-    health checks can time out on a loaded machine), more sessions are made,
-    a bounded number, until each backend has min_each."""
-    envoy = envoy_at(bed, url)
-    settle_load_balancer(envoy)
-    by_backend: dict[str, list[User]] = {b.name: [] for b in bed.backends}
-    created = []
-    deadline = time.monotonic() + 20
-    while len(created) < users or min(len(g) for g in by_backend.values()) < min_each:
-        expect(time.monotonic() < deadline and len(created) < 3 * users,
-               f"sessions on every backend within 20s and {3 * users} sessions",
-               f"{users} sessions, >= {min_each} per backend",
-               f"{ {n: len(g) for n, g in by_backend.items()} } {health(envoy)}")
-        if len(created) >= users:
-            for backend in bed.backends:
-                envoy.wait_host_health(backend.address, healthy=True, timeout=10)
-            time.sleep(0.2)
-        user = User(f"{prefix}{len(created)}")
-        reply = user.send(url)
-        body = json_body(reply)
-        expect(reply.status_code == 200 and body and body.get("count") == 1 and user.cookie,
-               f"{user.name}: a new session", "200, count 1 and a cookie", describe(reply))
-        by_backend[body["backend"]].append(user)
-        created.append(user)
-    if requests_each > 1:
-        problems = sum(in_parallel(lambda u: drive(u, url, 2, requests_each - 1), created), [])
-        expect(not problems, "every session counts its requests before anything fails", "no problems",
-               "\n".join(problems) + f"\n{health(envoy)}")
-    return by_backend
 
 
 # ---------------------------------------------------------------------- tests
@@ -608,7 +376,7 @@ def test_zombie_write_is_fenced(own_testbed):
     old_cookie = user.with_cookie("old-cookie")  # a copy of the jar before the move
     sid = body["session"]
 
-    with Paused(old) as partition:
+    with Paused(old.process) as partition:
         # The old host stops answering (but keeps its sessions): Envoy A's
         # health check takes it out, the session fails over to a live host.
         envoy_a.wait_host_health(old.address, healthy=False, timeout=10)

@@ -17,18 +17,13 @@ attacker would against the real Envoy, store and backends.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import sys
-import threading
 import time
 
-import pytest
 import requests
 
 from harness import Client, Counters, expect, expect_equal, tb
-from test_failover import Paused, User, describe, in_parallel, json_body, settle_load_balancer, with_config
+from harness import Paused, User, describe, in_parallel, json_body, settle_load_balancer, with_config
 
 APP_ROOT = tb.REPO / "tests" / "apps"
 INTERNAL_RESPONSE_HEADERS = ("x-session-route", "x-session-id", "x-session-new", "x-session-state", "x-instance-id",
@@ -232,7 +227,7 @@ def test_an_async_write_the_store_refuses_is_still_counted(own_testbed):
         reply = user.send(envoy.url)
     old = bed.backend_named(json_body(reply)["backend"])
     old_cookie = user.with_cookie("old-cookie")
-    with Paused(old):
+    with Paused(old.process):
         envoy.wait_host_health(old.address, healthy=False, timeout=10)
         moved = user.send(envoy.url)
         expect(json_body(moved)["backend"] != old.name, "the session moved off the paused host", "another backend",

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from harness import expect
-from test_failover import User, describe, health, json_body, start_sessions
+from harness import User, describe, health, json_body, start_sessions
 
 ROUNDS = 5
 SESSIONS = 15

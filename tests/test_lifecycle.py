@@ -16,7 +16,7 @@ import time
 
 import cookie_signer
 from harness import Counters, expect, expect_equal, keyring, tb, verify_cookie
-from test_failover import User, json_body, describe, stored, with_config
+from harness import User, json_body, describe, stored, with_config
 
 
 def session_on(bed, user: User, requests: int) -> dict:
@@ -148,7 +148,7 @@ def test_no_session_outlives_its_absolute_lifetime(own_testbed):
     envoy = bed.envoy
     envoy.restart(with_config(envoy.filter_config, cookie={"ttl": "1h", "max_lifetime": "2h", "refresh_after": 0.001}))
     user = User("user")
-    body = session_on(bed, user, 1)
+    session_on(bed, user, 1)
     claims = verify_cookie(user.cookie, envoy.filter_config)
     keys = keyring(envoy.filter_config)
     now = int(time.time())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from harness import Client, expect_equal, tb
-from test_failover import owner_of, stored, with_config
+from harness import owner_of, stored, with_config
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
