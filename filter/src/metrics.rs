@@ -59,7 +59,7 @@ counters! {
     FailoversRestart => "failovers.restart": "failovers because the app restarted at the same address",
     FailoversRestored => "failovers.restored": "failovers that restored stored state",
     FailoversJoined => "failovers.joined": "failovers that found the session already moved by another proxy",
-    FailoversFresh => "failovers.fresh": "failovers that started an empty session (no store, outage, or an app without the contract)",
+    FailoversFresh => "failovers.fresh": "failovers that started an empty session (no store, outage, nothing stored, or an app without the contract)",
     FailoversRefused => "failovers.refused": "restored states a live app refused (started fresh)",
     FailoversBusy => "failovers.busy": "failovers answered 503 while another proxy kept moving the session",
     FailoversRejected => "failovers.rejected": "failovers answered 503 by the outage policy \"reject\"",

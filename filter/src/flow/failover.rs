@@ -226,9 +226,7 @@ impl Flow {
             host.add_response_header("set-cookie", &self.issuer().expired_cookie());
             return Action::Continue;
         }
-        if restored {
-            self.count(Counter::FailoversRestored);
-        }
+        self.count(if restored { Counter::FailoversRestored } else { Counter::FailoversFresh });
         let to = Owner { upstream: &upstream, instance };
         if let Some(new_sid) = response.rotate.filter(|s| !s.is_empty()) {
             return self.rotate(host, &failover.from, to, new_sid, lease, response.state);

@@ -60,7 +60,7 @@ fn nothing_stored_yet_asks_the_app_to_create_the_session() {
     host.respond(B2, &[("x-instance-id", "pod-b")]);
     f.on_response_headers(&mut host);
     assert!(matches!(host.ops()[1], Op::Commit { state: None, .. }));
-    assert_eq!(bed.count(Counter::FailoversRestored), 0);
+    assert_eq!((bed.count(Counter::FailoversRestored), bed.count(Counter::FailoversFresh)), (0, 1));
 }
 
 #[test]
