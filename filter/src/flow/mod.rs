@@ -275,17 +275,18 @@ impl Flow {
     }
 
     /// State the app could only send after the body (its response was
-    /// already committed) arrives as a trailer: store it like a header.
+    /// already committed) arrives as a trailer: store it like a header. The
+    /// trailer never reaches the client, whether it is stored or not.
     pub fn on_response_trailers(&mut self, host: &mut impl HttpHost) -> Action {
-        let Stream::Served(served) = std::mem::replace(&mut self.stream, Stream::Done) else {
-            return Action::Continue;
-        };
         let trailers = host.response_trailers();
         let (sent, state) = trailer_state(&trailers, &self.config);
         if !sent {
             return Action::Continue;
         }
         host.remove_response_trailer(&self.config.headers.session_state);
+        let Stream::Served(served) = std::mem::replace(&mut self.stream, Stream::Done) else {
+            return Action::Continue;
+        };
         let Some(state) = state else {
             warn!("[{}] the app sent a session state trailer that is not a valid header value; not stored", self.context_id);
             return Action::Continue;

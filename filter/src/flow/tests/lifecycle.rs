@@ -140,6 +140,23 @@ fn state_sent_as_a_trailer_is_stored_and_stripped() {
 }
 
 #[test]
+fn a_state_trailer_never_reaches_the_client_even_when_it_is_not_stored() {
+    let bed = Bed::new(with_store("sync"));
+    // A skipped path, and a new session whose response names no upstream.
+    for request in [&[(":path", "/static/app.js")][..], &[]] {
+        let mut host = bed.proxy(request);
+        let mut f = bed.flow();
+        f.on_request_headers(&mut host);
+        host.response = vec![(":status".into(), "200".into())];
+        assert_eq!(f.on_response_headers(&mut host), Action::Continue);
+        host.trailers = vec![("x-session-state".into(), "s".into())];
+        assert_eq!(f.on_response_trailers(&mut host), Action::Continue);
+        assert!(host.trailers.is_empty(), "{request:?}");
+        assert!(host.calls.is_empty());
+    }
+}
+
+#[test]
 fn a_write_to_a_session_that_ended_elsewhere_drops_the_cookie() {
     let bed = Bed::new(with_store("sync"));
     let (mut f, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s")]);
