@@ -222,6 +222,7 @@ impl Flow {
         self.count(Counter::SessionsEnded);
         self.stream = Stream::Done;
         let Some(store) = &self.config.store else { return };
+        self.worker.remember_ended(claims.sid(), host.now_ms().saturating_add(store.idle_ttl_ms));
         let op = Op::End { sid: claims.sid().to_string(), owner: claims.owner().to_string(), lease, tombstone_ms: store.idle_ttl_ms };
         if !self.worker.send_later(host, &self.config, self.context_id, op) {
             self.worker.unprotected(host.now_ms());
