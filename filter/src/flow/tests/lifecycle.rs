@@ -193,6 +193,35 @@ fn a_state_trailer_never_reaches_the_client_even_when_it_is_not_stored() {
 }
 
 #[test]
+fn a_state_trailer_during_a_held_write_follows_it_in_order() {
+    let bed = Bed::new(with_store("sync"));
+    let (mut f, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+    assert_eq!(action, Action::Pause);
+    host.trailers = vec![("x-session-state".into(), "s2".into())];
+    assert_eq!(f.on_response_trailers(&mut host), Action::Pause);
+    assert!(host.trailers.is_empty());
+    assert_eq!(host.calls.len(), 1, "the trailer's write waits for the headers' one");
+    reply(&mut f, &mut host, Reply::Stored);
+    assert_eq!(host.resumed_response, 0);
+    let states: Vec<_> = host.ops().iter().map(|op| if let Op::Write { state, .. } = op { state.clone() } else { None }).collect();
+    assert_eq!(states, [Some("s1".to_string()), Some("s2".to_string())]);
+    reply(&mut f, &mut host, Reply::Stored);
+    assert_eq!(host.resumed_response, 1);
+    assert_eq!(bed.count(Counter::StoreWrites), 2);
+}
+
+#[test]
+fn a_state_trailer_after_a_refused_write_is_not_sent() {
+    let bed = Bed::new(with_store("sync"));
+    let (mut f, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+    host.trailers = vec![("x-session-state".into(), "s2".into())];
+    f.on_response_trailers(&mut host);
+    reply(&mut f, &mut host, Reply::Conflict { owner: Some(owner(B2, "pod-b")) });
+    assert_eq!(host.local_reply.as_ref().map(|(status, _)| *status), Some(503));
+    assert_eq!(host.calls.len(), 1, "the host does not own the session: nothing more is written");
+}
+
+#[test]
 fn a_write_to_a_session_that_ended_elsewhere_drops_the_cookie() {
     let bed = Bed::new(with_store("sync"));
     let (mut f, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s")]);
