@@ -123,6 +123,7 @@ impl World {
     fn check_roundtrip(&mut self, table: usize, upstream: &str) {
         let other = (table + 1) % TABLES;
         self.tables[other].refresh(&self.shared);
+        self.last[other] = None;
         for probe in PROBES {
             let (ours, theirs) =
                 (self.tables[table].is_gone(upstream, probe, self.now), self.tables[other].is_gone(upstream, probe, self.now));
@@ -139,6 +140,9 @@ impl World {
         let writes = self.shared.writes();
         let repeat = matches!(&self.last[t], Some((u, s, at, true)) if u == upstream && *s == sighting && self.now < at.saturating_add(MARK_INTERVAL_MS));
         let change = self.tables[t].mark(&self.shared, upstream, sighting.clone(), self.now, ttl_ms);
+        if change != Change::Unchanged {
+            self.evidence.push(Evidence { upstream: upstream.to_string(), marked_ms: self.now, sighting: sighting.clone() });
+        }
         let usable =
             is_upstream(upstream) && !matches!(&sighting, Sighting::Runs { instance } if instance.is_empty() || !is_instance(instance));
         if !usable {
@@ -151,9 +155,6 @@ impl World {
                 "mark-interval",
                 "{upstream} {sighting:?} marked again within {MARK_INTERVAL_MS} ms: {change:?}"
             );
-        }
-        if change != Change::Unchanged {
-            self.evidence.push(Evidence { upstream: upstream.to_string(), marked_ms: self.now, sighting: sighting.clone() });
         }
         if !self.tainted {
             for probe in PROBES {
@@ -171,15 +172,15 @@ impl World {
     fn alive(&mut self, t: usize, upstream: &str, instance: &str, sent: u64, ttl_ms: u64) {
         let change = self.tables[t].alive(&self.shared, upstream, instance, sent, self.now, ttl_ms);
         self.last[t] = None;
-        if !is_upstream(upstream) || !is_instance(instance) {
-            return;
-        }
         if change != Change::Unchanged && !instance.is_empty() {
             self.evidence.push(Evidence {
                 upstream: upstream.to_string(),
                 marked_ms: sent,
                 sighting: Sighting::Runs { instance: instance.to_string() },
             });
+        }
+        if !is_upstream(upstream) || !is_instance(instance) {
+            return;
         }
         if !self.tainted && self.tables[t].is_gone(upstream, instance, self.now) {
             let newer = self.evidence.iter().any(|e| e.upstream == upstream && e.marked_ms >= sent && makes_gone(&e.sighting, instance));
