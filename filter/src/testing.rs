@@ -59,6 +59,9 @@ pub struct FakeProxy {
     pub upstream: Option<String>,
     pub flags: u64,
     pub local_reply: Option<(u32, Vec<(String, String)>)>,
+    /// How many local replies were sent (Envoy takes one per stream; the
+    /// flow fuzzer checks the filter never tries a second).
+    pub local_replies: u32,
     /// Every store call this proxy sent, in order.
     pub calls: Vec<StoreCall>,
     /// How often the stream asked the worker to run.
@@ -216,6 +219,7 @@ impl HttpHost for FakeProxy {
     fn send_response(&mut self, status: u32, headers: &[(&str, &str)], _body: &str) {
         // Like Envoy: a local reply replaces whatever the upstream answered.
         self.response.clear();
+        self.local_replies += 1;
         self.local_reply = Some((status, headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()));
     }
     fn set_timer(&mut self, after_ms: u64) -> bool {

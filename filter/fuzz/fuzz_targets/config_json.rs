@@ -5,7 +5,8 @@
 //! error, at positions in and past the text.
 //!
 //! Properties: no panic; a valid config keeps every guarantee the filter relies
-//! on (see `sa_fuzz::config_checks`); no secret appears in an error or in Debug.
+//! on, an error names a field, and no secret or password (inline or from the
+//! environment) appears in an error or in Debug (see `sa_fuzz::config_checks`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -13,11 +14,9 @@ use sa_fuzz::config_checks;
 use session_affinity::config::{self, Config};
 
 fuzz_target!(|data: &[u8]| {
-    let result = Config::parse(data, &|_| None);
-    config_checks::check(&result);
-    let with_env = Config::parse(data, &config_checks::env);
-    config_checks::check(&with_env);
-    config_checks::check_secrets(data, &config_checks::env);
+    config_checks::check(data, &Config::parse(data, &|_| None));
+    config_checks::check(data, &Config::parse(data, &config_checks::env));
+    config_checks::check_secrets(data);
     // The error-path scanner, at positions in and past the text.
     let at = |i: usize| usize::from(data.get(i).copied().unwrap_or(0));
     for (line, column) in [(1, data.len()), (at(0), at(1) * at(2)), (0, 0), (usize::MAX, usize::MAX), (2, usize::MAX - 1)] {

@@ -1,143 +1,290 @@
-//! The gone table: two workers' copies over one shared-data entry (with real
-//! CAS semantics), arbitrary or structured bytes in that entry, marks, refreshes
-//! and lookups in any order.
+//! The gone table: three workers' copies over one shared-data entry (the
+//! `testing` fake, with real CAS), marks, "alive" evidence, refreshes and
+//! lookups in any order, lost CAS races, and other writers putting table
+//! lines or garbage in the entry.
 //!
-//! Properties: no panic on any shared-data content; after a worker marks a valid
-//! host (with an instance the flow could have read from a response, i.e. one
-//! `cookie::is_instance` accepts), it sees the host as the sighting says; and a
-//! worker that refreshes after a successful mark sees the same as the marker.
+//! Properties (what the flow can produce: upstreams from verified cookies or
+//! Envoy, instances the response reader accepts, gone_ttl at least 1s):
+//! - no panic on any shared-data content;
+//! - after a mark, the marker sees the upstream as the sighting says;
+//! - a worker that refreshes after a mark or an "alive" was written sees the
+//!   upstream as the writer does;
+//! - the same mark made again within MARK_INTERVAL_MS writes nothing;
+//! - after `alive(upstream, instance, sent)`, that instance is gone only on
+//!   evidence made at or after `sent` (a mark made before the evidence is
+//!   cleared; the answering instance is never made gone).
+//!
+//! Garbage that happens to parse can hold entries no filter writes (several
+//! per upstream, or expiring before their rate limit), so it suspends the
+//! last three properties until table lines replace it.
 #![no_main]
-
-use std::cell::{Cell, RefCell};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use sa_fuzz::{ensure, Text, HOSTS, INSTANCES, NOW_MS};
-use session_affinity::cookie;
-use session_affinity::gone::{GoneTable, SharedData, Sighting, SHARED_KEY};
+use sa_fuzz::{ensure, rel, Text, INSTANCES, NOW_MS, UPSTREAMS};
+use serde::{Deserialize, Serialize};
+use session_affinity::gone::{Change, GoneTable, Sighting, MARK_INTERVAL_MS, SHARED_KEY};
+use session_affinity::host::SharedData;
+use session_affinity::ids::{is_instance, is_upstream};
+use session_affinity::testing::FakeShared;
 
-#[derive(Default)]
-struct Shared {
-    entry: RefCell<Option<(Vec<u8>, u32)>>,
-    lose_races: Cell<bool>,
+#[derive(Arbitrary, Debug, Clone, Serialize, Deserialize)]
+enum Seen {
+    Down,
+    Runs(Text),
 }
 
-impl SharedData for Shared {
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        assert_eq!(key, SHARED_KEY);
-        match &*self.entry.borrow() {
-            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
-            None => (None, None),
-        }
-    }
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        assert_eq!(key, SHARED_KEY);
-        let mut entry = self.entry.borrow_mut();
-        let current = entry.as_ref().map(|(_, c)| *c);
-        if self.lose_races.get() || (cas.is_some() && cas != current) {
-            return false;
-        }
-        *entry = Some((value.to_vec(), current.unwrap_or(0).wrapping_add(1)));
-        true
-    }
-}
-
-#[derive(Arbitrary, Debug)]
-enum Op {
+#[derive(Arbitrary, Debug, Serialize, Deserialize)]
+enum Step {
     /// Another writer puts arbitrary bytes in the entry.
     Garbage(Vec<u8>),
-    /// Another writer puts table lines in the entry: host, until (ms from now), instance.
-    Lines(Vec<(Text, i32, Text)>),
-    /// Another writer fills the table with `count` distinct down hosts.
+    /// Another writer puts table lines in the entry: upstream, sighting,
+    /// marked (ms from now), how long after the mark it expires.
+    Lines(Vec<(Text, Seen, i32, u32)>),
+    /// Another writer fills the table with `count` distinct down upstreams.
     Fill {
         count: u16,
         until: i32,
     },
     Mark {
-        second: bool,
-        host: Text,
-        down: bool,
+        table: u8,
+        upstream: Text,
+        seen: Seen,
+        ttl_ms: u32,
+    },
+    /// The upstream answered as `instance` a request sent `ago` ms before now.
+    Alive {
+        table: u8,
+        upstream: Text,
         instance: Text,
+        ago: u16,
         ttl_ms: u32,
     },
     Refresh {
-        second: bool,
+        table: u8,
     },
-    Advance(u32),
+    /// Move the clock, ms (backwards too: clocks get stepped).
+    Clock(i32),
     LoseRaces(bool),
     Query {
-        second: bool,
-        host: Text,
+        table: u8,
+        upstream: Text,
         instance: Text,
     },
 }
 
-fn put(shared: &Shared, bytes: Vec<u8>) {
-    let mut entry = shared.entry.borrow_mut();
-    let cas = entry.as_ref().map_or(1, |(_, c)| c.wrapping_add(1));
-    *entry = Some((bytes, cas));
+#[derive(Arbitrary, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Input {
+    steps: Vec<Step>,
 }
 
+const TABLES: usize = 3;
 const PROBES: &[&str] = &["", "pod-a", "pod-b", "-", "demo-7f9c"];
 
-fuzz_target!(|ops: Vec<Op>| {
-    let shared = Shared::default();
-    let mut tables = [GoneTable::default(), GoneTable::default()];
-    let mut now = NOW_MS;
-    for op in ops.iter().take(32) {
-        match op {
-            Op::Garbage(bytes) => put(&shared, bytes.clone()),
-            Op::Lines(lines) => {
+/// Evidence about an upstream: what was seen, and when.
+struct Evidence {
+    upstream: String,
+    marked_ms: u64,
+    sighting: Sighting,
+}
+
+fn makes_gone(sighting: &Sighting, instance: &str) -> bool {
+    match sighting {
+        Sighting::Down => true,
+        Sighting::Runs { instance: current } => !instance.is_empty() && current != instance,
+    }
+}
+
+/// Writes `bytes` as another writer would, whatever races this worker loses.
+fn put(shared: &FakeShared, bytes: Vec<u8>) {
+    let mut data = shared.data.borrow_mut();
+    let cas = data.get(SHARED_KEY).map_or(1, |(_, c)| c.wrapping_add(1));
+    data.insert(SHARED_KEY.to_string(), (bytes, cas));
+}
+
+fn shared_text(shared: &FakeShared) -> String {
+    shared.get(SHARED_KEY).0.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default()
+}
+
+struct World {
+    shared: FakeShared,
+    tables: [GoneTable; TABLES],
+    now: u64,
+    evidence: Vec<Evidence>,
+    /// Garbage in the entry may hold entries no filter writes.
+    tainted: bool,
+    /// Per table: its last change (upstream, sighting, when, whether it was written).
+    last: [Option<(String, Sighting, u64, bool)>; TABLES],
+}
+
+impl World {
+    /// After `table` wrote the shared entry: a refreshing worker sees `upstream` as it does.
+    fn check_roundtrip(&mut self, table: usize, upstream: &str) {
+        let other = (table + 1) % TABLES;
+        self.tables[other].refresh(&self.shared);
+        self.last[other] = None;
+        for probe in PROBES {
+            let (ours, theirs) =
+                (self.tables[table].is_gone(upstream, probe, self.now), self.tables[other].is_gone(upstream, probe, self.now));
+            ensure!(
+                ours == theirs,
+                "gone-roundtrip",
+                "is_gone({upstream}, {probe:?}) is {ours} for the writer and {theirs} after a refresh; entry {:?}",
+                shared_text(&self.shared)
+            );
+        }
+    }
+
+    fn mark(&mut self, t: usize, upstream: &str, sighting: Sighting, ttl_ms: u64) {
+        let writes = self.shared.writes();
+        let repeat = matches!(&self.last[t], Some((u, s, at, true)) if u == upstream && *s == sighting && self.now < at.saturating_add(MARK_INTERVAL_MS));
+        let change = self.tables[t].mark(&self.shared, upstream, sighting.clone(), self.now, ttl_ms);
+        if change != Change::Unchanged {
+            self.evidence.push(Evidence { upstream: upstream.to_string(), marked_ms: self.now, sighting: sighting.clone() });
+        }
+        let usable =
+            is_upstream(upstream) && !matches!(&sighting, Sighting::Runs { instance } if instance.is_empty() || !is_instance(instance));
+        if !usable {
+            self.last[t] = None;
+            return;
+        }
+        if repeat && !self.tainted {
+            ensure!(
+                change == Change::Unchanged && self.shared.writes() == writes,
+                "mark-interval",
+                "{upstream} {sighting:?} marked again within {MARK_INTERVAL_MS} ms: {change:?}"
+            );
+        }
+        if !self.tainted {
+            for probe in PROBES {
+                let expected = makes_gone(&sighting, probe);
+                let seen = self.tables[t].is_gone(upstream, probe, self.now);
+                ensure!(seen == expected, "mark-seen", "after marking {upstream} {sighting:?} ({change:?}), is_gone({probe:?}) is {seen}");
+            }
+        }
+        if change == Change::Written {
+            self.check_roundtrip(t, upstream);
+        }
+        self.last[t] = Some((upstream.to_string(), sighting, self.now, change != Change::Unchanged));
+    }
+
+    fn alive(&mut self, t: usize, upstream: &str, instance: &str, sent: u64, ttl_ms: u64) {
+        let change = self.tables[t].alive(&self.shared, upstream, instance, sent, self.now, ttl_ms);
+        self.last[t] = None;
+        if change != Change::Unchanged && !instance.is_empty() {
+            self.evidence.push(Evidence {
+                upstream: upstream.to_string(),
+                marked_ms: sent,
+                sighting: Sighting::Runs { instance: instance.to_string() },
+            });
+        }
+        if !is_upstream(upstream) || !is_instance(instance) {
+            return;
+        }
+        if !self.tainted && self.tables[t].is_gone(upstream, instance, self.now) {
+            let newer = self.evidence.iter().any(|e| e.upstream == upstream && e.marked_ms >= sent && makes_gone(&e.sighting, instance));
+            ensure!(
+                newer,
+                "alive",
+                "{upstream} answered as {instance:?} (sent at {sent}) is still gone at {} ({change:?}) with no newer evidence; entry {:?}",
+                self.now,
+                shared_text(&self.shared)
+            );
+        }
+        if change == Change::Written {
+            self.check_roundtrip(t, upstream);
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some(input) = sa_fuzz::read::<Input>(data) else { return };
+    let mut w = World {
+        shared: FakeShared::default(),
+        tables: Default::default(),
+        now: NOW_MS,
+        evidence: Vec::new(),
+        tainted: false,
+        last: Default::default(),
+    };
+    let seen = |s: &Seen| match s {
+        Seen::Down => Sighting::Down,
+        Seen::Runs(i) => Sighting::Runs { instance: i.get(INSTANCES).to_string() },
+    };
+    for step in input.steps.iter().take(32) {
+        match step {
+            Step::Garbage(bytes) => {
+                put(&w.shared, bytes.clone());
+                w.tainted = true;
+            }
+            Step::Lines(lines) => {
+                // What another filter writes: one line per upstream, each
+                // living at least a second (gone_ttl >= 1s).
                 let mut text = String::new();
-                for (host, until, instance) in lines {
-                    let until = sa_fuzz::rel(now, *until);
-                    text.push_str(&format!("{} {} {}\n", host.get(HOSTS), until, instance.get(INSTANCES)));
-                }
-                put(&shared, text.into_bytes());
-            }
-            Op::Fill { count, until } => {
-                let until = sa_fuzz::rel(now, *until);
-                let text: String = (0..usize::from(*count) % 1100)
-                    .map(|i| format!("10.{}.{}.{}:80 {}\n", i / 65536 % 256, i / 256 % 256, i % 256, until.saturating_add(i as u64)))
-                    .collect();
-                put(&shared, text.into_bytes());
-            }
-            Op::Mark { second, host, down, instance, ttl_ms } => {
-                let (host, instance) = (host.get(HOSTS), instance.get(INSTANCES));
-                let sighting = if *down { Sighting::Down } else { Sighting::Replaced { instance: instance.to_string() } };
-                let i = usize::from(*second);
-                let stored = tables[i].mark(&shared, host, sighting.clone(), now, u64::from(*ttl_ms));
-                // What the flow can produce: hosts from verified cookies, instances read from responses.
-                if !cookie::is_host(host) || (!*down && (instance.is_empty() || !cookie::is_instance(instance))) {
-                    continue;
-                }
-                for probe in PROBES {
-                    let expected = *ttl_ms > 0
-                        && match &sighting {
-                            Sighting::Down => true,
-                            Sighting::Replaced { instance } => !probe.is_empty() && probe != instance,
-                        };
-                    assert_eq!(tables[i].is_gone(host, probe, now), expected, "marker: {host} {sighting:?} probe {probe:?}");
-                }
-                if stored {
-                    let other = 1 - i;
-                    tables[other].refresh(&shared);
-                    for probe in PROBES {
-                        let (theirs, ours) = (tables[other].is_gone(host, probe, now), tables[i].is_gone(host, probe, now));
-                        ensure!(
-                            theirs == ours,
-                            "gone-roundtrip",
-                            "after marking {host} {sighting:?}, is_gone(instance {probe:?}) is {ours} for the marker and {theirs} for another worker; shared entry {:?}",
-                            shared.entry.borrow().as_ref().map(|(v, _)| String::from_utf8_lossy(v).into_owned())
-                        );
+                let mut written: Vec<&str> = Vec::new();
+                for (upstream, sighting, marked, life) in lines.iter().take(16) {
+                    let upstream = upstream.get(UPSTREAMS);
+                    let sighting = seen(sighting);
+                    let instance = match &sighting {
+                        Sighting::Down => None,
+                        Sighting::Runs { instance } => Some(instance.as_str()),
+                    };
+                    if !is_upstream(upstream) || written.contains(&upstream) || instance.is_some_and(|i| i.is_empty() || !is_instance(i)) {
+                        continue;
                     }
+                    written.push(upstream);
+                    let marked_ms = rel(w.now, i64::from(*marked));
+                    let until = marked_ms.saturating_add(1000 + u64::from(*life));
+                    text.push_str(&format!("{upstream} {until} {marked_ms}"));
+                    if let Some(instance) = instance {
+                        text.push_str(&format!(" {instance}"));
+                    }
+                    text.push('\n');
+                    w.evidence.push(Evidence { upstream: upstream.to_string(), marked_ms, sighting });
                 }
+                put(&w.shared, text.into_bytes());
+                w.tainted = false;
             }
-            Op::Refresh { second } => tables[usize::from(*second)].refresh(&shared),
-            Op::Advance(ms) => now = now.saturating_add(u64::from(*ms)),
-            Op::LoseRaces(lose) => shared.lose_races.set(*lose),
-            Op::Query { second, host, instance } => {
-                let _ = tables[usize::from(*second)].is_gone(host.get(HOSTS), instance.get(INSTANCES), now);
+            Step::Fill { count, until } => {
+                let until = rel(w.now, i64::from(*until)).max(1000);
+                let text: String = (0..usize::from(*count) % 1100)
+                    .map(|i| {
+                        format!(
+                            "10.{}.{}.{}:80 {} {}\n",
+                            i / 65536 % 256,
+                            i / 256 % 256,
+                            i % 256,
+                            until.saturating_add(i as u64),
+                            until - 1000
+                        )
+                    })
+                    .collect();
+                for i in 0..usize::from(*count) % 1100 {
+                    let upstream = format!("10.{}.{}.{}:80", i / 65536 % 256, i / 256 % 256, i % 256);
+                    w.evidence.push(Evidence { upstream, marked_ms: until - 1000, sighting: Sighting::Down });
+                }
+                put(&w.shared, text.into_bytes());
+                w.tainted = false;
+            }
+            Step::Mark { table, upstream, seen: s, ttl_ms } => {
+                let ttl = 1000 + u64::from(*ttl_ms);
+                w.mark(usize::from(*table) % TABLES, upstream.get(UPSTREAMS), seen(s), ttl);
+            }
+            Step::Alive { table, upstream, instance, ago, ttl_ms } => {
+                let sent = w.now.saturating_sub(u64::from(*ago));
+                let ttl = 1000 + u64::from(*ttl_ms);
+                w.alive(usize::from(*table) % TABLES, upstream.get(UPSTREAMS), instance.get(INSTANCES), sent, ttl);
+            }
+            Step::Refresh { table } => {
+                let t = usize::from(*table) % TABLES;
+                w.tables[t].refresh(&w.shared);
+                w.last[t] = None;
+            }
+            Step::Clock(ms) => w.now = rel(w.now, i64::from(*ms)),
+            Step::LoseRaces(lose) => w.shared.lose_races.set(*lose),
+            Step::Query { table, upstream, instance } => {
+                let _ = w.tables[usize::from(*table) % TABLES].is_gone(upstream.get(UPSTREAMS), instance.get(INSTANCES), w.now);
             }
         }
     }

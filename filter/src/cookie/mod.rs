@@ -204,13 +204,21 @@ pub fn decode(raw: impl Into<Rc<str>>, keys: &KeyRing, now: u64) -> Result<Claim
     if !keys.verify(kid, message.as_bytes(), tag.get(..TAG_LEN).unwrap_or(&[])) {
         return Err(Rejection::BadSignature);
     }
+    check_times(&claims, now)?;
+    Ok(claims)
+}
+
+/// Whether signed claims hold at `now`: not expired, not issued further in the
+/// future than clock skew allows, times in order. The cache of verified
+/// cookies asks again on every hit: the clock may have moved either way.
+fn check_times(claims: &Claims, now: u64) -> Result<(), Rejection> {
     if now >= claims.exp {
         return Err(Rejection::Expired);
     }
     if claims.iat > now.saturating_add(MAX_CLOCK_SKEW_SECS) || claims.iat >= claims.exp || claims.since > claims.iat {
         return Err(Rejection::Malformed);
     }
-    Ok(claims)
+    Ok(())
 }
 
 /// Splits and bounds-checks the fields; checks nothing cryptographic.

@@ -2,7 +2,8 @@
 //! skip the MAC.
 //!
 //! A direct-mapped table: bounded, no eviction bookkeeping, and a hit costs one
-//! slot computation and one comparison. Expiry is still checked on every hit.
+//! slot computation and one comparison. The times are still checked on every
+//! hit (expiry, and an issue time too far ahead of a clock stepped back).
 //! Each entry remembers the key ring that verified it, so a new configuration
 //! (say, with a key removed) never trusts what the old one accepted.
 //!
@@ -13,7 +14,7 @@ use std::cell::RefCell;
 
 use subtle::ConstantTimeEq;
 
-use super::{decode, Claims, Rejection};
+use super::{check_times, decode, Claims, Rejection};
 use crate::keys::KeyRing;
 
 /// How many verified cookies a worker remembers (a power of two).
@@ -36,7 +37,7 @@ impl VerifiedCookies {
             (*filled_by == ring && same_bytes(claims.value().as_bytes(), raw)).then(|| claims.clone())
         });
         if let Some(claims) = hit {
-            return if now >= claims.exp { Err(Rejection::Expired) } else { Ok(claims) };
+            return check_times(&claims, now).map(|()| claims);
         }
         let text = std::str::from_utf8(raw).map_err(|_| Rejection::Malformed)?;
         let claims = decode(text, keys, now)?;
@@ -92,6 +93,17 @@ mod tests {
         let forged = value.replacen("10.0.0.7", "10.0.0.8", 1);
         assert_eq!(cache.decode(forged.as_bytes(), &keys, NOW), Err(Rejection::BadSignature));
         assert_eq!(cache.decode(b"garbage", &keys, NOW), Err(Rejection::Malformed));
+    }
+
+    #[test]
+    fn a_clock_stepped_back_sees_a_cached_cookie_as_decode_does() {
+        let keys = ring(&["k1"]);
+        let cache = VerifiedCookies::default();
+        let value = cookie(&keys, &claims());
+        assert!(cache.decode(value.as_bytes(), &keys, NOW).is_ok());
+        let before = NOW - 1000;
+        assert_eq!(decode(value.as_str(), &keys, before), Err(Rejection::Malformed), "issued too far in the future");
+        assert_eq!(cache.decode(value.as_bytes(), &keys, before), Err(Rejection::Malformed));
     }
 
     #[test]

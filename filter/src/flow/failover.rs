@@ -68,6 +68,12 @@ impl Flow {
             self.start_new_session(host);
             return Action::Continue;
         }
+        if self.worker.has_ended(from.sid(), host.now_ms()) {
+            // Its tombstone may not have reached the store yet: never restore it.
+            info!("[{}] a failover of a session this worker ended; starting a new one", self.context_id);
+            self.start_new_session(host);
+            return Action::Continue;
+        }
         let lease = URL_SAFE_NO_PAD.encode(self.worker.unguessable(host, &self.config, self.context_id));
         self.ask_store(host, Failover { from, lease, phase: Phase::Asking, polls: 0, moves: 0 })
     }
@@ -116,6 +122,12 @@ impl Flow {
             Err(error) => return self.store_outage(host, &format!("{error:?}")),
         };
         match reply {
+            Reply::Acquired { .. } if self.worker.has_ended(failover.from.sid(), host.now_ms()) => {
+                // Ended here while the store was asked.
+                self.release(host, &failover);
+                self.start_new_session(host);
+                Action::Continue
+            }
             Reply::Acquired { state: Some(state) } if !is_header_value(state.as_bytes()) || state.is_empty() => {
                 self.release(host, &failover);
                 self.store_outage(host, "stored state is not a valid header value")

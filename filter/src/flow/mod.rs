@@ -133,11 +133,15 @@ pub struct Flow {
     stream: Stream,
     request: Request,
     pending: Option<Pending>,
+    /// A change that came while another was held (state in a trailer while
+    /// the headers' write is out): sent once that one is stored, so the two
+    /// land in order and both answers are read.
+    deferred: Option<Op>,
 }
 
 impl Flow {
     pub fn new(context_id: u32, config: Rc<Config>, worker: Rc<Worker>) -> Flow {
-        Flow { context_id, config, worker, stream: Stream::Idle, request: Request::default(), pending: None }
+        Flow { context_id, config, worker, stream: Stream::Idle, request: Request::default(), pending: None, deferred: None }
     }
 
     fn count(&self, counter: Counter) {
@@ -279,11 +283,9 @@ impl Flow {
     }
 
     /// State the app could only send after the body (its response was
-    /// already committed) arrives as a trailer: store it like a header.
+    /// already committed) arrives as a trailer: store it like a header. The
+    /// trailer never reaches the client, whether it is stored or not.
     pub fn on_response_trailers(&mut self, host: &mut impl HttpHost) -> Action {
-        let Stream::Served(served) = std::mem::replace(&mut self.stream, Stream::Done) else {
-            return Action::Continue;
-        };
         let config = Rc::clone(&self.config);
         let trailers = host.response_trailers();
         let trailer = ResponseView::read(&trailers, &config);
@@ -292,6 +294,9 @@ impl Flow {
                 host.remove_response_trailer(name);
             }
         }
+        let Stream::Served(served) = std::mem::replace(&mut self.stream, Stream::Done) else {
+            return Action::Continue;
+        };
         if trailer.end {
             // Too late to drop the cookie; the app's next "unknown" will.
             self.end_served(host, &served);
@@ -304,7 +309,19 @@ impl Flow {
         let op = served.write(state, self.store_ttl(served.since(), host.now_ms()));
         self.stream = Stream::Served(served);
         self.count(Counter::StoreWrites);
+        if self.pending.is_some() {
+            self.deferred = Some(op);
+            return Action::Pause;
+        }
         self.store_change(host, op)
+    }
+
+    /// Sends the change that waited for the one just answered, if any.
+    fn send_deferred(&mut self, host: &mut impl HttpHost) -> Action {
+        match self.deferred.take() {
+            Some(op) => self.store_change(host, op),
+            None => Action::Continue,
+        }
     }
 
     /// Sends an operation that changes the session to the store: held in sync
@@ -359,9 +376,13 @@ impl Flow {
     /// The answer to a held change of the session (write, commit, end, rotate).
     fn on_change_reply(&mut self, host: &mut impl HttpHost, op: &Op, reply: Result<Reply, StoreError>) -> Action {
         match reply {
-            Ok(Reply::Stored) => Action::Continue,
-            Ok(Reply::Conflict { owner }) => self.change_refused(host, op, owner),
+            Ok(Reply::Stored) => self.send_deferred(host),
+            Ok(Reply::Conflict { owner }) => {
+                self.deferred = None;
+                self.change_refused(host, op, owner)
+            }
             Ok(Reply::Ended) => {
+                self.deferred = None;
                 // The session ended elsewhere meanwhile: so it ends here too.
                 host.add_response_header("set-cookie", &self.issuer().expired_cookie());
                 self.stream = Stream::Done;
@@ -369,13 +390,14 @@ impl Flow {
             }
             Ok(other) => {
                 warn!("[{}] store answered a {} with {other:?}; ignored", self.context_id, op.name());
+                self.deferred = None;
                 Action::Continue
             }
             Err(error) => {
                 // The app still holds the state; the next write catches the store up.
                 warn!("[{}] session {} failed: {error:?}", self.context_id, op.name());
                 self.worker.unprotected(host.now_ms());
-                Action::Continue
+                self.send_deferred(host)
             }
         }
     }

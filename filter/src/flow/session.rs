@@ -231,6 +231,7 @@ impl Flow {
         self.count(Counter::SessionsEnded);
         self.stream = Stream::Done;
         let Some(store) = &self.config.store else { return };
+        self.worker.remember_ended(&sid, host.now_ms().saturating_add(store.idle_ttl_ms));
         let op = Op::End { sid, owner, lease, tombstone_ms: store.idle_ttl_ms };
         if !self.worker.send_later(host, &self.config, self.context_id, op) {
             self.worker.unprotected(host.now_ms());

@@ -4,6 +4,7 @@
 //! read, so the breaker, the counters and the reply checks apply to all.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -22,6 +23,8 @@ use crate::store::{Client, Op, Reply, StoreCall, StoreError};
 const MAX_DETACHED: usize = 1024;
 /// One "state changes are not protected" line per worker per this interval.
 const UNPROTECTED_LOG_INTERVAL_MS: u64 = 10_000;
+/// Sessions a worker remembers it ended at most; beyond it the oldest go.
+const MAX_ENDED: usize = 1024;
 
 #[derive(Debug, Default)]
 pub struct Worker {
@@ -36,6 +39,10 @@ pub struct Worker {
     queued: RefCell<Vec<StoreCall>>,
     /// The worker's calls in flight: (token, call, start time).
     detached: RefCell<Vec<(u32, StoreCall, u64)>>,
+    /// Sessions this worker ended, with when their tombstone expires: no
+    /// failover here restores them while the tombstone is still queued, in
+    /// flight, or lost to a failing store.
+    ended: RefCell<VecDeque<(String, u64)>>,
     /// Feeds the keyed fallback for unguessable ids when the host has no CSPRNG.
     ids_made: Cell<u64>,
     unprotected: Cell<u64>,
@@ -216,6 +223,21 @@ impl Worker {
             Err(_) if is_state_change(&sent.call.op) => self.unprotected(now_ms),
             Err(_) => {}
         }
+    }
+
+    /// Remembers that this worker ended session `sid`, until `until_ms`.
+    pub fn remember_ended(&self, sid: &str, until_ms: u64) {
+        if let Ok(mut ended) = self.ended.try_borrow_mut() {
+            if ended.len() >= MAX_ENDED {
+                ended.pop_front();
+            }
+            ended.push_back((sid.to_string(), until_ms));
+        }
+    }
+
+    /// Whether this worker ended session `sid` (and its tombstone still stands).
+    pub fn has_ended(&self, sid: &str, now_ms: u64) -> bool {
+        self.ended.try_borrow().is_ok_and(|ended| ended.iter().any(|(s, until)| s == sid && *until > now_ms))
     }
 
     /// Counts a state change the store did not take, and says so in the log

@@ -139,6 +139,88 @@ fn state_sent_as_a_trailer_is_stored_and_stripped() {
     assert_eq!(host.resumed_response, 1);
 }
 
+/// A failover request for SID, pinned to B1/pod-a with the moving flag.
+fn moving(bed: &Bed) -> FakeProxy {
+    let cookie = format!("{COOKIE}={}", bed.cookie(B1, "pod-a", cookie::FLAG_MOVING));
+    bed.proxy(&[("cookie", &cookie)])
+}
+
+#[test]
+fn a_session_ended_here_is_not_restored_while_its_tombstone_is_on_its_way() {
+    let bed = Bed::new(with_store("sync"));
+    bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-end", "1")]);
+    // The tombstone still waits in the worker's queue (or the store failed it).
+    let mut host = moving(&bed);
+    assert_eq!(bed.flow().on_request_headers(&mut host), Action::Continue);
+    assert!(host.calls.is_empty(), "the store is not asked for its state");
+    assert_eq!((host.req("x-session-new"), host.req("x-session-state")), (Some("1"), None));
+    assert_ne!(host.req("x-session-id"), Some(SID));
+}
+
+#[test]
+fn a_session_ended_while_its_failover_asks_the_store_is_not_restored() {
+    let bed = Bed::new(with_store("sync"));
+    let mut host = moving(&bed);
+    let mut f = bed.flow();
+    assert_eq!(f.on_request_headers(&mut host), Action::Pause);
+    bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-end", "1")]);
+    reply(&mut f, &mut host, Reply::Acquired { state: Some("s".into()) });
+    assert_eq!(host.resumed_request, 1);
+    assert_eq!((host.req("x-session-new"), host.req("x-session-state")), (Some("1"), None));
+    // The lease goes back once the tombstone is out.
+    send_queued(&bed, &mut host);
+    let (token, status, body) = host.answer(&Reply::Stored);
+    bed.worker.on_detached_reply(&*host.shared, &bed.config, token, status, &body, NOW_MS);
+    send_queued(&bed, &mut host);
+    assert!(matches!(host.ops()[..], [Op::Begin { .. }, Op::End { .. }, Op::Release { .. }]), "{:?}", host.ops());
+}
+
+#[test]
+fn a_state_trailer_never_reaches_the_client_even_when_it_is_not_stored() {
+    let bed = Bed::new(with_store("sync"));
+    // A skipped path, and a new session whose response names no upstream.
+    for request in [&[(":path", "/static/app.js")][..], &[]] {
+        let mut host = bed.proxy(request);
+        let mut f = bed.flow();
+        f.on_request_headers(&mut host);
+        host.response = vec![(":status".into(), "200".into())];
+        assert_eq!(f.on_response_headers(&mut host), Action::Continue);
+        host.trailers = vec![("x-session-state".into(), "s".into())];
+        assert_eq!(f.on_response_trailers(&mut host), Action::Continue);
+        assert!(host.trailers.is_empty(), "{request:?}");
+        assert!(host.calls.is_empty());
+    }
+}
+
+#[test]
+fn a_state_trailer_during_a_held_write_follows_it_in_order() {
+    let bed = Bed::new(with_store("sync"));
+    let (mut f, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+    assert_eq!(action, Action::Pause);
+    host.trailers = vec![("x-session-state".into(), "s2".into())];
+    assert_eq!(f.on_response_trailers(&mut host), Action::Pause);
+    assert!(host.trailers.is_empty());
+    assert_eq!(host.calls.len(), 1, "the trailer's write waits for the headers' one");
+    reply(&mut f, &mut host, Reply::Stored);
+    assert_eq!(host.resumed_response, 0);
+    let states: Vec<_> = host.ops().iter().map(|op| if let Op::Write { state, .. } = op { state.clone() } else { None }).collect();
+    assert_eq!(states, [Some("s1".to_string()), Some("s2".to_string())]);
+    reply(&mut f, &mut host, Reply::Stored);
+    assert_eq!(host.resumed_response, 1);
+    assert_eq!(bed.count(Counter::StoreWrites), 2);
+}
+
+#[test]
+fn a_state_trailer_after_a_refused_write_is_not_sent() {
+    let bed = Bed::new(with_store("sync"));
+    let (mut f, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+    host.trailers = vec![("x-session-state".into(), "s2".into())];
+    f.on_response_trailers(&mut host);
+    reply(&mut f, &mut host, Reply::Conflict { owner: Some(owner(B2, "pod-b")) });
+    assert_eq!(host.local_reply.as_ref().map(|(status, _)| *status), Some(503));
+    assert_eq!(host.calls.len(), 1, "the host does not own the session: nothing more is written");
+}
+
 #[test]
 fn a_write_to_a_session_that_ended_elsewhere_drops_the_cookie() {
     let bed = Bed::new(with_store("sync"));
