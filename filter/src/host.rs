@@ -22,9 +22,10 @@ pub trait SharedData {
 /// What a worker's own context can do (and every stream too): shared data,
 /// store calls, the clock, randomness.
 pub trait WorkerHost: SharedData {
-    /// Starts an HTTP call to the store; returns its token. The answer comes
-    /// back to whoever made the call: the stream's flow, or the worker.
-    fn dispatch(&mut self, call: &StoreCall) -> Option<u32>;
+    /// Starts an HTTP call to the store; returns its token (64 bits: Envoy's
+    /// native callout ids are). The answer comes back to whoever made the
+    /// call: the stream's flow, or the worker.
+    fn dispatch(&mut self, call: &StoreCall) -> Option<u64>;
     /// Wall-clock time in milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
     /// 16 bytes from the host's CSPRNG; `None` if it has none.

@@ -118,8 +118,8 @@ impl FakeProxy {
 
     /// The store's answer to the most recent call, as webdis would send it
     /// (echoing the call's nonce and session id): (token, status, body).
-    pub fn answer(&self, reply: &Reply) -> (u32, Option<u32>, Vec<u8>) {
-        let token = u32::try_from(self.calls.len()).unwrap_or(u32::MAX);
+    pub fn answer(&self, reply: &Reply) -> (u64, Option<u32>, Vec<u8>) {
+        let token = u64::try_from(self.calls.len()).unwrap_or(u64::MAX);
         let Some(call) = self.calls.last() else { return (token, None, Vec::new()) };
         (token, Some(200), webdis_reply(&call.nonce, call.op.sid(), reply))
     }
@@ -143,7 +143,8 @@ pub fn webdis_reply(nonce: &str, sid: &str, reply: &Reply) -> Vec<u8> {
 }
 
 fn to_map(headers: &[(String, String)]) -> HeaderMap {
-    HeaderMap::from_pairs(headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+    let pairs: Vec<(&[u8], &[u8])> = headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
+    HeaderMap::from_pairs(&pairs)
 }
 
 impl SharedData for FakeProxy {
@@ -156,12 +157,12 @@ impl SharedData for FakeProxy {
 }
 
 impl WorkerHost for FakeProxy {
-    fn dispatch(&mut self, call: &StoreCall) -> Option<u32> {
+    fn dispatch(&mut self, call: &StoreCall) -> Option<u64> {
         if self.no_store {
             return None;
         }
         self.calls.push(call.clone());
-        u32::try_from(self.calls.len()).ok()
+        u64::try_from(self.calls.len()).ok()
     }
     fn now_ms(&self) -> u64 {
         self.now_ms

@@ -285,7 +285,7 @@ impl Flow {
 
     /// The store's answer to the call with `token`. `status` is None when the
     /// call failed or timed out.
-    pub fn on_store_response(&mut self, host: &mut impl HttpHost, token: u32, status: Option<u32>, body: &[u8]) {
+    pub fn on_store_response(&mut self, host: &mut impl HttpHost, token: u64, status: Option<u32>, body: &[u8]) {
         let Some(pending) = self.pending.take_if(|p| p.sent.token == token) else { return };
         let config = Rc::clone(&self.config);
         let reply = self.worker.store_reply(&*host, &config, &pending.sent, status, body, host.now_ms());

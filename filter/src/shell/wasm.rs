@@ -109,10 +109,10 @@ impl Context for Root {
         let streams = self.waiters.take(|wait| wait == Wait::Call(token));
         if streams.is_empty() {
             let proxy = Proxy::new(self.context_id, &config, &self.waiters);
-            self.worker.on_detached_reply(&proxy, &config, token, status, &body, proxy.now_ms());
+            self.worker.on_detached_reply(&proxy, &config, token.into(), status, &body, proxy.now_ms());
             return;
         }
-        self.run_for_streams(&config, streams, |flow, proxy| flow.on_store_response(proxy, token, status, &body));
+        self.run_for_streams(&config, streams, |flow, proxy| flow.on_store_response(proxy, token.into(), status, &body));
     }
 }
 
@@ -283,7 +283,7 @@ fn hold_body(hold: bool) -> ProxyAction {
 impl Context for Filter {
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _: usize) {
         let (status, body) = call_response(num_headers, body_size);
-        self.run(|flow, proxy| flow.on_store_response(proxy, token, status, &body), ());
+        self.run(|flow, proxy| flow.on_store_response(proxy, token.into(), status, &body), ());
     }
 }
 
@@ -348,12 +348,12 @@ impl SharedData for Proxy {
 const ROUTE_LEN_MAX: usize = MAX_UPSTREAM_LEN.div_ceil(3) * 4;
 
 impl WorkerHost for Proxy {
-    fn dispatch(&mut self, call: &StoreCall) -> Option<u32> {
+    fn dispatch(&mut self, call: &StoreCall) -> Option<u64> {
         let headers: Vec<(&str, &str)> = call.headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
         match hostcalls::dispatch_http_call(&call.cluster, headers, Some(&call.body), vec![], call.timeout) {
             Ok(token) => {
                 self.started.push(Wait::Call(token));
-                Some(token)
+                Some(token.into())
             }
             Err(status) => {
                 warn!("[{}] store call to cluster {:?} failed to start: {status:?}", self.context_id, call.cluster);

@@ -4,6 +4,7 @@ use std::ffi::c_void;
 use std::ptr::{self, NonNull};
 use std::time::Duration;
 
+use super::config::callout_started;
 use super::ffi::*;
 use super::hooks::SlotState;
 use crate::filter::{CalloutError, CalloutId, Counter, HeaderMap, Histogram, LocalResponse};
@@ -228,18 +229,12 @@ impl Stream<'_> {
                 timeout_ms,
             )
         };
-        if result == CALLOUT_INIT_SUCCESS {
-            return Ok(CalloutId(id));
+        let started = callout_started(result, id);
+        if started.is_err() {
+            // A callout that did not start has no completion to deliver.
+            self.state.inline_callouts.borrow_mut().truncate(inline_before);
         }
-        // A callout that did not start has no completion to deliver.
-        self.state.inline_callouts.borrow_mut().truncate(inline_before);
-        Err(match result {
-            1 => CalloutError::MissingRequiredHeaders,
-            2 => CalloutError::ClusterNotFound,
-            3 => CalloutError::DuplicateCalloutId,
-            4 => CalloutError::CannotCreateRequest,
-            other => CalloutError::Other(other),
-        })
+        started
     }
 
     /// A handle that runs [`HttpFilter::on_scheduled`] on this stream's worker,
