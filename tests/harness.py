@@ -26,8 +26,7 @@ import testbed as tb  # noqa: E402  (envoy/testbed.py, after the path is set)
 
 import cookie_signer  # noqa: E402
 
-METRIC_PREFIX = "wasmcustom.session_affinity."
-# Each worker flushes its counters once a second.
+# The wasm build's workers flush their counters once a second.
 FLUSH_PERIOD = 1.0
 COUNTER_TIMEOUT = 6.0
 INTERNAL_HEADERS = ("x-session-route", "x-session-id", "x-session-new", "x-session-state")
@@ -162,7 +161,7 @@ class Counters:
         self.baseline = self._settled()
 
     def _read(self) -> dict[str, int]:
-        return {name[len(METRIC_PREFIX):]: value for name, value in self.envoy.stats(METRIC_PREFIX).items()}
+        return self.envoy.filter_counters()
 
     def _settled(self) -> dict[str, int]:
         deadline = time.monotonic() + COUNTER_TIMEOUT
@@ -196,5 +195,5 @@ class Counters:
             if done or overshoot or time.monotonic() - start > COUNTER_TIMEOUT:
                 break
             time.sleep(0.1)
-        expect(received == wanted, f"counter changes on {self.envoy.name} ({METRIC_PREFIX}*)", wanted,
+        expect(received == wanted, f"counter changes on {self.envoy.name} ({self.envoy.metric_prefix}*)", wanted,
                f"{received}; all changes: {json.dumps(deltas, sort_keys=True)}")

@@ -33,7 +33,6 @@ import copy
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait as wait_futures
@@ -42,7 +41,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from harness import METRIC_PREFIX, REPO, expect, expect_equal, tb, verify_cookie
+from harness import expect, expect_equal, tb, verify_cookie
 
 REQUEST_TIMEOUT = 10.0
 FLUSH_PERIOD = 1.0
@@ -51,20 +50,6 @@ SETTLE_TIMEOUT = 8.0
 RECOVERY_TIMEOUT = 6.0
 # The three counters that each count one moved session.
 FAILOVER_COUNTERS = ("failovers.known", "failovers.replayed", "failovers.restart")
-
-
-# ----------------------------------------------------------------- the module
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_wasm(wasm):
-    """Rebuild the filter when any of its sources is newer than the module."""
-    built = tb.WASM.stat().st_mtime
-    sources = [p for p in (REPO / "filter").rglob("*") if p.is_file() and p.suffix in (".rs", ".toml")]
-    sources += [REPO / "Cargo.toml", REPO / "Cargo.lock"]
-    if any(p.exists() and p.stat().st_mtime > built for p in sources):
-        subprocess.run([str(REPO / "filter" / "build")], cwd=REPO, check=True, stdin=subprocess.DEVNULL,
-                       timeout=900)
-    return tb.WASM
 
 
 def with_config(base: dict, **sections) -> dict:
@@ -167,17 +152,13 @@ def in_parallel(function, items, workers: int = 8, timeout: float = 60.0) -> lis
 
 # ------------------------------------------------------------------- counters
 
-def read_counters(envoy: "tb.Envoy") -> dict[str, int]:
-    return {name[len(METRIC_PREFIX):]: value for name, value in envoy.stats(METRIC_PREFIX).items()}
-
-
 def settled_counters(envoy: "tb.Envoy") -> dict[str, int]:
     """The filter's counters once two reads a flush period apart agree (bounded)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    previous = read_counters(envoy)
+    previous = envoy.filter_counters()
     while True:
         time.sleep(FLUSH_PERIOD + 0.15)
-        current = read_counters(envoy)
+        current = envoy.filter_counters()
         if current == previous or time.monotonic() > deadline:
             return current
         previous = current
