@@ -176,7 +176,13 @@ impl ConfigHandle<'_> {
     pub fn increment(&self, counter: Counter, by: u64) {
         // SAFETY: see the impl; no labels. Envoy rejects only an unknown id.
         unsafe {
-            envoy_dynamic_module_callback_http_filter_config_increment_counter(self.envoy, counter.0, ptr::null_mut(), 0, by)
+            envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                self.envoy,
+                counter.0,
+                ptr::null_mut(),
+                0,
+                by,
+            )
         };
     }
 
@@ -242,10 +248,16 @@ fn run_config_hook(envoy: EnvoyConfigPtr, config: ModulePtr, hook: impl FnOnce(&
             for done in deferred {
                 let outcome = catch_unwind(AssertUnwindSafe(|| {
                     let (headers, body) = done.views();
-                    module.on_callout_done(&mut handle, CalloutId(done.id), callout_outcome(done.result, headers, body));
+                    module.on_callout_done(
+                        &mut handle,
+                        CalloutId(done.id),
+                        callout_outcome(done.result, headers, body),
+                    );
                 }));
                 if outcome.is_err() {
-                    log::error!("session-affinity-native: a configuration callout hook panicked; its answer is dropped");
+                    log::error!(
+                        "session-affinity-native: a configuration callout hook panicked; its answer is dropped"
+                    );
                 }
             }
         }

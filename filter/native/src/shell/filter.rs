@@ -33,7 +33,11 @@ impl SessionFilter {
 
     /// Runs one flow callback, then hands Envoy the counts it made and the
     /// main thread the store calls it queued.
-    fn run<T>(&mut self, stream: &mut Stream<'_>, callback: impl FnOnce(&mut Flow, &mut StreamHost<'_, '_>) -> T) -> Option<T> {
+    fn run<T>(
+        &mut self,
+        stream: &mut Stream<'_>,
+        callback: impl FnOnce(&mut Flow, &mut StreamHost<'_, '_>) -> T,
+    ) -> Option<T> {
         let (flow, thread) = self.state.as_mut()?;
         let mut host = StreamHost::new(stream);
         let result = callback(flow, &mut host);

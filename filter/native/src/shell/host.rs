@@ -48,13 +48,25 @@ pub trait Caller {
 }
 
 impl Caller for Stream<'_> {
-    fn http_callout(&mut self, cluster: &str, headers: &[(&str, &[u8])], body: &[u8], timeout: Duration) -> Result<CalloutId, CalloutError> {
+    fn http_callout(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &[u8])],
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<CalloutId, CalloutError> {
         Stream::http_callout(self, cluster, headers, body, timeout)
     }
 }
 
 impl Caller for ConfigHandle<'_> {
-    fn http_callout(&mut self, cluster: &str, headers: &[(&str, &[u8])], body: &[u8], timeout: Duration) -> Result<CalloutId, CalloutError> {
+    fn http_callout(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &[u8])],
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<CalloutId, CalloutError> {
         ConfigHandle::http_callout(self, cluster, headers, body, timeout)
     }
 }
@@ -74,7 +86,10 @@ impl<C: Caller> WorkerHost for Host<'_, C> {
         match self.caller.http_callout(&call.cluster, &headers, &call.body, call.timeout) {
             Ok(id) => Some(id.0),
             Err(error) => {
-                log::warn!("session-affinity-native: store call to cluster {:?} failed to start: {error:?}", call.cluster);
+                log::warn!(
+                    "session-affinity-native: store call to cluster {:?} failed to start: {error:?}",
+                    call.cluster
+                );
                 None
             }
         }
@@ -183,4 +198,3 @@ impl HttpHost for StreamHost<'_, '_> {
         self.caller.continue_encoding();
     }
 }
-

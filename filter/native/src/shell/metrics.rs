@@ -24,7 +24,9 @@ impl MetricIds {
     pub fn define(context: &mut ConfigContext<'_>) -> Result<MetricIds, String> {
         let counters = Counter::ALL
             .iter()
-            .map(|c| context.define_counter(c.name()).map_err(|e| format!("metric {}: Envoy refused it ({e:?})", c.name())))
+            .map(|c| {
+                context.define_counter(c.name()).map_err(|e| format!("metric {}: Envoy refused it ({e:?})", c.name()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let latency = context
             .define_histogram(STORE_LATENCY)

@@ -130,7 +130,7 @@ impl FilterConfig for SessionAffinity {
     ) {
         let Some(main) = threads::this_thread(&self.shared) else { return };
         let (status, body) = answer(response);
-                let now = Host::new(config).now_ms();
+        let now = Host::new(config).now_ms();
         main.worker.on_detached_reply(&ProcessShared, &main.config, callout.0, status, &body, now);
         // A session's next call waited for this answer.
         self.send_queued(&main, config);
