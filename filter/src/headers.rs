@@ -56,12 +56,12 @@ impl HeaderMap {
     /// Serialises pairs the way proxy-wasm does, in one allocation of the
     /// exact size: how a host without that format (Envoy's native ABI, the
     /// fakes) hands over a map.
-    pub fn from_pairs(pairs: &[(&[u8], &[u8])]) -> HeaderMap {
+    pub fn from_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> HeaderMap {
         let length = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
-        let text: usize = pairs.iter().map(|(name, value)| name.len() + value.len() + 2).sum();
-        let mut bytes = Vec::with_capacity(4 + pairs.len() * 8 + text);
-        bytes.extend_from_slice(&length(pairs.len()));
-        for (name, value) in pairs {
+        let (count, text) = pairs.clone().fold((0, 0), |(count, text), (name, value)| (count + 1, text + name.len() + value.len() + 2));
+        let mut bytes = Vec::with_capacity(4 + count * 8 + text);
+        bytes.extend_from_slice(&length(count));
+        for (name, value) in pairs.clone() {
             bytes.extend_from_slice(&length(name.len()));
             bytes.extend_from_slice(&length(value.len()));
         }
@@ -134,14 +134,14 @@ mod tests {
     #[test]
     fn pairs_read_back_as_serialised() {
         let pairs: [(&[u8], &[u8]); 3] = [(b":path", b"/a"), (b"cookie", b"sa=1; b=2"), (b"empty", b"")];
-        let map = HeaderMap::from_pairs(&pairs);
+        let map = HeaderMap::from_pairs(pairs.iter().copied());
         assert_eq!(map.bytes.capacity(), map.bytes.len(), "sized exactly");
         assert_eq!(map.iter().collect::<Vec<_>>(), pairs);
     }
 
     #[test]
     fn malformed_buffers_end_early_without_panicking() {
-        let whole = HeaderMap::from_pairs(&[(b"name", b"value")]).bytes;
+        let whole = HeaderMap::from_pairs([(&b"name"[..], &b"value"[..])].into_iter()).bytes;
         for cut in 0..whole.len() {
             let map = HeaderMap::from_serialized(whole[..cut].to_vec());
             assert!(map.iter().count() <= 1);

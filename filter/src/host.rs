@@ -1,6 +1,8 @@
 //! What the core needs from the proxy. The wasm shell implements these traits
 //! over proxy-wasm host calls; `testing` implements them for unit tests.
 
+use std::borrow::Cow;
+
 use crate::headers::HeaderMap;
 use crate::store::StoreCall;
 
@@ -35,14 +37,16 @@ pub trait WorkerHost: SharedData {
 /// The proxy, for one HTTP stream.
 pub trait HttpHost: WorkerHost {
     fn request_headers(&mut self) -> HeaderMap;
-    /// Replaces every value of the header.
-    fn set_request_header(&mut self, name: &str, value: &str);
+    /// Adds a header the request does not carry. The flow removes the
+    /// client's copies of its headers first and writes each at most once, so
+    /// it never needs Envoy's replace, which costs a search of the whole map.
+    fn add_request_header(&mut self, name: &str, value: &str);
     fn remove_request_header(&mut self, name: &str);
     /// Sends the request to exactly this upstream ("ip:port") of the route's
     /// cluster, or answers 503 UH if the cluster does not have it healthy.
     fn route_to(&mut self, upstream: &str);
     /// The route's upstream cluster, as the proxy names it ("" if unknown).
-    fn cluster_name(&mut self) -> String;
+    fn cluster_name(&mut self) -> Cow<'_, str>;
     fn response_headers(&mut self) -> HeaderMap;
     fn add_response_header(&mut self, name: &str, value: &str);
     fn remove_response_header(&mut self, name: &str);

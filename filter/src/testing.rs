@@ -4,6 +4,7 @@
 //!
 //! Built for `cargo test` and with the `testing` feature; never in the module.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -55,6 +56,9 @@ pub struct FakeProxy {
     pub trailers: Vec<(String, String)>,
     /// The upstream `route_to` chose, if any.
     pub routed_to: Option<String>,
+    /// Request headers the flow added although the request had them (the
+    /// host interface says it never does).
+    pub added_twice: Vec<String>,
     pub cluster: String,
     pub upstream: Option<String>,
     pub flags: u64,
@@ -143,8 +147,7 @@ pub fn webdis_reply(nonce: &str, sid: &str, reply: &Reply) -> Vec<u8> {
 }
 
 fn to_map(headers: &[(String, String)]) -> HeaderMap {
-    let pairs: Vec<(&[u8], &[u8])> = headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
-    HeaderMap::from_pairs(&pairs)
+    HeaderMap::from_pairs(headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
 }
 
 impl SharedData for FakeProxy {
@@ -180,8 +183,10 @@ impl HttpHost for FakeProxy {
     fn request_headers(&mut self) -> HeaderMap {
         to_map(&self.request)
     }
-    fn set_request_header(&mut self, name: &str, value: &str) {
-        self.request.retain(|(k, _)| k != name);
+    fn add_request_header(&mut self, name: &str, value: &str) {
+        if self.request.iter().any(|(k, _)| k == name) {
+            self.added_twice.push(name.into());
+        }
         self.request.push((name.into(), value.into()));
     }
     fn remove_request_header(&mut self, name: &str) {
@@ -190,8 +195,8 @@ impl HttpHost for FakeProxy {
     fn route_to(&mut self, upstream: &str) {
         self.routed_to = Some(upstream.to_string());
     }
-    fn cluster_name(&mut self) -> String {
-        self.cluster.clone()
+    fn cluster_name(&mut self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.cluster)
     }
     fn response_headers(&mut self) -> HeaderMap {
         to_map(&self.response)

@@ -182,7 +182,7 @@ impl Flow {
     /// cookie on the response.
     fn send_pinned(&mut self, host: &mut impl HttpHost, claims: Claims, reissue: bool) {
         host.route_to(claims.upstream());
-        host.set_request_header(&self.config.headers.session_id, claims.sid());
+        host.add_request_header(&self.config.headers.session_id, claims.sid());
         self.stream = Stream::Pinned { claims, reissue };
     }
 
@@ -197,16 +197,16 @@ impl Flow {
     /// the session's id and either the state to restore or "create it".
     fn send_unpinned(&self, host: &mut impl HttpHost, sid: &str, state: Option<&str>) {
         let h = &self.config.headers;
-        host.set_request_header(&h.session_id, sid);
+        host.add_request_header(&h.session_id, sid);
         match state {
-            Some(state) => host.set_request_header(&h.session_state, state),
-            None => host.set_request_header(&h.session_new, "1"),
+            Some(state) => host.add_request_header(&h.session_state, state),
+            None => host.add_request_header(&h.session_new, "1"),
         }
         // The router may retry on another host when no app saw the request:
         // refused connections, and a mesh sidecar's "app not reached" answer.
-        host.set_request_header("x-envoy-retry-on", RETRY_ON_UNREACHED);
-        host.set_request_header("x-envoy-retriable-header-names", &h.unreached);
-        host.set_request_header("x-envoy-max-retries", MAX_RETRIES);
+        host.add_request_header("x-envoy-retry-on", RETRY_ON_UNREACHED);
+        host.add_request_header("x-envoy-retriable-header-names", &h.unreached);
+        host.add_request_header("x-envoy-max-retries", MAX_RETRIES);
     }
 
     pub fn on_response_headers(&mut self, host: &mut impl HttpHost) -> Action {

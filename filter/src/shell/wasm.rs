@@ -12,6 +12,7 @@
 //! root's tick (their answers come to the root), and a stream's calls made
 //! from the root (after a timer) are routed back to the stream here.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, UNIX_EPOCH};
@@ -195,18 +196,19 @@ impl Root {
     }
 
     fn flush_metrics(&self) {
-        let (counts, latencies) = self.worker.metrics.drain();
         let Some((counters, histogram)) = &self.metrics else { return };
-        for (counter, delta) in counts {
-            if let Some(Some(id)) = counters.get(counter as usize) {
-                let _ = hostcalls::increment_metric(*id, i64::try_from(delta).unwrap_or(i64::MAX));
-            }
-        }
-        if let Some(id) = histogram {
-            for millis in latencies {
-                let _ = hostcalls::record_metric(*id, millis);
-            }
-        }
+        self.worker.metrics.flush(
+            |counter, delta| {
+                if let Some(Some(id)) = counters.get(counter as usize) {
+                    let _ = hostcalls::increment_metric(*id, i64::try_from(delta).unwrap_or(i64::MAX));
+                }
+            },
+            |millis| {
+                if let Some(id) = histogram {
+                    let _ = hostcalls::record_metric(*id, millis);
+                }
+            },
+        );
     }
 
     /// Runs a flow callback for each stream, in the stream's context, and
@@ -387,8 +389,8 @@ impl HttpHost for Proxy {
         header_map(MapType::HttpRequestHeaders)
     }
 
-    fn set_request_header(&mut self, name: &str, value: &str) {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+    fn add_request_header(&mut self, name: &str, value: &str) {
+        let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value);
     }
 
     fn remove_request_header(&mut self, name: &str) {
@@ -404,10 +406,10 @@ impl HttpHost for Proxy {
         }
     }
 
-    fn cluster_name(&mut self) -> String {
+    fn cluster_name(&mut self) -> Cow<'_, str> {
         match hostcalls::get_property(vec!["xds", "cluster_name"]) {
-            Ok(Some(bytes)) => String::from_utf8(bytes).unwrap_or_default(),
-            _ => String::new(),
+            Ok(Some(bytes)) => Cow::Owned(String::from_utf8(bytes).unwrap_or_default()),
+            _ => Cow::Borrowed(""),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The core's host interface over Envoy's native ABI, for a stream's hooks
 //! on a worker and for the configuration's own hooks on the main thread.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use session_affinity::headers::HeaderMap;
@@ -112,7 +113,7 @@ impl<'s> StreamHost<'_, 's> {
     /// A header map in the core's form, from one `get_headers` call (a
     /// `get_header` per name would cost more: filter/native/README.md).
     fn header_map(&self, map: filter::HeaderMap) -> HeaderMap {
-        HeaderMap::from_pairs(&self.caller.headers(map))
+        HeaderMap::from_pairs(self.caller.headers(map).iter())
     }
 }
 
@@ -121,8 +122,8 @@ impl HttpHost for StreamHost<'_, '_> {
         self.header_map(filter::HeaderMap::RequestHeaders)
     }
 
-    fn set_request_header(&mut self, name: &str, value: &str) {
-        self.caller.set_header(filter::HeaderMap::RequestHeaders, name, value.as_bytes());
+    fn add_request_header(&mut self, name: &str, value: &str) {
+        self.caller.add_header(filter::HeaderMap::RequestHeaders, name, value.as_bytes());
     }
 
     fn remove_request_header(&mut self, name: &str) {
@@ -138,8 +139,8 @@ impl HttpHost for StreamHost<'_, '_> {
         }
     }
 
-    fn cluster_name(&mut self) -> String {
-        self.caller.cluster_name().unwrap_or_default().to_owned()
+    fn cluster_name(&mut self) -> Cow<'_, str> {
+        Cow::Borrowed(self.caller.cluster_name().unwrap_or_default())
     }
 
     fn response_headers(&mut self) -> HeaderMap {

@@ -36,15 +36,14 @@ impl MetricIds {
 
     /// Hands the worker's pending counts and latency samples to Envoy.
     pub fn flush(&self, worker: &Worker, sink: &impl Sink) {
-        let (counts, latencies) = worker.metrics.drain();
-        for (counter, delta) in counts {
-            if let Some(id) = self.counters.get(counter as usize) {
-                sink.increment(*id, delta);
-            }
-        }
-        for millis in latencies {
-            sink.record(self.latency, millis);
-        }
+        worker.metrics.flush(
+            |counter, delta| {
+                if let Some(id) = self.counters.get(counter as usize) {
+                    sink.increment(*id, delta);
+                }
+            },
+            |millis| sink.record(self.latency, millis),
+        );
     }
 }
 
