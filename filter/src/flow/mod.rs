@@ -233,17 +233,22 @@ impl Flow {
     }
 
     /// State the app could only send after the body (its response was
-    /// already committed) arrives as a trailer: store it like a header.
+    /// already committed) arrives as a trailer: store it like a header. It
+    /// never reaches the client, whether or not there is a session to store
+    /// it for (an ended session's, an unmanaged path's).
     pub fn on_response_trailers(&mut self, host: &mut impl HttpHost) -> Action {
-        let Stream::Served { sid, owner, since } = std::mem::replace(&mut self.stream, Stream::Done) else {
+        if matches!(self.stream, Stream::Idle) {
             return Action::Continue;
-        };
+        }
         let trailers = host.response_trailers();
         let (sent, state) = trailer_state(&trailers, &self.config);
         if !sent {
             return Action::Continue;
         }
         host.remove_response_trailer(&self.config.headers.session_state);
+        let Stream::Served { sid, owner, since } = std::mem::replace(&mut self.stream, Stream::Done) else {
+            return Action::Continue;
+        };
         let Some(state) = state else {
             warn!("[{}] the app sent a session state trailer that is not a valid header value; not stored", self.context_id);
             return Action::Continue;
