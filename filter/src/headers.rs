@@ -20,18 +20,26 @@ const ENVOY_RETRY_HEADERS: [&str; 3] = ["x-envoy-retry-on", "x-envoy-max-retries
 #[derive(Debug, Clone)]
 pub struct InternalHeaders {
     names: Vec<String>,
+    /// Bit `n` set: some name is `n` bytes long (names of 64 bytes or more
+    /// set none and are compared always). Most request headers are ruled
+    /// out by their length alone.
+    lengths: u64,
+    long_names: bool,
 }
 
 impl InternalHeaders {
     pub fn new(h: &HeaderNames) -> InternalHeaders {
         let mut names: Vec<String> = h.named().iter().map(|(_, name)| name.to_string()).collect();
         names.extend(ENVOY_RETRY_HEADERS.iter().map(|n| n.to_string()));
-        InternalHeaders { names }
+        let lengths = names.iter().filter(|n| n.len() < 64).fold(0, |bits, n| bits | 1 << n.len());
+        let long_names = names.iter().any(|n| n.len() >= 64);
+        InternalHeaders { names, lengths, long_names }
     }
 
     /// Whether `name` (as a client sent it) spells an internal header.
     pub fn matches(&self, name: &[u8]) -> bool {
-        self.names.iter().any(|internal| same_header(name, internal.as_bytes()))
+        let possible = if name.len() < 64 { self.lengths & 1 << name.len() != 0 } else { self.long_names };
+        possible && self.names.iter().any(|internal| same_header(name, internal.as_bytes()))
     }
 }
 
@@ -129,6 +137,9 @@ mod tests {
         for name in ["x-session-states", "x-session", "cookie", "x-session-stat", "xxsession-id"] {
             assert!(!internal.matches(name.as_bytes()), "{name}");
         }
+        let long = "x-".repeat(40);
+        let names = HeaderNames { session_id: long.clone(), ..HeaderNames::default() };
+        assert!(InternalHeaders::new(&names).matches(long.to_uppercase().as_bytes()), "names of 64 bytes and more too");
     }
 
     #[test]

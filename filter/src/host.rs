@@ -1,5 +1,6 @@
 //! What the core needs from the proxy. The wasm shell implements these traits
-//! over proxy-wasm host calls; `testing` implements them for unit tests.
+//! over proxy-wasm host calls, the native module (filter/native) over Envoy's
+//! dynamic-module ABI, and `testing` for unit tests.
 
 use std::borrow::Cow;
 
@@ -60,8 +61,9 @@ pub trait HttpHost: WorkerHost {
     fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &str);
     /// Calls the stream's `on_timer` after about `after_ms`.
     fn set_timer(&mut self, after_ms: u64) -> bool;
-    /// Asks for the worker's `Worker::send_queued` to run soon, from the
-    /// worker's own context: calls that must outlive the stream are made there.
+    /// Asks for the calls the worker queued to be sent soon from a context
+    /// that outlives the stream (the wasm shell: the worker's root context,
+    /// which runs `Worker::send_queued`; the native module: Envoy's main thread).
     fn wake_worker(&mut self);
     fn resume_request(&mut self);
     fn resume_response(&mut self);
