@@ -48,6 +48,12 @@ REDIS_CONF = ENVOY_DIR / "redis.conf"
 STORE_PASSWORD_ENV = "SA_STORE_PASSWORD"
 BACKEND_APP = ENVOY_DIR / "backend" / "app.py"
 WASM = REPO / "target" / "wasm32-unknown-unknown" / "release" / "session_affinity.wasm"
+# The same filter as an Envoy dynamic module (filter/native): Envoy loads
+# lib<name>.so from ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
+NATIVE = REPO / "target" / "native" / "libsession_affinity_native.so"
+MODULES = ("wasm", "native")
+# Where each build's counters appear in Envoy's /stats.
+METRIC_PREFIXES = {"wasm": "wasmcustom.session_affinity.", "native": "dynamicmodulescustom.session_affinity."}
 BACKEND_NAMES = ("a", "b", "c")
 ENVOY_BIN = os.environ.get("ENVOY_BIN", "envoy")
 # The programs a testbed starts; .ci/setup testbed installs them.
@@ -248,9 +254,12 @@ def store_password() -> str:
     raise ValueError(f"{WEBDIS_JSON} has no http_basic_auth rule")
 
 
-def envoy_env() -> dict[str, str]:
+def envoy_env(module: str = "wasm") -> dict[str, str]:
     """What an Envoy running envoy/testbed.yaml needs in its environment."""
-    return {STORE_PASSWORD_ENV: store_password()}
+    env = {STORE_PASSWORD_ENV: store_password()}
+    if module == "native":
+        env["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(NATIVE.parent)
+    return env
 
 
 def redis_command(port: int, *args: str, timeout: float = 2.0):
@@ -301,6 +310,29 @@ def default_filter_config() -> dict:
     return json.loads(find_wasm_filter(load_bootstrap())["configuration"]["value"])
 
 
+def use_native_module(bootstrap: dict):
+    """Swaps the wasm filter for the native module with the same plugin JSON,
+    and drops stateful_session: the module picks the host itself."""
+    for listener in bootstrap["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                filters = network_filter["typed_config"].get("http_filters", [])
+                for index, http_filter in enumerate(filters):
+                    if http_filter["name"] == WASM_FILTER:
+                        filters[index] = native_filter(http_filter["typed_config"]["config"]["configuration"]["value"])
+                filters[:] = [f for f in filters if f["name"] != "envoy.filters.http.stateful_session"]
+
+
+def native_filter(plugin_json: str) -> dict:
+    """The native module's http_filters entry (filter/native/envoy.yaml shows it to users)."""
+    return {"name": "envoy.filters.http.dynamic_modules", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+        "dynamic_module_config": {"name": NATIVE.stem.removeprefix("lib"), "do_not_close": True},
+        "filter_name": "session_affinity",
+        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": plugin_json},
+    }}
+
+
 def _endpoints(port_list) -> list[dict]:
     return [{"lb_endpoints": [
         {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
@@ -308,8 +340,9 @@ def _endpoints(port_list) -> list[dict]:
     ]}]
 
 
-def render_bootstrap(ports: PortPlan, listener: int, admin: int, filter_config: dict, wasm: Path = WASM) -> dict:
-    """envoy/testbed.yaml with this plan's ports, this .wasm and this plugin JSON."""
+def render_bootstrap(ports: PortPlan, listener: int, admin: int, filter_config: dict, wasm: Path = WASM,
+                     module: str = "wasm") -> dict:
+    """envoy/testbed.yaml with this plan's ports, this .wasm (or the native module) and this plugin JSON."""
     bootstrap = copy.deepcopy(load_bootstrap())
     bootstrap["admin"]["address"]["socket_address"]["port_value"] = admin
     listeners = bootstrap["static_resources"]["listeners"]
@@ -324,6 +357,8 @@ def render_bootstrap(ports: PortPlan, listener: int, admin: int, filter_config: 
             cluster["load_assignment"]["endpoints"] = _endpoints(ports.backends)
         elif cluster["name"] == STORE_CLUSTER:
             cluster["load_assignment"]["endpoints"] = _endpoints([ports.webdis])
+    if module == "native":
+        use_native_module(bootstrap)
     return bootstrap
 
 
@@ -341,18 +376,29 @@ class Envoy:
             ENVOY_BIN, "-c", str(self.config_path), "--concurrency", str(testbed.concurrency),
             "--disable-hot-restart", "-l", "info",
         ]
-        self.process = Process(name, argv, testbed.workdir / f"{name}.log", env=envoy_env())
+        self.process = Process(name, argv, testbed.workdir / f"{name}.log", env=envoy_env(testbed.module))
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.listener}"
 
     @property
+    def metric_prefix(self) -> str:
+        """Where the filter's counters appear in /stats."""
+        return METRIC_PREFIXES[self.testbed.module]
+
+    def filter_counters(self) -> dict[str, int]:
+        """The filter's counters, named without the prefix (e.g. "sessions.pinned")."""
+        prefix = self.metric_prefix
+        return {name[len(prefix):]: value for name, value in self.stats(prefix).items()}
+
+    @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin}"
 
     def write_config(self) -> Path:
-        bootstrap = render_bootstrap(self.testbed.ports, self.listener, self.admin, self.filter_config, self.testbed.wasm)
+        bootstrap = render_bootstrap(self.testbed.ports, self.listener, self.admin, self.filter_config, self.testbed.wasm,
+                                     self.testbed.module)
         for patch in self.testbed.bootstrap_patches:
             patch(bootstrap)
         self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
@@ -449,7 +495,11 @@ class Testbed:
     """
 
     def __init__(self, ports: PortPlan, workdir: Path, concurrency: int = 2,
-                 filter_config: dict | None = None, wasm: Path = WASM, say=None, mesh: bool = False):
+                 filter_config: dict | None = None, wasm: Path = WASM, say=None, mesh: bool = False,
+                 module: str = "wasm"):
+        if module not in MODULES:
+            raise ValueError(f"module must be one of {MODULES}, not {module!r}")
+        self.module = module
         self.ports = ports
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -627,24 +677,37 @@ def missing_tools() -> list[str]:
     return [tool for tool in TOOLS if shutil.which(tool) is None]
 
 
-def wasm_is_stale() -> bool:
-    """True if the module is missing or older than any filter source."""
-    if not WASM.exists():
+def module_path(module: str = "wasm") -> Path:
+    return NATIVE if module == "native" else WASM
+
+
+def module_is_stale(module: str = "wasm") -> bool:
+    """True if the module is missing or older than any of its sources."""
+    built_path = module_path(module)
+    if not built_path.exists():
         return True
     sources = [*(REPO / "filter" / "src").rglob("*.rs"), REPO / "filter" / "Cargo.toml", REPO / "filter" / "build",
                REPO / "Cargo.toml", REPO / "Cargo.lock"]
-    built = WASM.stat().st_mtime
+    if module == "native":
+        sources += [*(REPO / "filter" / "native" / "src").rglob("*.rs"), REPO / "filter" / "native" / "Cargo.toml"]
+    built = built_path.stat().st_mtime
     return any(path.exists() and path.stat().st_mtime > built for path in sources)
 
 
-def ensure_wasm(rebuild: bool = False, say=print) -> Path:
-    """The filter module, built with filter/build when missing or stale (or when asked)."""
-    if rebuild or wasm_is_stale():
+def ensure_module(module: str = "wasm", rebuild: bool = False, say=print) -> Path:
+    """The built module, built with filter/build when missing or stale (or when asked)."""
+    if rebuild or module_is_stale(module):
         say("building the filter with filter/build (the first build takes a few minutes)")
         subprocess.run([str(REPO / "filter" / "build")], cwd=REPO, check=True, stdin=subprocess.DEVNULL, timeout=1800)
-    if not WASM.exists():
-        raise FileNotFoundError(f"filter/build did not produce {WASM}")
-    return WASM
+    built = module_path(module)
+    if not built.exists():
+        raise FileNotFoundError(f"filter/build did not produce {built}")
+    return built
+
+
+def ensure_wasm(rebuild: bool = False, say=print) -> Path:
+    """The .wasm (what the Kubernetes and Istio setups load)."""
+    return ensure_module("wasm", rebuild, say)
 
 
 class _Stop(Exception):
@@ -663,7 +726,10 @@ def parse_args(argv):
     parser.add_argument("--free-ports", action="store_true",
                         help="pick free ports instead of the documented ones (to run beside another testbed)")
     parser.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
-    parser.add_argument("--rebuild", action="store_true", help="run filter/build even if the .wasm exists")
+    parser.add_argument("--rebuild", action="store_true", help="run filter/build even if the module exists")
+    parser.add_argument("--module", choices=MODULES, default="wasm",
+                        help="the filter as proxy-wasm (default), or as the native Envoy dynamic module "
+                             "(no stateful_session filter)")
     parser.add_argument("--workdir", type=Path, help="where configs and logs go (default: a new temp dir)")
     parser.add_argument("--mesh", action="store_true",
                         help="put every backend behind its own sidecar Envoy, reached over mutual TLS (like Istio)")
@@ -700,7 +766,7 @@ def main(argv=None) -> int:
         say(f"not installed: {', '.join(missing)}; `.ci/setup testbed` installs them (Debian/Ubuntu)")
         return 2
     try:
-        ensure_wasm(args.rebuild, say)
+        ensure_module(args.module, args.rebuild, say)
     except subprocess.CalledProcessError as err:
         say(f"filter/build failed with exit code {err.returncode} (its output is above)")
         return 1
@@ -711,7 +777,8 @@ def main(argv=None) -> int:
         return 130
     ports = PortPlan.free() if args.free_ports else PortPlan()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sa-testbed-"))
-    testbed = testbed_class(args.app)(ports, workdir, concurrency=args.concurrency, say=say, mesh=args.mesh)
+    testbed = testbed_class(args.app)(ports, workdir, concurrency=args.concurrency, say=say, mesh=args.mesh,
+                                         module=args.module)
     say(f"configs and logs in {workdir}")
     try:
         testbed.start()

@@ -31,7 +31,7 @@ from typing import Callable
 
 import requests
 
-from harness import Paused, User, changes, json_body, read_counters, settled_counters, tb
+from harness import Paused, User, changes, json_body, settled_counters, tb
 
 THINK = (0.020, 0.050)
 RETRY_AFTER_CAP = 3.0
@@ -479,7 +479,7 @@ def run(bed: "tb.Testbed", sessions: int, scenario: Callable[[Faults], None], sa
         missing = traffic.wait_for_progress(0.0, 30.0)
         if missing:
             raise RuntimeError(f"sessions without a first answer within 30s: {missing}")
-        before = read_counters(envoy)
+        before = envoy.filter_counters()
         scenario(faults)
     finally:
         faults.thaw_store()

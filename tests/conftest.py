@@ -7,13 +7,46 @@ restarts or reconfigures anything asks for `own_testbed` instead.
 A test marked `mesh` runs twice: with the backends reached directly, and with
 each backend behind its own sidecar Envoy over mutual TLS (`--mesh`), as in
 an Istio mesh.
+
+The testbeds run the filter as proxy-wasm, or with `--module native` as the
+native Envoy dynamic module (no stateful_session filter). That run selects
+only the tests that use a testbed: the others do not depend on the build.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from harness import Client, require_tool, tb
+
+TESTBED_FIXTURES = {"module", "shared_testbed", "testbed", "own_testbed"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--module", choices=tb.MODULES, default=os.environ.get("SA_MODULE", "wasm"),
+                     help="the build the testbeds run: wasm (default) or native (also: SA_MODULE)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--module") == "wasm":
+        return
+    kept = [item for item in items if TESTBED_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    deselected = [item for item in items if item not in kept]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
+@pytest.fixture(scope="session")
+def module(request):
+    """Which build the testbeds run; built with filter/build if it is missing or older than its sources."""
+    name = request.config.getoption("--module")
+    for tool in tb.TOOLS:
+        require_tool(tool)
+    tb.ensure_module(name)
+    return name
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +57,9 @@ def wasm():
     return tb.ensure_wasm()
 
 
-def _testbed(workdir, filter_config=None, mesh=False):
-    return tb.Testbed(tb.PortPlan.free(), workdir, concurrency=2, filter_config=filter_config, mesh=mesh)
+def _testbed(workdir, module, filter_config=None, mesh=False):
+    return tb.Testbed(tb.PortPlan.free(), workdir, concurrency=2, filter_config=filter_config, mesh=mesh,
+                      module=module)
 
 
 def pytest_configure(config):
@@ -44,8 +78,8 @@ def topology(request):
 
 
 @pytest.fixture(scope="session")
-def shared_testbed(wasm, tmp_path_factory):
-    with _testbed(tmp_path_factory.mktemp("testbed")) as bed:
+def shared_testbed(module, tmp_path_factory):
+    with _testbed(tmp_path_factory.mktemp("testbed"), module) as bed:
         yield bed
 
 
@@ -59,9 +93,9 @@ def testbed(shared_testbed):
 
 
 @pytest.fixture
-def own_testbed(wasm, tmp_path, topology):
+def own_testbed(module, tmp_path, topology):
     """A testbed for this test alone, which it may kill, restart and reconfigure."""
-    with _testbed(tmp_path / "testbed", mesh=topology == "mesh") as bed:
+    with _testbed(tmp_path / "testbed", module, mesh=topology == "mesh") as bed:
         yield bed
 
 

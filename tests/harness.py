@@ -32,8 +32,7 @@ import testbed as tb  # noqa: E402  (envoy/testbed.py, after the path is set)
 
 import cookie_signer  # noqa: E402
 
-METRIC_PREFIX = "wasmcustom.session_affinity."
-# Each worker flushes its counters once a second.
+# The wasm build's workers flush their counters once a second.
 FLUSH_PERIOD = 1.0
 COUNTER_TIMEOUT = 6.0
 # How long settled_counters waits for two equal reads.
@@ -173,7 +172,7 @@ class Counters:
         self.baseline = self._settled()
 
     def _read(self) -> dict[str, int]:
-        return {name[len(METRIC_PREFIX):]: value for name, value in self.envoy.stats(METRIC_PREFIX).items()}
+        return self.envoy.filter_counters()
 
     def _settled(self) -> dict[str, int]:
         deadline = time.monotonic() + COUNTER_TIMEOUT
@@ -207,7 +206,7 @@ class Counters:
             if done or overshoot or time.monotonic() - start > COUNTER_TIMEOUT:
                 break
             time.sleep(0.1)
-        expect(received == wanted, f"counter changes on {self.envoy.name} ({METRIC_PREFIX}*)", wanted,
+        expect(received == wanted, f"counter changes on {self.envoy.name} ({self.envoy.metric_prefix}*)", wanted,
                f"{received}; all changes: {json.dumps(deltas, sort_keys=True)}")
 
 
@@ -311,17 +310,13 @@ def in_parallel(function, items, workers: int = 8, timeout: float = 60.0) -> lis
 
 # ------------------------------------------------------------------- counters
 
-def read_counters(envoy: "tb.Envoy") -> dict[str, int]:
-    return {name[len(METRIC_PREFIX):]: value for name, value in envoy.stats(METRIC_PREFIX).items()}
-
-
 def settled_counters(envoy: "tb.Envoy") -> dict[str, int]:
     """The filter's counters once two reads a flush period apart agree (bounded)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    previous = read_counters(envoy)
+    previous = envoy.filter_counters()
     while True:
         time.sleep(FLUSH_PERIOD + 0.15)
-        current = read_counters(envoy)
+        current = envoy.filter_counters()
         if current == previous or time.monotonic() > deadline:
             return current
         previous = current

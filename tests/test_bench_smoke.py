@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "bench" / "run"
 BASELINES = ["router", "native_cookie", "noop_wasm", "naive_wasm", "floor_wasm"]
-FILTER = ["filter_pinned", "filter_new"]
+FILTER = ["filter_pinned", "filter_new", "native_filter_pinned", "native_filter_new"]
 
 
 def _missing_tools() -> list[str]:

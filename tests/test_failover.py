@@ -28,33 +28,18 @@ what was received, and conftest.py adds the tail of every process log.
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 
 import pytest
 import requests
 
-from harness import (REPO, REQUEST_TIMEOUT, Checks, Paused, User, backend_at, changes, describe, drive, expect,
+from harness import (REQUEST_TIMEOUT, Checks, Paused, User, backend_at, changes, describe, drive, expect,
                      expect_equal, failovers, health, in_parallel, json_body, owner_of, settle_load_balancer,
                      settled_counters, start_sessions, stored, tb, verify_cookie, with_config)
 
 # How long a store that is back may take to serve again (webdis reconnecting to Redis).
 RECOVERY_TIMEOUT = 6.0
-
-
-# ----------------------------------------------------------------- the module
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_wasm(wasm):
-    """Rebuild the filter when any of its sources is newer than the module."""
-    built = tb.WASM.stat().st_mtime
-    sources = [p for p in (REPO / "filter").rglob("*") if p.is_file() and p.suffix in (".rs", ".toml")]
-    sources += [REPO / "Cargo.toml", REPO / "Cargo.lock"]
-    if any(p.exists() and p.stat().st_mtime > built for p in sources):
-        subprocess.run([str(REPO / "filter" / "build")], cwd=REPO, check=True, stdin=subprocess.DEVNULL,
-                       timeout=900)
-    return tb.WASM
 
 
 # ---------------------------------------------------------------------- tests

@@ -61,11 +61,14 @@ def test_client_route_header_does_not_move_a_session(client, testbed):
     first = client.new_session()
     home = testbed.backend_named(first.body["backend"])
     elsewhere = next(b for b in testbed.backends if b is not home)
+    # The wasm build steers through stateful_session with its own route
+    # header; the native module overrides the host without one.
+    filters_own = route_header(home.address) if testbed.module == "wasm" else None
     for expected in range(2, 12):
         body = client.get(cookie=first.cookie, headers={"x-session-route": route_header(elsewhere.address)}).body
         expect_equal((body["backend"], body["count"]), (home.name, expected),
                      f"request {expected} with a client route header to {elsewhere.name}")
-        expect_equal(body["received"].get("x-session-route"), route_header(home.address),
+        expect_equal(body["received"].get("x-session-route"), filters_own,
                      "the only route header upstream is the filter's own")
 
 

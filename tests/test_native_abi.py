@@ -1,9 +1,14 @@
 """The native module (filter/native) against the real Envoy 1.40.
 
-First the binding itself: every callback it imports exists in this Envoy,
-every hook it exports is one Envoy looks up, and Envoy says the ABI version
-matched. Then the demo filter (filter/native/src/demo.rs) in a running Envoy
-with three Python backends, one test per callback or hook it uses.
+First the binding itself, in both builds of the library (the session-affinity
+filter, and the demo filter of the `demo` feature): every callback it imports
+exists in this Envoy, every hook it exports is one Envoy looks up, and Envoy
+says the ABI version matched. A module built for another Envoy fails these
+with a message that says what to rebind. Then the example config for users
+and the filter's config errors, through `envoy --mode validate`. Then the demo
+filter (filter/native/src/demo.rs) in a running Envoy with three Python
+backends, one test per callback or hook it uses. The session-affinity filter
+itself runs the e2e suite (`pytest tests --module native`).
 """
 
 from __future__ import annotations
@@ -26,8 +31,12 @@ from harness import REPO, tb
 
 NATIVE = REPO / "filter" / "native"
 DEMO_CONFIG = NATIVE / "demo" / "envoy.yaml"
+EXAMPLE_CONFIG = NATIVE / "example" / "envoy.yaml"
 BACKEND = NATIVE / "demo" / "backend.py"
-MODULE_DIR = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "native"
+# The demo build has its own target directory: the same library name with
+# other features would otherwise replace the filter's build.
+DEMO_TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "native-demo"
+MODULE_DIR = DEMO_TARGET / "native"
 MODULE = MODULE_DIR / "libsession_affinity_native.so"
 BUILD_TIMEOUT = 900
 REQUEST_TIMEOUT = 10.0
@@ -37,7 +46,8 @@ CONFIG_PORTS = {"listener": 10000, "admin": 9901, "a": 18081, "b": 18082, "sidec
 
 # The hooks that Envoy's HTTP filter loader looks up as required
 # (filters/http/dynamic_modules/filter_config.cc): without any one of them it
-# rejects the filter configuration.
+# rejects the filter configuration. It looks up the configuration's own hooks
+# too, but only uses them if present; the filter needs them.
 REQUIRED_HOOKS = {
     "envoy_dynamic_module_on_program_init",
     "envoy_dynamic_module_on_http_filter_config_new",
@@ -60,6 +70,10 @@ REQUIRED_HOOKS = {
     "envoy_dynamic_module_on_http_filter_scheduled",
     "envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark",
     "envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark",
+}
+FILTER_HOOKS = REQUIRED_HOOKS | {
+    "envoy_dynamic_module_on_http_filter_config_scheduled",
+    "envoy_dynamic_module_on_http_filter_config_http_callout_done",
 }
 
 # Envoy's response flags (the bitmask of the `response.flags` attribute).
@@ -97,18 +111,33 @@ def declared_abi_version() -> str:
 
 @pytest.fixture(scope="module")
 def module_so() -> Path:
-    """The module, built with the `native` profile (it must unwind to fail open)."""
+    """The demo build, with the `native` profile (it must unwind to fail open)."""
     env = dict(os.environ)
     cargo_bin = Path.home() / ".cargo" / "bin"
     if cargo_bin.is_dir():  # the rustup toolchain, not Debian's rustc-web
         env["PATH"] = f"{cargo_bin}:{env['PATH']}"
     build = subprocess.run(
-        ["cargo", "build", "--profile", "native", "-p", "session-affinity-native"],
+        ["cargo", "build", "--profile", "native", "-p", "session-affinity-native", "--features", "demo",
+         "--target-dir", str(DEMO_TARGET)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
     )
     assert build.returncode == 0, f"building the native module failed:\n{build.stderr[-4000:]}"
     assert MODULE.is_file(), f"the build did not produce {MODULE}"
     return MODULE
+
+
+@pytest.fixture(scope="module")
+def filter_so() -> Path:
+    """The session-affinity filter's build (filter/build)."""
+    return tb.ensure_module("native")
+
+
+@pytest.fixture(params=["filter", "demo"])
+def any_so(request) -> tuple[Path, set[str]]:
+    """Each build, with the hooks it must export."""
+    if request.param == "filter":
+        return request.getfixturevalue("filter_so"), FILTER_HOOKS
+    return request.getfixturevalue("module_so"), REQUIRED_HOOKS
 
 
 def demo_config_text(ports: dict[str, int], filter_config: str | None = None) -> str:
@@ -122,14 +151,14 @@ def demo_config_text(ports: dict[str, int], filter_config: str | None = None) ->
     return text
 
 
-def envoy_env() -> dict[str, str]:
-    return {**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(MODULE_DIR)}
+def envoy_env(module_dir: Path = MODULE_DIR) -> dict[str, str]:
+    return {**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(module_dir)}
 
 
-def validate(config: Path) -> subprocess.CompletedProcess:
+def validate(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(envoy_binary()), "--mode", "validate", "-c", str(config)],
-        env=envoy_env(), capture_output=True, text=True, timeout=120,
+        env=env or envoy_env(), capture_output=True, text=True, timeout=120,
     )
 
 
@@ -228,7 +257,8 @@ def demo(module_so, tmp_path_factory):
 # ------------------------------------------------------------- the ABI --
 
 
-def test_every_imported_callback_exists_in_this_envoy(module_so):
+def test_every_imported_callback_exists_in_this_envoy(any_so):
+    module_so, _ = any_so
     imported = {s for s in symbols(module_so, "--undefined-only") if s.startswith("envoy_dynamic_module_callback_")}
     exported_by_envoy = symbols(envoy_binary(), "--defined-only")
     missing = sorted(imported - exported_by_envoy)
@@ -239,7 +269,8 @@ def test_every_imported_callback_exists_in_this_envoy(module_so):
     )
 
 
-def test_every_exported_hook_is_one_this_envoy_looks_up(module_so):
+def test_every_exported_hook_is_one_this_envoy_looks_up(any_so):
+    module_so, required = any_so
     exported = {s for s in symbols(module_so, "--defined-only") if s.startswith("envoy_dynamic_module_on_")}
     envoy_strings = set(
         subprocess.run(["strings", "-n", "20", str(envoy_binary())], capture_output=True, text=True, timeout=120)
@@ -247,8 +278,8 @@ def test_every_exported_hook_is_one_this_envoy_looks_up(module_so):
     )
     unknown = sorted(exported - envoy_strings)
     assert not unknown, f"this Envoy never looks up {unknown}: a misspelt hook, or one of another ABI version"
-    absent = sorted(REQUIRED_HOOKS - exported)
-    assert not absent, f"Envoy refuses a module without {absent}"
+    absent = sorted(required - exported)
+    assert not absent, f"Envoy refuses a module without {absent}, or the filter needs them"
 
 
 def test_abi_version_matches_this_envoy(demo):
@@ -272,6 +303,38 @@ def test_envoy_validates_the_demo_config(module_so):
     result = validate(DEMO_CONFIG)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "session-affinity-native demo filter" in result.stdout + result.stderr
+
+
+def filter_env(**extra: str) -> dict[str, str]:
+    """What the example config needs: the filter's build, a cookie key and the store password."""
+    return {**envoy_env(tb.NATIVE.parent), "SA_KEY_1": "example-key-for-validation-only-0123456789",
+            tb.STORE_PASSWORD_ENV: "example", **extra}
+
+
+def test_envoy_validates_the_example_config(filter_so):
+    result = validate(EXAMPLE_CONFIG, filter_env())
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"Dynamic module ABI version {declared_abi_version()} matched." in output, output[-3000:]
+    assert "session-affinity 0.1.0 (native" in output and 'cookie "__Host-sa", keys ["k1"]' in output, output[-3000:]
+
+
+def test_the_filter_refuses_a_bad_config_naming_the_field(filter_so, tmp_path):
+    config = tmp_path / "envoy.yaml"
+    config.write_text(EXAMPLE_CONFIG.read_text().replace('"ttl": "1h"', '"ttl": "ten minutes"'))
+    result = validate(config, filter_env())
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, "Envoy accepted a plugin config with a bad duration"
+    assert "filter configuration is rejected: invalid config: cookie.ttl" in output, output[-3000:]
+
+
+def test_the_filter_names_a_missing_secret_and_never_logs_one(filter_so):
+    result = validate(EXAMPLE_CONFIG, {k: v for k, v in filter_env().items() if k != "SA_KEY_1"})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, "Envoy accepted a config whose key secret is not set"
+    assert "keys[0].secret_env: environment variable SA_KEY_1 is not set" in output, output[-3000:]
+    accepted = validate(EXAMPLE_CONFIG, filter_env())
+    assert "example-key-for-validation-only" not in accepted.stdout + accepted.stderr + output
 
 
 def test_a_bad_filter_config_is_rejected_naming_the_field(module_so, tmp_path):

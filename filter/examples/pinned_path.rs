@@ -74,7 +74,9 @@ fn main() -> ExitCode {
         ("x-instance-id", "app-7f9c"),
     ];
     serve(&config, &worker, proxies, &response, requests);
-    println!("{requests} requests, {sessions} sessions, counters {:?}", worker.metrics.drain().0);
+    let mut counts = Vec::new();
+    worker.metrics.flush(|counter, n| counts.push((counter, n)), |_| {});
+    println!("{requests} requests, {sessions} sessions, counters {counts:?}");
     ExitCode::SUCCESS
 }
 

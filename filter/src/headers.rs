@@ -20,18 +20,26 @@ const ENVOY_RETRY_HEADERS: [&str; 3] = ["x-envoy-retry-on", "x-envoy-max-retries
 #[derive(Debug, Clone)]
 pub struct InternalHeaders {
     names: Vec<String>,
+    /// Bit `n` set: some name is `n` bytes long (names of 64 bytes or more
+    /// set none and are compared always). Most request headers are ruled
+    /// out by their length alone.
+    lengths: u64,
+    long_names: bool,
 }
 
 impl InternalHeaders {
     pub fn new(h: &HeaderNames) -> InternalHeaders {
         let mut names: Vec<String> = h.named().iter().map(|(_, name)| name.to_string()).collect();
         names.extend(ENVOY_RETRY_HEADERS.iter().map(|n| n.to_string()));
-        InternalHeaders { names }
+        let lengths = names.iter().filter(|n| n.len() < 64).fold(0, |bits, n| bits | 1 << n.len());
+        let long_names = names.iter().any(|n| n.len() >= 64);
+        InternalHeaders { names, lengths, long_names }
     }
 
     /// Whether `name` (as a client sent it) spells an internal header.
     pub fn matches(&self, name: &[u8]) -> bool {
-        self.names.iter().any(|internal| same_header(name, internal.as_bytes()))
+        let possible = if name.len() < 64 { self.lengths & 1 << name.len() != 0 } else { self.long_names };
+        possible && self.names.iter().any(|internal| same_header(name, internal.as_bytes()))
     }
 }
 
@@ -53,18 +61,20 @@ impl HeaderMap {
         HeaderMap { bytes }
     }
 
-    /// Serialises pairs the way the proxy does (for fakes and tests).
-    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> HeaderMap {
-        let pairs: Vec<_> = pairs.into_iter().collect();
+    /// Serialises pairs the way proxy-wasm does, in one allocation of the
+    /// exact size: how a host without that format (Envoy's native ABI, the
+    /// fakes) hands over a map.
+    pub fn from_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> HeaderMap {
         let length = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(&length(pairs.len()));
-        for (name, value) in &pairs {
+        let (count, text) = pairs.clone().fold((0, 0), |(count, text), (name, value)| (count + 1, text + name.len() + value.len() + 2));
+        let mut bytes = Vec::with_capacity(4 + count * 8 + text);
+        bytes.extend_from_slice(&length(count));
+        for (name, value) in pairs.clone() {
             bytes.extend_from_slice(&length(name.len()));
             bytes.extend_from_slice(&length(value.len()));
         }
-        for (name, value) in &pairs {
-            bytes.extend_from_slice(name.as_bytes());
+        for (name, value) in pairs {
+            bytes.extend_from_slice(name);
             bytes.push(0);
             bytes.extend_from_slice(value);
             bytes.push(0);
@@ -127,20 +137,22 @@ mod tests {
         for name in ["x-session-states", "x-session", "cookie", "x-session-stat", "xxsession-id"] {
             assert!(!internal.matches(name.as_bytes()), "{name}");
         }
+        let long = "x-".repeat(40);
+        let names = HeaderNames { session_id: long.clone(), ..HeaderNames::default() };
+        assert!(InternalHeaders::new(&names).matches(long.to_uppercase().as_bytes()), "names of 64 bytes and more too");
     }
 
     #[test]
     fn pairs_read_back_as_serialised() {
-        let pairs: [(&str, &[u8]); 3] = [(":path", b"/a"), ("cookie", b"sa=1; b=2"), ("empty", b"")];
-        let map = HeaderMap::from_pairs(pairs);
-        let read: Vec<_> = map.iter().collect();
-        let expected: Vec<_> = pairs.iter().map(|(n, v)| (n.as_bytes(), *v)).collect();
-        assert_eq!(read, expected);
+        let pairs: [(&[u8], &[u8]); 3] = [(b":path", b"/a"), (b"cookie", b"sa=1; b=2"), (b"empty", b"")];
+        let map = HeaderMap::from_pairs(pairs.iter().copied());
+        assert_eq!(map.bytes.capacity(), map.bytes.len(), "sized exactly");
+        assert_eq!(map.iter().collect::<Vec<_>>(), pairs);
     }
 
     #[test]
     fn malformed_buffers_end_early_without_panicking() {
-        let whole = HeaderMap::from_pairs([("name", &b"value"[..])]).bytes;
+        let whole = HeaderMap::from_pairs([(&b"name"[..], &b"value"[..])].into_iter()).bytes;
         for cut in 0..whole.len() {
             let map = HeaderMap::from_serialized(whole[..cut].to_vec());
             assert!(map.iter().count() <= 1);

@@ -1,5 +1,8 @@
 //! What the core needs from the proxy. The wasm shell implements these traits
-//! over proxy-wasm host calls; `testing` implements them for unit tests.
+//! over proxy-wasm host calls, the native module (filter/native) over Envoy's
+//! dynamic-module ABI, and `testing` for unit tests.
+
+use std::borrow::Cow;
 
 use crate::headers::HeaderMap;
 use crate::store::StoreCall;
@@ -22,9 +25,10 @@ pub trait SharedData {
 /// What a worker's own context can do (and every stream too): shared data,
 /// store calls, the clock, randomness.
 pub trait WorkerHost: SharedData {
-    /// Starts an HTTP call to the store; returns its token. The answer comes
-    /// back to whoever made the call: the stream's flow, or the worker.
-    fn dispatch(&mut self, call: &StoreCall) -> Option<u32>;
+    /// Starts an HTTP call to the store; returns its token (64 bits: Envoy's
+    /// native callout ids are). The answer comes back to whoever made the
+    /// call: the stream's flow, or the worker.
+    fn dispatch(&mut self, call: &StoreCall) -> Option<u64>;
     /// Wall-clock time in milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
     /// 16 bytes from the host's CSPRNG; `None` if it has none.
@@ -34,14 +38,16 @@ pub trait WorkerHost: SharedData {
 /// The proxy, for one HTTP stream.
 pub trait HttpHost: WorkerHost {
     fn request_headers(&mut self) -> HeaderMap;
-    /// Replaces every value of the header.
-    fn set_request_header(&mut self, name: &str, value: &str);
+    /// Adds a header the request does not carry. The flow removes the
+    /// client's copies of its headers first and writes each at most once, so
+    /// it never needs Envoy's replace, which costs a search of the whole map.
+    fn add_request_header(&mut self, name: &str, value: &str);
     fn remove_request_header(&mut self, name: &str);
     /// Sends the request to exactly this upstream ("ip:port") of the route's
     /// cluster, or answers 503 UH if the cluster does not have it healthy.
     fn route_to(&mut self, upstream: &str);
     /// The route's upstream cluster, as the proxy names it ("" if unknown).
-    fn cluster_name(&mut self) -> String;
+    fn cluster_name(&mut self) -> Cow<'_, str>;
     fn response_headers(&mut self) -> HeaderMap;
     fn add_response_header(&mut self, name: &str, value: &str);
     fn remove_response_header(&mut self, name: &str);
@@ -55,8 +61,9 @@ pub trait HttpHost: WorkerHost {
     fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &str);
     /// Calls the stream's `on_timer` after about `after_ms`.
     fn set_timer(&mut self, after_ms: u64) -> bool;
-    /// Asks for the worker's `Worker::send_queued` to run soon, from the
-    /// worker's own context: calls that must outlive the stream are made there.
+    /// Asks for the calls the worker queued to be sent soon from a context
+    /// that outlives the stream (the wasm shell: the worker's root context,
+    /// which runs `Worker::send_queued`; the native module: Envoy's main thread).
     fn wake_worker(&mut self);
     fn resume_request(&mut self);
     fn resume_response(&mut self);

@@ -14,7 +14,8 @@
 //!    table of gone hosts), [`breaker`] (the store's circuit breaker),
 //!    [`metrics`];
 //! 5. [`flow`] (every decision, per request);
-//! 6. the shells that connect the core to a proxy: `shell::wasm` (proxy-wasm).
+//! 6. the shells that connect the core to a proxy: `shell::wasm` (proxy-wasm),
+//!    and the native Envoy module in `filter/native` (its own crate).
 //!
 //! A pinned request: the shell hands the request headers to
 //! `flow::Flow::on_request_headers` → `flow::request` reads the cookie

@@ -1,8 +1,9 @@
 //! Counters and the store-latency histogram.
 //!
-//! Requests bump plain in-memory counters; the worker's tick adds them to the
-//! proxy's metrics once a second. That keeps host calls off the hot path: a
-//! pinned request makes no metric call at all.
+//! Requests bump plain in-memory counters, which the shell hands to the
+//! proxy's metrics: the wasm shell from the worker's tick once a second (a
+//! pinned request makes no metric call at all), the native shell after each
+//! hook (Envoy's native counters cost an atomic add).
 //!
 //! Names are `session_affinity.<area>.<event>`, areas `sessions`, `cookies`,
 //! `failovers`, `store` and `gone` (Envoy shows them as
@@ -94,12 +95,17 @@ pub const STORE_LATENCY: &str = "session_affinity.store.latency_ms";
 #[derive(Debug)]
 pub struct Metrics {
     counts: Vec<Cell<u64>>,
+    /// Bit `i` set: `counts[i]` is not zero (a flush visits only those).
+    counted: Cell<u64>,
     latencies_ms: RefCell<Vec<u64>>,
 }
 
+// The bitmask has a bit for every counter.
+const _: () = assert!(Counter::ALL.len() <= 64);
+
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics { counts: Counter::ALL.iter().map(|_| Cell::new(0)).collect(), latencies_ms: RefCell::default() }
+        Metrics { counts: Counter::ALL.iter().map(|_| Cell::new(0)).collect(), counted: Cell::new(0), latencies_ms: RefCell::default() }
     }
 }
 
@@ -107,30 +113,34 @@ impl Metrics {
     pub fn incr(&self, counter: Counter) {
         if let Some(cell) = self.counts.get(counter as usize) {
             cell.set(cell.get().saturating_add(1));
+            self.counted.set(self.counted.get() | 1 << (counter as u32));
         }
     }
 
     pub fn store_latency(&self, millis: u64) {
         if let Ok(mut samples) = self.latencies_ms.try_borrow_mut() {
-            // Bounded: a stalled tick must not grow this without limit.
+            // Bounded: a stalled flush must not grow this without limit.
             if samples.len() < 4096 {
                 samples.push(millis);
             }
         }
     }
 
-    /// Takes the pending counts (counter, delta) and latency samples.
-    pub fn drain(&self) -> (Vec<(Counter, u64)>, Vec<u64>) {
-        let counts = Counter::ALL
-            .iter()
-            .zip(self.counts.iter())
-            .filter_map(|(&counter, cell)| match cell.replace(0) {
-                0 => None,
-                n => Some((counter, n)),
-            })
-            .collect();
-        let samples = self.latencies_ms.try_borrow_mut().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default();
-        (counts, samples)
+    /// Hands the pending counts (counter, delta) and latency samples to the
+    /// proxy, and resets them. Allocates nothing, and costs next to nothing
+    /// when little was counted.
+    pub fn flush(&self, mut count: impl FnMut(Counter, u64), mut sample: impl FnMut(u64)) {
+        let mut counted = self.counted.replace(0);
+        while counted != 0 {
+            let index = counted.trailing_zeros() as usize;
+            counted &= counted - 1;
+            if let (Some(&counter), Some(cell)) = (Counter::ALL.get(index), self.counts.get(index)) {
+                count(counter, cell.replace(0));
+            }
+        }
+        if let Ok(mut samples) = self.latencies_ms.try_borrow_mut() {
+            samples.drain(..).for_each(&mut sample);
+        }
     }
 
     /// A pending count (tests read it before the tick drains it).
@@ -164,15 +174,21 @@ mod tests {
         }
     }
 
+    fn flushed(m: &Metrics) -> (Vec<(Counter, u64)>, Vec<u64>) {
+        let (mut counts, mut samples) = (Vec::new(), Vec::new());
+        m.flush(|c, n| counts.push((c, n)), |ms| samples.push(ms));
+        (counts, samples)
+    }
+
     #[test]
-    fn drain_returns_and_resets_counts() {
+    fn flush_hands_over_and_resets_counts() {
         let m = Metrics::default();
         m.incr(Counter::SessionsPinned);
         m.incr(Counter::SessionsPinned);
         m.store_latency(3);
-        let (counts, lat) = m.drain();
-        assert_eq!(counts, vec![(Counter::SessionsPinned, 2)]);
-        assert_eq!(lat, vec![3]);
-        assert_eq!(m.drain(), (vec![], vec![]));
+        assert_eq!(flushed(&m), (vec![(Counter::SessionsPinned, 2)], vec![3]));
+        assert_eq!(flushed(&m), (vec![], vec![]));
+        m.incr(Counter::GoneMarked);
+        assert_eq!(flushed(&m), (vec![(Counter::GoneMarked, 1)], vec![]));
     }
 }

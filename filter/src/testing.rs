@@ -4,6 +4,7 @@
 //!
 //! Built for `cargo test` and with the `testing` feature; never in the module.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -55,6 +56,9 @@ pub struct FakeProxy {
     pub trailers: Vec<(String, String)>,
     /// The upstream `route_to` chose, if any.
     pub routed_to: Option<String>,
+    /// Request headers the flow added although the request had them (the
+    /// host interface says it never does).
+    pub added_twice: Vec<String>,
     pub cluster: String,
     pub upstream: Option<String>,
     pub flags: u64,
@@ -121,8 +125,8 @@ impl FakeProxy {
 
     /// The store's answer to the most recent call, as webdis would send it
     /// (echoing the call's nonce and session id): (token, status, body).
-    pub fn answer(&self, reply: &Reply) -> (u32, Option<u32>, Vec<u8>) {
-        let token = u32::try_from(self.calls.len()).unwrap_or(u32::MAX);
+    pub fn answer(&self, reply: &Reply) -> (u64, Option<u32>, Vec<u8>) {
+        let token = u64::try_from(self.calls.len()).unwrap_or(u64::MAX);
         let Some(call) = self.calls.last() else { return (token, None, Vec::new()) };
         (token, Some(200), webdis_reply(&call.nonce, call.op.sid(), reply))
     }
@@ -146,7 +150,7 @@ pub fn webdis_reply(nonce: &str, sid: &str, reply: &Reply) -> Vec<u8> {
 }
 
 fn to_map(headers: &[(String, String)]) -> HeaderMap {
-    HeaderMap::from_pairs(headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+    HeaderMap::from_pairs(headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
 }
 
 impl SharedData for FakeProxy {
@@ -159,12 +163,12 @@ impl SharedData for FakeProxy {
 }
 
 impl WorkerHost for FakeProxy {
-    fn dispatch(&mut self, call: &StoreCall) -> Option<u32> {
+    fn dispatch(&mut self, call: &StoreCall) -> Option<u64> {
         if self.no_store {
             return None;
         }
         self.calls.push(call.clone());
-        u32::try_from(self.calls.len()).ok()
+        u64::try_from(self.calls.len()).ok()
     }
     fn now_ms(&self) -> u64 {
         self.now_ms
@@ -182,8 +186,10 @@ impl HttpHost for FakeProxy {
     fn request_headers(&mut self) -> HeaderMap {
         to_map(&self.request)
     }
-    fn set_request_header(&mut self, name: &str, value: &str) {
-        self.request.retain(|(k, _)| k != name);
+    fn add_request_header(&mut self, name: &str, value: &str) {
+        if self.request.iter().any(|(k, _)| k == name) {
+            self.added_twice.push(name.into());
+        }
         self.request.push((name.into(), value.into()));
     }
     fn remove_request_header(&mut self, name: &str) {
@@ -192,8 +198,8 @@ impl HttpHost for FakeProxy {
     fn route_to(&mut self, upstream: &str) {
         self.routed_to = Some(upstream.to_string());
     }
-    fn cluster_name(&mut self) -> String {
-        self.cluster.clone()
+    fn cluster_name(&mut self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.cluster)
     }
     fn response_headers(&mut self) -> HeaderMap {
         to_map(&self.response)

@@ -15,6 +15,9 @@ one template (`envoy_config`); only `http_filters` differ:
                   (tests/bench/floor-filter) + stateful_session (header, strict)
   filter_pinned   our filter, valid cookie (the hot path)
   filter_new      our filter, no cookie (new session every request)
+  native_filter_pinned / native_filter_new
+                  the same filter as a native dynamic module (filter/native):
+                  no stateful_session, the module overrides the host itself
   filter_state_sync / filter_state_async
                   our filter, valid cookie, and the upstream returns
                   x-session-state on every response, so every request writes
@@ -59,6 +62,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "tests" / "bench"
 WASM_DIR = ROOT / "target" / "wasm32-unknown-unknown" / "release"
+# The native module; Envoy loads lib<name>.so from ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
+NATIVE_DIR = ROOT / "target" / "native"
+NATIVE_SO = "libsession_affinity_native.so"
+# The namespaces Envoy puts the filters' own metrics under (wasm, native).
+CUSTOM_STATS = ("wasmcustom.", "dynamicmodulescustom.")
 REPORT_LUA = BENCH / "report.lua"
 
 # The HMAC key every wasm variant uses; cookies are signed with it in Python.
@@ -77,6 +85,10 @@ WASM = {
 TARGETS = {
     "pinned_rps_ratio_min": 0.85,
     "pinned_p99_ratio_max": 1.2,
+    "native_pinned_rps_ratio_min": 0.92,
+    # ... and at most this far below Envoy's own stateful_session cookie.
+    "native_pinned_vs_envoy_cookie_max_gap": 0.03,
+    "native_new_rps_ratio_min": 0.85,
     "known_gone_p99_ms_max": 3.0,
     "lost_sessions_max": 0,
     "wasm_bytes_max": 250_000,
@@ -527,6 +539,17 @@ def wasm_filter(name: str, wasm: Path, configuration: str) -> dict:
         }}}
 
 
+def native_filter(configuration: str) -> dict:
+    """Our filter as the native dynamic module (it picks the host itself)."""
+    return {"name": "envoy.filters.http.dynamic_modules", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+        "dynamic_module_config": {"name": NATIVE_SO.removeprefix("lib").removesuffix(".so"),
+                                  "do_not_close": True},
+        "filter_name": "session_affinity",
+        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                          "value": configuration}}}
+
+
 def stateful_session(state: str, state_type: str, state_config: dict) -> dict:
     """Envoy's stateful_session filter, strict, with the given session state extension."""
     return {"name": "envoy.filters.http.stateful_session", "typed_config": {
@@ -604,7 +627,8 @@ class Envoy:
         path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.proc = self.procs.start(f"envoy-{self.name}", pin(self.cpu) + [
             envoy_binary(), "-c", str(path), "--concurrency", "1",
-            "--disable-hot-restart", "-l", "warning"])
+            "--disable-hot-restart", "-l", "warning"],
+            env={**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(NATIVE_DIR)})
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Admin says LIVE and every app host has passed its health check."""
@@ -630,16 +654,21 @@ class Envoy:
         """utime + stime of the Envoy process (all threads)."""
         return proc_cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
 
-    def stats(self, prefix: str = "wasmcustom.") -> dict[str, int]:
+    def stats(self) -> dict[str, int]:
+        """The filters' own counters (either build), named without Envoy's namespace."""
+        pattern = "|".join(p.rstrip(".") for p in CUSTOM_STATS)
         try:
-            _, _, body = http_get(self.admin, f"/stats?filter=^{prefix}", timeout=2)
+            _, _, body = http_get(self.admin, f"/stats?filter=^({pattern})", timeout=2)
         except OSError:
             return {}
         out: dict[str, int] = {}
         for line in body.decode().splitlines():
             name, _, value = line.partition(": ")
             if value.strip().lstrip("-").isdigit():
-                out[name.strip()] = int(value)
+                name = name.strip()
+                for prefix in CUSTOM_STATS:
+                    name = name.removeprefix(prefix)
+                out[name] = int(value)
         return out
 
 
@@ -776,6 +805,12 @@ class Bench:
             Variant("filter_new", "filter: new session",
                     [wasm_filter("session_affinity", self.wasm("filter"), fcfg())] + sticky,
                     check=check_filter_new, uses_filter=True),
+            Variant("native_filter_pinned", "native module: pinned",
+                    [native_filter(fcfg()), ROUTER],
+                    headers=cookie_headers, check=check_filter_pinned, uses_filter=True),
+            Variant("native_filter_new", "native module: new session",
+                    [native_filter(fcfg()), ROUTER],
+                    check=check_filter_new, uses_filter=True),
             Variant("filter_state_sync", "filter: pinned + state write (sync)",
                     [wasm_filter("session_affinity", self.wasm("filter"), fcfg(write="sync"))]
                     + sticky, path="/state/", headers=store_session_headers,
@@ -900,14 +935,14 @@ class Bench:
 
 def nominal_seconds(args: argparse.Namespace) -> float:
     """Seconds of load the run is meant to take, without repeats."""
-    variants = len(args.variants) if args.variants else 9
+    variants = len(args.variants) if args.variants else 11
     per_round = variants * (args.duration + args.light_duration)
     scale = 0 if args.no_scale else 3 * 2 * args.rounds * args.duration
     return args.rounds * per_round + scale
 
 
 def counter_delta(before: dict[str, int], envoy: Envoy, requests: int) -> dict[str, int]:
-    """Filter counters that moved during a run (workers flush about once a second)."""
+    """Filter counters that moved during a run (wasm workers flush about once a second)."""
     deadline = time.monotonic() + 3.0
     after: dict[str, int] = {}
     while time.monotonic() < deadline:
@@ -917,8 +952,7 @@ def counter_delta(before: dict[str, int], envoy: Envoy, requests: int) -> dict[s
         if moved >= requests * 0.99:
             break
         time.sleep(0.5)
-    return {k.removeprefix("wasmcustom."): after[k] - before.get(k, 0)
-            for k in sorted(after) if after[k] - before.get(k, 0)}
+    return {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] - before.get(k, 0)}
 
 
 # --- per-variant request headers and sanity checks (run once, before load)
@@ -1105,11 +1139,71 @@ def evaluate_targets(results: dict) -> dict:
     lost = (fo.get("kill_under_load") or {}).get("lost_sessions")
     if lost is not None:
         t["lost_sessions"] = {"value": lost, "target": "== 0", "pass": lost == 0}
+    t.update(native_targets(s, fo))
     size = (results.get("wasm_bytes") or {}).get("session_affinity.wasm")
     if size and any(n.startswith("filter") for n in s):  # only once the filter loads
         t["wasm_bytes"] = {"value": size, "target": "< 250000",
                            "pass": size < TARGETS["wasm_bytes_max"]}
     return t
+
+
+def native_targets(s: dict, fo: dict) -> dict:
+    """The native module's targets: its pinned path next to router-only and
+    to Envoy's own stateful_session cookie, its new-session path, and its
+    known-gone failover next to the wasm build's."""
+    t: dict[str, dict] = {}
+
+    def row(value: float, target: str, ok: bool, noisy: bool) -> dict:
+        out = {"value": value, "target": target, "pass": None if noisy else ok}
+        if noisy:
+            out["note"] = "inconclusive: every run was noisy"
+        return out
+
+    pinned, new, cookie = s.get("native_filter_pinned"), s.get("native_filter_new"), s.get("native_cookie")
+    if pinned:
+        noisy = bool(pinned.get("ratios_from_noisy_rounds"))
+        t["native_pinned_rps_ratio"] = row(pinned["ratio_rps"], ">= 0.92",
+                                           pinned["ratio_rps"] >= TARGETS["native_pinned_rps_ratio_min"], noisy)
+        if cookie:
+            gap = pinned["ratio_rps"] - cookie["ratio_rps"]
+            t["native_pinned_vs_envoy_cookie"] = row(
+                gap, ">= -0.03 (ratio minus stateful_session cookie's)",
+                gap >= -TARGETS["native_pinned_vs_envoy_cookie_max_gap"],
+                noisy or bool(cookie.get("ratios_from_noisy_rounds")))
+    if new:
+        t["native_new_rps_ratio"] = row(new["ratio_rps"], ">= 0.85",
+                                        new["ratio_rps"] >= TARGETS["native_new_rps_ratio_min"],
+                                        bool(new.get("ratios_from_noisy_rounds")))
+    wasm_kg, native_kg = fo.get("known_gone") or {}, fo.get("native_known_gone") or {}
+    if wasm_kg.get("p99_ms") is not None and native_kg.get("p99_ms") is not None:
+        t["native_known_gone_p99_ms"] = row(
+            native_kg["p99_ms"], f"<= the wasm build's ({wasm_kg['p99_ms']:.2f})",
+            native_kg["p99_ms"] <= wasm_kg["p99_ms"], bool(native_kg.get("noisy") or wasm_kg.get("noisy")))
+    lost = (fo.get("native_kill_under_load") or {}).get("lost_sessions")
+    if lost is not None:
+        t["native_lost_sessions"] = {"value": lost, "target": "== 0", "pass": lost == 0}
+    return t
+
+
+def builds_side_by_side(summary: dict) -> list[str]:
+    """The wasm and native builds of the filter on the same paths, this run."""
+    pairs = [("pinned", "filter_pinned", "native_filter_pinned"), ("new session", "filter_new", "native_filter_new")]
+    pairs = [p for p in pairs if p[1] in summary and p[2] in summary]
+    if not pairs:
+        return []
+    lines = ["", "## The two builds side by side", "",
+             "Envoy CPU µs per request and req/s ratio to router-only; the native module needs no "
+             "stateful_session filter.", "",
+             "| path | wasm µs/req | native µs/req | native / wasm | wasm ratio | native ratio |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, wasm, native in pairs:
+        w, n = summary[wasm], summary[native]
+        cpu_ratio = (n["envoy_cpu_us_per_req"] / w["envoy_cpu_us_per_req"]
+                     if n["envoy_cpu_us_per_req"] and w["envoy_cpu_us_per_req"] else None)
+        lines.append(f"| {label} | {fmt(w['envoy_cpu_us_per_req'], '.1f')} | "
+                     f"{fmt(n['envoy_cpu_us_per_req'], '.1f')} | {fmt(cpu_ratio)} | "
+                     f"{fmt(w['ratio_rps'])} | {fmt(n['ratio_rps'])} |")
+    return lines
 
 
 def fmt(x, spec: str = ".2f", none: str = "n/a") -> str:
@@ -1133,6 +1227,18 @@ def cost_breakdown(summary: dict) -> list[str]:
         added = "" if i == 0 else f"{cpu[i] - cpu[i - 1]:+.1f}"
         lines.append(f"| {label} | {cpu[i]:.1f} | {added} |")
     return lines
+
+
+def kill_under_load_line(k: dict | None, label: str) -> list[str]:
+    if k and "lost_sessions" in k:
+        return [f"- {label}: **{k['lost_sessions']} of {k['sessions']} sessions lost state** "
+                f"({k['sessions_on_killed_host']} pinned to the killed host; {k['requests']:,} requests "
+                f"in {k['seconds']:g} s, {k['redirects']} replayed via 307; {k['client_errors']} "
+                f"client-visible errors, of which {k['errors_in_flight_at_kill']} were requests in "
+                "flight on the host when it died (503, never replayed: the app may have processed them))"]
+    if k and k.get("error"):
+        return [f"- {label}: not measured: {k['error']}"]
+    return []
 
 
 def write_markdown(results: dict, path: Path) -> None:
@@ -1170,6 +1276,7 @@ def write_markdown(results: dict, path: Path) -> None:
             f"{fmt(s['envoy_cpu_us_per_req'], '.1f')} | {fmt(s['ratio_cpu_per_req'])} | "
             f"{s['non_2xx']} | {s['noisy_runs']} |")
     lines += cost_breakdown(results["summary"])
+    lines += builds_side_by_side(results["summary"])
     light = results.get("summary_light")
     if light:
         base = light.get("router", {})
@@ -1208,6 +1315,7 @@ def write_markdown(results: dict, path: Path) -> None:
         if fo.get("error"):
             lines.append(f"Not measured: {fo['error']}")
         for key, label in (("known_gone", "known gone (host already marked gone)"),
+                           ("native_known_gone", "native module, known gone"),
                            ("found_mid_request", "found mid-request (307 + replay)")):
             f = fo.get(key)
             if f and f.get("samples"):
@@ -1223,18 +1331,11 @@ def write_markdown(results: dict, path: Path) -> None:
                                 if f.get("noisy") else ""))
             elif f and f.get("error"):
                 lines.append(f"- {label}: not measured: {f['error']}")
-        k = fo.get("kill_under_load")
-        if k and "lost_sessions" in k:
-            lines.append(
-                f"- kill under load: **{k['lost_sessions']} of {k['sessions']} sessions lost state** "
-                f"({k['sessions_on_killed_host']} pinned to the killed host; {k['requests']:,} requests "
-                f"in {k['seconds']:g} s, {k['redirects']} replayed via 307; {k['client_errors']} "
-                f"client-visible errors, of which {k['errors_in_flight_at_kill']} were requests in "
-                "flight on the host when it died (503, never replayed: the app may have processed them))")
-        elif k and k.get("error"):
-            lines.append(f"- kill under load: not measured: {k['error']}")
+        for key, label in (("kill_under_load", "kill under load"),
+                           ("native_kill_under_load", "native module, kill under load")):
+            lines += kill_under_load_line(fo.get(key), label)
     lines += ["", "## Module sizes", "", "| module | bytes |", "|---|---:|"]
-    for name, size in results.get("wasm_bytes", {}).items():
+    for name, size in {**results.get("wasm_bytes", {}), **results.get("native_bytes", {})}.items():
         lines.append(f"| {name} | {size:,} |")
     t = results.get("targets")
     if t:
@@ -1357,7 +1458,7 @@ def build_wasm(commit: str | None = None) -> str:
     With `commit`, builds that commit's tree (from `git archive`, so the
     working tree and the repository are left alone) into target/bench-commit,
     and the run uses those modules."""
-    global WASM_DIR
+    global WASM_DIR, NATIVE_DIR
     env = dict(os.environ)
     build = ROOT / "filter" / "build"
     src = None
@@ -1371,8 +1472,9 @@ def build_wasm(commit: str | None = None) -> str:
         target = ROOT / "target" / "bench-commit"
         env["CARGO_TARGET_DIR"] = str(target)
         WASM_DIR = target / "wasm32-unknown-unknown" / "release"
+        NATIVE_DIR = target / "native"
         build = src / "filter" / "build"
-    log(f"building wasm modules ({'filter/build' if not commit else f'filter/build of {commit}'})")
+    log(f"building the modules ({'filter/build' if not commit else f'filter/build of {commit}'})")
     try:
         out = subprocess.run([str(build)], capture_output=True, text=True, timeout=1800, env=env,
                              cwd=str(src or ROOT))
@@ -1394,6 +1496,11 @@ def wasm_sizes() -> dict[str, int]:
             if (WASM_DIR / name).exists()}
 
 
+def native_sizes() -> dict[str, int]:
+    path = NATIVE_DIR / NATIVE_SO
+    return {NATIVE_SO: path.stat().st_size} if path.exists() else {}
+
+
 def run_scale(bench: Bench, by_name: dict[str, Variant], results: dict) -> None:
     """Pinned path with 1 vs N distinct cookies (wrk cycles through a file).
 
@@ -1402,7 +1509,7 @@ def run_scale(bench: Bench, by_name: dict[str, Variant], results: dict) -> None:
     cookies no per-worker cache of verified cookies can help: it is the
     worst case, where every request pays for the full check."""
     n = bench.args.scale_sessions
-    targets = [name for name in ("router", "filter_pinned", "naive_wasm")
+    targets = [name for name in ("router", "filter_pinned", "native_filter_pinned", "naive_wasm")
                if name in by_name and by_name[name].envoy is not None]
     missing = [name for name in ("filter_pinned",) if name not in targets]
     scale: dict = {"sessions": n, "runs": [], "summary": [], "unavailable": missing}
@@ -1580,6 +1687,7 @@ def run(bench: Bench) -> dict:
                 if (WASM_DIR / name).exists()},
         },
         "wasm_bytes": wasm_sizes(),
+        "native_bytes": native_sizes(),
     }
     variants = bench.variants()
     results["labels"] = {v.name: v.label for v in variants}

@@ -114,10 +114,14 @@ class Backends:
         self.bench.procs.stop(proc, signal.SIGKILL)  # type: ignore[arg-type]
 
 
-def filter_envoy(bench: b.Bench, name: str, hosts: list[str], gone_ttl: str) -> b.Envoy:
-    filters = [b.wasm_filter("session_affinity", bench.wasm("filter"),
-                             b.filter_config(write="sync", gone_ttl=gone_ttl)),
-               b.stateful_session_header(), b.ROUTER]
+def filter_envoy(bench: b.Bench, name: str, hosts: list[str], gone_ttl: str, native: bool = False) -> b.Envoy:
+    """An Envoy with the filter: the wasm build (with stateful_session), or the native module."""
+    config = b.filter_config(write="sync", gone_ttl=gone_ttl)
+    if native:
+        filters = [b.native_filter(config), b.ROUTER]
+    else:
+        filters = [b.wasm_filter("session_affinity", bench.wasm("filter"), config),
+                   b.stateful_session_header(), b.ROUTER]
     env = b.Envoy(bench.procs, name, filters, hosts, bench.store.port, bench.envoy_cpu,
                   hc_interval="1s")
     env.start()
@@ -198,6 +202,12 @@ def count_of(data: dict) -> int | None:
     return None
 
 
+def pinned_host(cookie: str | None) -> str | None:
+    """The upstream a cookie pins: 2|sid|cluster tag|host|instance|..."""
+    fields = (cookie or "").split("|")
+    return fields[3] if len(fields) > 3 else None
+
+
 def new_sessions(env: b.Envoy, want: int, host: str | None, max_tries: int) -> list[Client]:
     """Creates sessions through the filter; keeps those pinned to `host`
     (any host when None). Each gets a second request so the store holds state."""
@@ -209,8 +219,7 @@ def new_sessions(env: b.Envoy, want: int, host: str | None, max_tries: int) -> l
         status, _, data = c.get_once("/")
         if status != 200 or not c.cookie:
             raise RuntimeError(f"new session: status {status}, cookie {c.cookie!r}")
-        pinned = c.cookie.split("|")[2] if c.cookie.count("|") >= 8 else None
-        if host is not None and pinned != host:
+        if host is not None and pinned_host(c.cookie) != host:
             c.close()
             continue
         status, _, data = c.get_once("/")
@@ -237,10 +246,10 @@ def timed_first_request(c: Client) -> tuple[float, int, int, bool]:
     return ms, status, redirects, kept
 
 
-def measure_known_gone(bench: b.Bench, sessions: int) -> dict:
+def measure_known_gone(bench: b.Bench, sessions: int, native: bool = False) -> dict:
     backends = Backends(bench, "known")
     backends.start_all()
-    env = filter_envoy(bench, "failover-known", backends.hosts, gone_ttl="10m")
+    env = filter_envoy(bench, "failover-known" + "-native" * native, backends.hosts, gone_ttl="10m", native=native)
     env.wait_ready()
     victim = backends.hosts[0]
     clients = new_sessions(env, sessions + 1, victim, max_tries=(sessions + 1) * 6)
@@ -265,7 +274,7 @@ def measure_known_gone(bench: b.Bench, sessions: int) -> dict:
             ms.append(t)
     for c in clients:
         c.close()
-    time.sleep(1.5)  # workers flush counters about once a second
+    time.sleep(1.5)  # wasm workers flush counters about once a second
     counters = env.stats()
     bench.procs.stop(env.proc)  # type: ignore[arg-type]
     for port in list(backends.procs):
@@ -275,7 +284,7 @@ def measure_known_gone(bench: b.Bench, sessions: int) -> dict:
         trigger={"ms": round(trigger_ms, 3), "status": trigger_status,
                  "redirects": trigger_redirects},
         reference_pinned=latency_summary(ref),
-        counters={k.removeprefix("wasmcustom.session_affinity."): v
+        counters={k.removeprefix("session_affinity."): v
                   for k, v in counters.items() if v})
 
 
@@ -308,18 +317,18 @@ def measure_found_mid_request(bench: b.Bench, sessions: int, gone_ttl_s: float =
     return latency_summary(ms, all_ms=[round(x, 3) for x in ms], statuses=statuses,
                            not_redirected=not_redirected,
                            lost_state=lost, note=note,
-                           counters={k.removeprefix("wasmcustom.session_affinity."): v
+                           counters={k.removeprefix("session_affinity."): v
                                      for k, v in counters.items() if v})
 
 
-def measure_kill_under_load(bench: b.Bench, sessions: int = 48, seconds: float = 8.0) -> dict:
+def measure_kill_under_load(bench: b.Bench, sessions: int = 48, seconds: float = 8.0, native: bool = False) -> dict:
     backends = Backends(bench, "kill")
     backends.start_all()
-    env = filter_envoy(bench, "failover-kill", backends.hosts, gone_ttl="30s")
+    env = filter_envoy(bench, "failover-kill" + "-native" * native, backends.hosts, gone_ttl="30s", native=native)
     env.wait_ready()
     clients = new_sessions(env, sessions, None, max_tries=sessions * 2)
     victim = backends.hosts[0]
-    on_victim = sum(1 for c in clients if c.cookie and c.cookie.split("|")[2] == victim)
+    on_victim = sum(1 for c in clients if pinned_host(c.cookie) == victim)
     stop = threading.Event()
     lock = threading.Lock()
     tally = {"requests": 0, "client_errors": 0, "errors_in_flight_at_kill": 0, "redirects": 0}
@@ -375,7 +384,7 @@ def measure_kill_under_load(bench: b.Bench, sessions: int = 48, seconds: float =
     return {"sessions": len(clients), "sessions_on_killed_host": on_victim,
             "seconds": seconds, "killed_at_s": killed_at, "lost_sessions": len(lost),
             **tally, "first_errors": errors[:10],
-            "counters": {k.removeprefix("wasmcustom.session_affinity."): v
+            "counters": {k.removeprefix("session_affinity."): v
                          for k, v in counters.items() if v}}
 
 
@@ -391,9 +400,12 @@ def run(bench: b.Bench, sessions: int) -> dict:
                  else str(script),
                  "backend_tcp_nodelay": "set by the harness (see Backends.start)",
                  "client": "Python http.client, kept-alive connection, one request at a time"}
-    steps = (("known_gone", lambda: measure_known_gone(bench, sessions)),
+    steps = [("known_gone", lambda: measure_known_gone(bench, sessions)),
              ("found_mid_request", lambda: measure_found_mid_request(bench, max(3, sessions // 10))),
-             ("kill_under_load", lambda: measure_kill_under_load(bench)))
+             ("kill_under_load", lambda: measure_kill_under_load(bench))]
+    if (b.NATIVE_DIR / b.NATIVE_SO).exists():
+        steps += [("native_known_gone", lambda: measure_known_gone(bench, sessions, native=True)),
+                  ("native_kill_under_load", lambda: measure_kill_under_load(bench, native=True))]
     for key, fn in steps:
         try:
             for attempt in (0, 1):
@@ -408,7 +420,7 @@ def run(bench: b.Bench, sessions: int) -> dict:
                 out[key]["noisy"] = f.get("envoy_cpu", 0.0) > bench.args.noise_limit
                 bench.noise_spent += waited if attempt == 0 else time.monotonic() - t0
                 # Latency figures are worth one repeat; the others count events.
-                if not out[key]["noisy"] or key != "known_gone" or not bench.budget_left():
+                if not out[key]["noisy"] or not key.endswith("known_gone") or not bench.budget_left():
                     break
                 b.log(f"failover: {key}: other programs took {f} of our CPUs; repeating")
             shown = {k: v for k, v in out[key].items()

@@ -1,10 +1,11 @@
 //! What a native filter implements, and the plain values it exchanges with
 //! Envoy. Nothing here touches Envoy; [`crate::abi`] does.
 
-use crate::abi::{ConfigContext, Stream};
+use crate::abi::{ConfigContext, ConfigHandle, Stream};
 
 /// A filter configuration: one per `filter_config` in Envoy's config, shared
-/// by every worker thread, making one [`HttpFilter`] per HTTP stream.
+/// by every worker thread, making one [`HttpFilter`] per HTTP stream. Its
+/// own events run on Envoy's main thread.
 pub trait FilterConfig: Sized + Send + Sync + 'static {
     type Filter: HttpFilter;
 
@@ -15,6 +16,19 @@ pub trait FilterConfig: Sized + Send + Sync + 'static {
 
     /// The filter for a new HTTP stream.
     fn new_filter(&self) -> Self::Filter;
+
+    /// An event committed to the configuration's [`crate::ConfigScheduler`],
+    /// on the main thread.
+    fn on_scheduled(&self, _config: &mut ConfigHandle<'_>, _event_id: u64) {}
+
+    /// A callout started by [`ConfigHandle::http_callout`] finished (on the main thread).
+    fn on_callout_done(
+        &self,
+        _config: &mut ConfigHandle<'_>,
+        _callout: CalloutId,
+        _response: Result<CalloutResponse<'_>, CalloutFailure>,
+    ) {
+    }
 }
 
 /// One HTTP stream's filter. Envoy calls every method on the stream's worker

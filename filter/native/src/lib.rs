@@ -1,17 +1,18 @@
 //! The session-affinity filter as an Envoy dynamic module: a native shared
 //! library that Envoy 1.40 loads with `envoy.filters.http.dynamic_modules`.
-//!
-//! Phase 1 holds the binding to Envoy's C ABI and a demo filter that uses
-//! every part of it; the filter core comes in phase 2.
+//! It runs the same core as the wasm build (the `session-affinity` crate).
 //!
 //! Layout:
 //! - [`abi`]: the only module with `unsafe` (a directory). The raw declarations of
 //!   Envoy 1.40's `abi.h`, the exported event hooks, and the safe handles
-//!   ([`Stream`], [`ConfigContext`], [`Scheduler`]) built on them.
+//!   ([`Stream`], [`ConfigContext`], [`ConfigHandle`], [`Scheduler`],
+//!   [`ConfigScheduler`]) built on them.
 //! - [`filter`]: the traits a filter implements and the plain types it uses.
+//! - [`shell`]: the session-affinity core behind those traits.
 //! - [`timer`]: running a stream's code later, on its own worker.
 //! - [`envoy_log`]: the `log` crate's records go to Envoy's logger.
-//! - [`demo`]: the demo filter that proves each callback in the real Envoy.
+//! - [`demo`] (feature `demo`, in place of the shell): a demo filter that
+//!   proves each callback in the real Envoy.
 //!
 //! Every hook catches panics and lets the request through: a panic that
 //! crossed into Envoy would take the whole proxy down. That needs unwinding,
@@ -26,20 +27,24 @@ compile_error!(
 
 #[cfg(target_os = "linux")]
 mod abi;
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", feature = "demo"))]
 mod demo;
 #[cfg(target_os = "linux")]
 mod envoy_log;
 #[cfg(target_os = "linux")]
 mod filter;
+#[cfg(all(target_os = "linux", not(feature = "demo")))]
+mod shell;
 #[cfg(target_os = "linux")]
 mod timer;
 
 #[cfg(target_os = "linux")]
-pub use abi::{ConfigContext, Scheduler, Stream};
+pub use abi::{ConfigContext, ConfigHandle, ConfigScheduler, Scheduler, Stream};
 #[cfg(target_os = "linux")]
 pub use filter::*;
 
 /// The filter configuration that Envoy's `filter_config` creates.
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(feature = "demo")))]
+type Module = shell::SessionAffinity;
+#[cfg(all(target_os = "linux", feature = "demo"))]
 type Module = demo::DemoConfig;

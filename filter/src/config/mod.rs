@@ -221,7 +221,7 @@ fn secret_from(
     match (inline, var) {
         (Some(secret), None) => Ok(secret.clone()),
         (None, Some(var)) => env(var).map(|value| Secret(value.into_bytes())).ok_or_else(|| {
-            error(env_field, format!("environment variable {var} is not set for the VM; list it in vm_config.environment_variables.host_env_keys"))
+            error(env_field, format!("environment variable {var} is not set for the VM; list it in vm_config.environment_variables.host_env_keys (the native module reads Envoy's own environment)"))
         }),
         _ => {
             let (short_inline, short_env) = (last_part(inline_field), last_part(env_field));

@@ -123,6 +123,8 @@ impl<'de> Deserialize<'de> for Secret {
 #[serde(deny_unknown_fields, default)]
 pub struct HeaderNames {
     /// Read by Envoy's `stateful_session` header state: base64("ip:port").
+    /// The native module picks the host without it (and still strips a
+    /// client's copy).
     pub route: String,
     pub session_id: String,
     pub session_new: String,

@@ -228,7 +228,7 @@ impl Flow {
     /// cookie on the response.
     fn send_pinned(&mut self, host: &mut impl HttpHost, claims: Claims, reissue: bool) {
         host.route_to(claims.upstream());
-        host.set_request_header(&self.config.headers.session_id, claims.sid());
+        host.add_request_header(&self.config.headers.session_id, claims.sid());
         self.stream = Stream::Pinned { claims, reissue };
     }
 
@@ -243,20 +243,20 @@ impl Flow {
     /// the session's id and either the state to restore or "create it".
     fn send_unpinned(&self, host: &mut impl HttpHost, sid: &str, state: Option<&str>) {
         let h = &self.config.headers;
-        host.set_request_header(&h.session_id, sid);
+        host.add_request_header(&h.session_id, sid);
         match state {
-            Some(state) => host.set_request_header(&h.session_state, state),
-            None => host.set_request_header(&h.session_new, "1"),
+            Some(state) => host.add_request_header(&h.session_state, state),
+            None => host.add_request_header(&h.session_new, "1"),
         }
         // The router may retry on another host when no app saw the request:
         // refused connections, and (safe methods) a mesh sidecar's answer.
         if self.request.safe_method {
-            host.set_request_header("x-envoy-retry-on", RETRY_ON_UNREACHED_SAFE);
-            host.set_request_header("x-envoy-retriable-header-names", &h.unreached);
+            host.add_request_header("x-envoy-retry-on", RETRY_ON_UNREACHED_SAFE);
+            host.add_request_header("x-envoy-retriable-header-names", &h.unreached);
         } else {
-            host.set_request_header("x-envoy-retry-on", RETRY_ON_UNREACHED);
+            host.add_request_header("x-envoy-retry-on", RETRY_ON_UNREACHED);
         }
-        host.set_request_header("x-envoy-max-retries", MAX_RETRIES);
+        host.add_request_header("x-envoy-max-retries", MAX_RETRIES);
     }
 
     pub fn on_response_headers(&mut self, host: &mut impl HttpHost) -> Action {
@@ -356,7 +356,7 @@ impl Flow {
 
     /// The store's answer to the call with `token`. `status` is None when the
     /// call failed or timed out.
-    pub fn on_store_response(&mut self, host: &mut impl HttpHost, token: u32, status: Option<u32>, body: &[u8]) {
+    pub fn on_store_response(&mut self, host: &mut impl HttpHost, token: u64, status: Option<u32>, body: &[u8]) {
         let Some(pending) = self.pending.take_if(|p| p.sent.token == token) else { return };
         let config = Rc::clone(&self.config);
         let reply = self.worker.store_reply(&*host, &config, &pending.sent, status, body, host.now_ms());

@@ -38,7 +38,7 @@ pub struct Worker {
     /// sends them from its own context ([`Worker::send_queued`]).
     queued: RefCell<Vec<StoreCall>>,
     /// The worker's calls in flight: (token, call, start time).
-    detached: RefCell<Vec<(u32, StoreCall, u64)>>,
+    detached: RefCell<Vec<(u64, StoreCall, u64)>>,
     /// Sessions this worker ended, with when their tombstone expires: no
     /// failover here restores them while the tombstone is still queued, in
     /// flight, or lost to a failing store.
@@ -52,7 +52,7 @@ pub struct Worker {
 /// A store call that went out.
 #[derive(Debug)]
 pub struct Sent {
-    pub token: u32,
+    pub token: u64,
     pub call: StoreCall,
     pub started_ms: u64,
 }
@@ -125,25 +125,35 @@ impl Worker {
     }
 
     /// Queues `op` for the worker to send: the call outlives the stream, and
-    /// its answer is counted by the worker. A session's state writes go out
-    /// one at a time, and a newer one replaces a queued older one, so they
-    /// land in order. False when the breaker is open.
+    /// its answer is counted by the worker. False when the breaker is open.
     pub fn send_later(&self, host: &mut impl HttpHost, config: &Config, context_id: u32, op: Op) -> bool {
         let Some(call) = self.make_call(host, config, context_id, op) else { return false };
-        if let Ok(mut queued) = self.queued.try_borrow_mut() {
-            let older = queued.iter_mut().find(|q| is_write(&q.op) && is_write(&call.op) && q.op.sid() == call.op.sid());
-            match older {
-                Some(older) => *older = call,
-                None => {
-                    if queued.len() >= MAX_DETACHED {
-                        queued.remove(0);
-                    }
-                    queued.push(call);
-                }
-            }
-        }
+        self.enqueue(call);
         host.wake_worker();
         true
+    }
+
+    /// Queues a call for [`Worker::send_queued`]. A session's state writes go
+    /// out one at a time, and a newer one replaces a queued older one, so they
+    /// land in order.
+    pub fn enqueue(&self, call: StoreCall) {
+        let Ok(mut queued) = self.queued.try_borrow_mut() else { return };
+        match queued.iter_mut().find(|q| is_write(&q.op) && is_write(&call.op) && q.op.sid() == call.op.sid()) {
+            Some(older) => *older = call,
+            None => {
+                if queued.len() >= MAX_DETACHED {
+                    queued.remove(0);
+                }
+                queued.push(call);
+            }
+        }
+    }
+
+    /// Takes the queued calls: [`Worker::send_queued`] does, and so does a
+    /// shell whose workers hand their calls to one long-lived sender (each
+    /// call goes to that sender's [`Worker::enqueue`]).
+    pub fn take_queued(&self) -> Vec<StoreCall> {
+        self.queued.try_borrow_mut().map(|mut q| std::mem::take(&mut *q)).unwrap_or_default()
     }
 
     /// Whether calls wait to be sent.
@@ -154,8 +164,7 @@ impl Worker {
     /// Sends the queued calls, from the worker's own context (so their answers
     /// come to the worker, and no stream's end cancels them).
     pub fn send_queued(&self, host: &mut impl WorkerHost, config: &Config) {
-        let calls = self.queued.try_borrow_mut().map(|mut q| std::mem::take(&mut *q)).unwrap_or_default();
-        for call in calls {
+        for call in self.take_queued() {
             let busy = self.detached.try_borrow().is_ok_and(|d| d.iter().any(|(_, c, _)| c.op.sid() == call.op.sid()));
             if busy {
                 // The session's previous call is still out: this one waits its turn.
@@ -207,7 +216,7 @@ impl Worker {
     }
 
     /// The answer to a detached call (the stream may be gone): counted, never acted on.
-    pub fn on_detached_reply(&self, shared: &dyn SharedData, config: &Config, token: u32, status: Option<u32>, body: &[u8], now_ms: u64) {
+    pub fn on_detached_reply(&self, shared: &dyn SharedData, config: &Config, token: u64, status: Option<u32>, body: &[u8], now_ms: u64) {
         let found = self.detached.try_borrow_mut().ok().and_then(|mut calls| {
             let at = calls.iter().position(|(t, _, _)| *t == token)?;
             Some(calls.remove(at))

@@ -12,6 +12,7 @@
 //! root's tick (their answers come to the root), and a stream's calls made
 //! from the root (after a timer) are routed back to the stream here.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, UNIX_EPOCH};
@@ -109,10 +110,10 @@ impl Context for Root {
         let streams = self.waiters.take(|wait| wait == Wait::Call(token));
         if streams.is_empty() {
             let proxy = Proxy::new(self.context_id, &config, &self.waiters);
-            self.worker.on_detached_reply(&proxy, &config, token, status, &body, proxy.now_ms());
+            self.worker.on_detached_reply(&proxy, &config, token.into(), status, &body, proxy.now_ms());
             return;
         }
-        self.run_for_streams(&config, streams, |flow, proxy| flow.on_store_response(proxy, token, status, &body));
+        self.run_for_streams(&config, streams, |flow, proxy| flow.on_store_response(proxy, token.into(), status, &body));
     }
 }
 
@@ -195,18 +196,19 @@ impl Root {
     }
 
     fn flush_metrics(&self) {
-        let (counts, latencies) = self.worker.metrics.drain();
         let Some((counters, histogram)) = &self.metrics else { return };
-        for (counter, delta) in counts {
-            if let Some(Some(id)) = counters.get(counter as usize) {
-                let _ = hostcalls::increment_metric(*id, i64::try_from(delta).unwrap_or(i64::MAX));
-            }
-        }
-        if let Some(id) = histogram {
-            for millis in latencies {
-                let _ = hostcalls::record_metric(*id, millis);
-            }
-        }
+        self.worker.metrics.flush(
+            |counter, delta| {
+                if let Some(Some(id)) = counters.get(counter as usize) {
+                    let _ = hostcalls::increment_metric(*id, i64::try_from(delta).unwrap_or(i64::MAX));
+                }
+            },
+            |millis| {
+                if let Some(id) = histogram {
+                    let _ = hostcalls::record_metric(*id, millis);
+                }
+            },
+        );
     }
 
     /// Runs a flow callback for each stream, in the stream's context, and
@@ -283,7 +285,7 @@ fn hold_body(hold: bool) -> ProxyAction {
 impl Context for Filter {
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _: usize) {
         let (status, body) = call_response(num_headers, body_size);
-        self.run(|flow, proxy| flow.on_store_response(proxy, token, status, &body), ());
+        self.run(|flow, proxy| flow.on_store_response(proxy, token.into(), status, &body), ());
     }
 }
 
@@ -348,12 +350,12 @@ impl SharedData for Proxy {
 const ROUTE_LEN_MAX: usize = MAX_UPSTREAM_LEN.div_ceil(3) * 4;
 
 impl WorkerHost for Proxy {
-    fn dispatch(&mut self, call: &StoreCall) -> Option<u32> {
+    fn dispatch(&mut self, call: &StoreCall) -> Option<u64> {
         let headers: Vec<(&str, &str)> = call.headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
         match hostcalls::dispatch_http_call(&call.cluster, headers, Some(&call.body), vec![], call.timeout) {
             Ok(token) => {
                 self.started.push(Wait::Call(token));
-                Some(token)
+                Some(token.into())
             }
             Err(status) => {
                 warn!("[{}] store call to cluster {:?} failed to start: {status:?}", self.context_id, call.cluster);
@@ -387,8 +389,8 @@ impl HttpHost for Proxy {
         header_map(MapType::HttpRequestHeaders)
     }
 
-    fn set_request_header(&mut self, name: &str, value: &str) {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+    fn add_request_header(&mut self, name: &str, value: &str) {
+        let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value);
     }
 
     fn remove_request_header(&mut self, name: &str) {
@@ -404,10 +406,10 @@ impl HttpHost for Proxy {
         }
     }
 
-    fn cluster_name(&mut self) -> String {
+    fn cluster_name(&mut self) -> Cow<'_, str> {
         match hostcalls::get_property(vec!["xds", "cluster_name"]) {
-            Ok(Some(bytes)) => String::from_utf8(bytes).unwrap_or_default(),
-            _ => String::new(),
+            Ok(Some(bytes)) => Cow::Owned(String::from_utf8(bytes).unwrap_or_default()),
+            _ => Cow::Borrowed(""),
         }
     }
 

@@ -89,6 +89,20 @@ extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> u32;
+    pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        config: EnvoyConfigPtr,
+        id: usize,
+        label_values: *mut RawBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
+    pub fn envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+        config: EnvoyConfigPtr,
+        id: usize,
+        label_values: *mut RawBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
     pub fn envoy_dynamic_module_callback_http_filter_record_histogram_value(
         filter: EnvoyFilterPtr,
         id: usize,
@@ -144,6 +158,20 @@ extern "C" {
         body: RawBuffer,
         timeout_milliseconds: u64,
     ) -> u32;
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        config: EnvoyConfigPtr,
+        callout_id_out: *mut u64,
+        cluster_name: RawBuffer,
+        headers: *mut RawHeader,
+        headers_size: usize,
+        body: RawBuffer,
+        timeout_milliseconds: u64,
+    ) -> u32;
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(config: EnvoyConfigPtr) -> *mut c_void;
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(scheduler: *mut c_void, event_id: u64);
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler: *mut c_void);
 
     pub fn envoy_dynamic_module_callback_http_filter_scheduler_new(filter: EnvoyFilterPtr) -> *mut c_void;
     pub fn envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler: *mut c_void, event_id: u64);

@@ -36,14 +36,53 @@ pub(super) struct SlotState {
     pub(super) encoding_stopped: Cell<bool>,
     /// Callouts that Envoy completed while the filter was busy (inside
     /// `http_callout` itself), delivered once it is free.
-    pub(super) inline_callouts: RefCell<Vec<InlineCallout>>,
+    pub(super) inline_callouts: RefCell<Vec<Completion>>,
 }
 
-pub(super) struct InlineCallout {
-    id: u64,
-    result: u32,
+/// A callout response as views: its headers and its body chunks.
+pub(super) type ResponseViews<'a> = (Vec<(&'a [u8], &'a [u8])>, Vec<&'a [u8]>);
+
+/// A callout's completion, copied to be delivered after the hook that was
+/// running when Envoy reported it.
+pub(super) struct Completion {
+    pub(super) id: u64,
+    pub(super) result: u32,
     headers: Vec<(Vec<u8>, Vec<u8>)>,
     body: Vec<Vec<u8>>,
+}
+
+impl Completion {
+    pub(super) fn copy(id: u64, result: u32, headers: &[(&[u8], &[u8])], body: &[&[u8]]) -> Completion {
+        Completion {
+            id,
+            result,
+            headers: headers.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+            body: body.iter().map(|chunk| chunk.to_vec()).collect(),
+        }
+    }
+
+    pub(super) fn views(&self) -> ResponseViews<'_> {
+        (self.headers.iter().map(|(k, v)| (&k[..], &v[..])).collect(), self.body.iter().map(|c| &c[..]).collect())
+    }
+}
+
+/// Views of a callout's response headers and body chunks.
+///
+/// # Safety
+/// Both arrays (null when empty) and every view in them live for `'a`.
+pub(super) unsafe fn completion_views<'a>(
+    headers: *const RawHeader,
+    headers_size: usize,
+    body_chunks: *const RawBuffer,
+    body_chunks_size: usize,
+) -> ResponseViews<'a> {
+    // SAFETY: by the contract above.
+    let (headers, body_chunks) = unsafe { (array(headers, headers_size), array(body_chunks, body_chunks_size)) };
+    // SAFETY: as above, for each header's name and value.
+    let headers = headers.iter().map(|header| unsafe { header_parts(header) }).collect();
+    // SAFETY: as above, for each body chunk.
+    let body = body_chunks.iter().map(|chunk| unsafe { bytes(*chunk) }).collect();
+    (headers, body)
 }
 
 /// # Safety
@@ -198,8 +237,7 @@ fn run<S: HookStatus>(
             break;
         }
         for done in inline {
-            let headers = done.headers.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-            let body = done.body.iter().map(|chunk| &chunk[..]).collect();
+            let (headers, body) = done.views();
             with_filter(slot, &mut stream, |filter, stream| {
                 filter.on_callout_done(stream, CalloutId(done.id), callout_outcome(done.result, headers, body));
             });
@@ -249,7 +287,7 @@ fn with_filter<R>(
     result
 }
 
-fn callout_outcome<'a>(
+pub(super) fn callout_outcome<'a>(
     result: u32,
     headers: Vec<(&'a [u8], &'a [u8])>,
     body: Vec<&'a [u8]>,
@@ -343,23 +381,14 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     body_chunks_size: usize,
 ) {
     // SAFETY: the arrays (null when empty) and every view in them live for this call.
-    let (headers, body_chunks) = unsafe { (array(headers, headers_size), array(body_chunks, body_chunks_size)) };
-    // SAFETY: as above, for each header's name and value.
-    let headers: Vec<(&[u8], &[u8])> = headers.iter().map(|header| unsafe { header_parts(header) }).collect();
-    // SAFETY: as above, for each body chunk.
-    let body: Vec<&[u8]> = body_chunks.iter().map(|chunk| unsafe { bytes(*chunk) }).collect();
+    let (headers, body) = unsafe { completion_views(headers, headers_size, body_chunks, body_chunks_size) };
 
     // SAFETY: `module` is this hook's argument from Envoy.
     if let Some(slot) = unsafe { slot(module) } {
         if slot.state.busy.get() {
             // Completed inside `http_callout`: keep a copy for when the filter is free.
             log::debug!("session-affinity-native: callout {callout_id} completed inside http_callout");
-            slot.state.inline_callouts.borrow_mut().push(InlineCallout {
-                id: callout_id,
-                result,
-                headers: headers.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
-                body: body.iter().map(|chunk| chunk.to_vec()).collect(),
-            });
+            slot.state.inline_callouts.borrow_mut().push(Completion::copy(callout_id, result, &headers, &body));
             return;
         }
     }

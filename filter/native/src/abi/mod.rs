@@ -32,7 +32,7 @@ mod stream;
 
 use std::ffi::{c_char, CStr};
 
-pub use config::ConfigContext;
+pub use config::{ConfigContext, ConfigHandle, ConfigScheduler};
 pub use stream::{Scheduler, Stream};
 
 use ffi::{envoy_dynamic_module_callback_log, envoy_dynamic_module_callback_log_enabled, RawBuffer};

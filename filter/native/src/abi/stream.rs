@@ -1,9 +1,11 @@
 //! The handles a filter uses during a hook: the stream, and its scheduler.
 
 use std::ffi::c_void;
+use std::marker::PhantomData;
 use std::ptr::{self, NonNull};
 use std::time::Duration;
 
+use super::config::callout_started;
 use super::ffi::*;
 use super::hooks::SlotState;
 use crate::filter::{CalloutError, CalloutId, Counter, HeaderMap, Histogram, LocalResponse};
@@ -13,6 +15,22 @@ pub struct Stream<'a> {
     pub(super) envoy: EnvoyFilterPtr,
     pub(super) state: &'a SlotState,
     pub(super) after: AfterHook,
+}
+
+/// A header map's entries as Envoy lent them, valid while the [`Stream`] is
+/// borrowed (no header can change meanwhile).
+pub struct Headers<'a> {
+    raw: Vec<RawHeader>,
+    _stream: PhantomData<&'a ()>,
+}
+
+impl<'a> Headers<'a> {
+    /// The `(name, value)` views, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])> + Clone + '_ {
+        // SAFETY: as for `Stream::header`: Envoy's header storage outlives the
+        // borrow of the stream, and every change takes `&mut Stream`.
+        self.raw.iter().map(|header| unsafe { header_parts(header) })
+    }
 }
 
 /// What the filter asked for that re-enters Envoy's filter chain, done once
@@ -72,18 +90,18 @@ impl Stream<'_> {
         (Some(unsafe { bytes(value) }), count)
     }
 
-    /// Every header of a map, as `(name, value)` views (see [`Stream::header`]).
-    pub fn headers(&self, map: HeaderMap) -> Vec<(&[u8], &[u8])> {
+    /// Every header of a map, fetched with one call: iterate it for
+    /// `(name, value)` views (see [`Stream::header`]).
+    pub fn headers(&self, map: HeaderMap) -> Headers<'_> {
         // SAFETY: see the impl.
         let count = unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.envoy, header_map(map)) };
         let mut raw = vec![RawHeader::NULL; count];
         // SAFETY: see the impl; `raw` has room for the `count` headers Envoy just
         // reported, and nothing on this thread changed the map since.
         if !unsafe { envoy_dynamic_module_callback_http_get_headers(self.envoy, header_map(map), raw.as_mut_ptr()) } {
-            return Vec::new();
+            raw.clear();
         }
-        // SAFETY: as for `header`.
-        raw.iter().map(|header| unsafe { header_parts(header) }).collect()
+        Headers { raw, _stream: PhantomData }
     }
 
     /// Replaces every value of a header (adding it if absent).
@@ -228,18 +246,12 @@ impl Stream<'_> {
                 timeout_ms,
             )
         };
-        if result == CALLOUT_INIT_SUCCESS {
-            return Ok(CalloutId(id));
+        let started = callout_started(result, id);
+        if started.is_err() {
+            // A callout that did not start has no completion to deliver.
+            self.state.inline_callouts.borrow_mut().truncate(inline_before);
         }
-        // A callout that did not start has no completion to deliver.
-        self.state.inline_callouts.borrow_mut().truncate(inline_before);
-        Err(match result {
-            1 => CalloutError::MissingRequiredHeaders,
-            2 => CalloutError::ClusterNotFound,
-            3 => CalloutError::DuplicateCalloutId,
-            4 => CalloutError::CannotCreateRequest,
-            other => CalloutError::Other(other),
-        })
+        started
     }
 
     /// A handle that runs [`HttpFilter::on_scheduled`] on this stream's worker,

@@ -37,6 +37,7 @@ fn a_known_gone_host_restores_state_then_commits_the_new_owner() {
     assert_eq!((host.req("x-session-state"), host.req("x-session-id"), host.req("x-session-new")), (Some("st1"), Some(SID), None));
     assert_eq!(host.routed_to, None, "the load balancer picks a live host");
     assert_eq!(host.req("x-envoy-retry-on"), Some(RETRY_ON_UNREACHED_SAFE));
+    assert_eq!(host.added_twice, Vec::<String>::new());
 
     host.respond(B2, &[("x-instance-id", "pod-b"), ("x-session-state", "st2")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Pause, "sync: the commit holds the response");
@@ -70,6 +71,7 @@ fn a_session_another_proxy_moved_joins_its_owner() {
     reply(&mut f, &mut host, Reply::Moved { owner: owner(B2, "pod-b") });
     assert_eq!(host.resumed_request, 1);
     assert_eq!((host.routed_to.as_deref(), host.req("x-session-id")), (Some(B2), Some(SID)));
+    assert_eq!(host.added_twice, Vec::<String>::new());
     host.respond(B2, &[("x-instance-id", "pod-b")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Continue);
     let claims = issued(&bed, &host);
@@ -133,6 +135,7 @@ fn a_store_outage_follows_the_policy() {
             assert_eq!(host.resumed_request, 1);
             assert_eq!(host.req("x-session-new"), Some("1"));
             assert_ne!(host.req("x-session-id"), Some(SID), "a new session, not the old id");
+            assert_eq!(host.added_twice, Vec::<String>::new());
             assert_eq!(bed.count(Counter::FailoversFresh), 1);
         } else {
             assert_eq!(set_cookie(&host), None, "reject keeps the cookie for a later retry");

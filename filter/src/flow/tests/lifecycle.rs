@@ -222,6 +222,25 @@ fn a_state_trailer_after_a_refused_write_is_not_sent() {
 }
 
 #[test]
+fn a_state_trailer_never_reaches_the_client_even_with_nothing_to_store_it_for() {
+    let bed = Bed::new(with_store("sync"));
+    // The app ends the session and still sends state in a trailer (found by
+    // the native module's fuzzer); and a path the filter does not manage.
+    let (mut ended, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-end", "1")]);
+    let mut skipped = bed.flow();
+    let mut static_host = bed.proxy(&[(":path", "/static/app.js")]);
+    skipped.on_request_headers(&mut static_host);
+    static_host.respond(B1, &[]);
+    skipped.on_response_headers(&mut static_host);
+    for (flow, host) in [(&mut ended, &mut host), (&mut skipped, &mut static_host)] {
+        host.trailers = vec![("x-session-state".into(), "secret".into())];
+        assert_eq!(flow.on_response_trailers(host), Action::Continue);
+        assert_eq!(host.trailers, []);
+    }
+    assert!(!host.ops().iter().any(|op| matches!(op, Op::Write { .. })), "nothing is stored for an ended session");
+}
+
+#[test]
 fn a_write_to_a_session_that_ended_elsewhere_drops_the_cookie() {
     let bed = Bed::new(with_store("sync"));
     let (mut f, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s")]);

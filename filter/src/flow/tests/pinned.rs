@@ -72,6 +72,7 @@ fn client_copies_of_internal_headers_never_pass_in_any_spelling() {
             assert!(!sent.contains(value), "{name}: {value} passed ({sent:?})");
         }
         assert_eq!(host.req("x-session-new"), if cookie_header.is_some() { None } else { Some("1") });
+        assert_eq!(host.added_twice, Vec::<String>::new(), "the client's copies go before the filter adds its own");
     }
     let mut host = bed.proxy(&[(":path", "/static/app.js"), ("x-session-route", "x"), ("x_session_id", "victim")]);
     bed.flow().on_request_headers(&mut host);
