@@ -33,7 +33,7 @@ use failover::Failover;
 use issue::Issuer;
 use request::{Arrival, RequestView};
 use response::{trailer_state, ResponseView};
-pub use worker::{Sent, Worker};
+pub use worker::{Answer, Sent, Worker};
 
 /// Envoy router retry conditions under which the request provably reached no
 /// app, for requests the load balancer places (a retry ignores a routing
@@ -288,7 +288,15 @@ impl Flow {
     pub fn on_store_response(&mut self, host: &mut impl HttpHost, token: u32, status: Option<u32>, body: &[u8]) {
         let Some(pending) = self.pending.take_if(|p| p.sent.token == token) else { return };
         let config = Rc::clone(&self.config);
-        let reply = self.worker.store_reply(&*host, &config, &pending.sent, status, body, host.now_ms());
+        let now_ms = host.now_ms();
+        let reply = match self.worker.store_reply(host, &config, &pending.sent, status, body, now_ms) {
+            Answer::Reply(reply) => reply,
+            Answer::Waiting(sent) => {
+                // The operation needed another call (a login, a lease, a retry).
+                self.pending = Some(Pending { sent, held: pending.held });
+                return;
+            }
+        };
         let action = match pending.sent.call.op {
             Op::Begin { .. } => self.on_begin_reply(host, reply),
             ref op => self.on_change_reply(host, op, reply),

@@ -15,7 +15,7 @@ use crate::cookie::{cluster_tag, ClusterTag, VerifiedCookies};
 use crate::gone::GoneTable;
 use crate::host::{HttpHost, SharedData, WorkerHost};
 use crate::metrics::{Counter, Metrics};
-use crate::store::{Client, Op, Reply, StoreCall, StoreError};
+use crate::store::{Client, Memory, Op, Progress, Reply, StoreCall, StoreError};
 
 /// Worker calls queued or in flight at most; beyond it the oldest are
 /// forgotten (a store that never answers cannot grow this).
@@ -36,6 +36,8 @@ pub struct Worker {
     queued: RefCell<Vec<StoreCall>>,
     /// The worker's calls in flight: (token, call, start time).
     detached: RefCell<Vec<(u32, StoreCall, u64)>>,
+    /// What store calls taught the worker (etcd's token and leases).
+    store_memory: RefCell<Memory>,
     /// Feeds the keyed fallback for unguessable ids when the host has no CSPRNG.
     ids_made: Cell<u64>,
     unprotected: Cell<u64>,
@@ -48,6 +50,15 @@ pub struct Sent {
     pub token: u32,
     pub call: StoreCall,
     pub started_ms: u64,
+}
+
+/// What the answer to a store call led to.
+#[derive(Debug)]
+pub enum Answer {
+    /// The operation's outcome.
+    Reply(Result<Reply, StoreError>),
+    /// The operation needed another call, which went out: wait for it.
+    Waiting(Sent),
 }
 
 impl Worker {
@@ -98,7 +109,8 @@ impl Worker {
             return None;
         }
         let nonce = URL_SAFE_NO_PAD.encode(self.unguessable(host, config, context_id).get(..12).unwrap_or_default());
-        Some(Client::new(store).call(op, nonce))
+        let memory = self.store_memory.try_borrow().ok()?;
+        Some(Client::new(store).call(op, nonce, &memory, host.now_ms()))
     }
 
     /// Sends `op` to the store for this stream, which gets the answer
@@ -168,46 +180,91 @@ impl Worker {
                 }
                 continue;
             };
-            if let Ok(mut calls) = self.detached.try_borrow_mut() {
-                if calls.len() >= MAX_DETACHED {
-                    calls.remove(0);
-                }
-                calls.push((token, call, now));
-            }
+            self.track(Sent { token, call, started_ms: now });
         }
     }
 
-    /// Reads the answer to a call, counting failures and feeding the breaker.
-    pub fn store_reply(&self, shared: &dyn SharedData, config: &Config, sent: &Sent, status: Option<u32>, body: &[u8], now_ms: u64) -> Result<Reply, StoreError> {
-        let Some(store) = &config.store else { return Err(StoreError::Unavailable(0)) };
+    /// Remembers a worker call in flight.
+    fn track(&self, sent: Sent) {
+        if let Ok(mut calls) = self.detached.try_borrow_mut() {
+            if calls.len() >= MAX_DETACHED {
+                calls.remove(0);
+            }
+            calls.push((sent.token, sent.call, sent.started_ms));
+        }
+    }
+
+    /// Reads the answer to a call, counting failures and feeding the breaker
+    /// with the operation's outcome. If the operation needs another call
+    /// (a login, a lease, a retry), it goes out from `host`'s context, so its
+    /// answer comes where this one came.
+    pub fn store_reply(&self, host: &mut impl WorkerHost, config: &Config, sent: &Sent, status: Option<u32>, body: &[u8], now_ms: u64) -> Answer {
+        let Some(store) = &config.store else { return Answer::Reply(Err(StoreError::Unavailable(0))) };
         let elapsed = now_ms.saturating_sub(sent.started_ms);
         self.metrics.store_latency(elapsed);
-        let result = Client::new(store).reply(&sent.call, status, body, elapsed);
-        match &result {
-            Ok(_) => {}
-            Err(StoreError::Timeout) => self.count(Counter::StoreTimeouts),
-            Err(StoreError::Mismatch(what)) => {
-                self.count(Counter::StoreMismatched);
-                warn!("store answer not used: {what}");
+        let progress = match self.store_memory.try_borrow_mut() {
+            Ok(mut memory) => Client::new(store).reply(&sent.call, status, body, elapsed, &mut memory, now_ms),
+            Err(_) => Err(StoreError::Protocol("store memory in use".into())),
+        };
+        let result = match progress {
+            Ok(Progress::Done(reply)) => Ok(reply),
+            Ok(Progress::Call(call)) => return self.send_next(host, store, call, now_ms),
+            Ok(Progress::Retry(call, error)) => {
+                self.count_failure(&error);
+                return self.send_next(host, store, call, now_ms);
             }
-            Err(_) => self.count(Counter::StoreErrors),
-        }
-        if Worker::breaker(shared, store).record(result.is_ok(), now_ms) == Transition::Opened {
+            Err(error) => {
+                self.count_failure(&error);
+                Err(error)
+            }
+        };
+        if Worker::breaker(&*host, store).record(result.is_ok(), now_ms) == Transition::Opened {
             self.count(Counter::StoreBreakerOpened);
             warn!("session store {:?} failing ({:?}); store calls fail at once for {} ms", store.cluster, result.as_ref().err(), store.breaker_cooldown_ms);
         }
-        result
+        Answer::Reply(result)
+    }
+
+    /// Sends an operation's next call.
+    fn send_next(&self, host: &mut impl WorkerHost, store: &StoreSettings, call: StoreCall, now_ms: u64) -> Answer {
+        match host.dispatch(&call) {
+            Some(token) => Answer::Waiting(Sent { token, call, started_ms: now_ms }),
+            None => {
+                self.count(Counter::StoreErrors);
+                Worker::breaker(&*host, store).record(false, now_ms);
+                Answer::Reply(Err(StoreError::Unavailable(0)))
+            }
+        }
+    }
+
+    fn count_failure(&self, error: &StoreError) {
+        match error {
+            StoreError::Timeout => self.count(Counter::StoreTimeouts),
+            StoreError::Mismatch(what) => {
+                self.count(Counter::StoreMismatched);
+                warn!("store answer not used: {what}");
+            }
+            StoreError::Protocol(what) => {
+                self.count(Counter::StoreErrors);
+                warn!("store answer not understood: {what}");
+            }
+            StoreError::Unavailable(_) => self.count(Counter::StoreErrors),
+        }
     }
 
     /// The answer to a detached call (the stream may be gone): counted, never acted on.
-    pub fn on_detached_reply(&self, shared: &dyn SharedData, config: &Config, token: u32, status: Option<u32>, body: &[u8], now_ms: u64) {
+    pub fn on_detached_reply(&self, host: &mut impl WorkerHost, config: &Config, token: u32, status: Option<u32>, body: &[u8], now_ms: u64) {
         let found = self.detached.try_borrow_mut().ok().and_then(|mut calls| {
             let at = calls.iter().position(|(t, _, _)| *t == token)?;
             Some(calls.remove(at))
         });
         let Some((_, call, started_ms)) = found else { return };
         let sent = Sent { token, call, started_ms };
-        match self.store_reply(shared, config, &sent, status, body, now_ms) {
+        let result = match self.store_reply(host, config, &sent, status, body, now_ms) {
+            Answer::Reply(result) => result,
+            Answer::Waiting(next) => return self.track(next),
+        };
+        match result {
             Ok(Reply::Conflict { owner }) if matches!(sent.call.op, Op::Write { .. } | Op::Commit { .. }) => {
                 self.count(Counter::StoreWritesRejected);
                 warn!("store refused a {} from a host that does not own the session (owner {owner:?})", sent.call.op.name());

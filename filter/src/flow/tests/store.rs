@@ -40,7 +40,7 @@ fn async_writes_are_detached_and_their_refusals_counted_on_the_worker() {
     send_queued(&bed, &mut host);
     assert!(matches!(host.ops()[..], [Op::Write { .. }]));
     let (token, status, body) = host.answer(&Reply::Conflict { owner: Some(owner(B2, "pod-b")) });
-    bed.worker.on_detached_reply(&*host.shared, &bed.config, token, status, &body, NOW_MS);
+    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
     assert_eq!(bed.count(Counter::StoreWritesRejected), 1);
 }
 
@@ -113,7 +113,7 @@ fn async_writes_of_one_session_land_in_order() {
     send_queued(&bed, &mut host);
     assert_eq!(host.calls.len(), 1, "s3 waits for s2's answer");
     let (token, status, body) = host.answer(&Reply::Stored);
-    bed.worker.on_detached_reply(&*host.shared, &bed.config, token, status, &body, NOW_MS);
+    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
     send_queued(&bed, &mut host);
     assert!(matches!(host.ops()[..], [_, Op::Write { state: Some(s), .. }] if s == "s3"));
 }
