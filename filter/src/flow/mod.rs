@@ -293,7 +293,7 @@ impl Flow {
             Answer::Reply(reply) => reply,
             Answer::Waiting(sent) => {
                 // The operation needed another call (a login, a lease, a retry).
-                self.pending = Some(Pending { sent, held: pending.held });
+                self.pending = Some(Pending { sent: *sent, held: pending.held });
                 return;
             }
         };

@@ -58,7 +58,7 @@ pub enum Answer {
     /// The operation's outcome.
     Reply(Result<Reply, StoreError>),
     /// The operation needed another call, which went out: wait for it.
-    Waiting(Sent),
+    Waiting(Box<Sent>),
 }
 
 impl Worker {
@@ -228,7 +228,7 @@ impl Worker {
     /// Sends an operation's next call.
     fn send_next(&self, host: &mut impl WorkerHost, store: &StoreSettings, call: StoreCall, now_ms: u64) -> Answer {
         match host.dispatch(&call) {
-            Some(token) => Answer::Waiting(Sent { token, call, started_ms: now_ms }),
+            Some(token) => Answer::Waiting(Box::new(Sent { token, call, started_ms: now_ms })),
             None => {
                 self.count(Counter::StoreErrors);
                 Worker::breaker(&*host, store).record(false, now_ms);
@@ -262,7 +262,7 @@ impl Worker {
         let sent = Sent { token, call, started_ms };
         let result = match self.store_reply(host, config, &sent, status, body, now_ms) {
             Answer::Reply(result) => result,
-            Answer::Waiting(next) => return self.track(next),
+            Answer::Waiting(next) => return self.track(*next),
         };
         match result {
             Ok(Reply::Conflict { owner }) if matches!(sent.call.op, Op::Write { .. } | Op::Commit { .. }) => {

@@ -160,13 +160,23 @@ pub enum Progress {
     Retry(StoreCall, StoreError),
 }
 
+/// One call as a dialect sees it: which step of which operation, its
+/// nonce, and the time now.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchange<'a> {
+    pub op: &'a Op,
+    pub step: &'a Step,
+    pub nonce: &'a str,
+    pub now_ms: u64,
+}
+
 /// How a dialect speaks: which call an operation makes, how each is
 /// rendered, and what each answer means.
 pub trait Dialect {
     /// The first call of `op` (also the one a retry starts over from).
     fn first_step(&self, op: &Op, memory: &Memory, now_ms: u64) -> Step;
-    fn request(&self, op: &Op, step: &Step, nonce: &str, memory: &Memory, now_ms: u64) -> Request;
-    fn reply(&self, op: &Op, step: &Step, nonce: &str, status: u32, body: &[u8], memory: &mut Memory, now_ms: u64) -> Result<Next, StoreError>;
+    fn request(&self, call: Exchange<'_>, memory: &Memory) -> Request;
+    fn reply(&self, call: Exchange<'_>, status: u32, body: &[u8], memory: &mut Memory) -> Result<Next, StoreError>;
     /// Whether a call that failed so may succeed if sent again (at once:
     /// through Envoy it may reach another member).
     fn retries(&self, error: &StoreError) -> bool;
@@ -219,7 +229,7 @@ impl<'a> Client<'a> {
     }
 
     fn render(&self, op: Op, nonce: String, step: Step, calls: u8, memory: &Memory, now_ms: u64) -> StoreCall {
-        let request = self.speak(|d| d.request(&op, &step, &nonce, memory, now_ms));
+        let request = self.speak(|d| d.request(Exchange { op: &op, step: &step, nonce: &nonce, now_ms }, memory));
         let s = self.settings;
         let mut headers = vec![
             (":method", "POST".to_string()),
@@ -245,7 +255,7 @@ impl<'a> Client<'a> {
             Some(504) => Err(StoreError::Timeout),
             None if timed_out => Err(StoreError::Timeout),
             None => Err(StoreError::Unavailable(0)),
-            Some(status) => self.speak(|d| d.reply(&call.op, &call.step, &call.nonce, status, body, memory, now_ms)),
+            Some(status) => self.speak(|d| d.reply(Exchange { op: &call.op, step: &call.step, nonce: &call.nonce, now_ms }, status, body, memory)),
         };
         let next = |step| self.render(call.op.clone(), call.nonce.clone(), step, call.calls.saturating_add(1), memory, now_ms);
         match next_step {

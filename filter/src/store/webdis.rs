@@ -8,7 +8,7 @@
 
 use std::fmt::Write;
 
-use super::{Dialect, Memory, Next, Op, Reply, Request, Step, StoreError};
+use super::{Dialect, Exchange, Memory, Next, Op, Reply, Request, Step, StoreError};
 use crate::keys::Secret;
 
 /// The reply helper every script starts with.
@@ -147,13 +147,13 @@ impl Dialect for Webdis<'_> {
         Step::Op
     }
 
-    fn request(&self, op: &Op, _: &Step, nonce: &str, _: &Memory, _: u64) -> Request {
+    fn request(&self, call: Exchange<'_>, _: &Memory) -> Request {
         let authorization = self.authorization.map(|a| String::from_utf8_lossy(&a.0).into_owned());
-        Request { path: "/".into(), content_type: "text/plain", authorization, body: self.eval(op, nonce) }
+        Request { path: "/".into(), content_type: "text/plain", authorization, body: self.eval(call.op, call.nonce) }
     }
 
-    fn reply(&self, op: &Op, _: &Step, nonce: &str, status: u32, body: &[u8], _: &mut Memory, _: u64) -> Result<Next, StoreError> {
-        self.parse(op, nonce, status, body).map(Next::Done)
+    fn reply(&self, call: Exchange<'_>, status: u32, body: &[u8], _: &mut Memory) -> Result<Next, StoreError> {
+        self.parse(call.op, call.nonce, status, body).map(Next::Done)
     }
 
     /// One Redis: a call that failed would fail again.
@@ -251,7 +251,8 @@ mod tests {
 
     #[test]
     fn eval_bodies_are_percent_encoded_and_end_in_a_number() {
-        let request = Webdis::new("sa:", None).request(&write(), &Step::Op, "n0nce", &Memory::default(), 0);
+        let call = Exchange { op: &write(), step: &Step::Op, nonce: "n0nce", now_ms: 0 };
+        let request = Webdis::new("sa:", None).request(call, &Memory::default());
         let body = String::from_utf8(request.body).unwrap();
         assert!(body.starts_with("EVAL/local%20function%20answer"), "{body}");
         let tail = "/2/sa%3AAAAAAAAAAAAAAAAAAAAAAA/sa%3AAAAAAAAAAAAAAAAAAAAAAA%3Alease/n0nce/AAAAAAAAAAAAAAAAAAAAAA\

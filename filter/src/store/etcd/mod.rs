@@ -22,7 +22,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::Deserialize;
 
-use super::{Dialect, Next, Op, Reply, Request, Step, StoreError};
+use super::{Dialect, Exchange, Next, Op, Reply, Request, Step, StoreError};
 use crate::keys::Secret;
 pub use ops::Copied;
 use ops::{tree, Keys, TOMBSTONE};
@@ -184,7 +184,7 @@ struct GrantReply {
 /// call's nonce: else it answers some other call.
 fn check_echo(op: &Op, call_key: &str, nonce: &str, reply: &TxnReply) -> Result<(), StoreError> {
     let echo = match reply.responses.last() {
-        Some(txn::OpReply::ResponseRange(range)) => range.value_of(call_key).ok().flatten().map(|found| found.value),
+        Some(txn::OpReply::Range(range)) => range.value_of(call_key).ok().flatten().map(|found| found.value),
         _ => None,
     };
     match echo {
@@ -198,7 +198,8 @@ impl Dialect for Etcd<'_> {
         self.plan(op, memory, now_ms, None)
     }
 
-    fn request(&self, op: &Op, step: &Step, nonce: &str, memory: &Memory, now_ms: u64) -> Request {
+    fn request(&self, call: Exchange<'_>, memory: &Memory) -> Request {
+        let Exchange { op, step, nonce, now_ms } = call;
         let authorization = memory.token.as_ref().map(|t| String::from_utf8_lossy(&t.0).into_owned());
         let (path, body) = match step {
             Step::Login => ("/v3/auth/authenticate", self.login.map(|l| l.0.clone()).unwrap_or_default()),
@@ -215,7 +216,8 @@ impl Dialect for Etcd<'_> {
         Request { path: path.into(), content_type: "application/json", authorization, body }
     }
 
-    fn reply(&self, op: &Op, step: &Step, nonce: &str, status: u32, body: &[u8], memory: &mut Memory, now_ms: u64) -> Result<Next, StoreError> {
+    fn reply(&self, call: Exchange<'_>, status: u32, body: &[u8], memory: &mut Memory) -> Result<Next, StoreError> {
+        let Exchange { op, step, nonce, now_ms } = call;
         if status != 200 {
             return self.refused(op, step, status, body, memory, now_ms);
         }

@@ -185,12 +185,15 @@ pub struct TxnReply {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "snake_case")]
 pub enum OpReply {
-    ResponseRange(RangeReply),
-    ResponsePut(IgnoredAny),
-    ResponseDeleteRange(IgnoredAny),
-    ResponseTxn(TxnReply),
+    #[serde(rename = "response_range")]
+    Range(RangeReply),
+    #[serde(rename = "response_put")]
+    Put(IgnoredAny),
+    #[serde(rename = "response_delete_range")]
+    Delete(IgnoredAny),
+    #[serde(rename = "response_txn")]
+    Txn(TxnReply),
 }
 
 /// A `/v3/kv/range` answer, alone or inside a txn's.
@@ -231,9 +234,12 @@ impl RangeReply {
     }
 }
 
-/// Walks `reply` along `txn`: the leaf of the deepest branch taken, and what
-/// every range on the way read, in order (key, value).
-pub fn walk(txn: &Txn, reply: &TxnReply, reads: &mut Vec<(String, Option<Found>)>) -> Result<Leaf, String> {
+/// What the ranges of a txn read, in order: (key, value if it exists).
+pub type Reads = Vec<(String, Option<Found>)>;
+
+/// Walks `reply` along `txn`: the leaf of the deepest branch taken; adds
+/// what every range on the way read to `reads`.
+pub fn walk(txn: &Txn, reply: &TxnReply, reads: &mut Reads) -> Result<Leaf, String> {
     let branch = if reply.succeeded { &txn.success } else { &txn.failure };
     if branch.ops.len() != reply.responses.len() {
         return Err(format!("{} answers to {} operations", reply.responses.len(), branch.ops.len()));
@@ -241,14 +247,17 @@ pub fn walk(txn: &Txn, reply: &TxnReply, reads: &mut Vec<(String, Option<Found>)
     let mut leaf = branch.leaf;
     for (op, answer) in branch.ops.iter().zip(&reply.responses) {
         match (op, answer) {
-            (Do::Range(key), OpReply::ResponseRange(range)) => reads.push((key.clone(), range.value_of(key)?)),
-            (Do::Txn(nested), OpReply::ResponseTxn(nested_reply)) => leaf = Some(walk(nested, nested_reply, reads)?),
-            (Do::Put(..) | Do::Keep(_), OpReply::ResponsePut(_)) | (Do::Delete(_), OpReply::ResponseDeleteRange(_)) => {}
+            (Do::Range(key), OpReply::Range(range)) => reads.push((key.clone(), range.value_of(key)?)),
+            (Do::Txn(nested), OpReply::Txn(nested_reply)) => leaf = Some(walk(nested, nested_reply, reads)?),
+            (Do::Put(..) | Do::Keep(_), OpReply::Put(_)) | (Do::Delete(_), OpReply::Delete(_)) => {}
             _ => return Err("an answer of another kind than the operation".into()),
         }
     }
     leaf.ok_or_else(|| "a branch without an outcome".into())
 }
+
+#[cfg(any(test, feature = "testing"))]
+type Way = (Vec<serde_json::Value>, Option<Leaf>);
 
 /// Every answer etcd could give to `txn` that ends in `want`, each range
 /// finding `value(key)`. For tests.
@@ -258,7 +267,7 @@ pub fn answers(txn: &Txn, want: Leaf, value: &dyn Fn(&str) -> Option<String>) ->
     let mut found = Vec::new();
     for (succeeded, branch) in [(true, &txn.success), (false, &txn.failure)] {
         // Every way through the branch so far: (responses, leaf).
-        let mut ways = vec![(Vec::new(), branch.leaf)];
+        let mut ways: Vec<Way> = vec![(Vec::new(), branch.leaf)];
         for op in &branch.ops {
             let answer = match op {
                 Do::Put(..) | Do::Keep(_) => json!({"response_put": {"header": {}}}),
@@ -322,7 +331,7 @@ mod tests {
         assert_eq!(json, expected);
     }
 
-    fn walked(reply: &str) -> Result<(Leaf, Vec<(String, Option<Found>)>), String> {
+    fn walked(reply: &str) -> Result<(Leaf, Reads), String> {
         let reply: TxnReply = serde_json::from_str(reply).unwrap();
         let mut reads = Vec::new();
         walk(&sample(), &reply, &mut reads).map(|leaf| (leaf, reads))
