@@ -3,13 +3,48 @@ clients. A failing test's report gets the tail of every testbed process log.
 
 `testbed` is shared by every test that only sends requests; a test that kills,
 restarts or reconfigures anything asks for `own_testbed` instead.
+
+Tests marked `stores` run once per selected session store (`--store webdis
+--store etcd`, or SA_STORES=webdis,etcd; webdis alone by default, so default
+runs stay fast): their `own_testbed` runs that store. Other tests use webdis.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from harness import Client, require_tool, tb
+
+
+def pytest_addoption(parser):
+    parser.addoption("--store", action="append", choices=tb.STORES,
+                     help="a session store for the tests marked `stores` (repeat it for several; "
+                          "default: SA_STORES, else webdis)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "stores: run once per selected session store (--store, SA_STORES)")
+
+
+def selected_stores(config) -> list[str]:
+    stores = config.getoption("--store") or [s for s in os.environ.get("SA_STORES", "webdis").split(",") if s]
+    unknown = sorted(set(stores) - set(tb.STORES))
+    if unknown:
+        raise pytest.UsageError(f"unknown session store(s) {unknown}; choose from {list(tb.STORES)}")
+    return stores
+
+
+def pytest_generate_tests(metafunc):
+    if "store" in metafunc.fixturenames and metafunc.definition.get_closest_marker("stores"):
+        metafunc.parametrize("store", selected_stores(metafunc.config), indirect=True)
+
+
+@pytest.fixture
+def store(request):
+    """The session store of the test's own testbed: webdis unless the test is marked `stores`."""
+    return getattr(request, "param", "webdis")
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +55,10 @@ def wasm():
     return tb.ensure_wasm()
 
 
-def _testbed(workdir, filter_config=None):
-    return tb.Testbed(tb.PortPlan.free(), workdir, concurrency=2, filter_config=filter_config)
+def _testbed(workdir, filter_config=None, store="webdis"):
+    for tool in tb.STORE_TOOLS[store]:
+        require_tool(tool)
+    return tb.Testbed(tb.PortPlan.free(), workdir, concurrency=2, filter_config=filter_config, store=store)
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +77,9 @@ def testbed(shared_testbed):
 
 
 @pytest.fixture
-def own_testbed(wasm, tmp_path):
+def own_testbed(wasm, tmp_path, store):
     """A testbed for this test alone, which it may kill, restart and reconfigure."""
-    with _testbed(tmp_path / "testbed") as bed:
+    with _testbed(tmp_path / "testbed", store=store) as bed:
         yield bed
 
 

@@ -11,9 +11,11 @@ What each test proves:
   counters count each moved session once;
 - restart: a backend restarted at the same address (new instance id) loses no
   session either;
-- store down (webdis, then Redis): pinned sessions keep working; a failover
-  during the outage follows store.on_outage ("fresh" and "reject"); when the
-  store is back, failovers restore state again without any restart;
+- store down (unreachable: webdis stopped, or every etcd member; unserving:
+  Redis stopped behind webdis, or etcd without quorum): pinned sessions keep
+  working; a failover during the outage follows store.on_outage ("fresh" and
+  "reject"); when the store is back, failovers restore state again without
+  any restart;
 - two Envoys: a failover raced through two Envoy processes ends with one owner
   in the store and no lost increment;
 - zombie: a host that lost the session writes with an old cookie through an
@@ -22,8 +24,10 @@ What each test proves:
 - no unsafe replay: a POST that reached a backend killed mid-request is
   answered with an error, never replayed.
 
-Every wait is bounded. On failure the report shows what was expected next to
-what was received, and conftest.py adds the tail of every process log.
+Every test runs on each selected session store (webdis, etcd: see
+conftest.py). Every wait is bounded. On failure the report shows what was
+expected next to what was received, and conftest.py adds the tail of every
+process log.
 """
 
 from __future__ import annotations
@@ -44,11 +48,16 @@ import requests
 
 from harness import METRIC_PREFIX, REPO, expect, expect_equal, tb, verify_cookie
 
+pytestmark = pytest.mark.stores
+
 REQUEST_TIMEOUT = 10.0
 FLUSH_PERIOD = 1.0
 SETTLE_TIMEOUT = 8.0
-# How long a store that is back may take to serve again (webdis reconnecting to Redis).
-RECOVERY_TIMEOUT = 6.0
+# How long a store that is back may take to serve again: webdis reconnecting
+# to Redis, etcd electing a leader, and the filter's breaker letting a probe
+# through (its cooldown is 5 s, and a probe sent the moment the store is back
+# may still fail and start another).
+RECOVERY_TIMEOUT = 12.0
 # The three counters that each count one moved session.
 FAILOVER_COUNTERS = ("failovers.known", "failovers.replayed", "failovers.restart")
 
@@ -196,15 +205,51 @@ def failovers(delta: dict[str, int]) -> int:
 
 def stored(bed: "tb.Testbed", sid: str) -> dict:
     """The store's record of a session: {"owner": "host#instance", "count": n, "lease": token|None}."""
-    prefix = bed.envoy.filter_config["store"]["key_prefix"]
-    flat = bed.redis_command("HGETALL", f"{prefix}{sid}") or []
-    record = dict(zip(flat[::2], flat[1::2]))
+    record = bed.session_record(sid)
     count = None
-    if "state" in record:
+    if record["state"] is not None:
         raw = record["state"]
         count = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))).get("count")
-    return {"owner": record.get("owner"), "count": count,
-            "lease": bed.redis_command("GET", f"{prefix}{sid}:lease")}
+    return {"owner": record["owner"], "count": count, "lease": record["lease"]}
+
+
+def store_down(bed: "tb.Testbed", outage: str):
+    """"unreachable": nothing accepts store calls (webdis stopped; every etcd
+    member killed). "unserving": the store answers but cannot serve (Redis
+    stopped behind webdis; two etcd members killed, the third without quorum)."""
+    if bed.etcd:
+        for index in (0, 1, 2) if outage == "unreachable" else (1, 2):
+            bed.etcd.kill(index)
+    elif outage == "unreachable":
+        bed.stop_webdis()
+    else:
+        bed.stop_redis()
+
+
+def store_back(bed: "tb.Testbed", outage: str):
+    if bed.etcd:
+        bed.etcd.start()
+        # Every member answers again; wait until the Envoys' health checks see it.
+        for envoy in [bed.envoy] + bed.extra_envoys:
+            tb.wait_until(lambda: store_hosts_healthy(envoy) == len(bed.etcd.members), 10.0,
+                          f"{envoy.name}: every etcd member healthy")
+    elif outage == "unreachable":
+        bed.start_webdis()
+    else:
+        bed.start_redis()
+
+
+def store_hosts_healthy(envoy: "tb.Envoy") -> int:
+    """How many store endpoints Envoy's health checks see healthy."""
+    _, _, body = tb.http_get(f"{envoy.admin_url}/clusters")
+    flags = [line.rsplit("::", 1)[-1] for line in body.decode().splitlines()
+             if line.startswith(f"{tb.STORE_CLUSTER}::") and "::health_flags::" in line]
+    return flags.count("healthy")
+
+
+def store_keeps_data(bed: "tb.Testbed", outage: str) -> bool:
+    """etcd members keep their data; the testbed's Redis keeps none across a restart."""
+    return bool(bed.etcd) or outage == "unreachable"
 
 
 def health(envoy: "tb.Envoy") -> str:
@@ -412,7 +457,7 @@ def test_restart_at_the_same_address_keeps_counting(own_testbed):
     expect_equal(delta.get("failovers.fresh", 0), 0, f"failovers.fresh ({delta})")
 
 
-@pytest.mark.parametrize("outage", ["webdis", "redis"])
+@pytest.mark.parametrize("outage", ["unreachable", "unserving"])
 def test_store_outage(own_testbed, outage):
     """Store down: pinned sessions work; failovers follow the policy; recovery needs no restart."""
     bed, envoy = own_testbed, own_testbed.envoy
@@ -430,10 +475,7 @@ def test_store_outage(own_testbed, outage):
     checks = Checks()
 
     # --- the store goes away
-    if outage == "webdis":
-        bed.stop_webdis()
-    else:
-        bed.stop_redis()
+    store_down(bed, outage)
     started = time.monotonic()
     problems = sum(in_parallel(lambda u: drive(u, envoy.url, 4, 3), survivors), [])
     took = time.monotonic() - started
@@ -476,11 +518,8 @@ def test_store_outage(own_testbed, outage):
     checks.expect_equal(delta_reject.get("failovers.fresh", 0), 0,
                         f"failovers.fresh on envoy-reject ({delta_reject})")
 
-    # --- the store comes back; nothing is restarted
-    if outage == "webdis":
-        bed.start_webdis()
-    else:
-        bed.start_redis()
+    # --- the store comes back; nothing else is restarted
+    store_back(bed, outage)
     # A rejected client retries: its failover now reads the store. Redis in the
     # testbed keeps no data across a restart, so after a Redis outage the
     # session is new to the store and starts from 1 on a live host.
@@ -488,7 +527,7 @@ def test_store_outage(own_testbed, outage):
     # (webdis reconnects to a restarted Redis), so retries are bounded, not single.
     back = time.monotonic()
     for user in rejected_users:
-        expected = 4 if outage == "webdis" else 1
+        expected = 4 if store_keeps_data(bed, outage) else 1
         tries = []
         while True:
             reply = user.send(reject.url)
@@ -502,11 +541,20 @@ def test_store_outage(own_testbed, outage):
         checks.expect(reply.status_code == 200 and body and body["count"] == expected and body["backend"] != first,
                       f"{user.name}: retry after the {outage} outage on envoy-reject (tries {tries})",
                       f"200, count {expected}, on a live host within {RECOVERY_TIMEOUT:.0f}s", describe(reply))
-    # Every live session writes once (the store catches up), then the second backend dies.
+    # Every live session writes (the store catches up), in rounds until a whole
+    # round is stored (the breaker may still hold calls back for a cooldown);
+    # then the second backend dies.
     live = survivors + fresh_ok
-    counts = {u.name: json_body(u.replies[-1])["count"] for u in live}
-    problems = sum(in_parallel(lambda u: drive(u, envoy.url, counts[u.name] + 1, 1), live), [])
-    expect(not problems, f"sessions after the {outage} came back", "no problems", "\n".join(problems))
+    deadline = time.monotonic() + RECOVERY_TIMEOUT
+    while True:
+        counts = {u.name: json_body(u.replies[-1])["count"] for u in live}
+        round_before = settled_counters(envoy)
+        problems = sum(in_parallel(lambda u: drive(u, envoy.url, counts[u.name] + 1, 1), live), [])
+        expect(not problems, f"sessions after the {outage} came back", "no problems", "\n".join(problems))
+        unstored = changes(round_before, settled_counters(envoy)).get("store.writes_unprotected", 0)
+        if not unstored or time.monotonic() > deadline:
+            break
+    counts = {u.name: json_body(u.replies[-1])["count"] - 1 for u in live}
     homes = {u.name: json_body(u.replies[-1])["backend"] for u in live}
     on_second = [u for u in live if homes[u.name] == second]
     expect(on_second, f"sessions on {second} to fail over after the outage", ">= 1", homes)

@@ -7,7 +7,7 @@ use std::cell::{Cell, RefCell};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use log::warn;
+use log::{info, warn};
 
 use crate::breaker::{Admit, Breaker, Transition};
 use crate::config::{Config, StoreSettings};
@@ -15,7 +15,7 @@ use crate::cookie::{cluster_tag, ClusterTag, VerifiedCookies};
 use crate::gone::GoneTable;
 use crate::host::{HttpHost, SharedData, WorkerHost};
 use crate::metrics::{Counter, Metrics};
-use crate::store::{Client, Memory, Op, Progress, Reply, StoreCall, StoreError};
+use crate::store::{Client, Memory, Op, Progress, Reply, StoreCall, StoreError, MAX_CALLS};
 
 /// Worker calls queued or in flight at most; beyond it the oldest are
 /// forgotten (a store that never answers cannot grow this).
@@ -211,6 +211,7 @@ impl Worker {
             Ok(Progress::Call(call)) => return self.send_next(host, store, call, now_ms),
             Ok(Progress::Retry(call, error)) => {
                 self.count_failure(&error);
+                info!("store {} call failed ({error:?}); trying again, call {} of at most {MAX_CALLS}", call.op.name(), call.calls);
                 return self.send_next(host, store, call, now_ms);
             }
             Err(error) => {
