@@ -159,7 +159,7 @@ impl Worker {
             call = match client.reply(&call, Some(status), &body, 1, &mut self.memory, now_ms())? {
                 Progress::Done(reply) => return Ok(reply),
                 Progress::Call(next) => next,
-                Progress::Retry(_, error) => return Err(error),
+                Progress::Retry { error, .. } => return Err(error),
             };
         }
         panic!("more than {MAX_CALLS} calls");

@@ -36,6 +36,8 @@ pub struct Worker {
     queued: RefCell<Vec<StoreCall>>,
     /// The worker's calls in flight: (token, call, start time).
     detached: RefCell<Vec<(u32, StoreCall, u64)>>,
+    /// The worker's calls that failed and go out again at a time: (due, call).
+    retrying: RefCell<Vec<(u64, StoreCall)>>,
     /// What store calls taught the worker (etcd's token and leases).
     store_memory: RefCell<Memory>,
     /// Feeds the keyed fallback for unguessable ids when the host has no CSPRNG.
@@ -59,6 +61,8 @@ pub enum Answer {
     Reply(Result<Reply, StoreError>),
     /// The operation needed another call, which went out: wait for it.
     Waiting(Box<Sent>),
+    /// The call failed and goes out again at `due_ms` ([`Worker::resend`]).
+    Later { call: Box<StoreCall>, due_ms: u64 },
 }
 
 impl Worker {
@@ -153,15 +157,18 @@ impl Worker {
 
     /// Whether calls wait to be sent.
     pub fn has_queued(&self) -> bool {
-        self.queued.try_borrow().is_ok_and(|q| !q.is_empty())
+        self.queued.try_borrow().is_ok_and(|q| !q.is_empty()) || self.retrying.try_borrow().is_ok_and(|r| !r.is_empty())
     }
 
     /// Sends the queued calls, from the worker's own context (so their answers
     /// come to the worker, and no stream's end cancels them).
     pub fn send_queued(&self, host: &mut impl WorkerHost, config: &Config) {
+        self.send_retries(host, config);
         let calls = self.queued.try_borrow_mut().map(|mut q| std::mem::take(&mut *q)).unwrap_or_default();
         for call in calls {
-            let busy = self.detached.try_borrow().is_ok_and(|d| d.iter().any(|(_, c, _)| c.op.sid() == call.op.sid()));
+            let sid = call.op.sid();
+            let busy = self.detached.try_borrow().is_ok_and(|d| d.iter().any(|(_, c, _)| c.op.sid() == sid))
+                || self.retrying.try_borrow().is_ok_and(|r| r.iter().any(|(_, c)| c.op.sid() == sid));
             if busy {
                 // The session's previous call is still out: this one waits its turn.
                 if let Ok(mut queued) = self.queued.try_borrow_mut() {
@@ -181,6 +188,24 @@ impl Worker {
                 continue;
             };
             self.track(Sent { token, call, started_ms: now });
+        }
+    }
+
+    /// Sends the worker's retries that are due.
+    fn send_retries(&self, host: &mut impl WorkerHost, config: &Config) {
+        let now = host.now_ms();
+        let due: Vec<(u64, StoreCall)> = match self.retrying.try_borrow_mut() {
+            Ok(mut retrying) => {
+                let (due, later) = std::mem::take(&mut *retrying).into_iter().partition(|(at, _)| *at <= now);
+                *retrying = later;
+                due
+            }
+            Err(_) => Vec::new(),
+        };
+        for (_, call) in due {
+            let op = call.op.clone();
+            let answer = self.resend(host, config, call);
+            self.detached_answer(&op, answer, now);
         }
     }
 
@@ -209,10 +234,10 @@ impl Worker {
         let result = match progress {
             Ok(Progress::Done(reply)) => Ok(reply),
             Ok(Progress::Call(call)) => return self.send_next(host, store, call, now_ms),
-            Ok(Progress::Retry(call, error)) => {
+            Ok(Progress::Retry { call, error, pause_ms }) => {
                 self.count_failure(&error);
-                info!("store {} call failed ({error:?}); trying again, call {} of at most {MAX_CALLS}", call.op.name(), call.calls);
-                return self.send_next(host, store, call, now_ms);
+                info!("store {} call failed ({error:?}); trying again in {pause_ms} ms, call {} of at most {MAX_CALLS}", call.op.name(), call.calls);
+                return Answer::Later { call: Box::new(call), due_ms: now_ms.saturating_add(pause_ms) };
             }
             Err(error) => {
                 self.count_failure(&error);
@@ -224,6 +249,14 @@ impl Worker {
             warn!("session store {:?} failing ({:?}); store calls fail at once for {} ms", store.cluster, result.as_ref().err(), store.breaker_cooldown_ms);
         }
         Answer::Reply(result)
+    }
+
+    /// Sends a call that failed before, again.
+    pub fn resend(&self, host: &mut impl WorkerHost, config: &Config, call: StoreCall) -> Answer {
+        match &config.store {
+            Some(store) => self.send_next(host, store, call, host.now_ms()),
+            None => Answer::Reply(Err(StoreError::Unavailable(0))),
+        }
     }
 
     /// Sends an operation's next call.
@@ -261,17 +294,33 @@ impl Worker {
         });
         let Some((_, call, started_ms)) = found else { return };
         let sent = Sent { token, call, started_ms };
-        let result = match self.store_reply(host, config, &sent, status, body, now_ms) {
+        let answer = self.store_reply(host, config, &sent, status, body, now_ms);
+        self.detached_answer(&sent.call.op, answer, now_ms);
+    }
+
+    /// What the worker does with what a detached call led to: wait for the
+    /// next call, retry later, or count the outcome.
+    fn detached_answer(&self, op: &Op, answer: Answer, now_ms: u64) {
+        let result = match answer {
             Answer::Reply(result) => result,
             Answer::Waiting(next) => return self.track(*next),
+            Answer::Later { call, due_ms } => {
+                if let Ok(mut retrying) = self.retrying.try_borrow_mut() {
+                    if retrying.len() >= MAX_DETACHED {
+                        retrying.remove(0);
+                    }
+                    retrying.push((due_ms, *call));
+                }
+                return;
+            }
         };
         match result {
-            Ok(Reply::Conflict { owner }) if matches!(sent.call.op, Op::Write { .. } | Op::Commit { .. }) => {
+            Ok(Reply::Conflict { owner }) if matches!(op, Op::Write { .. } | Op::Commit { .. }) => {
                 self.count(Counter::StoreWritesRejected);
-                warn!("store refused a {} from a host that does not own the session (owner {owner:?})", sent.call.op.name());
+                warn!("store refused a {} from a host that does not own the session (owner {owner:?})", op.name());
             }
             Ok(_) => {}
-            Err(_) if is_state_change(&sent.call.op) => self.unprotected(now_ms),
+            Err(_) if is_state_change(op) => self.unprotected(now_ms),
             Err(_) => {}
         }
     }

@@ -17,8 +17,10 @@
 //! Webdis answers each operation with one call ([`Step::Op`]). etcd may need
 //! a few calls first ([`Step`]): a login, a lease grant, or a read; the
 //! dialect says which call comes next ([`Next`]), and what it learns (a token,
-//! lease ids) stays in the worker's [`Memory`]. An operation never takes more
-//! than [`MAX_CALLS`] calls.
+//! lease ids) stays in the worker's [`Memory`]. A dialect may also send a
+//! failed call again (etcd: to another member, or after a leader election),
+//! after a pause that doubles each time, for up to [`RETRY_WINDOW_MS`]. An
+//! operation never takes more than [`MAX_CALLS`] calls.
 //!
 //! Every reply is bound to its call: webdis echoes the call's nonce and
 //! session id, etcd reads back the nonce the same txn wrote under the
@@ -36,8 +38,16 @@ pub use etcd::{Copied, Etcd, Memory};
 pub use webdis::Webdis;
 
 /// The most calls one operation may take: a login, a lease grant and a read
-/// before the operation itself, or retries after failures.
-pub const MAX_CALLS: u8 = 6;
+/// before the operation itself, and retries after failures.
+pub const MAX_CALLS: u8 = 8;
+/// A failed call is sent again only while the operation is younger than
+/// this: long enough to outlast an etcd leader election (1 to 2 s with its
+/// default 1 s election timeout).
+pub const RETRY_WINDOW_MS: u64 = 3_000;
+/// The pause before the first retry; each next one waits twice as long, up
+/// to [`MAX_RETRY_PAUSE_MS`].
+pub const FIRST_RETRY_PAUSE_MS: u64 = 100;
+pub const MAX_RETRY_PAUSE_MS: u64 = 1_000;
 
 /// A store operation. Owners are "upstream#instance".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +154,10 @@ pub struct StoreCall {
     pub step: Step,
     /// Calls made for `op` so far, this one included.
     pub calls: u8,
+    /// How many of them were retries after a failure.
+    pub retries: u8,
+    /// When the operation's first call was made.
+    pub began_ms: u64,
     pub cluster: String,
     pub timeout: Duration,
     pub headers: Vec<(&'static str, String)>,
@@ -156,8 +170,8 @@ pub enum Progress {
     Done(Reply),
     /// The operation's next step.
     Call(StoreCall),
-    /// The call failed so; here it is again (the dialect retries it).
-    Retry(StoreCall, StoreError),
+    /// The call failed with `error`; send `call` again after `pause_ms`.
+    Retry { call: StoreCall, error: StoreError, pause_ms: u64 },
 }
 
 /// One call as a dialect sees it: which step of which operation, its
@@ -225,10 +239,16 @@ impl<'a> Client<'a> {
     /// The first call of `op`, tagged with `nonce`.
     pub fn call(&self, op: Op, nonce: String, memory: &Memory, now_ms: u64) -> StoreCall {
         let step = self.speak(|d| d.first_step(&op, memory, now_ms));
-        self.render(op, nonce, step, 1, memory, now_ms)
+        self.render(op, nonce, step, memory, now_ms)
     }
 
-    fn render(&self, op: Op, nonce: String, step: Step, calls: u8, memory: &Memory, now_ms: u64) -> StoreCall {
+    /// The call after `call` in its operation, for `step`.
+    fn next_call(&self, call: &StoreCall, step: Step, memory: &Memory, now_ms: u64) -> StoreCall {
+        let next = self.render(call.op.clone(), call.nonce.clone(), step, memory, now_ms);
+        StoreCall { calls: call.calls.saturating_add(1), retries: call.retries, began_ms: call.began_ms, ..next }
+    }
+
+    fn render(&self, op: Op, nonce: String, step: Step, memory: &Memory, now_ms: u64) -> StoreCall {
         let request = self.speak(|d| d.request(Exchange { op: &op, step: &step, nonce: &nonce, now_ms }, memory));
         let s = self.settings;
         let mut headers = vec![
@@ -240,14 +260,14 @@ impl<'a> Client<'a> {
         if let Some(authorization) = request.authorization {
             headers.push(("authorization", authorization));
         }
-        StoreCall { op, nonce, step, calls, cluster: s.cluster.clone(), timeout: s.timeout, headers, body: request.body }
+        StoreCall { op, nonce, step, calls: 1, retries: 0, began_ms: now_ms, cluster: s.cluster.clone(), timeout: s.timeout, headers, body: request.body }
     }
 
     /// What the answer to `call` means: `status` is None when the call failed
     /// or timed out before any answer; `elapsed_ms` tells a timeout from a
-    /// failure. A failure the dialect retries, or a step it still needs,
-    /// comes back as the next call, until the operation has made
-    /// [`MAX_CALLS`] calls.
+    /// failure. A step the dialect still needs, or a failure it retries
+    /// (within [`RETRY_WINDOW_MS`]), comes back as the next call, until the
+    /// operation has made [`MAX_CALLS`] calls.
     pub fn reply(&self, call: &StoreCall, status: Option<u32>, body: &[u8], elapsed_ms: u64, memory: &mut Memory, now_ms: u64) -> Result<Progress, StoreError> {
         let timed_out = elapsed_ms >= crate::config::millis(self.settings.timeout);
         let next_step = match status {
@@ -257,12 +277,17 @@ impl<'a> Client<'a> {
             None => Err(StoreError::Unavailable(0)),
             Some(status) => self.speak(|d| d.reply(Exchange { op: &call.op, step: &call.step, nonce: &call.nonce, now_ms }, status, body, memory)),
         };
-        let next = |step| self.render(call.op.clone(), call.nonce.clone(), step, call.calls.saturating_add(1), memory, now_ms);
+        let in_window = now_ms.saturating_sub(call.began_ms) < RETRY_WINDOW_MS;
         match next_step {
             Ok(Next::Done(reply)) => Ok(Progress::Done(reply)),
             _ if call.calls >= MAX_CALLS => Err(next_step.err().unwrap_or_else(|| StoreError::Protocol(format!("a {} needs more than {MAX_CALLS} calls", call.op.name())))),
-            Ok(Next::Call(step)) => Ok(Progress::Call(next(step))),
-            Err(error) if self.speak(|d| d.retries(&error)) => Ok(Progress::Retry(next(self.speak(|d| d.first_step(&call.op, memory, now_ms))), error)),
+            Ok(Next::Call(step)) => Ok(Progress::Call(self.next_call(call, step, memory, now_ms))),
+            Err(error) if in_window && self.speak(|d| d.retries(&error)) => {
+                let mut again = self.next_call(call, self.speak(|d| d.first_step(&call.op, memory, now_ms)), memory, now_ms);
+                again.retries = call.retries.saturating_add(1);
+                let pause_ms = FIRST_RETRY_PAUSE_MS.saturating_mul(1 << call.retries.min(8)).min(MAX_RETRY_PAUSE_MS);
+                Ok(Progress::Retry { call: again, error, pause_ms })
+            }
             Err(error) => Err(error),
         }
     }

@@ -165,16 +165,22 @@ fn an_etcd_failover_waits_for_the_workers_login_and_lease_then_begins() {
 }
 
 #[test]
-fn a_failed_etcd_call_is_made_again_and_only_the_operations_outcome_feeds_the_breaker() {
+fn a_failed_etcd_call_is_made_again_after_a_pause_and_only_the_operations_outcome_feeds_the_breaker() {
     let bed = Bed::new(config(r#","store":{"cluster":"store","dialect":"etcd","breaker":{"failures":1,"cooldown":"5s"}}"#));
     let (mut f, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
     assert_eq!(action, Action::Pause);
     let (token, status, body) = etcd_answer(&host, "/v3/lease/grant", None);
     f.on_store_response(&mut host, token, status, &body);
-    // The txn reaches a member without quorum: no answer in time. Sent again.
+    // The txn reaches a member without quorum: no answer in time. It goes out
+    // again once the stream's timer fires, the response still held.
     f.on_store_response(&mut host, 2, None, b"");
-    assert_eq!((host.calls.len(), host.resumed_response), (3, 0));
-    assert_eq!(host.calls[2].calls, 3);
+    assert_eq!((host.calls.len(), host.timers.last()), (2, Some(&crate::store::FIRST_RETRY_PAUSE_MS)));
+    assert!(f.holds_response_body());
+    f.on_timer(&mut host);
+    assert_eq!(host.calls.len(), 2, "not before the pause is over");
+    host.now_ms += crate::store::FIRST_RETRY_PAUSE_MS;
+    f.on_timer(&mut host);
+    assert_eq!((host.calls.len(), host.calls[2].calls, host.calls[2].retries, host.resumed_response), (3, 3, 1, 0));
     assert_eq!((bed.count(Counter::StoreErrors), bed.count(Counter::StoreBreakerOpened)), (1, 0));
     let (token, status, body) = etcd_answer(&host, "/v3/kv/txn", Some(&Reply::Stored));
     f.on_store_response(&mut host, token, status, &body);
@@ -183,15 +189,24 @@ fn a_failed_etcd_call_is_made_again_and_only_the_operations_outcome_feeds_the_br
 }
 
 #[test]
-fn an_etcd_operation_gives_up_after_a_bounded_number_of_calls() {
+fn an_etcd_operation_gives_up_within_its_retry_window_and_call_bound() {
     let bed = Bed::new(config(r#","store":{"cluster":"store","dialect":"etcd"}"#));
     let (mut f, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
-    for call in 1..=crate::store::MAX_CALLS {
-        assert_eq!(host.calls.len(), usize::from(call));
-        f.on_store_response(&mut host, u32::from(call), Some(503), b"no healthy upstream");
+    let mut pauses = Vec::new();
+    while host.resumed_response == 0 {
+        let token = u32::try_from(host.calls.len()).unwrap();
+        let timers = host.timers.len();
+        f.on_store_response(&mut host, token, Some(503), b"no healthy upstream");
+        if let Some(&pause) = host.timers.get(timers) {
+            pauses.push(pause);
+            host.now_ms += pause;
+            f.on_timer(&mut host);
+        }
+        assert!(host.calls.len() <= usize::from(crate::store::MAX_CALLS));
     }
-    assert_eq!(host.calls.len(), usize::from(crate::store::MAX_CALLS), "no call past the bound");
-    assert_eq!((host.resumed_response, bed.count(Counter::StoreWritesUnprotected)), (1, 1));
+    assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000], "doubling pauses, each at most 1 s, within the 3 s window");
+    assert_eq!(host.calls.len(), 7);
+    assert_eq!((bed.count(Counter::StoreErrors), bed.count(Counter::StoreWritesUnprotected)), (7, 1));
 }
 
 #[test]
@@ -206,4 +221,19 @@ fn a_detached_etcd_write_follows_its_calls_from_the_worker() {
     let (token, status, body) = etcd_answer(&host, "/v3/kv/txn", Some(&Reply::Conflict { owner: Some(owner(B2, "pod-b")) }));
     bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
     assert_eq!((bed.count(Counter::StoreWritesRejected), bed.count(Counter::StoreErrors)), (1, 0));
+}
+
+#[test]
+fn a_detached_etcd_call_that_failed_goes_out_again_from_the_workers_tick() {
+    let bed = Bed::new(config(r#","store":{"cluster":"store","dialect":"etcd","write":"async"}"#));
+    let (_, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+    send_queued(&bed, &mut host);
+    bed.worker.on_detached_reply(&mut host, &bed.config, 1, None, b"", NOW_MS);
+    assert!(bed.worker.has_queued(), "the retry keeps the worker's tick fast");
+    send_queued(&bed, &mut host);
+    assert_eq!(host.calls.len(), 1, "not before its pause is over");
+    host.now_ms += crate::store::FIRST_RETRY_PAUSE_MS;
+    send_queued(&bed, &mut host);
+    assert_eq!((host.calls.len(), host.calls[1].retries), (2, 1));
+    assert!(!bed.worker.has_queued());
 }
