@@ -63,7 +63,8 @@ class EtcdCluster:
     """Three members; start() waits until each says it is healthy."""
 
     def __init__(self, workdir: Path, client_ports: tuple[int, ...], peer_ports: tuple[int, ...],
-                 auth: bool = True, key_prefix: str = "sa:", say=None):
+                 auth: bool = True, key_prefix: str = "sa:", say=None, launcher: tuple[str, ...] = ()):
+        """`launcher` goes before each member's command (the benchmark pins them to a CPU)."""
         self.workdir = Path(workdir)
         self.auth = auth
         self.key_prefix = key_prefix
@@ -77,7 +78,7 @@ class EtcdCluster:
         for i, (client, peer) in enumerate(zip(client_ports, peer_ports)):
             name = f"etcd-{i + 1}"
             argv = [
-                "etcd", "--name", name, "--data-dir", str(self.workdir / name),
+                *launcher, "etcd", "--name", name, "--data-dir", str(self.workdir / name),
                 "--listen-client-urls", f"http://127.0.0.1:{client}", "--advertise-client-urls", f"http://127.0.0.1:{client}",
                 "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
                 "--initial-cluster", initial, "--initial-cluster-token", token, "--initial-cluster-state", "new",
@@ -85,6 +86,9 @@ class EtcdCluster:
                 # pre-vote its higher term forces a new election when it is
                 # back, a second outage right after the first.
                 "--pre-vote",
+                # Every store write adds a revision; without compaction etcd
+                # keeps them all and fills its quota.
+                "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m",
             ]
             self.members.append(Member(name, client, peer, tb.Process(name, argv, self.workdir / f"{name}.log")))
         self._auth_ready = False
