@@ -214,6 +214,12 @@ def count_of(data: dict) -> int | None:
     return None
 
 
+def cookie_host(cookie: str | None) -> str | None:
+    """The host a cookie pins (2|sid|cluster tag|host|instance|...)."""
+    parts = (cookie or "").split("|")
+    return parts[3] if len(parts) >= 10 and parts[0] == "2" else None
+
+
 def new_sessions(env: b.Envoy, want: int, host: str | None, max_tries: int) -> list[Client]:
     """Creates sessions through the filter; keeps those pinned to `host`
     (any host when None). Each gets a second request so the store holds state."""
@@ -225,7 +231,7 @@ def new_sessions(env: b.Envoy, want: int, host: str | None, max_tries: int) -> l
         status, _, data = c.get_once("/")
         if status != 200 or not c.cookie:
             raise RuntimeError(f"new session: status {status}, cookie {c.cookie!r}")
-        pinned = c.cookie.split("|")[2] if c.cookie.count("|") >= 8 else None
+        pinned = cookie_host(c.cookie)
         if host is not None and pinned != host:
             c.close()
             continue
@@ -338,7 +344,7 @@ def measure_kill_under_load(bench: b.Bench, sessions: int = 48, seconds: float =
     env.wait_ready()
     clients = new_sessions(env, sessions, None, max_tries=sessions * 2)
     victim = backends.hosts[0]
-    on_victim = sum(1 for c in clients if c.cookie and c.cookie.split("|")[2] == victim)
+    on_victim = sum(1 for c in clients if cookie_host(c.cookie) == victim)
     stop = threading.Event()
     lock = threading.Lock()
     tally = {"requests": 0, "client_errors": 0, "errors_in_flight_at_kill": 0, "redirects": 0}

@@ -20,13 +20,12 @@ mod txn;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use serde::Deserialize;
 
 use super::{Dialect, Exchange, Next, Op, Reply, Request, Step, StoreError};
 use crate::keys::Secret;
 pub use ops::Copied;
 use ops::{tree, Keys, TOMBSTONE};
-use txn::{walk, Leaf, RangeReply, TxnReply};
+use txn::{walk, Answer, Leaf};
 
 /// Keys are written only with a lease that has at least this long to live,
 /// so a lease never ends under a call in flight.
@@ -115,7 +114,7 @@ impl<'a> Etcd<'a> {
     /// What a txn's answer means, once it is known to answer this call.
     fn txn_reply(&self, op: &Op, nonce: &str, copied: Option<&Copied>, body: &[u8], now_ms: u64) -> Result<Reply, StoreError> {
         let k = self.keys(op.sid());
-        let reply: TxnReply = serde_json::from_slice(body).map_err(|_| StoreError::Protocol(format!("a {} got an answer that is not a txn's", op.name())))?;
+        let reply: Answer = serde_json::from_slice(body).map_err(|_| StoreError::Protocol(format!("a {} got an answer that is not a txn's", op.name())))?;
         check_echo(op, &k.call, nonce, &reply)?;
         let mut reads = Vec::new();
         let tree = tree(op, &k, &self.new_keys(op), nonce, now_ms, copied);
@@ -139,7 +138,7 @@ impl<'a> Etcd<'a> {
     /// A call etcd did not serve: a token to renew, a lease to grant again,
     /// or an error.
     fn refused(&self, op: &Op, step: &Step, status: u32, body: &[u8], memory: &mut Memory, now_ms: u64) -> Result<Next, StoreError> {
-        let message = serde_json::from_slice::<ErrorReply>(body).map(|e| e.error).unwrap_or_default();
+        let message = serde_json::from_slice::<Answer>(body).map(|e| e.error).unwrap_or_default();
         let token_refused = status == 401 || (status == 400 && ["user name is empty", "auth store is old", "invalid auth token"].iter().any(|m| message.contains(m)));
         match step {
             Step::Login if status == 400 => Err(StoreError::Protocol("etcd refused store.auth's user name or password".into())),
@@ -161,32 +160,11 @@ impl<'a> Etcd<'a> {
     }
 }
 
-/// The gateway's error answer.
-#[derive(Deserialize)]
-struct ErrorReply {
-    #[serde(default)]
-    error: String,
-}
-
-#[derive(Deserialize)]
-struct LoginReply {
-    token: String,
-}
-
-/// Lease ids are int64, as decimal strings.
-#[derive(Deserialize)]
-struct GrantReply {
-    #[serde(rename = "ID")]
-    id: String,
-}
-
 /// The answer's last read is of this session's call key, and finds this
 /// call's nonce: else it answers some other call.
-fn check_echo(op: &Op, call_key: &str, nonce: &str, reply: &TxnReply) -> Result<(), StoreError> {
-    let echo = match reply.responses.last() {
-        Some(txn::OpReply::Range(range)) => range.value_of(call_key).ok().flatten().map(|found| found.value),
-        _ => None,
-    };
+fn check_echo(op: &Op, call_key: &str, nonce: &str, reply: &Answer) -> Result<(), StoreError> {
+    let echo = reply.responses.last().and_then(|last| last.response_range.as_ref());
+    let echo = echo.and_then(|range| range.value_of(call_key).ok().flatten()).map(|found| found.value);
     match echo {
         Some(echo) if echo == nonce => Ok(()),
         other => Err(StoreError::Mismatch(format!("a {} call of session {} got an answer for call {other:?}", op.name(), op.sid()))),
@@ -222,21 +200,21 @@ impl Dialect for Etcd<'_> {
             return self.refused(op, step, status, body, memory, now_ms);
         }
         let unreadable = |what: &str| StoreError::Protocol(format!("etcd {what} answer not understood"));
+        let answer = || serde_json::from_slice::<Answer>(body);
         match step {
             Step::Login => {
                 // The answer holds the token: it goes nowhere but the memory.
-                let reply: LoginReply = serde_json::from_slice(body).map_err(|_| unreadable("login"))?;
+                let reply = answer().ok().filter(|a| !a.token.is_empty()).ok_or_else(|| unreadable("login"))?;
                 memory.token = Some(Secret(reply.token.into_bytes()));
                 Ok(Next::Call(self.plan(op, memory, now_ms, None)))
             }
             Step::Grant { bucket } => {
-                let reply: GrantReply = serde_json::from_slice(body).map_err(|_| unreadable("lease grant"))?;
-                let id = reply.id.parse().map_err(|_| unreadable("lease grant"))?;
+                let id = answer().ok().and_then(|a| a.id.parse().ok()).ok_or_else(|| unreadable("lease grant"))?;
                 memory.remember(*bucket, id, now_ms / self.bucket_ms);
                 Ok(Next::Call(self.plan(op, memory, now_ms, None)))
             }
             Step::Read => {
-                let reply: RangeReply = serde_json::from_slice(body).map_err(|_| unreadable("read"))?;
+                let reply = answer().map_err(|_| unreadable("read"))?;
                 let found = reply.value_of(&self.keys(op.sid()).state).map_err(|what| StoreError::Mismatch(format!("rotate read: {what}")))?;
                 let copied = found.map_or(Copied { state: None, mod_revision: 0 }, |f| Copied { state: Some(f.value), mod_revision: f.mod_revision });
                 Ok(Next::Call(self.plan(op, memory, now_ms, Some(copied))))

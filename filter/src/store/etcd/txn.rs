@@ -176,31 +176,31 @@ impl Do {
     }
 }
 
-/// A `/v3/kv/txn` answer (the gateway leaves out false, zero and empty fields).
+/// Any answer of the gateway, read into one shape: a txn's (`succeeded`,
+/// `responses`), a range's (`kvs`), a login's (`token`), a lease grant's
+/// (`ID`) or an error (`error`). The gateway leaves out false, zero and empty
+/// fields. One type for all keeps the module small.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-pub struct TxnReply {
+pub struct Answer {
     pub succeeded: bool,
-    pub responses: Vec<OpReply>,
+    pub responses: Vec<Response>,
+    pub kvs: Vec<KeyValue>,
+    pub token: String,
+    /// Lease ids are int64, as decimal strings.
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub error: String,
 }
 
-#[derive(Debug, Deserialize)]
-pub enum OpReply {
-    #[serde(rename = "response_range")]
-    Range(RangeReply),
-    #[serde(rename = "response_put")]
-    Put(IgnoredAny),
-    #[serde(rename = "response_delete_range")]
-    Delete(IgnoredAny),
-    #[serde(rename = "response_txn")]
-    Txn(TxnReply),
-}
-
-/// A `/v3/kv/range` answer, alone or inside a txn's.
+/// One entry of a txn's `responses`: one of these is there.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-pub struct RangeReply {
-    pub kvs: Vec<KeyValue>,
+pub struct Response {
+    pub response_range: Option<Answer>,
+    pub response_put: Option<IgnoredAny>,
+    pub response_delete_range: Option<IgnoredAny>,
+    pub response_txn: Option<Answer>,
 }
 
 /// Keys and values in base64, numbers as decimal strings.
@@ -219,8 +219,8 @@ pub struct Found {
     pub mod_revision: u64,
 }
 
-impl RangeReply {
-    /// The value of `key`, if it exists; an answer about any other key is refused.
+impl Answer {
+    /// A range's value of `key`, if it exists; an answer about any other key is refused.
     pub fn value_of(&self, wanted: &str) -> Result<Option<Found>, String> {
         let Some(kv) = self.kvs.first() else { return Ok(None) };
         let decode = |text: &str| STANDARD.decode(text).ok().and_then(|bytes| String::from_utf8(bytes).ok());
@@ -239,7 +239,7 @@ pub type Reads = Vec<(String, Option<Found>)>;
 
 /// Walks `reply` along `txn`: the leaf of the deepest branch taken; adds
 /// what every range on the way read to `reads`.
-pub fn walk(txn: &Txn, reply: &TxnReply, reads: &mut Reads) -> Result<Leaf, String> {
+pub fn walk(txn: &Txn, reply: &Answer, reads: &mut Reads) -> Result<Leaf, String> {
     let branch = if reply.succeeded { &txn.success } else { &txn.failure };
     if branch.ops.len() != reply.responses.len() {
         return Err(format!("{} answers to {} operations", reply.responses.len(), branch.ops.len()));
@@ -247,9 +247,9 @@ pub fn walk(txn: &Txn, reply: &TxnReply, reads: &mut Reads) -> Result<Leaf, Stri
     let mut leaf = branch.leaf;
     for (op, answer) in branch.ops.iter().zip(&reply.responses) {
         match (op, answer) {
-            (Do::Range(key), OpReply::Range(range)) => reads.push((key.clone(), range.value_of(key)?)),
-            (Do::Txn(nested), OpReply::Txn(nested_reply)) => leaf = Some(walk(nested, nested_reply, reads)?),
-            (Do::Put(..) | Do::Keep(_), OpReply::Put(_)) | (Do::Delete(_), OpReply::Delete(_)) => {}
+            (Do::Range(key), Response { response_range: Some(range), .. }) => reads.push((key.clone(), range.value_of(key)?)),
+            (Do::Txn(nested), Response { response_txn: Some(nested_reply), .. }) => leaf = Some(walk(nested, nested_reply, reads)?),
+            (Do::Put(..) | Do::Keep(_), Response { response_put: Some(_), .. }) | (Do::Delete(_), Response { response_delete_range: Some(_), .. }) => {}
             _ => return Err("an answer of another kind than the operation".into()),
         }
     }
@@ -332,7 +332,7 @@ mod tests {
     }
 
     fn walked(reply: &str) -> Result<(Leaf, Reads), String> {
-        let reply: TxnReply = serde_json::from_str(reply).unwrap();
+        let reply: Answer = serde_json::from_str(reply).unwrap();
         let mut reads = Vec::new();
         walk(&sample(), &reply, &mut reads).map(|leaf| (leaf, reads))
     }
