@@ -17,7 +17,6 @@ this module adds what a replicated store must survive:
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -29,7 +28,7 @@ import yaml
 from harness import REPO, expect, expect_equal, require_tool, tb
 from test_failover import (Checks, User, changes, describe, in_parallel, json_body, owner_of, settle_load_balancer,
                            settled_counters, start_sessions, stored)
-from test_readme_testbed import READY, Output
+from test_readme_testbed import READY, Output, interrupt
 
 # How long a careful client keeps retrying a 503 that carries Retry-After.
 PATIENCE = 25.0
@@ -230,14 +229,7 @@ def test_testbed_runs_on_etcd(wasm, tmp_path):
         counts = [json_body(user.send(url + "/"))["count"] for _ in range(2)]
         expect_equal(counts, [1, 2], "a session on the etcd testbed")
     finally:
-        if runner.poll() is None:
-            runner.send_signal(signal.SIGINT)
-        try:
-            runner.wait(30)
-        except subprocess.TimeoutExpired:
-            runner.kill()
-    log = output.drain()
-    expect(log.rstrip().endswith("testbed: stopped"), "the runner stops everything", "testbed: stopped", log[-500:])
+        interrupt(runner, output)
 
 
 def test_tls_to_etcd_is_the_clusters_transport_socket(wasm, tmp_path):
