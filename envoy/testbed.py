@@ -38,6 +38,10 @@ import yaml
 
 import mesh as mesh_mode
 
+# Run as a script, this module is __main__: modules beside it that import
+# `testbed` (etcd_cluster) must get this one, with the same classes.
+sys.modules.setdefault("testbed", sys.modules[__name__])
+
 REPO = Path(__file__).resolve().parent.parent
 ENVOY_DIR = REPO / "envoy"
 TESTBED_YAML = ENVOY_DIR / "testbed.yaml"
@@ -56,8 +60,13 @@ MODULES = ("wasm", "native")
 METRIC_PREFIXES = {"wasm": "wasmcustom.session_affinity.", "native": "dynamicmodulescustom.session_affinity."}
 BACKEND_NAMES = ("a", "b", "c")
 ENVOY_BIN = os.environ.get("ENVOY_BIN", "envoy")
-# The programs a testbed starts; .ci/setup testbed installs them.
-TOOLS = (ENVOY_BIN, "redis-server", "webdis")
+# The session stores a testbed can run (envoy/testbed --store): webdis in
+# front of Redis, or three etcd members (envoy/etcd-store.yaml); the programs
+# each needs. .ci/setup testbed installs them.
+STORES = ("webdis", "etcd")
+STORE_TOOLS = {"webdis": ("redis-server", "webdis"), "etcd": ("etcd",)}
+# The programs the default testbed starts.
+TOOLS = (ENVOY_BIN, *STORE_TOOLS["webdis"])
 WASM_FILTER = "envoy.filters.http.wasm"
 APP_CLUSTER = "app"
 STORE_CLUSTER = "session_store"
@@ -104,12 +113,15 @@ class PortPlan:
     backends: tuple[int, ...] = (18081, 18082, 18083)
     webdis: int = 17379
     redis: int = 16379
+    # Client ports of the etcd members, then their peer ports.
+    etcd: tuple[int, ...] = (12379, 22379, 32379, 12380, 22380, 32380)
 
     @classmethod
     def free(cls, backends: int = len(BACKEND_NAMES)) -> "PortPlan":
         """A plan of ports that are free right now."""
-        ports = free_ports(4 + backends)
-        return cls(listener=ports[0], admin=ports[1], webdis=ports[2], redis=ports[3], backends=tuple(ports[4:]))
+        ports = free_ports(10 + backends)
+        return cls(listener=ports[0], admin=ports[1], webdis=ports[2], redis=ports[3], etcd=tuple(ports[4:10]),
+                   backends=tuple(ports[10:]))
 
 
 class StartupError(RuntimeError):
@@ -254,9 +266,13 @@ def store_password() -> str:
     raise ValueError(f"{WEBDIS_JSON} has no http_basic_auth rule")
 
 
-def envoy_env(module: str = "wasm") -> dict[str, str]:
+def envoy_env(module: str = "wasm", store: str = "webdis") -> dict[str, str]:
     """What an Envoy running envoy/testbed.yaml needs in its environment."""
-    env = {STORE_PASSWORD_ENV: store_password()}
+    if store == "etcd":
+        from etcd_cluster import store_topology
+        env = {STORE_PASSWORD_ENV: store_topology()["password"]}
+    else:
+        env = {STORE_PASSWORD_ENV: store_password()}
     if module == "native":
         env["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(NATIVE.parent)
     return env
@@ -305,9 +321,14 @@ def find_wasm_filter(bootstrap: dict) -> dict:
     raise KeyError(f"no {WASM_FILTER} filter in {TESTBED_YAML}")
 
 
-def default_filter_config() -> dict:
-    """The plugin JSON of envoy/testbed.yaml, parsed (tests read keys from it)."""
-    return json.loads(find_wasm_filter(load_bootstrap())["configuration"]["value"])
+def default_filter_config(store: str = "webdis") -> dict:
+    """The plugin JSON of envoy/testbed.yaml, parsed (tests read keys from it);
+    with the etcd store, its store section is envoy/etcd-store.yaml's."""
+    config = json.loads(find_wasm_filter(load_bootstrap())["configuration"]["value"])
+    if store == "etcd":
+        from etcd_cluster import store_topology
+        config["store"] = store_topology()["store"]
+    return config
 
 
 def use_native_module(bootstrap: dict):
@@ -341,8 +362,9 @@ def _endpoints(port_list) -> list[dict]:
 
 
 def render_bootstrap(ports: PortPlan, listener: int, admin: int, filter_config: dict, wasm: Path = WASM,
-                     module: str = "wasm") -> dict:
-    """envoy/testbed.yaml with this plan's ports, this .wasm (or the native module) and this plugin JSON."""
+                     module: str = "wasm", store: str = "webdis") -> dict:
+    """envoy/testbed.yaml with this plan's ports, this .wasm (or the native module)
+    and this plugin JSON (and with the etcd store, envoy/etcd-store.yaml's cluster)."""
     bootstrap = copy.deepcopy(load_bootstrap())
     bootstrap["admin"]["address"]["socket_address"]["port_value"] = admin
     listeners = bootstrap["static_resources"]["listeners"]
@@ -352,9 +374,14 @@ def render_bootstrap(ports: PortPlan, listener: int, admin: int, filter_config: 
     wasm_config = find_wasm_filter(bootstrap)
     wasm_config["vm_config"]["code"]["local"]["filename"] = str(wasm)
     wasm_config["configuration"]["value"] = json.dumps(filter_config, indent=1)
-    for cluster in bootstrap["static_resources"]["clusters"]:
+    clusters = bootstrap["static_resources"]["clusters"]
+    for index, cluster in enumerate(clusters):
         if cluster["name"] == APP_CLUSTER:
             cluster["load_assignment"]["endpoints"] = _endpoints(ports.backends)
+        elif cluster["name"] == STORE_CLUSTER and store == "etcd":
+            from etcd_cluster import store_topology
+            clusters[index] = store_topology()["cluster"]
+            clusters[index]["load_assignment"]["endpoints"] = _endpoints(ports.etcd[:3])
         elif cluster["name"] == STORE_CLUSTER:
             cluster["load_assignment"]["endpoints"] = _endpoints([ports.webdis])
     if module == "native":
@@ -376,7 +403,7 @@ class Envoy:
             ENVOY_BIN, "-c", str(self.config_path), "--concurrency", str(testbed.concurrency),
             "--disable-hot-restart", "-l", "info",
         ]
-        self.process = Process(name, argv, testbed.workdir / f"{name}.log", env=envoy_env(testbed.module))
+        self.process = Process(name, argv, testbed.workdir / f"{name}.log", env=envoy_env(testbed.module, testbed.store))
 
     @property
     def url(self) -> str:
@@ -398,7 +425,7 @@ class Envoy:
 
     def write_config(self) -> Path:
         bootstrap = render_bootstrap(self.testbed.ports, self.listener, self.admin, self.filter_config, self.testbed.wasm,
-                                     self.testbed.module)
+                                     self.testbed.module, self.testbed.store)
         for patch in self.testbed.bootstrap_patches:
             patch(bootstrap)
         self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
@@ -496,11 +523,12 @@ class Testbed:
 
     def __init__(self, ports: PortPlan, workdir: Path, concurrency: int = 2,
                  filter_config: dict | None = None, wasm: Path = WASM, say=None, mesh: bool = False,
-                 module: str = "wasm"):
+                 module: str = "wasm", store: str = "webdis"):
         if module not in MODULES:
             raise ValueError(f"module must be one of {MODULES}, not {module!r}")
         self.module = module
         self.ports = ports
+        self.store = store
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.concurrency = concurrency
@@ -510,12 +538,17 @@ class Testbed:
             "redis-server", str(REDIS_CONF), "--port", str(ports.redis), "--dir", str(self.workdir),
         ], self.workdir / "redis.log")
         self.webdis = Process("webdis", ["webdis", str(self._write_webdis_config())], self.workdir / "webdis.log")
+        # The etcd store: three members instead of Redis and webdis.
+        self.etcd = None
+        if store == "etcd":
+            from etcd_cluster import EtcdCluster
+            self.etcd = EtcdCluster(self.workdir, ports.etcd[:3], ports.etcd[3:], say=self.say)
         self.backends = [
             Backend(name, port, Process(f"backend-{name}", [], self.workdir / f"backend-{name}.log"))
             for name, port in zip(BACKEND_NAMES, ports.backends)
         ]
         self.envoy = Envoy(self, "envoy", ports.listener, ports.admin,
-                           filter_config if filter_config is not None else default_filter_config())
+                           filter_config if filter_config is not None else default_filter_config(store))
         self.extra_envoys: list[Envoy] = []
         # Changes tests make to every Envoy's bootstrap (callables that edit
         # it in place), and extra demo-backend options: applied at each start.
@@ -548,14 +581,18 @@ class Testbed:
     def processes(self) -> list[Process]:
         """Every process this testbed manages, in start order."""
         sidecars = [b.sidecar for b in self.backends if b.sidecar]
-        return ([self.redis, self.webdis] + [b.process for b in self.backends] + sidecars
+        store = self.etcd.processes() if self.etcd else [self.redis, self.webdis]
+        return (store + [b.process for b in self.backends] + sidecars
                 + [self.envoy.process] + [e.process for e in self.extra_envoys])
 
     def start(self):
         """Start everything and wait until Envoy sees every backend healthy."""
         try:
-            self.start_redis()
-            self.start_webdis()
+            if self.etcd:
+                self.etcd.start()
+            else:
+                self.start_redis()
+                self.start_webdis()
             self.start_backends()
             for backend in self.backends:
                 if backend.sidecar:
@@ -580,6 +617,16 @@ class Testbed:
 
     def __exit__(self, *exc):
         self.stop()
+
+    def session_record(self, sid: str) -> dict:
+        """The stored session, whichever the store: {"owner", "state", "lease"} (None where missing)."""
+        if self.etcd:
+            return self.etcd.session_record(sid)
+        prefix = self.envoy.filter_config["store"]["key_prefix"]
+        flat = self.redis_command("HGETALL", f"{prefix}{sid}") or []
+        record = dict(zip(flat[::2], flat[1::2]))
+        return {"owner": record.get("owner"), "state": record.get("state"),
+                "lease": self.redis_command("GET", f"{prefix}{sid}:lease")}
 
     def start_redis(self):
         self.redis.start()
@@ -672,9 +719,9 @@ class Testbed:
         return "\n".join(parts)
 
 
-def missing_tools() -> list[str]:
-    """The TOOLS that are not on PATH."""
-    return [tool for tool in TOOLS if shutil.which(tool) is None]
+def missing_tools(store: str = "webdis") -> list[str]:
+    """The tools a testbed with this store needs that are not on PATH."""
+    return [tool for tool in (ENVOY_BIN, *STORE_TOOLS[store]) if shutil.which(tool) is None]
 
 
 def module_path(module: str = "wasm") -> Path:
@@ -723,6 +770,8 @@ def parse_args(argv):
         prog="envoy/testbed",
         description="Run Redis, webdis, three demo backends and Envoy with the filter on 127.0.0.1. "
                     "Ctrl-C stops everything.")
+    parser.add_argument("--store", choices=STORES, default="webdis",
+                        help="the session store: webdis in front of Redis (default), or three etcd members")
     parser.add_argument("--free-ports", action="store_true",
                         help="pick free ports instead of the documented ones (to run beside another testbed)")
     parser.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
@@ -744,8 +793,6 @@ def parse_args(argv):
 def testbed_class(app: str):
     """The Testbed for --app: tomcat swaps the backends for Tomcats (adapters/tomcat/tomcats.py)."""
     if app == "tomcat":
-        # tomcats.py imports this module as `testbed`: when it runs as a script, that must be this very module.
-        sys.modules.setdefault("testbed", sys.modules[__name__])
         sys.path.insert(0, str(REPO / "adapters" / "tomcat"))
         from tomcats import TomcatTestbed
         return TomcatTestbed
@@ -761,7 +808,7 @@ def main(argv=None) -> int:
     # Explicit handlers: SIGINT may arrive ignored from a non-interactive parent.
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
-    missing = missing_tools()
+    missing = missing_tools(args.store)
     if missing:
         say(f"not installed: {', '.join(missing)}; `.ci/setup testbed` installs them (Debian/Ubuntu)")
         return 2
@@ -778,7 +825,7 @@ def main(argv=None) -> int:
     ports = PortPlan.free() if args.free_ports else PortPlan()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sa-testbed-"))
     testbed = testbed_class(args.app)(ports, workdir, concurrency=args.concurrency, say=say, mesh=args.mesh,
-                                         module=args.module)
+                                         module=args.module, store=args.store)
     say(f"configs and logs in {workdir}")
     try:
         testbed.start()

@@ -8,6 +8,10 @@ A test marked `mesh` runs twice: with the backends reached directly, and with
 each backend behind its own sidecar Envoy over mutual TLS (`--mesh`), as in
 an Istio mesh.
 
+Tests marked `stores` run once per selected session store (`--store webdis
+--store etcd`, or SA_STORES=webdis,etcd; webdis alone by default, so default
+runs stay fast): their `own_testbed` runs that store. Other tests use webdis.
+
 The testbeds run the filter as proxy-wasm, or with `--module native` as the
 native Envoy dynamic module (no stateful_session filter). That run selects
 only the tests that use a testbed: the others do not depend on the build.
@@ -27,6 +31,14 @@ TESTBED_FIXTURES = {"module", "shared_testbed", "testbed", "own_testbed"}
 def pytest_addoption(parser):
     parser.addoption("--module", choices=tb.MODULES, default=os.environ.get("SA_MODULE", "wasm"),
                      help="the build the testbeds run: wasm (default) or native (also: SA_MODULE)")
+    parser.addoption("--store", action="append", choices=tb.STORES,
+                     help="a session store for the tests marked `stores` (repeat it for several; "
+                          "default: SA_STORES, else webdis)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "stores: run once per selected session store (--store, SA_STORES)")
+    config.addinivalue_line("markers", "mesh: also run the test with every backend behind a sidecar Envoy (mTLS)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -49,6 +61,33 @@ def module(request):
     return name
 
 
+def selected_stores(config) -> list[str]:
+    stores = config.getoption("--store") or [s for s in os.environ.get("SA_STORES", "webdis").split(",") if s]
+    unknown = sorted(set(stores) - set(tb.STORES))
+    if unknown:
+        raise pytest.UsageError(f"unknown session store(s) {unknown}; choose from {list(tb.STORES)}")
+    return stores
+
+
+def pytest_generate_tests(metafunc):
+    if "store" in metafunc.fixturenames and metafunc.definition.get_closest_marker("stores"):
+        metafunc.parametrize("store", selected_stores(metafunc.config), indirect=True)
+    if metafunc.definition.get_closest_marker("mesh") and "own_testbed" in metafunc.fixturenames:
+        metafunc.parametrize("topology", ["direct", "mesh"], indirect=True)
+
+
+@pytest.fixture
+def store(request):
+    """The session store of the test's own testbed: webdis unless the test is marked `stores`."""
+    return getattr(request, "param", "webdis")
+
+
+@pytest.fixture
+def topology(request):
+    """How the backends are reached: "direct", or "mesh" (through sidecars)."""
+    return getattr(request, "param", "direct")
+
+
 @pytest.fixture(scope="session")
 def wasm():
     """The filter module; built with filter/build if it is missing or older than its sources."""
@@ -57,24 +96,11 @@ def wasm():
     return tb.ensure_wasm()
 
 
-def _testbed(workdir, module, filter_config=None, mesh=False):
+def _testbed(workdir, module, filter_config=None, mesh=False, store="webdis"):
+    for tool in tb.STORE_TOOLS[store]:
+        require_tool(tool)
     return tb.Testbed(tb.PortPlan.free(), workdir, concurrency=2, filter_config=filter_config, mesh=mesh,
-                      module=module)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "mesh: also run the test with every backend behind a sidecar Envoy (mTLS)")
-
-
-def pytest_generate_tests(metafunc):
-    if metafunc.definition.get_closest_marker("mesh") and "own_testbed" in metafunc.fixturenames:
-        metafunc.parametrize("topology", ["direct", "mesh"], indirect=True)
-
-
-@pytest.fixture
-def topology(request):
-    """How the backends are reached: "direct", or "mesh" (through sidecars)."""
-    return getattr(request, "param", "direct")
+                      module=module, store=store)
 
 
 @pytest.fixture(scope="session")
@@ -93,9 +119,9 @@ def testbed(shared_testbed):
 
 
 @pytest.fixture
-def own_testbed(module, tmp_path, topology):
+def own_testbed(module, tmp_path, topology, store):
     """A testbed for this test alone, which it may kill, restart and reconfigure."""
-    with _testbed(tmp_path / "testbed", module, mesh=topology == "mesh") as bed:
+    with _testbed(tmp_path / "testbed", module, mesh=topology == "mesh", store=store) as bed:
         yield bed
 
 

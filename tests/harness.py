@@ -334,17 +334,15 @@ def failovers(delta: dict[str, int]) -> int:
 # ------------------------------------------------------------- store, hosts
 
 def stored(bed: "tb.Testbed", sid: str) -> dict:
-    """The store's record of a session: {"owner": "host#instance", "count": n,
-    "sid": the session its state names, "lease": token|None}."""
-    prefix = bed.envoy.filter_config["store"]["key_prefix"]
-    flat = bed.redis_command("HGETALL", f"{prefix}{sid}") or []
-    record = dict(zip(flat[::2], flat[1::2]))
+    """The store's record of a session, whichever the store: {"owner":
+    "host#instance", "count": n, "sid": the session its state names, "lease": token|None}."""
+    record = bed.session_record(sid)
     state = {}
-    if "state" in record:
+    if record["state"] is not None:
         raw = record["state"]
         state = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    return {"owner": record.get("owner"), "count": state.get("count"), "sid": state.get("sid"),
-            "lease": bed.redis_command("GET", f"{prefix}{sid}:lease")}
+    return {"owner": record["owner"], "count": state.get("count"), "sid": state.get("sid"),
+            "lease": record["lease"]}
 
 
 def health(envoy: "tb.Envoy") -> str:

@@ -114,6 +114,9 @@ def apply_patch(resources: list[dict], spec: dict, directory: Path) -> None:
     targets = [r for r in resources if matches(r, target)]
     if not targets:
         raise KustomizeError(f"patch matches no resource: {target}")
+    if body.get("$patch") == "delete":  # strategic merge: the resource is left out
+        resources[:] = [r for r in resources if not matches(r, target)]
+        return
     for r in targets:
         merged = strategic_merge(r, body, builtin="istio.io" not in r["apiVersion"])
         r.clear()

@@ -18,7 +18,10 @@
   sticky and keeps a session's state when its pod is deleted (the pod's
   endpoint leaves EDS, as in Kubernetes).
 - The plain-Envoy gateway's ConfigMap is what the generator derives from
-  envoy/testbed.yaml, and Envoy accepts it.
+  envoy/testbed.yaml, and Envoy accepts it; the same for its etcd variant
+  (envoy-gateway-etcd), whose store cluster names every member of the etcd
+  StatefulSet, which runs with pre-vote and auto-compaction and admits only
+  the proxies.
 """
 
 from __future__ import annotations
@@ -118,8 +121,8 @@ def test_overlay_workloads_are_pinned_and_probed(overlay):
             if image == "auto":  # filled in by Istio's injector
                 continue
             assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), f"{name}: unpinned {image}"
-    for name in ("demo", "redis", "webdis"):
-        c = docs[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+    for name in ("demo", *store_workloads(docs)):
+        c = pod_templates(docs)[name]["spec"]["containers"][0]
         assert "readinessProbe" in c and "livenessProbe" in c, name
     demo = docs[("Deployment", "demo")]["spec"]
     assert demo["replicas"] == 3
@@ -194,9 +197,21 @@ def test_cel_rules_all_translated():
 ISTIO_OVERLAYS = [o for o in OVERLAYS if o.startswith("istio-")]
 
 
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
 def pod_templates(docs: dict) -> dict[str, dict]:
-    """Deployment name -> its pod template."""
-    return {name: d["spec"]["template"] for (kind, name), d in docs.items() if kind == "Deployment"}
+    """Deployment or StatefulSet name -> its pod template."""
+    return {name: d["spec"]["template"] for (kind, name), d in docs.items() if kind in WORKLOADS}
+
+
+def workload(docs: dict, name: str) -> dict:
+    return next(d for (kind, n), d in docs.items() if kind in WORKLOADS and n == name)
+
+
+def store_workloads(docs: dict) -> tuple[str, ...]:
+    """The session store's workloads: etcd's members, or webdis and Redis."""
+    return ("etcd",) if ("StatefulSet", "etcd") in docs else ("webdis", "redis")
 
 
 def selects(selector: dict, labels: dict) -> bool:
@@ -241,8 +256,11 @@ def test_only_the_proxies_reach_the_app_and_the_store(overlay):
     it), and only webdis to Redis."""
     docs = rendered(overlay)
     assert proxies(docs)
-    for target in ("demo", "webdis"):
-        assert admitted(docs, target) == proxies(docs), target
+    assert admitted(docs, "demo") == proxies(docs)
+    if store_workloads(docs) == ("etcd",):
+        assert admitted(docs, "etcd") == proxies(docs) | {"etcd"}  # members reach each other
+        return
+    assert admitted(docs, "webdis") == proxies(docs)
     assert admitted(docs, "redis") == {"webdis"}
 
 
@@ -280,7 +298,7 @@ def test_pods_are_ready_for_operators(overlay):
         assert template["spec"]["automountServiceAccountToken"] is False, name
         annotations = template["metadata"].get("annotations", {})
         assert "sidecar.istio.io/inject" not in annotations and "proxy.istio.io/config" not in annotations, name
-        if docs[("Deployment", name)]["spec"]["replicas"] > 1:
+        if workload(docs, name)["spec"]["replicas"] > 1:
             assert sum(selects(b["selector"], template["metadata"]["labels"]) for b in budgets) == 1, name
 
 
@@ -702,13 +720,51 @@ def test_app_cluster_patch_reaches_subsets_only_of_the_app(tmp_path):
 
 GEN = K8S / "gen-envoy-config"
 ENVOY_CONFIGMAP = K8S / "overlays" / "envoy-gateway" / "envoy-config.yaml"
+ETCD_CONFIGMAP = K8S / "overlays" / "envoy-gateway-etcd" / "envoy-config.yaml"
 
 
-def test_envoy_gateway_configmap_is_what_the_generator_makes():
-    """The committed ConfigMap is derived from envoy/testbed.yaml; this fails
-    when either changes without `k8s/gen-envoy-config --write`."""
-    out = subprocess.run([sys.executable, str(GEN)], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout == ENVOY_CONFIGMAP.read_text(), "stale: run k8s/gen-envoy-config --write"
+@pytest.mark.parametrize("store, path", [([], ENVOY_CONFIGMAP), (["--store", "etcd"], ETCD_CONFIGMAP)], ids=["webdis", "etcd"])
+def test_envoy_gateway_configmap_is_what_the_generator_makes(store, path):
+    """The committed ConfigMaps are derived from envoy/testbed.yaml (and
+    envoy/etcd-store.yaml); this fails when one changes without
+    `k8s/gen-envoy-config [--store etcd] --write`."""
+    out = subprocess.run([sys.executable, str(GEN), *store], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout == path.read_text(), f"stale: run k8s/gen-envoy-config {' '.join(store)} --write"
+
+
+def test_etcd_members_are_what_the_proxies_reach():
+    """envoy-gateway-etcd: the store cluster names every member of the
+    StatefulSet, health-checks /health (false without quorum) and the plugin
+    speaks etcd; the members run with pre-vote and auto-compaction, and the
+    Job gives the filter's user readwrite on the plugin's key prefix only."""
+    docs = rendered("envoy-gateway-etcd")
+    etcd = docs[("StatefulSet", "etcd")]["spec"]
+    args = etcd["template"]["spec"]["containers"][0]["args"]
+    members = [f"etcd-{i}" for i in range(etcd["replicas"])]
+    assert etcd["replicas"] == 3 and etcd["podManagementPolicy"] == "Parallel"
+    assert {"--pre-vote=true", "--auto-compaction-mode=periodic"} <= set(args)
+    initial = next(a for a in args if a.startswith("--initial-cluster="))
+    assert [m.split("=")[0] for m in initial.split("=", 1)[1].split(",")] == members
+    assert docs[("Service", "etcd")]["spec"]["publishNotReadyAddresses"] is True
+    bootstrap = yaml.safe_load(docs[("ConfigMap", "envoy-gateway-config")]["data"]["envoy.yaml"])
+    plugin = json.loads(envoy_configmap_bootstrap_wasm(bootstrap)["configuration"]["value"])
+    assert plugin["store"]["dialect"] == "etcd"
+    cluster = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == plugin["store"]["cluster"])
+    hosts = [e["endpoint"]["address"]["socket_address"]["address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert hosts == [f"{m}.etcd" for m in members]
+    assert cluster["health_checks"][0]["http_health_check"]["path"] == "/health"
+    job = docs[("Job", "etcd-auth")]["spec"]["template"]["spec"]["containers"][0]
+    assert f"readwrite {plugin['store']['key_prefix']} --prefix=true" in job["args"][0]
+    assert plugin["store"]["auth"]["username"] in job["args"][0]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in job["env"]} == {"session-store-auth"}
+
+
+def test_envoy_gateway_etcd_config_loads_in_envoy(wasm_module):
+    bootstrap = yaml.safe_load(km.load_docs(ETCD_CONFIGMAP)[0]["data"]["envoy.yaml"])
+    envoy_configmap_bootstrap_wasm(bootstrap)["vm_config"]["code"]["local"]["filename"] = str(wasm_module)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SA_")}
+    ok = ke.envoy_validate(bootstrap, env={**env, "SA_KEY_1": TEST_KEY, "SA_STORE_PASSWORD": TEST_STORE_PASSWORD})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
 def test_one_plugin_json_everywhere():

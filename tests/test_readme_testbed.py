@@ -120,20 +120,26 @@ def test_readme_testbed_walkthrough(wasm, tmp_path):
                      "processes the testbed reports")
         follow_walkthrough(walkthrough, url, curl, pids, tmp_path)
     finally:
-        if runner.poll() is None:
-            runner.send_signal(signal.SIGINT)
-        try:
-            runner.wait(30)
-        except subprocess.TimeoutExpired:
-            runner.kill()
-            pytest.fail("envoy/testbed did not exit within 30 s of SIGINT:\n" + output.drain())
-    log = output.drain()
+        log = interrupt(runner, output)
     expect_equal(runner.returncode, 0, f"exit code after SIGINT; output:\n{log}")
-    expect(log.rstrip().endswith("testbed: stopped"), "the runner says it stopped", "testbed: stopped", log[-500:])
     deadline = time.monotonic() + 5
     while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.1)
     expect_equal({name: pid for name, pid in pids.items() if alive(pid)}, {}, "processes still running after Ctrl-C")
+
+
+def interrupt(runner: subprocess.Popen, output: Output) -> str:
+    """Ctrl-C for the runner; checks it stopped everything in time. Returns its output."""
+    if runner.poll() is None:
+        runner.send_signal(signal.SIGINT)
+    try:
+        runner.wait(30)
+    except subprocess.TimeoutExpired:
+        runner.kill()
+        pytest.fail("envoy/testbed did not exit within 30 s of SIGINT:\n" + output.drain())
+    log = output.drain()
+    expect(log.rstrip().endswith("testbed: stopped"), "the runner says it stopped", "testbed: stopped", log[-500:])
+    return log
 
 
 def follow_walkthrough(steps: list[str], url: str, curl: str, pids: dict[str, int], workdir):

@@ -22,6 +22,8 @@ one template (`envoy_config`); only `http_filters` differ:
                   our filter, valid cookie, and the upstream returns
                   x-session-state on every response, so every request writes
                   the store (redis behind webdis), sync or async write mode
+  filter_state_sync_etcd
+                  the same sync writes to a three-member etcd cluster
 
 Variants are interleaved (the order rotates each round) and repeated; each
 figure is reported as a ratio to router-only in the same round, and the
@@ -119,13 +121,13 @@ def sign_cookie(sid: str, host: str, instance: str, *, iat: int | None = None,
 
 
 def filter_config(store_port_unused: int = 0, *, write: str = "sync",
-                  gone_ttl: str | None = None, extra: dict | None = None) -> str:
+                  gone_ttl: str | None = None, extra: dict | None = None, dialect: str = "webdis") -> str:
     """Our filter's plugin JSON (working contract); only documented keys."""
     cfg: dict = {
         "cookie": {"name": COOKIE, "ttl": "24h", "secure": False},
         "keys": [{"id": KID, "secret": SECRET}],
         "headers": {"route": ROUTE_HEADER},
-        "store": {"dialect": "webdis", "cluster": "session_store",
+        "store": {"dialect": dialect, "cluster": "session_store",
                   "authority": "session-store", "key_prefix": "sa:",
                   "timeout": "500ms", "write": write},
     }
@@ -500,6 +502,66 @@ class Store:
                              capture_output=True, text=True, timeout=10)
         return [k for k in out.stdout.splitlines() if k]
 
+    @property
+    def hosts(self) -> list[str]:
+        return [f"127.0.0.1:{self.port}"]
+
+    def footprint(self) -> dict[str, int]:
+        """Keys and bytes the store holds now (Redis `used_memory`)."""
+        def ask(*command: str) -> str:
+            return subprocess.run(["redis-cli", "-p", str(self.redis_port), "--raw", *command],
+                                  capture_output=True, text=True, timeout=10).stdout
+        memory = dict(line.split(":", 1) for line in ask("INFO", "memory").splitlines() if ":" in line)
+        return {"keys": int(ask("DBSIZE").strip() or 0), "bytes": int(memory.get("used_memory", "0").strip())}
+
+
+class EtcdStore:
+    """A three-member etcd cluster on free ports (envoy/etcd_cluster.py),
+    pinned like the other store; no auth, like the webdis store here."""
+
+    def __init__(self, procs: Procs, cpu: int | None):
+        self.procs = procs
+        self.cpu = cpu
+        self.cluster = None
+
+    def start(self) -> None:
+        if self.cluster is not None:
+            return
+        sys.path.insert(0, str(ROOT / "envoy"))
+        from etcd_cluster import EtcdCluster
+        ports = [free_port() for _ in range(6)]
+        workdir = self.procs.workdir / "etcd"
+        workdir.mkdir(exist_ok=True)
+        self.cluster = EtcdCluster(workdir, tuple(ports[:3]), tuple(ports[3:]), auth=False,
+                                   launcher=tuple(pin(self.cpu)))
+        self.cluster.start()
+        for member in self.cluster.members:
+            if member.process.pid:
+                raise_priority(member.process.pid)
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+
+    @property
+    def hosts(self) -> list[str]:
+        return [m.address for m in self.cluster.members] if self.cluster else []
+
+    def footprint(self) -> dict[str, int]:
+        """Keys and bytes the store holds now: every old revision compacted
+        away and the file defragmented, bbolt's bytes in use (the largest
+        member's)."""
+        cluster = self.cluster
+        member = cluster.live()[0]
+        revision = cluster.post(member, "/v3/kv/range", {"key": "AA==", "count_only": True})["header"]["revision"]
+        cluster.post(member, "/v3/kv/compaction", {"revision": revision, "physical": True}, timeout=30)
+        in_use = []
+        for m in cluster.members:
+            cluster.post(m, "/v3/maintenance/defragment", {}, timeout=60)
+            in_use.append(int(cluster.post(m, "/v3/maintenance/status", {})["dbSizeInUse"]))
+        keys = cluster.post(member, "/v3/kv/range", {"key": "AA==", "range_end": "AA==", "count_only": True})
+        return {"keys": int(keys.get("count", 0)), "bytes": max(in_use)}
+
 
 # ------------------------------------------------------------ envoy config --
 
@@ -570,7 +632,7 @@ def stateful_session_cookie() -> dict:
 
 
 def envoy_config(*, listen_port: int, admin_port: int, upstream_hosts: list[str],
-                 store_port: int, http_filters: list, hc_interval: str = "5s",
+                 store_hosts: list[str], http_filters: list, hc_interval: str = "5s",
                  retry_5xx: bool = False) -> dict:
     """The one template: only `http_filters` differ between variants."""
     def endpoint(host: str) -> dict:
@@ -600,7 +662,7 @@ def envoy_config(*, listen_port: int, admin_port: int, upstream_hosts: list[str]
                      "statuses": ["UNKNOWN", "HEALTHY", "DEGRADED", "DRAINING"]}}},
                 {"name": "session_store", "type": "STATIC", "connect_timeout": "1s",
                  "load_assignment": {"cluster_name": "session_store", "endpoints": [
-                     {"lb_endpoints": [endpoint(f"127.0.0.1:{store_port}")]}]}},
+                     {"lb_endpoints": [endpoint(h) for h in store_hosts]}]}},
             ],
         },
     }
@@ -610,14 +672,14 @@ class Envoy:
     """One Envoy (one worker) running one variant's config."""
 
     def __init__(self, procs: Procs, name: str, http_filters: list, upstream_hosts: list[str],
-                 store_port: int, cpu: int | None, **template):
+                 store_hosts: list[str], cpu: int | None, **template):
         self.procs = procs
         self.name = name
         self.port = free_port()
         self.admin = free_port()
         self.cpu = cpu
         self.config = envoy_config(listen_port=self.port, admin_port=self.admin,
-                                   upstream_hosts=upstream_hosts, store_port=store_port,
+                                   upstream_hosts=upstream_hosts, store_hosts=store_hosts,
                                    http_filters=http_filters, **template)
         self.proc: subprocess.Popen | None = None
         self.hosts = upstream_hosts
@@ -711,7 +773,7 @@ class Variant:
     def __init__(self, name: str, label: str, http_filters: list, *, path: str = "/",
                  headers: Callable[["Bench", "Variant"], dict] | None = None,
                  check: Callable[["Bench", "Variant"], dict] | None = None,
-                 uses_filter: bool = False, needs_store: bool = False):
+                 uses_filter: bool = False, needs_store: bool = False, store: str = "webdis"):
         self.name = name
         self.label = label
         self.http_filters = http_filters
@@ -720,6 +782,7 @@ class Variant:
         self._check = check
         self.uses_filter = uses_filter
         self.needs_store = needs_store
+        self.store = store
         self.envoy: Envoy | None = None
         self.request_headers: dict = {}
         self.notes: dict = {}
@@ -768,6 +831,7 @@ class Bench:
         self.noise_budget = args.noise_budget if args.noise_budget is not None else nominal_seconds(args)
         self.upstreams = Upstreams(self.procs, args.upstream, self.load_cpu)
         self.store = Store(self.procs, self.load_cpu)
+        self.etcd = EtcdStore(self.procs, self.load_cpu)
         self.pinned_host = ""  # every pinned variant uses the second upstream
         self.unavailable: dict[str, str] = {}
 
@@ -782,6 +846,10 @@ class Bench:
 
     def wasm(self, key: str) -> Path:
         return WASM_DIR / WASM[key]
+
+    def stores(self, name: str):
+        """The session store a variant uses ("webdis" or "etcd")."""
+        return self.etcd if name == "etcd" else self.store
 
     def variants(self) -> list[Variant]:
         sticky = [stateful_session_header(), ROUTER]
@@ -819,13 +887,17 @@ class Bench:
                     [wasm_filter("session_affinity", self.wasm("filter"), fcfg(write="async"))]
                     + sticky, path="/state/", headers=store_session_headers,
                     check=check_filter_state, uses_filter=True, needs_store=True),
+            Variant("filter_state_sync_etcd", "filter: pinned + state write (sync, etcd)",
+                    [wasm_filter("session_affinity", self.wasm("filter"), fcfg(write="sync", dialect="etcd"))]
+                    + sticky, path="/state/", headers=store_session_headers,
+                    check=check_filter_state, uses_filter=True, needs_store=True, store="etcd"),
         ]
         wanted = self.args.variants
         return [v for v in all_variants if not wanted or v.name in wanted]
 
     def start_variant(self, v: Variant) -> None:
         v.envoy = Envoy(self.procs, v.name, v.http_filters, self.upstreams.hosts,
-                        self.store.port, self.envoy_cpu)
+                        self.stores(v.store).hosts, self.envoy_cpu)
         v.envoy.start()
 
     def ready_variant(self, v: Variant) -> bool:
@@ -935,7 +1007,7 @@ class Bench:
 
 def nominal_seconds(args: argparse.Namespace) -> float:
     """Seconds of load the run is meant to take, without repeats."""
-    variants = len(args.variants) if args.variants else 11
+    variants = len(args.variants) if args.variants else 12
     per_round = variants * (args.duration + args.light_duration)
     scale = 0 if args.no_scale else 3 * 2 * args.rounds * args.duration
     return args.rounds * per_round + scale
@@ -1241,6 +1313,34 @@ def kill_under_load_line(k: dict | None, label: str) -> list[str]:
     return []
 
 
+def store_comparison(results: dict) -> list[str]:
+    """webdis and etcd side by side, from this run (rows it did not measure are left out)."""
+    fo, summary = results.get("failover") or {}, results.get("summary") or {}
+    rows = []
+    for store, known, write, size in (("webdis (Redis)", "known_gone", "filter_state_sync", "store_footprint"),
+                                      ("etcd (3 members)", "known_gone_etcd", "filter_state_sync_etcd",
+                                       "store_footprint_etcd")):
+        k, w, f = fo.get(known) or {}, summary.get(write) or {}, fo.get(size) or {}
+        if not (k.get("samples") or w or f.get("sessions")):
+            continue
+        rows.append(f"| {store} | {fmt(k.get('p50_ms'))} / {fmt(k.get('p99_ms'))} | "
+                    f"{fmt(k.get('store_calls_per_failover'))} | {fmt(w.get('ratio_rps'))} | "
+                    f"{fmt(w.get('p50_ms'), '.3f')} / {fmt(w.get('p99_ms'), '.3f')} | "
+                    f"{fmt(f.get('store_calls_per_write'))} | {fmt(f.get('keys_per_session'), '.1f')} | "
+                    f"{fmt(f.get('bytes_per_session'), ',.0f')} |")
+    if not rows:
+        return []
+    return ["", "## Which store", "",
+            "Same run, same machine. Known-gone failover: first request after the host is known gone, "
+            "including the store's begin and commit. State write: the `filter_state_sync*` variants "
+            "(a sync write on every request). Footprint: new sessions through the filter, the demo "
+            "backend's state (about 70 bytes); etcd's bytes are bbolt's in use after compacting old "
+            "revisions.", "",
+            "| store | known-gone p50 / p99 ms | store calls per failover | state write req/s ratio to "
+            "router | state write p50 / p99 ms | store calls per write | keys per session "
+            "| bytes per session |", "|---|---:|---:|---:|---:|---:|---:|---:|", *rows]
+
+
 def write_markdown(results: dict, path: Path) -> None:
     m = results["meta"]
     lines = [
@@ -1316,6 +1416,7 @@ def write_markdown(results: dict, path: Path) -> None:
             lines.append(f"Not measured: {fo['error']}")
         for key, label in (("known_gone", "known gone (host already marked gone)"),
                            ("native_known_gone", "native module, known gone"),
+                           ("known_gone_etcd", "known gone, store on etcd (three members)"),
                            ("found_mid_request", "found mid-request (307 + replay)")):
             f = fo.get(key)
             if f and f.get("samples"):
@@ -1334,6 +1435,7 @@ def write_markdown(results: dict, path: Path) -> None:
         for key, label in (("kill_under_load", "kill under load"),
                            ("native_kill_under_load", "native module, kill under load")):
             lines += kill_under_load_line(fo.get(key), label)
+    lines += store_comparison(results)
     lines += ["", "## Module sizes", "", "| module | bytes |", "|---|---:|"]
     for name, size in {**results.get("wasm_bytes", {}), **results.get("native_bytes", {})}.items():
         lines.append(f"| {name} | {size:,} |")
@@ -1584,6 +1686,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-failover", action="store_true", help="skip the failover runs")
     ap.add_argument("--failover-sessions", type=int, default=200,
                     help="sessions for the failover latency figures (default 200)")
+    ap.add_argument("--failover-parts", type=lambda s: [x for x in s.split(",") if x],
+                    help="comma-separated subset of the failover measurements (known_gone, known_gone_etcd, "
+                         "found_mid_request, kill_under_load, store_footprint, store_footprint_etcd)")
     ap.add_argument("--noise-limit", type=float, default=0.03,
                     help="largest share of Envoy's CPU other programs may take during a run "
                          "(twice that on the load CPU) before the run is repeated; 1 disables "
@@ -1654,6 +1759,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run(bench)
     finally:
         bench.procs.stop_all()
+        bench.etcd.stop()
         if args.keep:
             log(f"work directory kept: {workdir}")
         else:
@@ -1693,8 +1799,8 @@ def run(bench: Bench) -> dict:
     results["labels"] = {v.name: v.label for v in variants}
     log(f"upstreams: {args.upstream}; work directory {bench.workdir}")
     bench.upstreams.start()
-    if any(v.needs_store for v in variants):
-        bench.store.start()
+    for name in {v.store for v in variants if v.needs_store}:
+        bench.stores(name).start()
     for v in variants:
         bench.start_variant(v)
     live = [v for v in variants if bench.ready_variant(v)]

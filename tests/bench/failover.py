@@ -6,9 +6,10 @@ changes, restores it from x-session-state, answers x-session-unknown for a
 session it does not know, and reports a per-session request count so a client
 can tell whether its session state survived.
 
-Three measurements, all on 127.0.0.1 with the store (redis + webdis):
+The measurements, all on 127.0.0.1 with the store (redis + webdis, and for
+the ones marked so a three-member etcd cluster too, same run):
 
-known_gone
+known_gone, known_gone_etcd
     N sessions pinned to one backend; the backend is killed (SIGKILL) and one
     request marks it gone. Then each other session sends its first request
     after the loss: the filter already knows the host is gone, fetches the
@@ -29,6 +30,13 @@ kill_under_load
     killed mid-run. A session lost state if the count the backend returns ever
     fails to increase by one. Must be 0.
 
+store_footprint (webdis and etcd)
+    New sessions through the filter for two seconds (wrk, no cookie: each
+    request is a new session whose state the filter writes): store calls per
+    write, and the keys and bytes the store holds per session (Redis
+    used_memory; etcd's bbolt bytes in use after compacting old revisions and
+    defragmenting).
+
 Latency is measured in Python (http.client on a kept-alive connection), so
 it includes ~0.1 ms of client overhead; the same client's figure for a
 healthy pinned request is reported next to it as the reference.
@@ -39,6 +47,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -114,18 +123,26 @@ class Backends:
         self.bench.procs.stop(proc, signal.SIGKILL)  # type: ignore[arg-type]
 
 
-def filter_envoy(bench: b.Bench, name: str, hosts: list[str], gone_ttl: str, native: bool = False) -> b.Envoy:
+def filter_envoy(bench: b.Bench, name: str, hosts: list[str], gone_ttl: str, native: bool = False,
+                 store: str = "webdis") -> b.Envoy:
     """An Envoy with the filter: the wasm build (with stateful_session), or the native module."""
-    config = b.filter_config(write="sync", gone_ttl=gone_ttl)
+    config = b.filter_config(write="sync", gone_ttl=gone_ttl, dialect=store)
     if native:
         filters = [b.native_filter(config), b.ROUTER]
     else:
         filters = [b.wasm_filter("session_affinity", bench.wasm("filter"), config),
                    b.stateful_session_header(), b.ROUTER]
-    env = b.Envoy(bench.procs, name, filters, hosts, bench.store.port, bench.envoy_cpu,
+    env = b.Envoy(bench.procs, name, filters, hosts, bench.stores(store).hosts, bench.envoy_cpu,
                   hc_interval="1s")
     env.start()
     return env
+
+
+STORE_CALLS = "cluster.session_store.upstream_rq_total"
+
+
+def store_calls(env: b.Envoy) -> int:
+    return env.stats("cluster.session_store.").get(STORE_CALLS, 0)
 
 
 # ------------------------------------------------------------------ client --
@@ -202,10 +219,10 @@ def count_of(data: dict) -> int | None:
     return None
 
 
-def pinned_host(cookie: str | None) -> str | None:
-    """The upstream a cookie pins: 2|sid|cluster tag|host|instance|..."""
-    fields = (cookie or "").split("|")
-    return fields[3] if len(fields) > 3 else None
+def cookie_host(cookie: str | None) -> str | None:
+    """The host a cookie pins (2|sid|cluster tag|host|instance|...)."""
+    parts = (cookie or "").split("|")
+    return parts[3] if len(parts) >= 10 and parts[0] == "2" else None
 
 
 def new_sessions(env: b.Envoy, want: int, host: str | None, max_tries: int) -> list[Client]:
@@ -219,7 +236,8 @@ def new_sessions(env: b.Envoy, want: int, host: str | None, max_tries: int) -> l
         status, _, data = c.get_once("/")
         if status != 200 or not c.cookie:
             raise RuntimeError(f"new session: status {status}, cookie {c.cookie!r}")
-        if host is not None and pinned_host(c.cookie) != host:
+        pinned = cookie_host(c.cookie)
+        if host is not None and pinned != host:
             c.close()
             continue
         status, _, data = c.get_once("/")
@@ -246,10 +264,11 @@ def timed_first_request(c: Client) -> tuple[float, int, int, bool]:
     return ms, status, redirects, kept
 
 
-def measure_known_gone(bench: b.Bench, sessions: int, native: bool = False) -> dict:
-    backends = Backends(bench, "known")
+def measure_known_gone(bench: b.Bench, sessions: int, native: bool = False, store: str = "webdis") -> dict:
+    backends = Backends(bench, f"known-{store}" + "-native" * native)
     backends.start_all()
-    env = filter_envoy(bench, "failover-known" + "-native" * native, backends.hosts, gone_ttl="10m", native=native)
+    env = filter_envoy(bench, f"failover-known-{store}" + "-native" * native, backends.hosts, gone_ttl="10m",
+                       native=native, store=store)
     env.wait_ready()
     victim = backends.hosts[0]
     clients = new_sessions(env, sessions + 1, victim, max_tries=(sessions + 1) * 6)
@@ -263,6 +282,7 @@ def measure_known_gone(bench: b.Bench, sessions: int, native: bool = False) -> d
     backends.kill(victim)
     trigger_ms, trigger_status, trigger_redirects, _ = timed_first_request(clients[0])
     time.sleep(1.5)  # counters flush; the gone mark is already in shared data
+    calls_before = store_calls(env)
     ms, statuses, redirected, lost = [], {}, 0, 0
     for c in clients[1:]:
         t, status, redirects, kept = timed_first_request(c)
@@ -272,6 +292,7 @@ def measure_known_gone(bench: b.Bench, sessions: int, native: bool = False) -> d
             redirected += 1
         elif status == 200:
             ms.append(t)
+    calls = store_calls(env) - calls_before
     for c in clients:
         c.close()
     time.sleep(1.5)  # wasm workers flush counters about once a second
@@ -280,7 +301,8 @@ def measure_known_gone(bench: b.Bench, sessions: int, native: bool = False) -> d
     for port in list(backends.procs):
         bench.procs.stop(backends.procs.pop(port))  # type: ignore[arg-type]
     return latency_summary(
-        ms, all_ms=[round(x, 3) for x in ms], statuses=statuses, redirected=redirected, lost_state=lost,
+        ms, all_ms=[round(x, 3) for x in ms], statuses=statuses, redirected=redirected, lost_state=lost, store=store,
+        store_calls_per_failover=round(calls / max(1, len(clients) - 1), 3),
         trigger={"ms": round(trigger_ms, 3), "status": trigger_status,
                  "redirects": trigger_redirects},
         reference_pinned=latency_summary(ref),
@@ -328,7 +350,7 @@ def measure_kill_under_load(bench: b.Bench, sessions: int = 48, seconds: float =
     env.wait_ready()
     clients = new_sessions(env, sessions, None, max_tries=sessions * 2)
     victim = backends.hosts[0]
-    on_victim = sum(1 for c in clients if pinned_host(c.cookie) == victim)
+    on_victim = sum(1 for c in clients if cookie_host(c.cookie) == victim)
     stop = threading.Event()
     lock = threading.Lock()
     tally = {"requests": 0, "client_errors": 0, "errors_in_flight_at_kill": 0, "redirects": 0}
@@ -388,6 +410,30 @@ def measure_kill_under_load(bench: b.Bench, sessions: int = 48, seconds: float =
                          for k, v in counters.items() if v}}
 
 
+def measure_store_footprint(bench: b.Bench, store: str, seconds: float = 2.0) -> dict:
+    """New sessions for `seconds`: store calls per write, keys and bytes per session."""
+    backends = Backends(bench, f"size-{store}")
+    backends.start_all()
+    env = filter_envoy(bench, f"footprint-{store}", backends.hosts, gone_ttl="30s", store=store)
+    env.wait_ready()
+    before, calls_before, counters_before = bench.stores(store).footprint(), store_calls(env), env.stats()
+    b.run_wrk(env.port, path="/", duration=seconds, connections=4, cpu=bench.load_cpu)
+    time.sleep(1.5)  # workers flush counters about once a second
+    counters = {k: v - counters_before.get(k, 0) for k, v in env.stats().items()}
+    created = counters.get("wasmcustom.session_affinity.sessions.created", 0)
+    writes = counters.get("wasmcustom.session_affinity.store.writes", 0)
+    calls = store_calls(env) - calls_before
+    after = bench.stores(store).footprint()
+    bench.procs.stop(env.proc)  # type: ignore[arg-type]
+    for port in list(backends.procs):
+        bench.procs.stop(backends.procs.pop(port))  # type: ignore[arg-type]
+    return {"store": store, "sessions": created, "writes": writes, "store_calls": calls,
+            "store_calls_per_write": round(calls / max(1, writes), 3),
+            "keys_per_session": round((after["keys"] - before["keys"]) / max(1, created), 2),
+            "bytes_per_session": round((after["bytes"] - before["bytes"]) / max(1, created)),
+            "state": "the demo backend's (about 70 bytes)"}
+
+
 def run(bench: b.Bench, sessions: int) -> dict:
     script = Path(os.environ.get("SA_BENCH_DEMO_BACKEND", str(DEMO_BACKEND)))
     if not script.exists():
@@ -401,11 +447,21 @@ def run(bench: b.Bench, sessions: int) -> dict:
                  "backend_tcp_nodelay": "set by the harness (see Backends.start)",
                  "client": "Python http.client, kept-alive connection, one request at a time"}
     steps = [("known_gone", lambda: measure_known_gone(bench, sessions)),
+             ("known_gone_etcd", lambda: measure_known_gone(bench, sessions, store="etcd")),
              ("found_mid_request", lambda: measure_found_mid_request(bench, max(3, sessions // 10))),
-             ("kill_under_load", lambda: measure_kill_under_load(bench))]
+             ("kill_under_load", lambda: measure_kill_under_load(bench)),
+             ("store_footprint", lambda: measure_store_footprint(bench, "webdis")),
+             ("store_footprint_etcd", lambda: measure_store_footprint(bench, "etcd"))]
     if (b.NATIVE_DIR / b.NATIVE_SO).exists():
         steps += [("native_known_gone", lambda: measure_known_gone(bench, sessions, native=True)),
                   ("native_kill_under_load", lambda: measure_kill_under_load(bench, native=True))]
+    steps = [step for step in steps if not bench.args.failover_parts or step[0] in bench.args.failover_parts]
+    if any(key.endswith("_etcd") for key, _ in steps):
+        if shutil.which("etcd"):
+            bench.etcd.start()
+        else:
+            out.update({key: {"error": "etcd is not installed"} for key, _ in steps if key.endswith("_etcd")})
+            steps = [step for step in steps if not step[0].endswith("_etcd")]
     for key, fn in steps:
         try:
             for attempt in (0, 1):
@@ -420,7 +476,7 @@ def run(bench: b.Bench, sessions: int) -> dict:
                 out[key]["noisy"] = f.get("envoy_cpu", 0.0) > bench.args.noise_limit
                 bench.noise_spent += waited if attempt == 0 else time.monotonic() - t0
                 # Latency figures are worth one repeat; the others count events.
-                if not out[key]["noisy"] or not key.endswith("known_gone") or not bench.budget_left():
+                if not out[key]["noisy"] or "known_gone" not in key or not bench.budget_left():
                     break
                 b.log(f"failover: {key}: other programs took {f} of our CPUs; repeating")
             shown = {k: v for k, v in out[key].items()

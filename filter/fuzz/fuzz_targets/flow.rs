@@ -60,7 +60,7 @@ use base64::Engine;
 use libfuzzer_sys::fuzz_target;
 use sa_fuzz::{ensure, is_cookie_octet, rel, CookieSpec, Text, CLUSTERS, INSTANCES, NOW_MS, SECRET_K0, SECRET_K1, SIDS, UPSTREAMS};
 use serde::{Deserialize, Serialize};
-use session_affinity::config::Config;
+use session_affinity::config::{Config, DialectSettings};
 use session_affinity::cookie::{self, cluster_tag, NewClaims, FLAG_MOVING};
 use session_affinity::flow::failover::POLL_DELAYS_MS;
 use session_affinity::flow::{Flow, Worker};
@@ -468,7 +468,8 @@ impl World {
         ensure!(call.body.iter().all(|b| b.is_ascii_graphic()), "store-call", "call body {:?}", String::from_utf8_lossy(&call.body));
         ensure!(call.headers.iter().all(|(_, v)| valid_field_value(v)), "store-call", "call headers {:?}", call.headers);
         let authorized = call.headers.iter().any(|(n, _)| *n == "authorization");
-        ensure!(authorized == store.is_some_and(|s| s.authorization.is_some()), "store-call", "authorization {authorized}");
+        let has_credentials = store.is_some_and(|s| matches!(s.dialect, DialectSettings::Webdis { authorization: Some(_) }));
+        ensure!(authorized == has_credentials, "store-call", "authorization {authorized}");
         ensure!(is_sid(call.op.sid()), "store-call", "a call for session {:?}: {:?}", call.op.sid(), call.op);
     }
 
@@ -494,8 +495,9 @@ impl World {
         self.root_answered.insert(i);
         let call = self.root.calls[i].clone();
         let (status, body) = self.answer_body(&call, answer);
-        let token = u32::try_from(i + 1).unwrap();
-        self.worker.on_detached_reply(&*self.shared, &self.config, token, status, &body, self.now_ms);
+        let token = u64::try_from(i + 1).unwrap();
+        let now_ms = self.now_ms;
+        self.worker.on_detached_reply(&mut self.root, &self.config, token, status, &body, now_ms);
     }
 
     fn put(&self, key: &str, bytes: Vec<u8>) {
@@ -904,13 +906,13 @@ impl Run<'_> {
         let call = self.proxy.calls[i].clone();
         let (status, body) = self.w.answer_body(&call, answer);
         self.sync_world();
-        let token = u32::try_from(i + 1).unwrap();
+        let token = u64::try_from(i + 1).unwrap();
         self.flow.on_store_response(&mut self.proxy, token, status, &body);
         self.after(Callback::Async, "a store answer");
     }
 
     fn stray(&mut self, token: u32) {
-        let token = token.max(u32::try_from(self.proxy.calls.len()).unwrap() + 1);
+        let token = u64::from(token).max(u64::try_from(self.proxy.calls.len()).unwrap() + 1);
         let state = |p: &FakeProxy| {
             (
                 p.request.clone(),

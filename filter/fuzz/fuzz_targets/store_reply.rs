@@ -23,7 +23,7 @@ use sa_fuzz::{Text, INSTANCES, SIDS, UPSTREAMS};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use session_affinity::config::{millis, Config};
-use session_affinity::store::{Client, Dialect, Op, Reply, StoreError, Webdis};
+use session_affinity::store::{Client, Dialect, Exchange, Memory, Next, Op, Progress, Reply, Step, StoreError, Webdis};
 use session_affinity::testing::webdis_reply;
 
 const PREFIXES: &[&str] = &["sa:", "", "%x:", "a.b", "{tag}"];
@@ -198,9 +198,23 @@ fn script_inputs(op: &Op, prefix: &str, nonce: &str) -> (Vec<String>, Vec<String
     }
 }
 
+/// The one call webdis makes for `op`.
+fn exchange<'a>(op: &'a Op, nonce: &'a str) -> Exchange<'a> {
+    Exchange { op, step: &Step::Op, nonce, now_ms: 0 }
+}
+
+/// What webdis makes of an answer to `op`'s call.
+fn webdis_answer(dialect: &Webdis<'_>, op: &Op, nonce: &str, status: u32, body: &[u8]) -> Result<Reply, StoreError> {
+    match dialect.reply(exchange(op, nonce), status, body, &mut Memory::default())? {
+        Next::Done(reply) => Ok(reply),
+        Next::Call(step) => panic!("webdis asked for another call ({step:?})"),
+    }
+}
+
 fn check_request(dialect: &Webdis<'_>, op: &Op, prefix: &str, nonce: &str) {
-    let request = dialect.request(op, nonce);
-    assert_eq!((request.method, request.path.as_str()), ("POST", "/"));
+    assert_eq!(dialect.first_step(op, &Memory::default(), 0), Step::Op);
+    let request = dialect.request(exchange(op, nonce), &Memory::default());
+    assert_eq!(request.path.as_str(), "/");
     let body = std::str::from_utf8(&request.body).expect("an ASCII body");
     let parts: Vec<&str> = body.split('/').collect();
     assert_eq!(parts[0], "EVAL", "{body}");
@@ -232,16 +246,16 @@ fuzz_target!(|data: &[u8]| {
     let Some(input) = sa_fuzz::read::<Input>(data) else { return };
     let op = input.op.op();
     let (prefix, nonce) = (input.prefix.get(PREFIXES), input.nonce.get(NONCES));
-    let dialect = Webdis::new(prefix);
+    let dialect = Webdis::new(prefix, None);
     check_request(&dialect, &op, prefix, nonce);
 
     let body = body_bytes(&input.body, nonce, op.sid());
     let status = input.status.map(u32::from);
     match status {
-        Some(status) if status != 200 => assert_eq!(dialect.reply(&op, nonce, status, &body), Err(StoreError::Unavailable(status))),
+        Some(status) if status != 200 => assert_eq!(webdis_answer(&dialect, &op, nonce, status, &body), Err(StoreError::Unavailable(status))),
         _ => {}
     }
-    let result = dialect.reply(&op, nonce, 200, &body);
+    let result = webdis_answer(&dialect, &op, nonce, 200, &body);
     let json: Option<Value> = serde_json::from_slice(&body).ok();
     let strings = json.as_ref().and_then(eval_strings);
     let echoes = strings.as_ref().is_some_and(|s| s.len() >= 2 && s[0] == nonce && s[1] == op.sid());
@@ -269,23 +283,24 @@ fuzz_target!(|data: &[u8]| {
         strings.extend(answer);
         let body = serde_json::to_vec(&serde_json::json!({ "EVAL": strings })).unwrap();
         let reply =
-            dialect.reply(&op, nonce, 200, &body).unwrap_or_else(|e| panic!("a {} did not understand {strings:?}: {e:?}", op.name()));
+            webdis_answer(&dialect, &op, nonce, 200, &body).unwrap_or_else(|e| panic!("a {} did not understand {strings:?}: {e:?}", op.name()));
         assert_eq!(webdis_reply(nonce, op.sid(), &reply), body);
     }
 
     // The client around the dialect: timeouts, and the headers of every call.
     let store = config().store.as_ref().unwrap();
     let client = Client::new(store);
-    let call = client.call(op.clone(), nonce.to_string());
+    let call = client.call(op.clone(), nonce.to_string(), &Memory::default(), 0);
     assert!(call.headers.iter().any(|(name, value)| *name == "authorization" && value.starts_with("Basic ")));
     assert!(call.headers.iter().all(|(_, value)| value.bytes().all(|b| (0x20..0x7f).contains(&b))), "{:?}", call.headers);
     let elapsed = u64::from(input.elapsed_ms);
-    let answered = client.reply(&call, status, &body, elapsed);
+    let answered = client.reply(&call, status, &body, elapsed, &mut Memory::default(), elapsed);
     let expected = match status {
         Some(504) => Err(StoreError::Timeout),
         None if elapsed >= millis(store.timeout) => Err(StoreError::Timeout),
         None => Err(StoreError::Unavailable(0)),
-        Some(status) => Webdis::new(&store.key_prefix).reply(&op, nonce, status, &body),
-    };
+        Some(status) => webdis_answer(&Webdis::new(&store.key_prefix, None), &op, nonce, status, &body),
+    }
+    .map(Progress::Done);
     assert_eq!(answered, expected);
 });

@@ -3,7 +3,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use session_affinity::config::raw::RawConfig;
-use session_affinity::config::{Config, ConfigError};
+use session_affinity::config::{Config, ConfigError, DialectSettings};
 
 /// What `secret_env: "SA_KEY"` resolves to.
 pub const ENV_SECRET: &str = "from-the-environment-0123456789abcdef";
@@ -243,7 +243,7 @@ pub fn check(bytes: &[u8], result: &Result<Config, ConfigError>) {
             "{store:?}"
         );
         assert!((1..=100).contains(&store.breaker_failures) && (100..=600_000).contains(&store.breaker_cooldown_ms), "{store:?}");
-        if let Some(authorization) = &store.authorization {
+        if let DialectSettings::Webdis { authorization: Some(authorization) } = &store.dialect {
             // Sent as a header value on every store call.
             let value = &authorization.0;
             assert!(value.iter().all(|b| (0x20..0x7f).contains(b)), "authorization is not a header value");

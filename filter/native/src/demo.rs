@@ -378,7 +378,7 @@ impl DemoFilter {
             return HeadersStatus::Continue;
         };
         self.delayed_since = Some(Instant::now());
-        timer::schedule(delay, scheduler, event_id);
+        timer::schedule(delay, move || scheduler.commit(event_id));
         HeadersStatus::StopAllIterationAndBuffer
     }
 }

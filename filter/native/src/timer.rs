@@ -1,7 +1,7 @@
-//! Runs a stream's code later, on its own worker thread.
+//! Runs a stream's (or the main thread's) code later, on its own thread.
 //!
-//! Envoy 1.40's ABI gives an HTTP filter no timer, only a [`Scheduler`] that
-//! any thread can commit to. So one process-wide thread sleeps until the
+//! Envoy 1.40's ABI gives an HTTP filter no timer, only schedulers that any
+//! thread can commit to. So one process-wide thread sleeps until the
 //! earliest deadline and commits the due events; Envoy then calls the
 //! filter's `on_scheduled` on the stream's worker. The thread lives as long
 //! as the process, so Envoy must not unload the library
@@ -14,14 +14,12 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::abi::Scheduler;
-
 struct Due {
     at: Instant,
     /// Keeps events with equal deadlines in the order they were set.
     sequence: u64,
-    scheduler: Scheduler,
-    event_id: u64,
+    /// Commits the event to its scheduler.
+    commit: Box<dyn FnOnce() + Send>,
 }
 
 impl PartialEq for Due {
@@ -46,18 +44,18 @@ impl Ord for Due {
 
 static TIMER: OnceLock<Option<Sender<Due>>> = OnceLock::new();
 
-/// Commits `event_id` to `scheduler` after `delay`. If the timer thread
-/// cannot be started, it commits at once: late is better than never.
-pub fn schedule(delay: Duration, scheduler: Scheduler, event_id: u64) {
+/// Runs `commit` (a scheduler's commit) after `delay`. If the timer thread
+/// cannot be started, it runs at once: late is better than never.
+pub fn schedule(delay: Duration, commit: impl FnOnce() + Send + 'static) {
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
     let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    let due = Due { at: Instant::now() + delay, sequence, scheduler, event_id };
+    let due = Due { at: Instant::now() + delay, sequence, commit: Box::new(commit) };
     let sent = match TIMER.get_or_init(start) {
         Some(sender) => sender.send(due),
         None => Err(mpsc::SendError(due)),
     };
     if let Err(mpsc::SendError(due)) = sent {
-        due.scheduler.commit(due.event_id);
+        (due.commit)();
     }
 }
 
@@ -87,7 +85,7 @@ fn run(receiver: Receiver<Due>) {
         let now = Instant::now();
         while pending.peek().is_some_and(|Reverse(next)| next.at <= now) {
             if let Some(Reverse(due)) = pending.pop() {
-                due.scheduler.commit(due.event_id);
+                (due.commit)();
             }
         }
     }

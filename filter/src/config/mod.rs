@@ -55,7 +55,7 @@ pub struct CookieSettings {
 /// The store, compiled.
 #[derive(Debug)]
 pub struct StoreSettings {
-    pub dialect: DialectName,
+    pub dialect: DialectSettings,
     pub cluster: String,
     pub authority: String,
     pub key_prefix: String,
@@ -65,10 +65,18 @@ pub struct StoreSettings {
     pub retry_after_secs: u64,
     pub lease_ms: u64,
     pub idle_ttl_ms: u64,
-    /// The `authorization` header value for every store call, if any.
-    pub authorization: Option<Secret>,
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
+}
+
+/// The dialect and what only it needs.
+#[derive(Debug)]
+pub enum DialectSettings {
+    /// `authorization`: the basic-auth header value for every call, if any.
+    Webdis { authorization: Option<Secret> },
+    /// `login`: the body of etcd's authenticate call (user and password), if
+    /// etcd has auth enabled.
+    Etcd { lease_bucket_ms: u64, login: Option<Secret> },
 }
 
 /// A config error: the field path and what to do about it.
@@ -299,10 +307,7 @@ fn compile_store(s: &StoreConfig, cookie: &CookieSettings, env: &dyn Fn(&str) ->
     if idle_ttl < s.lease.0.saturating_mul(2) {
         return Err(error("store.idle_ttl", "must be at least twice store.lease"));
     }
-    let authorization = match &s.auth {
-        Some(auth) => Some(basic_authorization(auth, env)?),
-        None => None,
-    };
+    let dialect = compile_dialect(s, env)?;
     let breaker = &s.breaker;
     if !(1..=100).contains(&breaker.failures) {
         return Err(error("store.breaker.failures", "must be between 1 and 100"));
@@ -311,7 +316,7 @@ fn compile_store(s: &StoreConfig, cookie: &CookieSettings, env: &dyn Fn(&str) ->
         return Err(error("store.breaker.cooldown", "must be between 100ms and 10m"));
     }
     Ok(StoreSettings {
-        dialect: s.dialect,
+        dialect,
         cluster: s.cluster.clone(),
         authority: s.authority.clone(),
         key_prefix: s.key_prefix.clone(),
@@ -321,14 +326,32 @@ fn compile_store(s: &StoreConfig, cookie: &CookieSettings, env: &dyn Fn(&str) ->
         retry_after_secs: s.retry_after.0.as_secs(),
         lease_ms: millis(s.lease.0),
         idle_ttl_ms: millis(idle_ttl),
-        authorization,
         breaker_failures: breaker.failures,
         breaker_cooldown_ms: millis(breaker.cooldown.0),
     })
 }
 
-/// "Basic base64(username:password)", for HTTP basic auth.
-fn basic_authorization(auth: &AuthConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, ConfigError> {
+fn compile_dialect(s: &StoreConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<DialectSettings, ConfigError> {
+    let password = match &s.auth {
+        Some(auth) => Some((auth.username.as_str(), store_password(auth, env)?)),
+        None => None,
+    };
+    match (s.dialect, &s.etcd) {
+        (DialectName::Webdis, Some(_)) => Err(error("store.etcd", "is only for store.dialect \"etcd\"; remove it, or set the dialect")),
+        (DialectName::Webdis, None) => Ok(DialectSettings::Webdis { authorization: password.map(|(user, password)| basic_authorization(user, &password)) }),
+        (DialectName::Etcd, etcd) => {
+            let bucket = etcd.clone().unwrap_or_default().lease_bucket.0;
+            if bucket < Duration::from_secs(1) || bucket > Duration::from_secs(3600) {
+                return Err(error("store.etcd.lease_bucket", "must be between 1s and 1h (1m suits most: keys live up to one bucket longer than their TTL)"));
+            }
+            let login = password.map(|(user, password)| etcd_login(user, &password)).transpose()?;
+            Ok(DialectSettings::Etcd { lease_bucket_ms: millis(bucket), login })
+        }
+    }
+}
+
+/// The password of `store.auth`, checked.
+fn store_password(auth: &AuthConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, ConfigError> {
     if !is_token(&auth.username) {
         return Err(error("store.auth.username", "must be a non-empty name without ':' or spaces"));
     }
@@ -337,10 +360,26 @@ fn basic_authorization(auth: &AuthConfig, env: &dyn Fn(&str) -> Option<String>) 
     if password.0.is_empty() || password.0.iter().any(|&b| b < 0x20 || b == 0x7f) {
         return Err(error(field, "must be a non-empty password without control characters"));
     }
-    let mut credentials = auth.username.as_bytes().to_vec();
+    Ok(password)
+}
+
+/// "Basic base64(username:password)", for HTTP basic auth.
+fn basic_authorization(username: &str, password: &Secret) -> Secret {
+    let mut credentials = username.as_bytes().to_vec();
     credentials.push(b':');
     credentials.extend_from_slice(&password.0);
-    Ok(Secret(format!("Basic {}", STANDARD.encode(credentials)).into_bytes()))
+    Secret(format!("Basic {}", STANDARD.encode(credentials)).into_bytes())
+}
+
+/// The JSON body of etcd's `/v3/auth/authenticate`.
+fn etcd_login(username: &str, password: &Secret) -> Result<Secret, ConfigError> {
+    #[derive(serde::Serialize)]
+    struct Login<'a> {
+        name: &'a str,
+        password: &'a str,
+    }
+    let password = std::str::from_utf8(&password.0).map_err(|_| error("store.auth", "the password must be UTF-8 for etcd"))?;
+    serde_json::to_vec(&Login { name: username, password }).map(Secret).map_err(|_| error("store.auth", "cannot encode the etcd login"))
 }
 
 fn check_skip(s: &SkipConfig) -> Result<(), ConfigError> {
@@ -414,8 +453,27 @@ mod tests {
         let store = c.store.unwrap();
         assert_eq!((store.write, store.on_outage, store.timeout), (WriteMode::Async, OutagePolicy::Reject, Duration::from_millis(250)));
         assert_eq!((store.idle_ttl_ms, store.breaker_failures, store.breaker_cooldown_ms), (3_600_000, 5, 2000));
-        assert_eq!(store.authorization.unwrap().0, format!("Basic {}", STANDARD.encode("proxy:store-password-value")).into_bytes());
+        let DialectSettings::Webdis { authorization: Some(authorization) } = store.dialect else { panic!("{:?}", store.dialect) };
+        assert_eq!(authorization.0, format!("Basic {}", STANDARD.encode("proxy:store-password-value")).into_bytes());
         assert_eq!(format!("{:?}", c.keys), r#"["k1", "k0"]"#);
+    }
+
+    #[test]
+    fn the_etcd_dialect_logs_in_with_the_store_credentials() {
+        let c = parse(&format!(
+            r#"{{"keys":[{KEY}],"store":{{"cluster":"etcd","dialect":"etcd","etcd":{{"lease_bucket":"30s"}},
+                "auth":{{"username":"proxy","password_env":"STORE_PASSWORD"}}}}}}"#
+        ))
+        .unwrap();
+        let DialectSettings::Etcd { lease_bucket_ms, login: Some(login) } = c.store.unwrap().dialect else { panic!("not etcd") };
+        assert_eq!(lease_bucket_ms, 30_000);
+        assert_eq!(login.0, br#"{"name":"proxy","password":"store-password-value"}"#.to_vec());
+        let c = parse(&format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"etcd","dialect":"etcd"}}}}"#)).unwrap();
+        assert!(matches!(c.store.unwrap().dialect, DialectSettings::Etcd { lease_bucket_ms: 60_000, login: None }));
+        let debug = format!("{:?}", parse(&format!(
+            r#"{{"keys":[{KEY}],"store":{{"cluster":"e","dialect":"etcd","auth":{{"username":"u","password_env":"STORE_PASSWORD"}}}}}}"#
+        )).unwrap());
+        assert!(!debug.contains("store-password-value"), "{debug}");
     }
 
     #[test]
@@ -452,6 +510,11 @@ mod tests {
             (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","auth":{{"username":"a"}}}}}}"#), "store.auth: give exactly one of \"password\" or \"password_env\""),
             (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","auth":{{"username":"a","password_env":"NOPE"}}}}}}"#), "store.auth.password_env: environment variable NOPE is not set"),
             (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","breaker":{{"failures":0}}}}}}"#), "store.breaker.failures: must be between 1 and 100"),
+            (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","etcd":{{}}}}}}"#), "store.etcd: is only for store.dialect \"etcd\""),
+            (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","dialect":"etcd","etcd":{{"lease_bucket":"2h"}}}}}}"#), "store.etcd.lease_bucket: must be between 1s and 1h"),
+            (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","dialect":"etcd","etcd":{{"bucket":"1m"}}}}}}"#), "store.etcd.bucket: unknown field `bucket`, expected `lease_bucket`"),
+            (format!(r#"{{"keys":[{KEY}],"store":{{"dialect":"etcd","etcd":{{}}}}}}"#), "store: missing field `cluster`"),
+            (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"","dialect":"etcd"}}}}"#), "store.cluster: name the Envoy cluster"),
             (format!(r#"{{"keys":[{KEY}],"skip":{{"prefixes":["static"]}}}}"#), "skip.prefixes[0]: must start with '/'"),
             ("not json".to_string(), "expected ident"),
         ];
@@ -514,7 +577,7 @@ mod tests {
             assert_eq!(schema_fields(&props[section]), accepted_fields(&json), "{section}");
         }
         assert_eq!(schema_fields(&props["keys"]["items"]), accepted_fields(r#"{"keys":[{"zzz":1}]}"#));
-        for section in ["auth", "breaker"] {
+        for section in ["auth", "breaker", "etcd"] {
             let json = format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","{section}":{{"zzz":1}}}}}}"#);
             assert_eq!(schema_fields(&props["store"]["properties"][section]), accepted_fields(&json), "store.{section}");
         }

@@ -175,6 +175,8 @@ impl HeaderNames {
 pub enum DialectName {
     /// Redis behind webdis, with Lua for the atomic claim and fenced write.
     Webdis,
+    /// etcd v3 through its JSON gateway, with a txn per operation.
+    Etcd,
 }
 
 /// Whether a response carrying new state waits for the store's acknowledgement.
@@ -227,6 +229,9 @@ pub struct StoreConfig {
     pub auth: Option<AuthConfig>,
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Settings only the etcd dialect has.
+    #[serde(default)]
+    pub etcd: Option<EtcdConfig>,
 }
 
 fn default_dialect() -> DialectName {
@@ -257,7 +262,22 @@ fn default_idle_ttl() -> TypedDuration {
     TypedDuration(Duration::from_secs(30 * 60))
 }
 
-/// Credentials for the store (HTTP basic auth to webdis).
+/// The etcd dialect's own settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// Keys share one etcd lease per bucket of this length, the one covering
+    /// their expiry: a key lives its TTL plus up to one bucket.
+    pub lease_bucket: TypedDuration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig { lease_bucket: TypedDuration(Duration::from_secs(60)) }
+    }
+}
+
+/// Credentials for the store: HTTP basic auth to webdis, an etcd user.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {

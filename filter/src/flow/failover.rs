@@ -85,7 +85,7 @@ impl Flow {
         failover.phase = Phase::Asking;
         match self.worker.call_store(host, &self.config, self.context_id, op) {
             Some(sent) => {
-                self.pending = Some(Pending { sent, held: Held::Request });
+                self.pending = Some(Pending::sent(sent, Held::Request));
                 self.stream = Stream::Failover(failover);
                 Action::Pause
             }

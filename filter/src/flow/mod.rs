@@ -28,12 +28,12 @@ use crate::cookie::{Claims, ClusterTag};
 use crate::host::{Action, HttpHost};
 use crate::ids::SessionId;
 use crate::metrics::Counter;
-use crate::store::{Op, Reply, StoreError};
+use crate::store::{Op, Reply, StoreCall, StoreError};
 use failover::Failover;
 use issue::Issuer;
 use request::{Arrival, RequestView};
 use response::ResponseView;
-pub use worker::{Sent, Worker};
+pub use worker::{Answer, Sent, Worker};
 
 /// Envoy router retry conditions under which the request provably reached no
 /// app, for requests the load balancer places (a retry ignores a routing
@@ -120,10 +120,25 @@ enum Held {
     Response,
 }
 
+/// The store call a stream waits for, and which direction it holds.
 #[derive(Debug)]
 struct Pending {
-    sent: Sent,
+    call: Waiting,
     held: Held,
+}
+
+#[derive(Debug)]
+enum Waiting {
+    /// Out: its answer comes with the call's token.
+    Sent(Sent),
+    /// Failed; goes out again when the stream's timer fires at `due_ms`.
+    Later { call: StoreCall, due_ms: u64 },
+}
+
+impl Pending {
+    fn sent(sent: Sent, held: Held) -> Pending {
+        Pending { call: Waiting::Sent(sent), held }
+    }
 }
 
 pub struct Flow {
@@ -336,7 +351,7 @@ impl Flow {
         }
         match self.worker.call_store(host, &self.config, self.context_id, op) {
             Some(sent) => {
-                self.pending = Some(Pending { sent, held: Held::Response });
+                self.pending = Some(Pending::sent(sent, Held::Response));
                 Action::Pause
             }
             None => {
@@ -357,15 +372,37 @@ impl Flow {
     /// The store's answer to the call with `token`. `status` is None when the
     /// call failed or timed out.
     pub fn on_store_response(&mut self, host: &mut impl HttpHost, token: u64, status: Option<u32>, body: &[u8]) {
-        let Some(pending) = self.pending.take_if(|p| p.sent.token == token) else { return };
+        let Some(pending) = self.pending.take_if(|p| matches!(&p.call, Waiting::Sent(sent) if sent.token == token)) else { return };
+        let Waiting::Sent(sent) = pending.call else { return };
         let config = Rc::clone(&self.config);
-        let reply = self.worker.store_reply(&*host, &config, &pending.sent, status, body, host.now_ms());
-        let action = match pending.sent.call.op {
+        let now_ms = host.now_ms();
+        let answer = self.worker.store_reply(host, &config, &sent, status, body, now_ms);
+        self.on_store_answer(host, sent.call.op, answer, pending.held);
+    }
+
+    /// What a store call led to: the operation's reply is acted on; another
+    /// call (a login, a lease, a retry) is waited for.
+    fn on_store_answer(&mut self, host: &mut impl HttpHost, op: Op, answer: Answer, held: Held) {
+        let reply = match answer {
+            Answer::Reply(reply) => reply,
+            Answer::Waiting(sent) => {
+                self.pending = Some(Pending::sent(*sent, held));
+                return;
+            }
+            Answer::Later { call, due_ms } => {
+                if host.set_timer(due_ms.saturating_sub(host.now_ms())) {
+                    self.pending = Some(Pending { call: Waiting::Later { call: *call, due_ms }, held });
+                    return;
+                }
+                Err(StoreError::Unavailable(0))
+            }
+        };
+        let action = match op {
             Op::Begin { .. } => self.on_begin_reply(host, reply),
             ref op => self.on_change_reply(host, op, reply),
         };
         if action == Action::Continue {
-            match pending.held {
+            match held {
                 Held::Request => host.resume_request(),
                 Held::Response => host.resume_response(),
                 Held::Nothing => {}
@@ -428,6 +465,14 @@ impl Flow {
 
     /// A timer this stream set has fired.
     pub fn on_timer(&mut self, host: &mut impl HttpHost) {
+        let now_ms = host.now_ms();
+        if let Some(pending) = self.pending.take_if(|p| matches!(&p.call, Waiting::Later { due_ms, .. } if *due_ms <= now_ms)) {
+            let Waiting::Later { call, .. } = pending.call else { return };
+            let op = call.op.clone();
+            let config = Rc::clone(&self.config);
+            let answer = self.worker.resend(host, &config, call);
+            return self.on_store_answer(host, op, answer, pending.held);
+        }
         if !matches!(&self.stream, Stream::Failover(f) if f.is_waiting()) {
             return;
         }

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use log::warn;
+use log::{info, warn};
 
 use crate::breaker::{Admit, Breaker, Transition};
 use crate::config::{Config, StoreSettings};
@@ -16,7 +16,7 @@ use crate::cookie::{cluster_tag, ClusterTag, VerifiedCookies};
 use crate::gone::GoneTable;
 use crate::host::{HttpHost, SharedData, WorkerHost};
 use crate::metrics::{Counter, Metrics};
-use crate::store::{Client, Op, Reply, StoreCall, StoreError};
+use crate::store::{Client, Memory, Op, Progress, Reply, StoreCall, StoreError, MAX_CALLS};
 
 /// Worker calls queued or in flight at most; beyond it the oldest are
 /// forgotten (a store that never answers cannot grow this).
@@ -43,6 +43,10 @@ pub struct Worker {
     /// failover here restores them while the tombstone is still queued, in
     /// flight, or lost to a failing store.
     ended: RefCell<VecDeque<(String, u64)>>,
+    /// The worker's calls that failed and go out again at a time: (due, call).
+    retrying: RefCell<Vec<(u64, StoreCall)>>,
+    /// What store calls taught the worker (etcd's token and leases).
+    store_memory: RefCell<Memory>,
     /// Feeds the keyed fallback for unguessable ids when the host has no CSPRNG.
     ids_made: Cell<u64>,
     unprotected: Cell<u64>,
@@ -55,6 +59,17 @@ pub struct Sent {
     pub token: u64,
     pub call: StoreCall,
     pub started_ms: u64,
+}
+
+/// What the answer to a store call led to.
+#[derive(Debug)]
+pub enum Answer {
+    /// The operation's outcome.
+    Reply(Result<Reply, StoreError>),
+    /// The operation needed another call, which went out: wait for it.
+    Waiting(Box<Sent>),
+    /// The call failed and goes out again at `due_ms` ([`Worker::resend`]).
+    Later { call: Box<StoreCall>, due_ms: u64 },
 }
 
 impl Worker {
@@ -105,7 +120,8 @@ impl Worker {
             return None;
         }
         let nonce = URL_SAFE_NO_PAD.encode(self.unguessable(host, config, context_id).get(..12).unwrap_or_default());
-        Some(Client::new(store).call(op, nonce))
+        let memory = self.store_memory.try_borrow().ok()?;
+        Some(Client::new(store).call(op, nonce, &memory, host.now_ms()))
     }
 
     /// Sends `op` to the store for this stream, which gets the answer
@@ -158,14 +174,17 @@ impl Worker {
 
     /// Whether calls wait to be sent.
     pub fn has_queued(&self) -> bool {
-        self.queued.try_borrow().is_ok_and(|q| !q.is_empty())
+        self.queued.try_borrow().is_ok_and(|q| !q.is_empty()) || self.retrying.try_borrow().is_ok_and(|r| !r.is_empty())
     }
 
     /// Sends the queued calls, from the worker's own context (so their answers
     /// come to the worker, and no stream's end cancels them).
     pub fn send_queued(&self, host: &mut impl WorkerHost, config: &Config) {
+        self.send_retries(host, config);
         for call in self.take_queued() {
-            let busy = self.detached.try_borrow().is_ok_and(|d| d.iter().any(|(_, c, _)| c.op.sid() == call.op.sid()));
+            let sid = call.op.sid();
+            let busy = self.detached.try_borrow().is_ok_and(|d| d.iter().any(|(_, c, _)| c.op.sid() == sid))
+                || self.retrying.try_borrow().is_ok_and(|r| r.iter().any(|(_, c)| c.op.sid() == sid));
             if busy {
                 // The session's previous call is still out: this one waits its turn.
                 if let Ok(mut queued) = self.queued.try_borrow_mut() {
@@ -184,52 +203,140 @@ impl Worker {
                 }
                 continue;
             };
-            if let Ok(mut calls) = self.detached.try_borrow_mut() {
-                if calls.len() >= MAX_DETACHED {
-                    calls.remove(0);
-                }
-                calls.push((token, call, now));
-            }
+            self.track(Sent { token, call, started_ms: now });
         }
     }
 
-    /// Reads the answer to a call, counting failures and feeding the breaker.
-    pub fn store_reply(&self, shared: &dyn SharedData, config: &Config, sent: &Sent, status: Option<u32>, body: &[u8], now_ms: u64) -> Result<Reply, StoreError> {
-        let Some(store) = &config.store else { return Err(StoreError::Unavailable(0)) };
+    /// Sends the worker's retries that are due.
+    fn send_retries(&self, host: &mut impl WorkerHost, config: &Config) {
+        let now = host.now_ms();
+        let due: Vec<(u64, StoreCall)> = match self.retrying.try_borrow_mut() {
+            Ok(mut retrying) => {
+                let (due, later) = std::mem::take(&mut *retrying).into_iter().partition(|(at, _)| *at <= now);
+                *retrying = later;
+                due
+            }
+            Err(_) => Vec::new(),
+        };
+        for (_, call) in due {
+            let op = call.op.clone();
+            let answer = self.resend(host, config, call);
+            self.detached_answer(&op, answer, now);
+        }
+    }
+
+    /// Remembers a worker call in flight.
+    fn track(&self, sent: Sent) {
+        if let Ok(mut calls) = self.detached.try_borrow_mut() {
+            if calls.len() >= MAX_DETACHED {
+                calls.remove(0);
+            }
+            calls.push((sent.token, sent.call, sent.started_ms));
+        }
+    }
+
+    /// Reads the answer to a call, counting failures and feeding the breaker
+    /// with the operation's outcome. If the operation needs another call
+    /// (a login, a lease, a retry), it goes out from `host`'s context, so its
+    /// answer comes where this one came.
+    pub fn store_reply(&self, host: &mut impl WorkerHost, config: &Config, sent: &Sent, status: Option<u32>, body: &[u8], now_ms: u64) -> Answer {
+        let Some(store) = &config.store else { return Answer::Reply(Err(StoreError::Unavailable(0))) };
         let elapsed = now_ms.saturating_sub(sent.started_ms);
         self.metrics.store_latency(elapsed);
-        let result = Client::new(store).reply(&sent.call, status, body, elapsed);
-        match &result {
-            Ok(_) => {}
-            Err(StoreError::Timeout) => self.count(Counter::StoreTimeouts),
-            Err(StoreError::Mismatch(what)) => {
-                self.count(Counter::StoreMismatched);
-                warn!("store answer not used: {what}");
+        let progress = match self.store_memory.try_borrow_mut() {
+            Ok(mut memory) => Client::new(store).reply(&sent.call, status, body, elapsed, &mut memory, now_ms),
+            Err(_) => Err(StoreError::Protocol("store memory in use".into())),
+        };
+        let result = match progress {
+            Ok(Progress::Done(reply)) => Ok(reply),
+            Ok(Progress::Call(call)) => return self.send_next(host, store, call, now_ms),
+            Ok(Progress::Retry { call, error, pause_ms }) => {
+                self.count_failure(&error);
+                info!("store {} call failed ({error:?}); trying again in {pause_ms} ms, call {} of at most {MAX_CALLS}", call.op.name(), call.calls);
+                return Answer::Later { call: Box::new(call), due_ms: now_ms.saturating_add(pause_ms) };
             }
-            Err(_) => self.count(Counter::StoreErrors),
-        }
-        if Worker::breaker(shared, store).record(result.is_ok(), now_ms) == Transition::Opened {
+            Err(error) => {
+                self.count_failure(&error);
+                Err(error)
+            }
+        };
+        if Worker::breaker(&*host, store).record(result.is_ok(), now_ms) == Transition::Opened {
             self.count(Counter::StoreBreakerOpened);
             warn!("session store {:?} failing ({:?}); store calls fail at once for {} ms", store.cluster, result.as_ref().err(), store.breaker_cooldown_ms);
         }
-        result
+        Answer::Reply(result)
+    }
+
+    /// Sends a call that failed before, again.
+    pub fn resend(&self, host: &mut impl WorkerHost, config: &Config, call: StoreCall) -> Answer {
+        match &config.store {
+            Some(store) => self.send_next(host, store, call, host.now_ms()),
+            None => Answer::Reply(Err(StoreError::Unavailable(0))),
+        }
+    }
+
+    /// Sends an operation's next call.
+    fn send_next(&self, host: &mut impl WorkerHost, store: &StoreSettings, call: StoreCall, now_ms: u64) -> Answer {
+        match host.dispatch(&call) {
+            Some(token) => Answer::Waiting(Box::new(Sent { token, call, started_ms: now_ms })),
+            None => {
+                self.count(Counter::StoreErrors);
+                Worker::breaker(&*host, store).record(false, now_ms);
+                Answer::Reply(Err(StoreError::Unavailable(0)))
+            }
+        }
+    }
+
+    fn count_failure(&self, error: &StoreError) {
+        match error {
+            StoreError::Timeout => self.count(Counter::StoreTimeouts),
+            StoreError::Mismatch(what) => {
+                self.count(Counter::StoreMismatched);
+                warn!("store answer not used: {what}");
+            }
+            StoreError::Protocol(what) => {
+                self.count(Counter::StoreErrors);
+                warn!("store answer not understood: {what}");
+            }
+            StoreError::Unavailable(_) => self.count(Counter::StoreErrors),
+        }
     }
 
     /// The answer to a detached call (the stream may be gone): counted, never acted on.
-    pub fn on_detached_reply(&self, shared: &dyn SharedData, config: &Config, token: u64, status: Option<u32>, body: &[u8], now_ms: u64) {
+    pub fn on_detached_reply(&self, host: &mut impl WorkerHost, config: &Config, token: u64, status: Option<u32>, body: &[u8], now_ms: u64) {
         let found = self.detached.try_borrow_mut().ok().and_then(|mut calls| {
             let at = calls.iter().position(|(t, _, _)| *t == token)?;
             Some(calls.remove(at))
         });
         let Some((_, call, started_ms)) = found else { return };
         let sent = Sent { token, call, started_ms };
-        match self.store_reply(shared, config, &sent, status, body, now_ms) {
-            Ok(Reply::Conflict { owner }) if matches!(sent.call.op, Op::Write { .. } | Op::Commit { .. }) => {
+        let answer = self.store_reply(host, config, &sent, status, body, now_ms);
+        self.detached_answer(&sent.call.op, answer, now_ms);
+    }
+
+    /// What the worker does with what a detached call led to: wait for the
+    /// next call, retry later, or count the outcome.
+    fn detached_answer(&self, op: &Op, answer: Answer, now_ms: u64) {
+        let result = match answer {
+            Answer::Reply(result) => result,
+            Answer::Waiting(next) => return self.track(*next),
+            Answer::Later { call, due_ms } => {
+                if let Ok(mut retrying) = self.retrying.try_borrow_mut() {
+                    if retrying.len() >= MAX_DETACHED {
+                        retrying.remove(0);
+                    }
+                    retrying.push((due_ms, *call));
+                }
+                return;
+            }
+        };
+        match result {
+            Ok(Reply::Conflict { owner }) if matches!(op, Op::Write { .. } | Op::Commit { .. }) => {
                 self.count(Counter::StoreWritesRejected);
-                warn!("store refused a {} from a host that does not own the session (owner {owner:?})", sent.call.op.name());
+                warn!("store refused a {} from a host that does not own the session (owner {owner:?})", op.name());
             }
             Ok(_) => {}
-            Err(_) if is_state_change(&sent.call.op) => self.unprotected(now_ms),
+            Err(_) if is_state_change(op) => self.unprotected(now_ms),
             Err(_) => {}
         }
     }

@@ -109,8 +109,9 @@ impl Context for Root {
         let (status, body) = call_response(num_headers, body_size);
         let streams = self.waiters.take(|wait| wait == Wait::Call(token));
         if streams.is_empty() {
-            let proxy = Proxy::new(self.context_id, &config, &self.waiters);
-            self.worker.on_detached_reply(&proxy, &config, token.into(), status, &body, proxy.now_ms());
+            let mut proxy = Proxy::new(self.context_id, &config, &self.waiters);
+            let now_ms = proxy.now_ms();
+            self.worker.on_detached_reply(&mut proxy, &config, token.into(), status, &body, now_ms);
             return;
         }
         self.run_for_streams(&config, streams, |flow, proxy| flow.on_store_response(proxy, token.into(), status, &body));

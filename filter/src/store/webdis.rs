@@ -8,7 +8,8 @@
 
 use std::fmt::Write;
 
-use super::{Dialect, Op, Reply, Request, StoreError};
+use super::{Dialect, Exchange, Memory, Next, Op, Reply, Request, Step, StoreError};
+use crate::keys::Secret;
 
 /// The reply helper every script starts with.
 const PRELUDE: &str = "local function answer(...) return {ARGV[1], ARGV[2], ...} end\n";
@@ -92,11 +93,13 @@ return answer('stored')";
 
 pub struct Webdis<'a> {
     prefix: &'a str,
+    /// The basic-auth header value, if webdis wants one.
+    authorization: Option<&'a Secret>,
 }
 
 impl<'a> Webdis<'a> {
-    pub fn new(prefix: &'a str) -> Webdis<'a> {
-        Webdis { prefix }
+    pub fn new(prefix: &'a str, authorization: Option<&'a Secret>) -> Webdis<'a> {
+        Webdis { prefix, authorization }
     }
 
     fn key(&self, sid: &str) -> String {
@@ -107,7 +110,7 @@ impl<'a> Webdis<'a> {
 /// `EVAL/<script>/<n>/<keys...>/<args...>`, every part percent-encoded. The
 /// last argument is always a number: webdis reads a `.ext` suffix on the last
 /// part as an output format, and numbers have no dot.
-fn eval(script: &str, keys: &[&str], args: &[&str]) -> Request {
+fn eval(script: &str, keys: &[&str], args: &[&str]) -> Vec<u8> {
     let mut body = String::with_capacity(1024);
     body.push_str("EVAL/");
     push_encoded(&mut body, PRELUDE);
@@ -117,7 +120,7 @@ fn eval(script: &str, keys: &[&str], args: &[&str]) -> Request {
         body.push('/');
         push_encoded(&mut body, part);
     }
-    Request { method: "POST", path: "/".into(), content_type: "text/plain", body: body.into_bytes() }
+    body.into_bytes()
 }
 
 /// Percent-encodes everything but ASCII letters and digits.
@@ -140,7 +143,28 @@ fn optional(state: &Option<String>) -> (&'static str, &str) {
 }
 
 impl Dialect for Webdis<'_> {
-    fn request(&self, op: &Op, nonce: &str) -> Request {
+    fn first_step(&self, _: &Op, _: &Memory, _: u64) -> Step {
+        Step::Op
+    }
+
+    fn request(&self, call: Exchange<'_>, _: &Memory) -> Request {
+        let authorization = self.authorization.map(|a| String::from_utf8_lossy(&a.0).into_owned());
+        Request { path: "/".into(), content_type: "text/plain", authorization, body: self.eval(call.op, call.nonce) }
+    }
+
+    fn reply(&self, call: Exchange<'_>, status: u32, body: &[u8], _: &mut Memory) -> Result<Next, StoreError> {
+        self.parse(call.op, call.nonce, status, body).map(Next::Done)
+    }
+
+    /// One Redis: a call that failed would fail again.
+    fn retries(&self, _: &StoreError) -> bool {
+        false
+    }
+}
+
+impl Webdis<'_> {
+    /// The `EVAL` body of `op`.
+    fn eval(&self, op: &Op, nonce: &str) -> Vec<u8> {
         let key = self.key(op.sid());
         let lease_key = format!("{key}:lease");
         let keys = [key.as_str(), lease_key.as_str()];
@@ -171,7 +195,7 @@ impl Dialect for Webdis<'_> {
         }
     }
 
-    fn reply(&self, op: &Op, nonce: &str, status: u32, body: &[u8]) -> Result<Reply, StoreError> {
+    fn parse(&self, op: &Op, nonce: &str, status: u32, body: &[u8]) -> Result<Reply, StoreError> {
         let reply = eval_reply(status, body)?;
         let (echo, rest) = reply.split_at(reply.len().min(2));
         if echo != [nonce, op.sid()] {
@@ -227,13 +251,14 @@ mod tests {
 
     #[test]
     fn eval_bodies_are_percent_encoded_and_end_in_a_number() {
-        let request = Webdis::new("sa:").request(&write(), "n0nce");
+        let call = Exchange { op: &write(), step: &Step::Op, nonce: "n0nce", now_ms: 0 };
+        let request = Webdis::new("sa:", None).request(call, &Memory::default());
         let body = String::from_utf8(request.body).unwrap();
         assert!(body.starts_with("EVAL/local%20function%20answer"), "{body}");
         let tail = "/2/sa%3AAAAAAAAAAAAAAAAAAAAAAA/sa%3AAAAAAAAAAAAAAAAAAAAAAA%3Alease/n0nce/AAAAAAAAAAAAAAAAAAAAAA\
             /10%2E0%2E0%2E1%3A80%23a/10%2E0%2E0%2E1%3A80%23a/1/st%2Fa%2Ete/60000";
         assert!(body.ends_with(tail), "{body}");
-        assert_eq!((request.method, request.path.as_str()), ("POST", "/"));
+        assert_eq!((request.path.as_str(), request.authorization), ("/", None));
     }
 
     #[test]
@@ -248,7 +273,7 @@ mod tests {
             ttl_ms: 5,
             tombstone_ms: 7,
         };
-        let body = String::from_utf8(Webdis::new("sa:").request(&op, "n").body).unwrap();
+        let body = String::from_utf8(Webdis::new("sa:", None).eval(&op, "n")).unwrap();
         assert!(body.contains("/4/sa%3AAAAA"), "{body}");
         assert!(body.contains("sa%3ABBBBBBBBBBBBBBBBBBBBBB%3Alease/n/"), "{body}");
         assert!(body.ends_with("/0//5/7"), "{body}");
@@ -256,7 +281,7 @@ mod tests {
 
     #[test]
     fn replies_are_read_only_when_they_echo_the_call() {
-        let w = Webdis::new("sa:");
+        let w = Webdis::new("sa:", None);
         let begin = Op::Begin { sid: SID.into(), from: "h#i".into(), lease: "L".into(), lease_ms: 1000 };
         let cases: [(&[&str], Result<Reply, ()>); 6] = [
             (&["n", SID, "acquired"], Ok(Reply::Acquired { state: None })),
@@ -267,26 +292,26 @@ mod tests {
             (&["n", SID, "stored"], Err(())),
         ];
         for (parts, expected) in cases {
-            let got = w.reply(&begin, "n", 200, &answer(parts));
+            let got = w.parse(&begin, "n", 200, &answer(parts));
             assert_eq!(got.as_ref().map_err(|_| ()), expected.as_ref().map_err(|_| ()), "{parts:?}");
         }
         let mismatched = [&["other", SID, "acquired", "someone-elses-state"][..], &["n", "BBBBBBBBBBBBBBBBBBBBBB", "acquired", "x"], &["n"], &[]];
         for parts in mismatched {
-            assert!(matches!(w.reply(&begin, "n", 200, &answer(parts)), Err(StoreError::Mismatch(_))), "{parts:?}");
+            assert!(matches!(w.parse(&begin, "n", 200, &answer(parts)), Err(StoreError::Mismatch(_))), "{parts:?}");
         }
-        assert_eq!(w.reply(&begin, "n", 503, b""), Err(StoreError::Unavailable(503)));
-        assert!(matches!(w.reply(&begin, "n", 200, br#"{"EVAL":[false,"ERR x"]}"#), Err(StoreError::Protocol(_))));
-        assert!(matches!(w.reply(&begin, "n", 200, b"<html>"), Err(StoreError::Protocol(_))));
+        assert_eq!(w.parse(&begin, "n", 503, b""), Err(StoreError::Unavailable(503)));
+        assert!(matches!(w.parse(&begin, "n", 200, br#"{"EVAL":[false,"ERR x"]}"#), Err(StoreError::Protocol(_))));
+        assert!(matches!(w.parse(&begin, "n", 200, b"<html>"), Err(StoreError::Protocol(_))));
     }
 
     #[test]
     fn fenced_replies() {
-        let w = Webdis::new("sa:");
+        let w = Webdis::new("sa:", None);
         let op = write();
-        assert_eq!(w.reply(&op, "n", 200, &answer(&["n", SID, "stored"])), Ok(Reply::Stored));
-        assert_eq!(w.reply(&op, "n", 200, &answer(&["n", SID, "conflict", "h#i"])), Ok(Reply::Conflict { owner: Some("h#i".into()) }));
-        assert_eq!(w.reply(&op, "n", 200, &answer(&["n", SID, "conflict", ""])), Ok(Reply::Conflict { owner: None }));
-        assert_eq!(w.reply(&op, "n", 200, &answer(&["n", SID, "ended"])), Ok(Reply::Ended));
-        assert!(w.reply(&op, "n", 200, &answer(&["n", SID, "taken"])).is_err());
+        assert_eq!(w.parse(&op, "n", 200, &answer(&["n", SID, "stored"])), Ok(Reply::Stored));
+        assert_eq!(w.parse(&op, "n", 200, &answer(&["n", SID, "conflict", "h#i"])), Ok(Reply::Conflict { owner: Some("h#i".into()) }));
+        assert_eq!(w.parse(&op, "n", 200, &answer(&["n", SID, "conflict", ""])), Ok(Reply::Conflict { owner: None }));
+        assert_eq!(w.parse(&op, "n", 200, &answer(&["n", SID, "ended"])), Ok(Reply::Ended));
+        assert!(w.parse(&op, "n", 200, &answer(&["n", SID, "taken"])).is_err());
     }
 }

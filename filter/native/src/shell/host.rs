@@ -183,7 +183,7 @@ impl HttpHost for StreamHost<'_, '_> {
     /// A scheduler for this stream, committed by the module's timer thread.
     fn set_timer(&mut self, after_ms: u64) -> bool {
         let Some(scheduler) = self.caller.scheduler() else { return false };
-        timer::schedule(Duration::from_millis(after_ms), scheduler, TIMER_EVENT);
+        timer::schedule(Duration::from_millis(after_ms), move || scheduler.commit(TIMER_EVENT));
         true
     }
 

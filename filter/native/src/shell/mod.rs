@@ -25,7 +25,9 @@ mod random;
 mod shared_data;
 mod threads;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use session_affinity::config::Config;
 use session_affinity::host::WorkerHost;
@@ -33,16 +35,19 @@ use session_affinity::store::StoreCall;
 
 use crate::abi::{ConfigContext, ConfigHandle, ConfigScheduler};
 use crate::filter::{CalloutFailure, CalloutId, CalloutResponse, FilterConfig};
+use crate::timer;
 pub use filter::SessionFilter;
 use host::Host;
 use metrics::MetricIds;
-use shared_data::ProcessShared;
 
 /// The configuration event that sends the calls streams handed over.
 const SEND_DETACHED: u64 = 1;
 /// Calls handed over and not yet taken by the main thread, at most (the
 /// core's own bound on a worker's queue); beyond it the oldest are dropped.
 const MAX_HANDED_OVER: usize = 1024;
+/// How often the main thread looks again while its calls wait: a retry's
+/// pause, or a session's call queued behind one still out.
+const RESEND_POLL: Duration = Duration::from_millis(20);
 
 /// One `filter_config` of the module.
 pub struct SessionAffinity {
@@ -57,6 +62,8 @@ pub struct Shared {
     /// Calls streams handed over for the main thread to send.
     handed_over: Mutex<Vec<StoreCall>>,
     scheduler: ConfigScheduler,
+    /// A [`RESEND_POLL`] event is due.
+    resend_set: AtomicBool,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -101,7 +108,7 @@ impl FilterConfig for SessionAffinity {
         );
         let metrics = MetricIds::define(context)?;
         let scheduler = context.scheduler().ok_or("Envoy gave no configuration scheduler")?;
-        let shared = Shared { json: config.to_vec(), metrics, handed_over: Mutex::default(), scheduler };
+        let shared = Shared { json: config.to_vec(), metrics, handed_over: Mutex::default(), scheduler, resend_set: AtomicBool::new(false) };
         Ok(SessionAffinity { shared: Arc::new(shared) })
     }
 
@@ -114,6 +121,7 @@ impl FilterConfig for SessionAffinity {
         if event_id != SEND_DETACHED {
             return;
         }
+        self.shared.resend_set.store(false, Ordering::Relaxed);
         let Some(main) = threads::this_thread(&self.shared) else { return };
         for call in self.shared.take_handed_over() {
             main.worker.enqueue(call);
@@ -130,8 +138,9 @@ impl FilterConfig for SessionAffinity {
     ) {
         let Some(main) = threads::this_thread(&self.shared) else { return };
         let (status, body) = answer(response);
-        let now = Host::new(config).now_ms();
-        main.worker.on_detached_reply(&ProcessShared, &main.config, callout.0, status, &body, now);
+        let mut host = Host::new(config);
+        let now = host.now_ms();
+        main.worker.on_detached_reply(&mut host, &main.config, callout.0, status, &body, now);
         // A session's next call waited for this answer.
         self.send_queued(&main, config);
     }
@@ -141,6 +150,10 @@ impl SessionAffinity {
     fn send_queued(&self, main: &threads::ThreadState, config: &mut ConfigHandle<'_>) {
         main.worker.send_queued(&mut Host::new(config), &main.config);
         self.shared.metrics.flush(&main.worker, config);
+        if main.worker.has_queued() && !self.shared.resend_set.swap(true, Ordering::Relaxed) {
+            let shared = Arc::clone(&self.shared);
+            timer::schedule(RESEND_POLL, move || shared.scheduler.commit(SEND_DETACHED));
+        }
     }
 }
 

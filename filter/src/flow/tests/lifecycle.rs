@@ -170,7 +170,7 @@ fn a_session_ended_while_its_failover_asks_the_store_is_not_restored() {
     // The lease goes back once the tombstone is out.
     send_queued(&bed, &mut host);
     let (token, status, body) = host.answer(&Reply::Stored);
-    bed.worker.on_detached_reply(&*host.shared, &bed.config, token, status, &body, NOW_MS);
+    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
     send_queued(&bed, &mut host);
     assert!(matches!(host.ops()[..], [Op::Begin { .. }, Op::End { .. }, Op::Release { .. }]), "{:?}", host.ops());
 }

@@ -40,7 +40,7 @@ fn async_writes_are_detached_and_their_refusals_counted_on_the_worker() {
     send_queued(&bed, &mut host);
     assert!(matches!(host.ops()[..], [Op::Write { .. }]));
     let (token, status, body) = host.answer(&Reply::Conflict { owner: Some(owner(B2, "pod-b")) });
-    bed.worker.on_detached_reply(&*host.shared, &bed.config, token, status, &body, NOW_MS);
+    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
     assert_eq!(bed.count(Counter::StoreWritesRejected), 1);
 }
 
@@ -113,7 +113,127 @@ fn async_writes_of_one_session_land_in_order() {
     send_queued(&bed, &mut host);
     assert_eq!(host.calls.len(), 1, "s3 waits for s2's answer");
     let (token, status, body) = host.answer(&Reply::Stored);
-    bed.worker.on_detached_reply(&*host.shared, &bed.config, token, status, &body, NOW_MS);
+    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
     send_queued(&bed, &mut host);
     assert!(matches!(host.ops()[..], [_, Op::Write { state: Some(s), .. }] if s == "s3"));
+}
+
+/// A store on etcd with auth, as the flow tests use it.
+fn with_etcd(write: &str) -> Rc<Config> {
+    config(&format!(r#","store":{{"cluster":"store","dialect":"etcd","write":"{write}","auth":{{"username":"proxy","password":"pw"}}}}"#))
+}
+
+/// etcd's answer to the flow's latest call, which must be `path`: a login,
+/// a grant or a txn meaning `reply`.
+fn etcd_answer(host: &FakeProxy, path: &str, reply: Option<&Reply>) -> (u64, Option<u32>, Vec<u8>) {
+    let token = u64::try_from(host.calls.len()).unwrap();
+    let call = host.calls.last().unwrap();
+    assert!(call.headers.contains(&(":path", path.to_string())), "{:?}", call.headers);
+    let body = match reply {
+        None if path.ends_with("authenticate") => br#"{"header":{},"token":"tok"}"#.to_vec(),
+        None => br#"{"header":{},"ID":"7","TTL":"100"}"#.to_vec(),
+        Some(reply) => crate::store::Etcd::new("sa:", 60_000, None).answer(&call.op, &call.nonce, None, reply).unwrap(),
+    };
+    (token, Some(200), body)
+}
+
+#[test]
+fn an_etcd_failover_waits_for_the_workers_login_and_lease_then_begins() {
+    let bed = Bed::new(with_etcd("sync"));
+    let cookie = format!("{COOKIE}={}", bed.cookie(B1, "pod-a", cookie::FLAG_MOVING));
+    let mut host = bed.proxy(&[("cookie", &cookie)]);
+    let mut f = bed.flow();
+    assert_eq!(f.on_request_headers(&mut host), Action::Pause);
+    for path in ["/v3/auth/authenticate", "/v3/lease/grant"] {
+        let (token, status, body) = etcd_answer(&host, path, None);
+        f.on_store_response(&mut host, token, status, &body);
+        assert_eq!(host.resumed_request, 0, "still waiting after {path}");
+        assert!(f.holds_request_body());
+    }
+    assert!(matches!(host.ops()[..], [Op::Begin { .. }, Op::Begin { .. }, Op::Begin { .. }]), "one operation, three calls");
+    assert!(host.calls[2].headers.contains(&("authorization", "tok".to_string())));
+    let (token, status, body) = etcd_answer(&host, "/v3/kv/txn", Some(&Reply::Acquired { state: Some("st1".into()) }));
+    f.on_store_response(&mut host, token, status, &body);
+    assert_eq!((host.resumed_request, host.req("x-session-state")), (1, Some("st1")));
+
+    // The worker kept the token: a write needs no login, only the lease of
+    // its own (longer) TTL bucket.
+    let (_, host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
+    let (_, status, _) = etcd_answer(&host, "/v3/lease/grant", None);
+    assert_eq!((host.calls.len(), status), (1, Some(200)));
+    assert!(host.calls[0].headers.contains(&("authorization", "tok".to_string())));
+}
+
+#[test]
+fn a_failed_etcd_call_is_made_again_after_a_pause_and_only_the_operations_outcome_feeds_the_breaker() {
+    let bed = Bed::new(config(r#","store":{"cluster":"store","dialect":"etcd","breaker":{"failures":1,"cooldown":"5s"}}"#));
+    let (mut f, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+    assert_eq!(action, Action::Pause);
+    let (token, status, body) = etcd_answer(&host, "/v3/lease/grant", None);
+    f.on_store_response(&mut host, token, status, &body);
+    // The txn reaches a member without quorum: no answer in time. It goes out
+    // again once the stream's timer fires, the response still held.
+    f.on_store_response(&mut host, 2, None, b"");
+    assert_eq!((host.calls.len(), host.timers.last()), (2, Some(&crate::store::FIRST_RETRY_PAUSE_MS)));
+    assert!(f.holds_response_body());
+    f.on_timer(&mut host);
+    assert_eq!(host.calls.len(), 2, "not before the pause is over");
+    host.now_ms += crate::store::FIRST_RETRY_PAUSE_MS;
+    f.on_timer(&mut host);
+    assert_eq!((host.calls.len(), host.calls[2].calls, host.calls[2].retries, host.resumed_response), (3, 3, 1, 0));
+    assert_eq!((bed.count(Counter::StoreErrors), bed.count(Counter::StoreBreakerOpened)), (1, 0));
+    let (token, status, body) = etcd_answer(&host, "/v3/kv/txn", Some(&Reply::Stored));
+    f.on_store_response(&mut host, token, status, &body);
+    assert_eq!(host.resumed_response, 1);
+    assert_eq!((bed.count(Counter::StoreWritesUnprotected), bed.count(Counter::StoreBreakerOpened)), (0, 0));
+}
+
+#[test]
+fn an_etcd_operation_gives_up_within_its_retry_window_and_call_bound() {
+    let bed = Bed::new(config(r#","store":{"cluster":"store","dialect":"etcd"}"#));
+    let (mut f, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+    let mut pauses = Vec::new();
+    while host.resumed_response == 0 {
+        let token = u64::try_from(host.calls.len()).unwrap();
+        let timers = host.timers.len();
+        f.on_store_response(&mut host, token, Some(503), b"no healthy upstream");
+        if let Some(&pause) = host.timers.get(timers) {
+            pauses.push(pause);
+            host.now_ms += pause;
+            f.on_timer(&mut host);
+        }
+        assert!(host.calls.len() <= usize::from(crate::store::MAX_CALLS));
+    }
+    assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000], "doubling pauses, each at most 1 s, within the 3 s window");
+    assert_eq!(host.calls.len(), 7);
+    assert_eq!((bed.count(Counter::StoreErrors), bed.count(Counter::StoreWritesUnprotected)), (7, 1));
+}
+
+#[test]
+fn a_detached_etcd_write_follows_its_calls_from_the_worker() {
+    let bed = Bed::new(config(r#","store":{"cluster":"store","dialect":"etcd","write":"async"}"#));
+    let (f, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+    assert_eq!(action, Action::Continue);
+    drop(f);
+    send_queued(&bed, &mut host);
+    let (token, status, body) = etcd_answer(&host, "/v3/lease/grant", None);
+    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
+    let (token, status, body) = etcd_answer(&host, "/v3/kv/txn", Some(&Reply::Conflict { owner: Some(owner(B2, "pod-b")) }));
+    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
+    assert_eq!((bed.count(Counter::StoreWritesRejected), bed.count(Counter::StoreErrors)), (1, 0));
+}
+
+#[test]
+fn a_detached_etcd_call_that_failed_goes_out_again_from_the_workers_tick() {
+    let bed = Bed::new(config(r#","store":{"cluster":"store","dialect":"etcd","write":"async"}"#));
+    let (_, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+    send_queued(&bed, &mut host);
+    bed.worker.on_detached_reply(&mut host, &bed.config, 1, None, b"", NOW_MS);
+    assert!(bed.worker.has_queued(), "the retry keeps the worker's tick fast");
+    send_queued(&bed, &mut host);
+    assert_eq!(host.calls.len(), 1, "not before its pause is over");
+    host.now_ms += crate::store::FIRST_RETRY_PAUSE_MS;
+    send_queued(&bed, &mut host);
+    assert_eq!((host.calls.len(), host.calls[1].retries), (2, 1));
+    assert!(!bed.worker.has_queued());
 }
