@@ -7,8 +7,6 @@
 //! per map instead of two per header, which is most of what the pinned path
 //! would otherwise spend.
 
-use crate::config::HeaderNames;
-
 /// Envoy router headers the filter sets itself on requests the load balancer
 /// places; a client's copy could make Envoy retry a pinned request elsewhere.
 const ENVOY_RETRY_HEADERS: [&str; 3] = ["x-envoy-retry-on", "x-envoy-max-retries", "x-envoy-retriable-header-names"];
@@ -28,8 +26,9 @@ pub struct InternalHeaders {
 }
 
 impl InternalHeaders {
-    pub fn new(h: &HeaderNames) -> InternalHeaders {
-        let mut names: Vec<String> = h.named().iter().map(|(_, name)| name.to_string()).collect();
+    /// `contract`: the app contract's header names, as configured.
+    pub fn new<'a>(contract: impl IntoIterator<Item = &'a str>) -> InternalHeaders {
+        let mut names: Vec<String> = contract.into_iter().map(str::to_string).collect();
         names.extend(ENVOY_RETRY_HEADERS.iter().map(|n| n.to_string()));
         let lengths = names.iter().filter(|n| n.len() < 64).fold(0, |bits, n| bits | 1 << n.len());
         let long_names = names.iter().any(|n| n.len() >= 64);
@@ -127,19 +126,24 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HeaderNames;
+
+    fn internal(names: &HeaderNames) -> InternalHeaders {
+        InternalHeaders::new(names.named().iter().map(|(_, name)| *name))
+    }
 
     #[test]
     fn every_spelling_of_an_internal_header_matches() {
-        let internal = InternalHeaders::new(&HeaderNames::default());
+        let defaults = internal(&HeaderNames::default());
         for name in ["x-session-state", "X-Session-State", "x_session_state", "X_SESSION_ID", "x-session_new", "x-envoy-retry-on", "x_envoy_max_retries"] {
-            assert!(internal.matches(name.as_bytes()), "{name}");
+            assert!(defaults.matches(name.as_bytes()), "{name}");
         }
         for name in ["x-session-states", "x-session", "cookie", "x-session-stat", "xxsession-id"] {
-            assert!(!internal.matches(name.as_bytes()), "{name}");
+            assert!(!defaults.matches(name.as_bytes()), "{name}");
         }
         let long = "x-".repeat(40);
         let names = HeaderNames { session_id: long.clone(), ..HeaderNames::default() };
-        assert!(InternalHeaders::new(&names).matches(long.to_uppercase().as_bytes()), "names of 64 bytes and more too");
+        assert!(internal(&names).matches(long.to_uppercase().as_bytes()), "names of 64 bytes and more too");
     }
 
     #[test]

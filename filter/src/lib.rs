@@ -6,15 +6,16 @@
 //!
 //! Layers, bottom up (each uses only those below it):
 //! 1. [`ids`] (session id, upstream, instance, owner), [`headers`] (header
-//!    maps, internal header names), [`host`] (what the core needs from a proxy);
+//!    maps, internal header names);
 //! 2. [`keys`] (HMAC key ring), then [`cookie`] (the signed cookie and the
 //!    per-worker cache of verified cookies);
 //! 3. [`config`] (JSON in, immutable settings out);
-//! 4. [`store`] (typed operations, the webdis dialect), [`gone`] (the shared
+//! 4. [`store`] (typed operations; the webdis and etcd dialects);
+//! 5. [`host`] (what the core needs from a proxy), then [`gone`] (the shared
 //!    table of gone hosts), [`breaker`] (the store's circuit breaker),
 //!    [`metrics`];
-//! 5. [`flow`] (every decision, per request);
-//! 6. the shells that connect the core to a proxy: `shell::wasm` (proxy-wasm),
+//! 6. [`flow`] (every decision, per request);
+//! 7. the shells that connect the core to a proxy: `shell::wasm` (proxy-wasm),
 //!    and the native Envoy module in `filter/native` (its own crate).
 //!
 //! A pinned request: the shell hands the request headers to

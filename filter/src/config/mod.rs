@@ -126,7 +126,7 @@ impl Config {
         Ok(Config {
             cookie,
             keys,
-            internal: InternalHeaders::new(&raw.headers),
+            internal: InternalHeaders::new(raw.headers.named().iter().map(|(_, name)| *name)),
             headers: raw.headers,
             store,
             gone_ttl_ms: millis(raw.failover.gone_ttl.0),
