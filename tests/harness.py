@@ -169,25 +169,10 @@ class Counters:
 
     def __init__(self, envoy: "tb.Envoy"):
         self.envoy = envoy
-        self.baseline = self._settled()
-
-    def _read(self) -> dict[str, int]:
-        return self.envoy.filter_counters()
-
-    def _settled(self) -> dict[str, int]:
-        deadline = time.monotonic() + COUNTER_TIMEOUT
-        previous = self._read()
-        while True:
-            time.sleep(FLUSH_PERIOD + 0.1)
-            current = self._read()
-            if current == previous or time.monotonic() > deadline:
-                return current
-            previous = current
+        self.baseline = settled_counters(envoy)
 
     def deltas(self) -> dict[str, int]:
-        current = self._read()
-        return {name: value - self.baseline.get(name, 0) for name, value in current.items()
-                if value != self.baseline.get(name, 0)}
+        return changes(self.baseline, self.envoy.filter_counters())
 
     def expect(self, wanted: dict[str, int]):
         """Wait until every named counter moved by exactly the given amount.

@@ -59,6 +59,15 @@ def holder_of(cookie: str, name: str) -> User:
     return holder
 
 
+def restart_backends_with(bed: "tb.Testbed", args: list[str]):
+    """Every backend restarted with these demo-app options; returns once Envoy sees them healthy."""
+    bed.backend_args = args
+    for index in range(len(bed.backends)):
+        bed.restart_backend(index)
+    for backend in bed.backends:
+        bed.envoy.wait_host_health(backend.address, healthy=True)
+
+
 def test_logout_is_never_undone_even_by_a_kept_cookie(own_testbed):
     bed = own_testbed
     user = User("user")
@@ -91,11 +100,7 @@ def test_logout_is_never_undone_even_by_a_kept_cookie(own_testbed):
 
 def test_a_session_the_app_expired_is_ended_not_restored(own_testbed):
     bed = own_testbed
-    bed.backend_args = ["--idle-timeout", "1.5"]
-    for index in range(len(bed.backends)):
-        bed.restart_backend(index)
-    for backend in bed.backends:
-        bed.envoy.wait_host_health(backend.address, healthy=True)
+    restart_backends_with(bed, ["--idle-timeout", "1.5"])
     user = User("user")
     body = session_on(bed, user, 3)
     sid = body["session"]
@@ -176,11 +181,7 @@ def test_a_restart_of_an_app_without_unknown_moves_the_owner(own_testbed):
     without state left the old owner in the store, so the next write was
     refused (503) and the client re-pinned to the dead instance."""
     bed = own_testbed
-    bed.backend_args = ["--without-unknown"]
-    for index in range(len(bed.backends)):
-        bed.restart_backend(index)
-    for backend in bed.backends:
-        bed.envoy.wait_host_health(backend.address, healthy=True)
+    restart_backends_with(bed, ["--without-unknown"])
     user = User("user")
     body = session_on(bed, user, 2)
     sid = body["session"]

@@ -171,11 +171,10 @@ fn a_cookie_for_another_clusters_route_steers_nothing_and_marks_nothing() {
     assert_eq!(bed.count(Counter::SessionsOtherCluster), 1);
 }
 
-#[test]
-fn old_cookies_are_refreshed_and_old_keys_are_moved_to_the_signing_key() {
-    let bed = Bed::new(config(r#","cookie":{"name":"sa","ttl":"1h","refresh_after":0.5}"#));
+/// A pinned request to pod-a with a cookie issued at `iat`, answered by pod-a.
+fn served_from_an_older_cookie(bed: &Bed, since: u64, iat: u64, exp: u64) -> FakeProxy {
     let old = cookie::encode(
-        &NewClaims { sid: SID, cluster: cookie::cluster_tag("app").as_str(), upstream: B1, instance: "pod-a", since: NOW - 7000, iat: NOW - 2000, exp: NOW + 1600, flags: 0 },
+        &NewClaims { sid: SID, cluster: cookie::cluster_tag("app").as_str(), upstream: B1, instance: "pod-a", since, iat, exp, flags: 0 },
         &bed.config.keys,
     )
     .unwrap();
@@ -184,6 +183,13 @@ fn old_cookies_are_refreshed_and_old_keys_are_moved_to_the_signing_key() {
     f.on_request_headers(&mut host);
     host.respond(B1, &[("x-instance-id", "pod-a")]);
     f.on_response_headers(&mut host);
+    host
+}
+
+#[test]
+fn old_cookies_are_refreshed_and_old_keys_are_moved_to_the_signing_key() {
+    let bed = Bed::new(config(r#","cookie":{"name":"sa","ttl":"1h","refresh_after":0.5}"#));
+    let host = served_from_an_older_cookie(&bed, NOW - 7000, NOW - 2000, NOW + 1600);
     let claims = issued(&bed, &host);
     assert_eq!((claims.since, claims.iat, claims.exp), (NOW - 7000, NOW, NOW + 3600), "the session start is kept");
     assert_eq!(bed.count(Counter::CookiesRefreshed), 1);
@@ -193,16 +199,7 @@ fn old_cookies_are_refreshed_and_old_keys_are_moved_to_the_signing_key() {
 fn no_refresh_extends_a_session_past_its_absolute_lifetime() {
     let bed = Bed::new(config(r#","cookie":{"name":"sa","ttl":"1h","max_lifetime":"2h","refresh_after":0.1}"#));
     let since = NOW - 7000; // 200 s of its 2 h left
-    let old = cookie::encode(
-        &NewClaims { sid: SID, cluster: cookie::cluster_tag("app").as_str(), upstream: B1, instance: "pod-a", since, iat: NOW - 1000, exp: NOW + 200, flags: 0 },
-        &bed.config.keys,
-    )
-    .unwrap();
-    let mut host = bed.proxy(&[("cookie", &format!("{COOKIE}={old}"))]);
-    let mut f = bed.flow();
-    f.on_request_headers(&mut host);
-    host.respond(B1, &[("x-instance-id", "pod-a")]);
-    f.on_response_headers(&mut host);
+    let host = served_from_an_older_cookie(&bed, since, NOW - 1000, NOW + 200);
     assert_eq!(issued(&bed, &host).exp, since + 7200);
     assert!(host.resp("set-cookie").unwrap().ends_with("Max-Age=200"));
 }
