@@ -759,9 +759,17 @@ def test_etcd_members_are_what_the_proxies_reach():
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in job["env"]} == {"session-store-auth"}
 
 
-def test_envoy_gateway_etcd_config_loads_in_envoy(wasm_module):
+def app_tls_certificate(bootstrap: dict) -> dict:
+    """The certificate of the gateway's HTTPS listener (file paths in the pod)."""
+    app_chain = one(next(l for l in bootstrap["static_resources"]["listeners"] if l["name"] == "app")["filter_chains"])
+    return app_chain["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"][0]
+
+
+def test_envoy_gateway_etcd_config_loads_in_envoy(wasm_module, gateway_certificate):
     bootstrap = yaml.safe_load(km.load_docs(ETCD_CONFIGMAP)[0]["data"]["envoy.yaml"])
     envoy_configmap_bootstrap_wasm(bootstrap)["vm_config"]["code"]["local"]["filename"] = str(wasm_module)
+    tls = app_tls_certificate(bootstrap)
+    tls["certificate_chain"]["filename"], tls["private_key"]["filename"] = map(str, gateway_certificate)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SA_")}
     ok = ke.envoy_validate(bootstrap, env={**env, "SA_KEY_1": TEST_KEY, "SA_STORE_PASSWORD": TEST_STORE_PASSWORD})
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -811,8 +819,7 @@ def test_envoy_gateway_config_loads_in_envoy(wasm_module, gateway_certificate):
     assert volumes["config"]["configMap"]["name"] == km.load_docs(ENVOY_CONFIGMAP)[0]["metadata"]["name"]
     assert wasm["vm_config"]["code"]["local"]["filename"] == f"{mounts['wasm']}/session_affinity.wasm"
     assert volumes["tls"]["secret"]["secretName"] == TLS_SECRET
-    app_chain = one(next(l for l in bootstrap["static_resources"]["listeners"] if l["name"] == "app")["filter_chains"])
-    tls = app_chain["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"][0]
+    tls = app_tls_certificate(bootstrap)
     assert (tls["certificate_chain"]["filename"], tls["private_key"]["filename"]) == \
         (f"{mounts['tls']}/tls.crt", f"{mounts['tls']}/tls.key")
     app_hcm = ke.http_connection_managers(bootstrap)[("app", 0)]
