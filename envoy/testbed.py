@@ -460,9 +460,8 @@ class Envoy:
             for backend in self.testbed.backends:
                 if backend.process.running():
                     self.wait_host_health(backend.address, healthy=True, timeout=timeout)
-            if self.testbed.webdis.running():
-                # Until its health check passes, store calls fail at once.
-                store = f"127.0.0.1:{self.testbed.ports.webdis}"
+            # Until a store host's health check passes, store calls fail at once.
+            for store in self.testbed.running_store_hosts():
                 wait_until(lambda: self.host_health(STORE_CLUSTER).get(store) == "healthy", timeout,
                            f"{self.name}: the store {store} healthy")
             self.wait_balanced()
@@ -617,6 +616,12 @@ class Testbed:
 
     def __exit__(self, *exc):
         self.stop()
+
+    def running_store_hosts(self) -> list[str]:
+        """The endpoints of Envoy's store cluster whose process runs."""
+        if self.etcd:
+            return [m.address for m in self.etcd.live()]
+        return [f"127.0.0.1:{self.ports.webdis}"] if self.webdis.running() else []
 
     def session_record(self, sid: str) -> dict:
         """The stored session, whichever the store: {"owner", "state", "lease"} (None where missing)."""

@@ -6,7 +6,7 @@ restarts or reconfigures anything asks for `own_testbed` instead.
 
 A test marked `mesh` runs twice: with the backends reached directly, and with
 each backend behind its own sidecar Envoy over mutual TLS (`--mesh`), as in
-an Istio mesh.
+an Istio mesh (with the first selected store, if it is also marked `stores`).
 
 Tests marked `stores` run once per selected session store (`--store webdis
 --store etcd`, or SA_STORES=webdis,etcd; webdis alone by default, so default
@@ -70,9 +70,18 @@ def selected_stores(config) -> list[str]:
 
 
 def pytest_generate_tests(metafunc):
+    stores = None
     if "store" in metafunc.fixturenames and metafunc.definition.get_closest_marker("stores"):
-        metafunc.parametrize("store", selected_stores(metafunc.config), indirect=True)
-    if metafunc.definition.get_closest_marker("mesh") and "own_testbed" in metafunc.fixturenames:
+        stores = selected_stores(metafunc.config)
+    mesh = metafunc.definition.get_closest_marker("mesh") and "own_testbed" in metafunc.fixturenames
+    if stores and mesh:
+        # The store and the path to the app are independent: every store
+        # direct, and the first store through the sidecars too.
+        cases = [(store, "direct") for store in stores] + [(stores[0], "mesh")]
+        metafunc.parametrize(("store", "topology"), cases, indirect=True, ids=[f"{s}-{t}" for s, t in cases])
+    elif stores:
+        metafunc.parametrize("store", stores, indirect=True)
+    elif mesh:
         metafunc.parametrize("topology", ["direct", "mesh"], indirect=True)
 
 
