@@ -718,7 +718,15 @@ class Envoy:
 
     def stats(self) -> dict[str, int]:
         """The filters' own counters (either build), named without Envoy's namespace."""
-        pattern = "|".join(p.rstrip(".") for p in CUSTOM_STATS)
+        out = {}
+        for name, value in self.envoy_stats("|".join(p.rstrip(".") for p in CUSTOM_STATS)).items():
+            for prefix in CUSTOM_STATS:
+                name = name.removeprefix(prefix)
+            out[name] = value
+        return out
+
+    def envoy_stats(self, pattern: str) -> dict[str, int]:
+        """Envoy's counters and gauges whose names match ^(pattern)."""
         try:
             _, _, body = http_get(self.admin, f"/stats?filter=^({pattern})", timeout=2)
         except OSError:
@@ -727,10 +735,7 @@ class Envoy:
         for line in body.decode().splitlines():
             name, _, value = line.partition(": ")
             if value.strip().lstrip("-").isdigit():
-                name = name.strip()
-                for prefix in CUSTOM_STATS:
-                    name = name.removeprefix(prefix)
-                out[name] = int(value)
+                out[name.strip()] = int(value)
         return out
 
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -142,7 +143,7 @@ STORE_CALLS = "cluster.session_store.upstream_rq_total"
 
 
 def store_calls(env: b.Envoy) -> int:
-    return env.stats("cluster.session_store.").get(STORE_CALLS, 0)
+    return env.envoy_stats(re.escape(STORE_CALLS)).get(STORE_CALLS, 0)
 
 
 # ------------------------------------------------------------------ client --
@@ -420,8 +421,8 @@ def measure_store_footprint(bench: b.Bench, store: str, seconds: float = 2.0) ->
     b.run_wrk(env.port, path="/", duration=seconds, connections=4, cpu=bench.load_cpu)
     time.sleep(1.5)  # workers flush counters about once a second
     counters = {k: v - counters_before.get(k, 0) for k, v in env.stats().items()}
-    created = counters.get("wasmcustom.session_affinity.sessions.created", 0)
-    writes = counters.get("wasmcustom.session_affinity.store.writes", 0)
+    created = counters.get("session_affinity.sessions.created", 0)
+    writes = counters.get("session_affinity.store.writes", 0)
     calls = store_calls(env) - calls_before
     after = bench.stores(store).footprint()
     bench.procs.stop(env.proc)  # type: ignore[arg-type]
