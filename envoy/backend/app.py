@@ -151,8 +151,13 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "sa-demo-backend"
-    # Headers and body are separate writes; with Nagle on, a kept-alive
-    # connection waits for the peer's delayed ACK (about 40 ms) per response.
+    # A response leaves in one write when the request is done (headers and
+    # body buffered together, as app servers buffer a response): a kill then
+    # either precedes the response (the proxy sees a reset before headers,
+    # which it may replay) or follows it, never cuts it in half.
+    wbufsize = -1
+    # With Nagle on, a kept-alive connection could wait for the peer's
+    # delayed ACK (about 40 ms) per response.
     disable_nagle_algorithm = True
 
     def do_GET(self):
