@@ -13,7 +13,10 @@ kill.
 
 from __future__ import annotations
 
+import base64
+import json
 import random
+import socket
 import threading
 import time
 
@@ -80,3 +83,80 @@ def test_killing_a_backend_under_continuous_gets_shows_no_error_and_loses_nothin
                "\n".join(problems) + f"\n{health(envoy)}")
         bed.start_backend(bed.backends.index(victim))
         envoy.wait_host_health(victim.address, healthy=True, timeout=15)
+
+
+class DiesMidResponse:
+    """An app that keeps sessions but dies in the middle of every response:
+    it sends the headers (new state included, as the demo app would: the
+    change is made) and closes before the body, like a pod killed between
+    two writes of a response. It answers /healthz and speaks as `instance`,
+    so the filter takes it for the pinned instance."""
+
+    def __init__(self, port: int, instance: str, count: int):
+        self.instance = instance
+        self.count = count
+        self.listener = socket.create_server(("127.0.0.1", port))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    head += chunk
+                conn.sendall(self._answer(head))
+
+    def _answer(self, head: bytes) -> bytes:
+        lines = head.decode("latin-1").split("\r\n")
+        if lines[0].startswith("GET /healthz "):
+            body = b'{"status": "ok"}'
+            return (f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\nx-instance-id: {self.instance}\r\n"
+                    "connection: close\r\n\r\n").encode() + body
+        sid = next((line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("x-session-id:")), "")
+        self.count += 1
+        state = base64.urlsafe_b64encode(json.dumps({"sid": sid, "count": self.count, "user": None},
+                                                    separators=(",", ":")).encode()).rstrip(b"=").decode()
+        return (f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 200\r\n"
+                f"x-instance-id: {self.instance}\r\nx-session-state: {state}\r\n\r\n").encode()
+
+
+def test_a_response_cut_by_the_apps_death_is_an_error_and_its_change_is_kept(own_testbed):
+    """The filter holds a response's headers until the store has its state
+    (sync writes). When the app dies before the body, Envoy answers 502 (its
+    "reset before headers ... protocol error") instead of a 200 cut short;
+    the filter never sees that answer. The session is not lost: the failover
+    restores either the cut answer's change (the app made it; the wasm build's
+    store calls belong to the worker, so the write completes without the
+    stream) or the last state the client saw (the native module's store calls
+    belong to the stream, and Envoy cancels them with it, so the change is kept
+    only if the store had already applied it). Either way the state is never
+    older than what the client saw."""
+    bed, envoy = own_testbed, own_testbed.envoy
+    user = User("cut")
+    first = json_body(user.send(envoy.url))
+    expect(first is not None and first.get("count") == 1, "a new session", "count 1", describe(user.replies[-1]))
+    home = bed.backend_named(first["backend"])
+    bed.kill_backend(bed.backends.index(home))
+    dying = DiesMidResponse(int(home.address.rsplit(":", 1)[1]), home.instance, count=1)
+    try:
+        cut = user.send(envoy.url)
+        expect(cut.status_code == 502 and "protocol error" in cut.text, "the answer whose body never came",
+               "502 (protocol error)", describe(cut))
+    finally:
+        dying.close()
+    after = user.send(envoy.url)
+    body = json_body(after) or {}
+    expect(after.status_code == 200 and body.get("count") in (2, 3) and len(after.history) == 1,
+           "the next request, after the app is gone",
+           "200 with count 3 (the cut answer's change kept) or 2 (the last one seen), after one 307",
+           describe(after))
