@@ -86,15 +86,46 @@ def _die_with_parent():
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports that are free on 127.0.0.1 now, all distinct.
+# Free ports are drawn from below the kernel's ephemeral range. A port in that
+# range can be taken, between being chosen and being bound, as the local end
+# of any outgoing connection (Envoy opens one per store call), and a killed
+# backend's port before the backend restarts on it; a connection to a port
+# with no listener there can even connect to itself. Above the documented
+# fixed ports (PortPlan's defaults), so a running testbed never collides.
+PORT_FLOOR = 20000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
-    The sockets are held open until every port is chosen, so the kernel never
-    hands out the same port twice within one plan.
-    """
-    sockets = []
+
+def ephemeral_floor() -> int:
+    """The lowest port the kernel hands out on its own (Linux's default if unknown)."""
     try:
-        for _ in range(count):
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports that are free on 127.0.0.1 now, all distinct, below the ephemeral
+    range where it leaves room (else any the kernel picks).
+
+    The sockets are held open until every port is chosen, so no port is
+    handed out twice within one plan.
+    """
+    ceiling = ephemeral_floor()
+    pick = secrets.SystemRandom()
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(50 * count if ceiling - PORT_FLOOR >= 1000 else 0):
+            if len(sockets) == count:
+                break
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", pick.randrange(PORT_FLOOR, ceiling)))
+            except OSError:
+                sock.close()
+                continue
+            sockets.append(sock)
+        while len(sockets) < count:
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))
             sockets.append(sock)

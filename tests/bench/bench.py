@@ -62,6 +62,8 @@ from typing import Callable
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "envoy"))
+from testbed import free_ports  # noqa: E402  (ports below the ephemeral range)
 BENCH = ROOT / "tests" / "bench"
 WASM_DIR = ROOT / "target" / "wasm32-unknown-unknown" / "release"
 # The native module; Envoy loads lib<name>.so from ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
@@ -141,9 +143,7 @@ def filter_config(store_port_unused: int = 0, *, write: str = "sync",
 # -------------------------------------------------------------- processes --
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
