@@ -9,7 +9,9 @@
 //! A mark is forgotten as soon as the host answers again (evidence newer than
 //! the mark), or when it expires. A host that came back as a new instance is
 //! recorded as running that instance: its old instance's sessions are still
-//! gone, its new sessions are not. Marks of one host are written at most once
+//! gone, its new sessions are not. A host seen down is recorded with the
+//! instance that died there, so an owner another proxy found at that address
+//! since (a new instance) is joined, not moved again. Marks of one host are written at most once
 //! per [`MARK_INTERVAL_MS`], whatever drives them.
 
 use crate::host::SharedData;
@@ -27,10 +29,22 @@ pub const MARK_INTERVAL_MS: u64 = 1000;
 /// What was seen about one upstream address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sighting {
-    /// Nothing answers at the address (Envoy's 503 UH or UF).
-    Down,
+    /// Nothing answers at the address (Envoy's 503 UH or UF) where `instance`
+    /// ran: its sessions are gone, and every session when it is empty. A new
+    /// instance another proxy saw answer there since is not gone.
+    Down { instance: String },
     /// The address runs this app instance; sessions of any other instance there are gone.
     Runs { instance: String },
+}
+
+impl Sighting {
+    /// Whether a session pinned to `instance` must fail over.
+    pub fn strands(&self, instance: &str) -> bool {
+        match self {
+            Sighting::Down { instance: down } => down.is_empty() || instance.is_empty() || down == instance,
+            Sighting::Runs { instance: current } => !instance.is_empty() && current != instance,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,14 +77,7 @@ pub struct GoneTable {
 impl GoneTable {
     /// Whether a session pinned to `instance` at `upstream` must fail over.
     pub fn is_gone(&self, upstream: &str, instance: &str, now_ms: u64) -> bool {
-        self.entries.iter().any(|e| {
-            e.upstream == upstream
-                && e.until_ms > now_ms
-                && match &e.sighting {
-                    Sighting::Down => true,
-                    Sighting::Runs { instance: current } => !instance.is_empty() && current != instance,
-                }
-        })
+        self.entries.iter().any(|e| e.upstream == upstream && e.until_ms > now_ms && e.sighting.strands(instance))
     }
 
     /// Whether this copy has any entry for `upstream` (so `alive` may have work).
@@ -98,6 +105,13 @@ impl GoneTable {
         if self.entries.iter().any(fresh) {
             return Change::Unchanged;
         }
+        // Two instances seen down at one address: the address is down.
+        let sighting = match (sighting, self.entries.iter().find(|e| e.upstream == upstream && e.until_ms > now_ms)) {
+            (Sighting::Down { instance }, Some(Entry { sighting: Sighting::Down { instance: known }, .. })) if *known != instance => {
+                Sighting::Down { instance: String::new() }
+            }
+            (sighting, _) => sighting,
+        };
         let entry = Entry { upstream: upstream.to_string(), until_ms: now_ms.saturating_add(ttl_ms), marked_ms: now_ms, sighting };
         self.update(shared, now_ms, |entries| {
             upsert(entries, entry.clone(), now_ms);
@@ -114,7 +128,7 @@ impl GoneTable {
                 && e.until_ms > now_ms
                 && e.marked_ms < sent_ms
                 && match &e.sighting {
-                    Sighting::Down => true,
+                    Sighting::Down { .. } => true,
                     Sighting::Runs { instance: current } => !instance.is_empty() && current != instance,
                 }
         };
@@ -171,14 +185,16 @@ fn upsert(entries: &mut Vec<Entry>, entry: Entry, now_ms: u64) {
     entries.push(entry);
 }
 
-/// One line per entry: `upstream until_ms marked_ms` for down, plus ` instance` for runs.
+/// One line per entry: `upstream until_ms marked_ms`, then ` instance` for
+/// runs or ` !instance` for down (nothing for down at every instance).
 fn serialize(entries: &[Entry]) -> Vec<u8> {
     let mut out = String::with_capacity(entries.len() * 56);
     for e in entries {
         out.push_str(&format!("{} {} {}", e.upstream, e.until_ms, e.marked_ms));
-        if let Sighting::Runs { instance } = &e.sighting {
-            out.push(' ');
-            out.push_str(instance);
+        match &e.sighting {
+            Sighting::Runs { instance } => out.push_str(&format!(" {instance}")),
+            Sighting::Down { instance } if !instance.is_empty() => out.push_str(&format!(" !{instance}")),
+            Sighting::Down { .. } => {}
         }
         out.push('\n');
     }
@@ -197,9 +213,12 @@ fn parse(bytes: &[u8]) -> Vec<Entry> {
             let until_ms = parts.next()?.parse().ok()?;
             let marked_ms = parts.next()?.parse().ok()?;
             let sighting = match parts.next() {
-                None => Sighting::Down,
-                Some(i) if !i.is_empty() && is_instance(i) => Sighting::Runs { instance: i.to_string() },
-                Some(_) => return None,
+                None => Sighting::Down { instance: String::new() },
+                Some(i) => match i.strip_prefix('!') {
+                    Some(d) if !d.is_empty() && is_instance(d) => Sighting::Down { instance: d.to_string() },
+                    None if !i.is_empty() && is_instance(i) => Sighting::Runs { instance: i.to_string() },
+                    _ => return None,
+                },
             };
             parts.next().is_none().then(|| Entry { upstream: upstream.to_string(), until_ms, marked_ms, sighting })
         })
@@ -218,7 +237,7 @@ mod tests {
     fn down_hosts_are_gone_until_the_entry_expires() {
         let shared = FakeShared::default();
         let mut t = GoneTable::default();
-        assert_eq!(t.mark(&shared, H, Sighting::Down, 1000, 500), Change::Written);
+        assert_eq!(t.mark(&shared, H, Sighting::Down { instance: String::new() }, 1000, 500), Change::Written);
         assert!(t.is_gone(H, "any", 1499));
         assert!(!t.is_gone(H, "any", 1500));
         assert!(!t.is_gone("10.0.0.2:80", "any", 1000));
@@ -240,8 +259,8 @@ mod tests {
         let mut writer = GoneTable::default();
         let mut reader = GoneTable::default();
         reader.refresh(&shared);
-        writer.mark(&shared, H, Sighting::Down, 0, 1000);
-        writer.mark(&shared, "10.0.0.2:80", Sighting::Down, 0, 1000);
+        writer.mark(&shared, H, Sighting::Down { instance: String::new() }, 0, 1000);
+        writer.mark(&shared, "10.0.0.2:80", Sighting::Down { instance: String::new() }, 0, 1000);
         assert!(!reader.is_gone(H, "", 1));
         reader.refresh(&shared);
         assert!(reader.is_gone(H, "", 1) && reader.is_gone("10.0.0.2:80", "", 1));
@@ -251,12 +270,12 @@ mod tests {
     fn the_same_mark_is_written_at_most_once_a_second() {
         let shared = FakeShared::default();
         let mut t = GoneTable::default();
-        assert_eq!(t.mark(&shared, H, Sighting::Down, 0, 30_000), Change::Written);
+        assert_eq!(t.mark(&shared, H, Sighting::Down { instance: String::new() }, 0, 30_000), Change::Written);
         for at in [1, 500, 999] {
-            assert_eq!(t.mark(&shared, H, Sighting::Down, at, 30_000), Change::Unchanged, "{at}");
+            assert_eq!(t.mark(&shared, H, Sighting::Down { instance: String::new() }, at, 30_000), Change::Unchanged, "{at}");
         }
         assert_eq!(shared.writes(), 1);
-        assert_eq!(t.mark(&shared, H, Sighting::Down, 1000, 30_000), Change::Written);
+        assert_eq!(t.mark(&shared, H, Sighting::Down { instance: String::new() }, 1000, 30_000), Change::Written);
         assert_eq!(t.mark(&shared, H, Sighting::Runs { instance: "b".into() }, 1001, 30_000), Change::Written, "a new sighting is news");
     }
 
@@ -264,7 +283,7 @@ mod tests {
     fn a_host_that_answers_again_is_forgotten_and_its_new_instance_stays_pinned() {
         let shared = FakeShared::default();
         let (mut a, mut b) = (GoneTable::default(), GoneTable::default());
-        a.mark(&shared, H, Sighting::Down, 1000, 30_000);
+        a.mark(&shared, H, Sighting::Down { instance: String::new() }, 1000, 30_000);
         assert_eq!(a.alive(&shared, H, "new", 900, 2000, 30_000), Change::Unchanged, "an answer sent before the mark proves nothing");
         assert!(a.is_gone(H, "new", 2000));
         assert_eq!(a.alive(&shared, H, "new", 1500, 2000, 30_000), Change::Written);
@@ -279,7 +298,7 @@ mod tests {
     fn an_app_without_instance_ids_is_simply_forgotten_when_it_answers() {
         let shared = FakeShared::default();
         let mut t = GoneTable::default();
-        t.mark(&shared, H, Sighting::Down, 1000, 30_000);
+        t.mark(&shared, H, Sighting::Down { instance: String::new() }, 1000, 30_000);
         assert_eq!(t.alive(&shared, H, "", 1500, 2000, 30_000), Change::Written);
         assert!(!t.is_gone(H, "", 2001) && !t.is_gone(H, "x", 2001));
     }
@@ -289,7 +308,7 @@ mod tests {
         let shared = FakeShared::default();
         shared.lose_races.set(true);
         let mut t = GoneTable::default();
-        assert_eq!(t.mark(&shared, H, Sighting::Down, 0, 1000), Change::LocalOnly);
+        assert_eq!(t.mark(&shared, H, Sighting::Down { instance: String::new() }, 0, 1000), Change::LocalOnly);
         assert!(t.is_gone(H, "", 1));
     }
 
@@ -299,7 +318,7 @@ mod tests {
         let mut t = GoneTable::default();
         for i in 0..(MAX_ENTRIES + 10) {
             let host = format!("10.0.{}.{}:80", i / 250, i % 250);
-            t.mark(&shared, &host, Sighting::Down, 0, 1000 + i as u64);
+            t.mark(&shared, &host, Sighting::Down { instance: String::new() }, 0, 1000 + i as u64);
         }
         assert_eq!(t.entries.len(), MAX_ENTRIES);
         assert!(!t.is_gone("10.0.0.0:80", "", 1));
@@ -308,16 +327,35 @@ mod tests {
 
     #[test]
     fn every_sighting_reads_back_as_written() {
-        for sighting in [Sighting::Down, Sighting::Runs { instance: "-".into() }, Sighting::Runs { instance: "pod-a".into() }] {
+        let sightings = [
+            Sighting::Down { instance: String::new() },
+            Sighting::Down { instance: "pod-a".into() },
+            Sighting::Runs { instance: "-".into() },
+            Sighting::Runs { instance: "pod-a".into() },
+        ];
+        for sighting in sightings {
             let entries = vec![Entry { upstream: H.into(), until_ms: 5, marked_ms: 3, sighting }];
             assert_eq!(parse(&serialize(&entries)), entries);
         }
     }
 
     #[test]
+    fn an_instance_seen_down_strands_its_sessions_not_a_newer_instance_at_the_address() {
+        let shared = FakeShared::default();
+        let mut t = GoneTable::default();
+        t.mark(&shared, H, Sighting::Down { instance: "pod-a".into() }, 1000, 30_000);
+        assert!(t.is_gone(H, "pod-a", 1001));
+        assert!(t.is_gone(H, "", 1001), "a session of an unknown instance cannot tell");
+        assert!(!t.is_gone(H, "pod-b", 1001), "another proxy saw pod-b answer there");
+        t.mark(&shared, H, Sighting::Down { instance: "pod-b".into() }, 1002, 30_000);
+        assert!(t.is_gone(H, "pod-c", 1003), "two instances down at one address: the address is down");
+    }
+
+    #[test]
     fn garbage_in_shared_data_is_ignored() {
         assert!(parse(b"\xff\xfe").is_empty());
         assert!(parse(b"not a line\n10.0.0.1:80 x 1\n10.0.0.1:80 5 1 a b\n10.0.0.1:80 5 1 \n10.0.0.1:80 5\n").is_empty());
-        assert_eq!(parse(b"10.0.0.1:80 5 1\n10.0.0.2:80 5 1 -\n").len(), 2);
+        assert_eq!(parse(b"10.0.0.1:80 5 1\n10.0.0.2:80 5 1 -\n10.0.0.3:80 5 1 !pod-a\n").len(), 3);
+        assert!(parse(b"10.0.0.1:80 5 1 !\n10.0.0.1:80 5 1 !a!b\n").is_empty());
     }
 }

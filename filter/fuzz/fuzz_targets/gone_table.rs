@@ -91,7 +91,7 @@ struct Evidence {
 
 fn makes_gone(sighting: &Sighting, instance: &str) -> bool {
     match sighting {
-        Sighting::Down => true,
+        Sighting::Down { instance: down } => down.is_empty() || instance.is_empty() || down == instance,
         Sighting::Runs { instance: current } => !instance.is_empty() && current != instance,
     }
 }
@@ -209,7 +209,7 @@ fuzz_target!(|data: &[u8]| {
         last: Default::default(),
     };
     let seen = |s: &Seen| match s {
-        Seen::Down => Sighting::Down,
+        Seen::Down => Sighting::Down { instance: String::new() },
         Seen::Runs(i) => Sighting::Runs { instance: i.get(INSTANCES).to_string() },
     };
     for step in input.steps.iter().take(32) {
@@ -227,7 +227,7 @@ fuzz_target!(|data: &[u8]| {
                     let upstream = upstream.get(UPSTREAMS);
                     let sighting = seen(sighting);
                     let instance = match &sighting {
-                        Sighting::Down => None,
+                        Sighting::Down { .. } => None,
                         Sighting::Runs { instance } => Some(instance.as_str()),
                     };
                     if !is_upstream(upstream) || written.contains(&upstream) || instance.is_some_and(|i| i.is_empty() || !is_instance(i)) {
@@ -262,7 +262,7 @@ fuzz_target!(|data: &[u8]| {
                     .collect();
                 for i in 0..usize::from(*count) % 1100 {
                     let upstream = format!("10.{}.{}.{}:80", i / 65536 % 256, i / 256 % 256, i % 256);
-                    w.evidence.push(Evidence { upstream, marked_ms: until - 1000, sighting: Sighting::Down });
+                    w.evidence.push(Evidence { upstream, marked_ms: until - 1000, sighting: Sighting::Down { instance: String::new() } });
                 }
                 put(&w.shared, text.into_bytes());
                 w.tainted = false;
