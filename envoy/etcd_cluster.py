@@ -92,9 +92,6 @@ class EtcdCluster:
             ]
             self.members.append(Member(name, client, peer, tb.Process(name, argv, self.workdir / f"{name}.log")))
         self._auth_ready = False
-        # Root tokens by member: authenticating costs a bcrypt check in etcd
-        # (tens of ms), too slow to pay on every read of a test's checks.
-        self._tokens: dict[str, str] = {}
 
     def processes(self) -> list[tb.Process]:
         return [m.process for m in self.members]
@@ -163,19 +160,9 @@ class EtcdCluster:
 
     def post(self, member: Member, path: str, body: dict, token: bool = True, timeout: float = 3.0) -> dict:
         """One JSON call to a member; as root when auth is on and `token`."""
-        use_token = token and self._auth_ready
-        try:
-            return self._post(member, path, body, self._root_token(member) if use_token else None, timeout)
-        except RuntimeError:
-            if not use_token or self._tokens.pop(member.name, None) is None:
-                raise
-            # The kept token may have expired or its member restarted: once more with a new one.
-            return self._post(member, path, body, self._root_token(member), timeout)
-
-    def _post(self, member: Member, path: str, body: dict, token: str | None, timeout: float) -> dict:
         headers = {"content-type": "application/json"}
-        if token:
-            headers["authorization"] = token
+        if token and self._auth_ready:
+            headers["authorization"] = self._root_token(member)
         request = urllib.request.Request(f"{member.url}{path}", data=json.dumps(body).encode(), headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -184,11 +171,8 @@ class EtcdCluster:
             raise RuntimeError(f"etcd {member.name} {path}: {err.code} {err.read()[:200]!r}") from None
 
     def _root_token(self, member: Member) -> str:
-        if member.name not in self._tokens:
-            answer = self._post(member, "/v3/auth/authenticate", {"name": "root", "password": self.root_password},
-                                None, 3.0)
-            self._tokens[member.name] = answer["token"]
-        return self._tokens[member.name]
+        answer = self.post(member, "/v3/auth/authenticate", {"name": "root", "password": self.root_password}, token=False)
+        return answer["token"]
 
     def _enable_auth(self):
         """A root user, and the filter's user with readwrite on the key prefix only."""
