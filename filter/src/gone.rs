@@ -11,8 +11,8 @@
 //! recorded as running that instance: its old instance's sessions are still
 //! gone, its new sessions are not. A host seen down is recorded with the
 //! instance that died there, so an owner another proxy found at that address
-//! since (a new instance) is joined, not moved again. Marks of one host are written at most once
-//! per [`MARK_INTERVAL_MS`], whatever drives them.
+//! since (a new instance) is joined, not moved again. Marks of one host are
+//! written at most once per [`MARK_INTERVAL_MS`], whatever drives them.
 
 use crate::host::SharedData;
 use crate::ids::{is_instance, is_upstream};
@@ -38,6 +38,11 @@ pub enum Sighting {
 }
 
 impl Sighting {
+    /// Nothing answers where `instance` ran ("": whichever instance it was).
+    pub fn down(instance: &str) -> Self {
+        Sighting::Down { instance: instance.to_string() }
+    }
+
     /// Whether a session pinned to `instance` must fail over.
     pub fn strands(&self, instance: &str) -> bool {
         match self {
@@ -105,16 +110,16 @@ impl GoneTable {
         if self.entries.iter().any(fresh) {
             return Change::Unchanged;
         }
-        // Two instances seen down at one address: the address is down.
-        let sighting = match (sighting, self.entries.iter().find(|e| e.upstream == upstream && e.until_ms > now_ms)) {
-            (Sighting::Down { instance }, Some(Entry { sighting: Sighting::Down { instance: known }, .. })) if *known != instance => {
-                Sighting::Down { instance: String::new() }
-            }
-            (sighting, _) => sighting,
-        };
         let entry = Entry { upstream: upstream.to_string(), until_ms: now_ms.saturating_add(ttl_ms), marked_ms: now_ms, sighting };
         self.update(shared, now_ms, |entries| {
-            upsert(entries, entry.clone(), now_ms);
+            // Two instances seen down at one address, by any worker: the address is down.
+            let widened = match (&entry.sighting, entries.iter().find(|e| e.upstream == upstream && e.until_ms > now_ms)) {
+                (Sighting::Down { instance }, Some(Entry { sighting: Sighting::Down { instance: known }, .. })) if known != instance => {
+                    Some(Entry { sighting: Sighting::down(""), ..entry.clone() })
+                }
+                _ => None,
+            };
+            upsert(entries, widened.unwrap_or_else(|| entry.clone()), now_ms);
             true
         })
     }
@@ -127,10 +132,8 @@ impl GoneTable {
             e.upstream == upstream
                 && e.until_ms > now_ms
                 && e.marked_ms < sent_ms
-                && match &e.sighting {
-                    Sighting::Down { .. } => true,
-                    Sighting::Runs { instance: current } => !instance.is_empty() && current != instance,
-                }
+                // Any answer overrules a down mark; a runs mark only when another instance answered.
+                && (matches!(e.sighting, Sighting::Down { .. }) || e.sighting.strands(instance))
         };
         if !self.entries.iter().any(overruled) {
             return Change::Unchanged;
@@ -213,7 +216,7 @@ fn parse(bytes: &[u8]) -> Vec<Entry> {
             let until_ms = parts.next()?.parse().ok()?;
             let marked_ms = parts.next()?.parse().ok()?;
             let sighting = match parts.next() {
-                None => Sighting::Down { instance: String::new() },
+                None => Sighting::down(""),
                 Some(i) => match i.strip_prefix('!') {
                     Some(d) if !d.is_empty() && is_instance(d) => Sighting::Down { instance: d.to_string() },
                     None if !i.is_empty() && is_instance(i) => Sighting::Runs { instance: i.to_string() },
@@ -237,7 +240,7 @@ mod tests {
     fn down_hosts_are_gone_until_the_entry_expires() {
         let shared = FakeShared::default();
         let mut t = GoneTable::default();
-        assert_eq!(t.mark(&shared, H, Sighting::Down { instance: String::new() }, 1000, 500), Change::Written);
+        assert_eq!(t.mark(&shared, H, Sighting::down(""), 1000, 500), Change::Written);
         assert!(t.is_gone(H, "any", 1499));
         assert!(!t.is_gone(H, "any", 1500));
         assert!(!t.is_gone("10.0.0.2:80", "any", 1000));
@@ -259,8 +262,8 @@ mod tests {
         let mut writer = GoneTable::default();
         let mut reader = GoneTable::default();
         reader.refresh(&shared);
-        writer.mark(&shared, H, Sighting::Down { instance: String::new() }, 0, 1000);
-        writer.mark(&shared, "10.0.0.2:80", Sighting::Down { instance: String::new() }, 0, 1000);
+        writer.mark(&shared, H, Sighting::down(""), 0, 1000);
+        writer.mark(&shared, "10.0.0.2:80", Sighting::down(""), 0, 1000);
         assert!(!reader.is_gone(H, "", 1));
         reader.refresh(&shared);
         assert!(reader.is_gone(H, "", 1) && reader.is_gone("10.0.0.2:80", "", 1));
@@ -270,12 +273,12 @@ mod tests {
     fn the_same_mark_is_written_at_most_once_a_second() {
         let shared = FakeShared::default();
         let mut t = GoneTable::default();
-        assert_eq!(t.mark(&shared, H, Sighting::Down { instance: String::new() }, 0, 30_000), Change::Written);
+        assert_eq!(t.mark(&shared, H, Sighting::down(""), 0, 30_000), Change::Written);
         for at in [1, 500, 999] {
-            assert_eq!(t.mark(&shared, H, Sighting::Down { instance: String::new() }, at, 30_000), Change::Unchanged, "{at}");
+            assert_eq!(t.mark(&shared, H, Sighting::down(""), at, 30_000), Change::Unchanged, "{at}");
         }
         assert_eq!(shared.writes(), 1);
-        assert_eq!(t.mark(&shared, H, Sighting::Down { instance: String::new() }, 1000, 30_000), Change::Written);
+        assert_eq!(t.mark(&shared, H, Sighting::down(""), 1000, 30_000), Change::Written);
         assert_eq!(t.mark(&shared, H, Sighting::Runs { instance: "b".into() }, 1001, 30_000), Change::Written, "a new sighting is news");
     }
 
@@ -283,7 +286,7 @@ mod tests {
     fn a_host_that_answers_again_is_forgotten_and_its_new_instance_stays_pinned() {
         let shared = FakeShared::default();
         let (mut a, mut b) = (GoneTable::default(), GoneTable::default());
-        a.mark(&shared, H, Sighting::Down { instance: String::new() }, 1000, 30_000);
+        a.mark(&shared, H, Sighting::down(""), 1000, 30_000);
         assert_eq!(a.alive(&shared, H, "new", 900, 2000, 30_000), Change::Unchanged, "an answer sent before the mark proves nothing");
         assert!(a.is_gone(H, "new", 2000));
         assert_eq!(a.alive(&shared, H, "new", 1500, 2000, 30_000), Change::Written);
@@ -298,7 +301,7 @@ mod tests {
     fn an_app_without_instance_ids_is_simply_forgotten_when_it_answers() {
         let shared = FakeShared::default();
         let mut t = GoneTable::default();
-        t.mark(&shared, H, Sighting::Down { instance: String::new() }, 1000, 30_000);
+        t.mark(&shared, H, Sighting::down(""), 1000, 30_000);
         assert_eq!(t.alive(&shared, H, "", 1500, 2000, 30_000), Change::Written);
         assert!(!t.is_gone(H, "", 2001) && !t.is_gone(H, "x", 2001));
     }
@@ -308,7 +311,7 @@ mod tests {
         let shared = FakeShared::default();
         shared.lose_races.set(true);
         let mut t = GoneTable::default();
-        assert_eq!(t.mark(&shared, H, Sighting::Down { instance: String::new() }, 0, 1000), Change::LocalOnly);
+        assert_eq!(t.mark(&shared, H, Sighting::down(""), 0, 1000), Change::LocalOnly);
         assert!(t.is_gone(H, "", 1));
     }
 
@@ -318,7 +321,7 @@ mod tests {
         let mut t = GoneTable::default();
         for i in 0..(MAX_ENTRIES + 10) {
             let host = format!("10.0.{}.{}:80", i / 250, i % 250);
-            t.mark(&shared, &host, Sighting::Down { instance: String::new() }, 0, 1000 + i as u64);
+            t.mark(&shared, &host, Sighting::down(""), 0, 1000 + i as u64);
         }
         assert_eq!(t.entries.len(), MAX_ENTRIES);
         assert!(!t.is_gone("10.0.0.0:80", "", 1));
@@ -328,8 +331,8 @@ mod tests {
     #[test]
     fn every_sighting_reads_back_as_written() {
         let sightings = [
-            Sighting::Down { instance: String::new() },
-            Sighting::Down { instance: "pod-a".into() },
+            Sighting::down(""),
+            Sighting::down("pod-a"),
             Sighting::Runs { instance: "-".into() },
             Sighting::Runs { instance: "pod-a".into() },
         ];
@@ -343,12 +346,22 @@ mod tests {
     fn an_instance_seen_down_strands_its_sessions_not_a_newer_instance_at_the_address() {
         let shared = FakeShared::default();
         let mut t = GoneTable::default();
-        t.mark(&shared, H, Sighting::Down { instance: "pod-a".into() }, 1000, 30_000);
+        t.mark(&shared, H, Sighting::down("pod-a"), 1000, 30_000);
         assert!(t.is_gone(H, "pod-a", 1001));
         assert!(t.is_gone(H, "", 1001), "a session of an unknown instance cannot tell");
         assert!(!t.is_gone(H, "pod-b", 1001), "another proxy saw pod-b answer there");
-        t.mark(&shared, H, Sighting::Down { instance: "pod-b".into() }, 1002, 30_000);
+        t.mark(&shared, H, Sighting::down("pod-b"), 1002, 30_000);
         assert!(t.is_gone(H, "pod-c", 1003), "two instances down at one address: the address is down");
+    }
+
+    #[test]
+    fn two_workers_seeing_two_instances_down_at_one_address_mark_the_address() {
+        let shared = FakeShared::default();
+        let (mut a, mut b, mut reader) = (GoneTable::default(), GoneTable::default(), GoneTable::default());
+        a.mark(&shared, H, Sighting::down("pod-a"), 1000, 30_000);
+        b.mark(&shared, H, Sighting::down("pod-b"), 1001, 30_000);
+        reader.refresh(&shared);
+        assert!(reader.is_gone(H, "pod-c", 1002));
     }
 
     #[test]

@@ -89,13 +89,6 @@ struct Evidence {
     sighting: Sighting,
 }
 
-fn makes_gone(sighting: &Sighting, instance: &str) -> bool {
-    match sighting {
-        Sighting::Down { instance: down } => down.is_empty() || instance.is_empty() || down == instance,
-        Sighting::Runs { instance: current } => !instance.is_empty() && current != instance,
-    }
-}
-
 /// Writes `bytes` as another writer would, whatever races this worker loses.
 fn put(shared: &FakeShared, bytes: Vec<u8>) {
     let mut data = shared.data.borrow_mut();
@@ -158,7 +151,7 @@ impl World {
         }
         if !self.tainted {
             for probe in PROBES {
-                let expected = makes_gone(&sighting, probe);
+                let expected = sighting.strands(probe);
                 let seen = self.tables[t].is_gone(upstream, probe, self.now);
                 ensure!(seen == expected, "mark-seen", "after marking {upstream} {sighting:?} ({change:?}), is_gone({probe:?}) is {seen}");
             }
@@ -183,7 +176,7 @@ impl World {
             return;
         }
         if !self.tainted && self.tables[t].is_gone(upstream, instance, self.now) {
-            let newer = self.evidence.iter().any(|e| e.upstream == upstream && e.marked_ms >= sent && makes_gone(&e.sighting, instance));
+            let newer = self.evidence.iter().any(|e| e.upstream == upstream && e.marked_ms >= sent && e.sighting.strands(instance));
             ensure!(
                 newer,
                 "alive",
@@ -209,7 +202,7 @@ fuzz_target!(|data: &[u8]| {
         last: Default::default(),
     };
     let seen = |s: &Seen| match s {
-        Seen::Down => Sighting::Down { instance: String::new() },
+        Seen::Down => Sighting::down(""),
         Seen::Runs(i) => Sighting::Runs { instance: i.get(INSTANCES).to_string() },
     };
     for step in input.steps.iter().take(32) {
@@ -262,7 +255,7 @@ fuzz_target!(|data: &[u8]| {
                     .collect();
                 for i in 0..usize::from(*count) % 1100 {
                     let upstream = format!("10.{}.{}.{}:80", i / 65536 % 256, i / 256 % 256, i % 256);
-                    w.evidence.push(Evidence { upstream, marked_ms: until - 1000, sighting: Sighting::Down { instance: String::new() } });
+                    w.evidence.push(Evidence { upstream, marked_ms: until - 1000, sighting: Sighting::down("") });
                 }
                 put(&w.shared, text.into_bytes());
                 w.tainted = false;

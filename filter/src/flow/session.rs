@@ -53,7 +53,7 @@ impl Flow {
         match response.reach(|| host.response_flags()) {
             Reach::NoHealthyHost | Reach::ConnectFailed => {
                 info!("[{}] upstream {} is gone; its sessions fail over", self.context_id, claims.upstream());
-                self.mark(host, claims.upstream(), Sighting::Down { instance: claims.instance().to_string() });
+                self.mark(host, claims.upstream(), Sighting::down(claims.instance()));
                 self.count(Counter::FailoversReplayed);
                 return self.replay_moving(host, &claims);
             }
@@ -76,7 +76,7 @@ impl Flow {
         let moved = upstream != claims.upstream();
         let restarted = !moved && instance_changed;
         if moved {
-            self.mark(host, claims.upstream(), Sighting::Down { instance: claims.instance().to_string() });
+            self.mark(host, claims.upstream(), Sighting::down(claims.instance()));
         } else if restarted {
             info!("[{}] upstream {} restarted as instance {instance}", self.context_id, claims.upstream());
             self.mark(host, claims.upstream(), Sighting::Runs { instance: instance.to_string() });

@@ -25,7 +25,7 @@ fn begin_lease(host: &FakeProxy) -> String {
 #[test]
 fn a_known_gone_host_restores_state_then_commits_the_new_owner() {
     let bed = Bed::new(with_store("sync"));
-    bed.worker.gone.borrow_mut().mark(&*bed.shared, B1, Sighting::Down { instance: String::new() }, NOW_MS, 30_000);
+    bed.worker.gone.borrow_mut().mark(&*bed.shared, B1, Sighting::down(""), NOW_MS, 30_000);
     let mut host = bed.pinned(B1, "pod-a", &[]);
     let mut f = bed.flow();
     assert_eq!(f.on_request_headers(&mut host), Action::Pause);
@@ -84,7 +84,7 @@ fn an_owner_that_restarted_where_this_proxy_saw_its_old_instance_die_is_joined()
     // Two proxies race one failover. The other one won and restored the
     // session on B2's new instance; this proxy saw B2's old instance die.
     let bed = Bed::new(with_store("sync"));
-    bed.worker.gone.borrow_mut().mark(&*bed.shared, B2, Sighting::Down { instance: "pod-b-old".into() }, NOW_MS, 30_000);
+    bed.worker.gone.borrow_mut().mark(&*bed.shared, B2, Sighting::down("pod-b-old"), NOW_MS, 30_000);
     let (mut f, mut host) = failover_request(&bed);
     reply(&mut f, &mut host, Reply::Moved { owner: owner(B2, "pod-b") });
     assert_eq!(host.calls.len(), 1, "no second move: the new instance is not gone");
@@ -95,7 +95,7 @@ fn an_owner_that_restarted_where_this_proxy_saw_its_old_instance_die_is_joined()
 #[test]
 fn an_owner_that_is_gone_too_is_followed_a_bounded_number_of_times() {
     let bed = Bed::new(with_store("sync"));
-    bed.worker.gone.borrow_mut().mark(&*bed.shared, B2, Sighting::Down { instance: String::new() }, NOW_MS, 30_000);
+    bed.worker.gone.borrow_mut().mark(&*bed.shared, B2, Sighting::down(""), NOW_MS, 30_000);
     let (mut f, mut host) = failover_request(&bed);
     reply(&mut f, &mut host, Reply::Moved { owner: owner(B2, "pod-b") });
     assert!(matches!(host.ops()[1], Op::Begin { from, .. } if *from == owner(B2, "pod-b")));

@@ -308,7 +308,7 @@ fn an_app_error_that_is_not_uh_or_uf_is_never_replayed() {
 #[test]
 fn a_host_that_answers_again_is_cleared_for_its_new_sessions() {
     let bed = Bed::new(config(""));
-    bed.worker.gone.borrow_mut().mark(&*bed.shared, B1, Sighting::Down { instance: String::new() }, NOW_MS - 5000, 30_000);
+    bed.worker.gone.borrow_mut().mark(&*bed.shared, B1, Sighting::down(""), NOW_MS - 5000, 30_000);
     // A session this proxy knew nothing of is served by the host (say, one
     // another proxy pinned there after the host came back).
     let mut host = bed.proxy(&[]);
