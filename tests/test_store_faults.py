@@ -248,11 +248,18 @@ def test_late_store_answers_reach_no_other_call(own_testbed, store_connections):
     abandoned_calls = LATE_ROUNDS * LATE_CALLS
     checks.expect_equal(delta.get("store.timeouts", 0), abandoned_calls,
                         f"store.timeouts: the abandoned writes, counted as timeouts ({report})")
-    checks.expect_equal(delta.get("store.errors", 0), 0, f"store.errors ({report})")
-    # A mismatched answer is never taken for the call's own: that write counts as not stored.
-    checks.expect_equal(delta.get("store.writes_unprotected", 0), abandoned_calls + mismatched,
+    # In the control, a stray answer can also land on a call's connection as
+    # bytes Envoy's codec cannot read: Envoy resets that call, an error.
+    errors = delta.get("store.errors", 0)
+    if store_connections == "one request per connection":
+        checks.expect_equal(errors, 0, f"store.errors ({report})")
+    else:
+        checks.expect(errors <= stray, f"store.errors: calls cut by a stray answer ({report})",
+                      f"<= {stray} (protocol errors)", errors)
+    # A mismatched or cut answer is never taken for the call's own: that write counts as not stored.
+    checks.expect_equal(delta.get("store.writes_unprotected", 0), abandoned_calls + mismatched + errors,
                         f"store.writes_unprotected == abandoned writes + writes whose answer was someone else's "
-                        f"({report})")
+                        f"or cut ({report})")
     for user in users:
         sid = verify_cookie(user.cookie, envoy.filter_config).sid
         record = stored(bed, sid)
