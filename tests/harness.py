@@ -318,14 +318,22 @@ def failovers(delta: dict[str, int]) -> int:
 
 # ------------------------------------------------------------- store, hosts
 
+def demo_state(sid: str, count: int, user: str | None = None) -> str:
+    """The demo app's session state as it travels in `x-session-state`:
+    unpadded base64url of its JSON."""
+    raw = json.dumps({"sid": sid, "count": count, "user": user}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def read_demo_state(value: str) -> dict:
+    return json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+
+
 def stored(bed: "tb.Testbed", sid: str) -> dict:
     """The store's record of a session, whichever the store: {"owner":
     "host#instance", "count": n, "sid": the session its state names, "lease": token|None}."""
     record = bed.session_record(sid)
-    state = {}
-    if record["state"] is not None:
-        raw = record["state"]
-        state = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    state = read_demo_state(record["state"]) if record["state"] is not None else {}
     return {"owner": record["owner"], "count": state.get("count"), "sid": state.get("sid"),
             "lease": record["lease"]}
 

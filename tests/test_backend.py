@@ -6,9 +6,7 @@ what reached the app, so the backend itself is checked first, directly.
 
 from __future__ import annotations
 
-import base64
 import http.client
-import json
 import sys
 import threading
 import time
@@ -16,7 +14,7 @@ import time
 import pytest
 import requests
 
-from harness import expect, expect_equal, tb
+from harness import demo_state, expect, expect_equal, read_demo_state, tb
 
 
 def start_backend(tmp_path, *extra):
@@ -34,15 +32,6 @@ def backend(tmp_path):
     process, url = start_backend(tmp_path, "--instance", "t-1")
     yield url
     process.stop()
-
-
-def state(sid: str, count: int, user: str | None = None) -> str:
-    raw = json.dumps({"sid": sid, "count": count, "user": user}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_state(value: str) -> dict:
-    return json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
 
 
 def test_health_and_identity(backend):
@@ -76,20 +65,22 @@ def test_session_counts_and_emits_state(backend):
         headers = {"x-session-id": "s2"}
         body = reply.json()
         expect_equal((body["session"], body["count"], body["instance"]), ("s2", expected, "t-1"), "session answer")
-        expect_equal(decode_state(reply.headers["x-session-state"]), {"sid": "s2", "count": expected, "user": None},
-                     "x-session-state (bound to its session)")
+        expect_equal(read_demo_state(reply.headers["x-session-state"]),
+                     {"sid": "s2", "count": expected, "user": None}, "x-session-state (bound to its session)")
 
 
 def test_restore_replaces_local_state(backend):
-    reply = requests.get(f"{backend}/", headers={"x-session-id": "s3", "x-session-state": state("s3", 41)}, timeout=5)
+    restored = demo_state("s3", 41)
+    reply = requests.get(f"{backend}/", headers={"x-session-id": "s3", "x-session-state": restored}, timeout=5)
     expect_equal(reply.json()["count"], 42, "count after restoring {count: 41}")
-    expect_equal(reply.json()["received"]["x-session-state"], state("s3", 41), "restore state reported as received")
+    expect_equal(reply.json()["received"]["x-session-state"], restored, "restore state reported as received")
     bad = requests.get(f"{backend}/", headers={"x-session-id": "s3", "x-session-state": "%%"}, timeout=5)
     expect_equal(bad.status_code, 400, "status for undecodable state")
 
 
 def test_another_sessions_state_is_refused_and_counted(backend):
-    reply = requests.get(f"{backend}/", headers={"x-session-id": "s6", "x-session-state": state("s7", 9)}, timeout=5)
+    foreign = demo_state("s7", 9)
+    reply = requests.get(f"{backend}/", headers={"x-session-id": "s6", "x-session-state": foreign}, timeout=5)
     expect_equal((reply.status_code, reply.headers.get("x-session-unknown")), (409, "1"),
                  "a state made for another session is answered as unknown")
     expect_equal(requests.get(f"{backend}/stats", timeout=5).json()["foreign_states"], 1, "foreign states seen")
@@ -101,7 +92,7 @@ def test_login_rotates_the_id_and_logout_ends_the_session(backend):
     new_sid = login.headers["x-session-rotate"]
     expect_equal((len(new_sid), login.json()["session"], login.json()["user"]), (22, new_sid, "ann"),
                  "login answers the new id (length, session, user)")
-    expect_equal(decode_state(login.headers["x-session-state"])["sid"], new_sid, "the state is made for the new id")
+    expect_equal(read_demo_state(login.headers["x-session-state"])["sid"], new_sid, "the state is made for the new id")
     old = requests.get(f"{backend}/", headers={"x-session-id": "s8"}, timeout=5)
     expect_equal(old.status_code, 409, "the old id is unknown after the rotation")
     kept = requests.get(f"{backend}/", headers={"x-session-id": new_sid}, timeout=5).json()

@@ -13,8 +13,6 @@ kill.
 
 from __future__ import annotations
 
-import base64
-import json
 import random
 import socket
 import threading
@@ -23,8 +21,7 @@ import time
 import pytest
 import requests
 
-from harness import expect
-from harness import User, describe, health, json_body, start_sessions
+from harness import User, demo_state, describe, expect, health, json_body, start_sessions
 
 ROUNDS = 5
 SESSIONS = 15
@@ -80,7 +77,7 @@ def test_killing_a_backend_under_continuous_gets_shows_no_error_and_loses_nothin
         moved = sum(1 for u in users if homes[u.name] == victim.name)
         expect(not problems, f"round {round_number}: {victim.name} killed under {len(users)} clicking sessions "
                f"({moved} of them on it)", "every answer 200, every count continuing, at most one 307",
-               "\n".join(problems) + f"\n{health(envoy)}")
+               "\n".join(problems) + f"\n{health(envoy)}; {envoy.stats('cluster.app.upstream_rq_retry')}")
         bed.start_backend(bed.backends.index(victim))
         envoy.wait_host_health(victim.address, healthy=True, timeout=15)
 
@@ -124,8 +121,7 @@ class DiesMidResponse:
                     "connection: close\r\n\r\n").encode() + body
         sid = next((line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("x-session-id:")), "")
         self.count += 1
-        state = base64.urlsafe_b64encode(json.dumps({"sid": sid, "count": self.count, "user": None},
-                                                    separators=(",", ":")).encode()).rstrip(b"=").decode()
+        state = demo_state(sid, self.count)
         return (f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 200\r\n"
                 f"x-instance-id: {self.instance}\r\nx-session-state: {state}\r\n\r\n").encode()
 
