@@ -79,14 +79,21 @@ fn a_session_another_proxy_moved_joins_its_owner() {
     assert_eq!(bed.count(Counter::FailoversJoined), 1);
 }
 
+/// A failover told "moved to B2 (pod-b)" by a proxy that saw `seen_down`
+/// die at B2 (an empty instance: one it did not know).
+fn moved_to_b2_after_seeing_down(seen_down: &str) -> (Bed, Flow, FakeProxy) {
+    let bed = Bed::new(with_store("sync"));
+    bed.worker.gone.borrow_mut().mark(&*bed.shared, B2, Sighting::down(seen_down), NOW_MS, 30_000);
+    let (mut f, mut host) = failover_request(&bed);
+    reply(&mut f, &mut host, Reply::Moved { owner: owner(B2, "pod-b") });
+    (bed, f, host)
+}
+
 #[test]
 fn an_owner_that_restarted_where_this_proxy_saw_its_old_instance_die_is_joined() {
     // Two proxies race one failover. The other one won and restored the
     // session on B2's new instance; this proxy saw B2's old instance die.
-    let bed = Bed::new(with_store("sync"));
-    bed.worker.gone.borrow_mut().mark(&*bed.shared, B2, Sighting::down("pod-b-old"), NOW_MS, 30_000);
-    let (mut f, mut host) = failover_request(&bed);
-    reply(&mut f, &mut host, Reply::Moved { owner: owner(B2, "pod-b") });
+    let (bed, _, host) = moved_to_b2_after_seeing_down("pod-b-old");
     assert_eq!(host.calls.len(), 1, "no second move: the new instance is not gone");
     assert_eq!(host.routed_to.as_deref(), Some(B2));
     assert_eq!(bed.count(Counter::FailoversJoined), 1);
@@ -94,10 +101,7 @@ fn an_owner_that_restarted_where_this_proxy_saw_its_old_instance_die_is_joined()
 
 #[test]
 fn an_owner_that_is_gone_too_is_followed_a_bounded_number_of_times() {
-    let bed = Bed::new(with_store("sync"));
-    bed.worker.gone.borrow_mut().mark(&*bed.shared, B2, Sighting::down(""), NOW_MS, 30_000);
-    let (mut f, mut host) = failover_request(&bed);
-    reply(&mut f, &mut host, Reply::Moved { owner: owner(B2, "pod-b") });
+    let (_bed, mut f, mut host) = moved_to_b2_after_seeing_down("");
     assert!(matches!(host.ops()[1], Op::Begin { from, .. } if *from == owner(B2, "pod-b")));
     for _ in 0..3 {
         reply(&mut f, &mut host, Reply::Moved { owner: owner(B2, "pod-b") });
