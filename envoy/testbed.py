@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -104,32 +105,54 @@ def ephemeral_floor() -> int:
         return 32768
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports that are free on 127.0.0.1 now, all distinct, below the ephemeral
-    range where it leaves room (else any the kernel picks).
+class _PortCursor:
+    """Hands out the ports below the ephemeral range in turn, from a random
+    start, so a process is given a port again only after going round the
+    whole range: a port handed out but not bound yet (a backend starting, a
+    killed one waiting to restart, the next of several processes set up one
+    by one) is not handed out a second time, as random picks would."""
 
-    The sockets are held open until every port is chosen, so no port is
-    handed out twice within one plan.
-    """
-    ceiling = ephemeral_floor()
-    pick = secrets.SystemRandom()
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.next: int | None = None
+
+    def take(self, count: int) -> list[int]:
+        floor, span = PORT_FLOOR, ephemeral_floor() - PORT_FLOOR
+        if span < 1000:
+            return []
+        ports = []
+        with self.lock:
+            if self.next is None:
+                self.next = floor + secrets.randbelow(span)
+            for _ in range(min(span, 50 * count)):
+                if len(ports) == count:
+                    break
+                port, self.next = self.next, floor + (self.next + 1 - floor) % span
+                with socket.socket() as sock:
+                    try:
+                        sock.bind(("127.0.0.1", port))
+                    except OSError:
+                        continue
+                ports.append(port)
+        return ports
+
+
+_PORTS = _PortCursor()
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports that are free on 127.0.0.1 now, all distinct and not handed out
+    before by this process, from below the ephemeral range where it leaves
+    room (else any the kernel picks)."""
+    ports = _PORTS.take(count)
     sockets: list[socket.socket] = []
     try:
-        for _ in range(50 * count if ceiling - PORT_FLOOR >= 1000 else 0):
-            if len(sockets) == count:
-                break
-            sock = socket.socket()
-            try:
-                sock.bind(("127.0.0.1", pick.randrange(PORT_FLOOR, ceiling)))
-            except OSError:
-                sock.close()
-                continue
-            sockets.append(sock)
-        while len(sockets) < count:
+        # Held open until all are chosen, so the kernel picks distinct ones.
+        while len(ports) + len(sockets) < count:
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))
             sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
+        return ports + [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
