@@ -149,7 +149,7 @@ impl Flow {
     /// Sets the cookie pinning `sid` to `upstream` and `instance`.
     pub(super) fn pin(&self, host: &mut impl HttpHost, sid: &str, upstream: &str, instance: &str, since: u64) {
         let pin = Pin { sid, cluster: self.request.cluster.as_str(), upstream, instance, since };
-        match self.issuer().set_cookie(pin, host.now_ms() / 1000, 0) {
+        match self.issuer().set_cookie(host, pin, 0) {
             Some(set_cookie) => host.add_response_header("set-cookie", &set_cookie),
             None => info!("[{}] no cookie for upstream {upstream:?} instance {instance:?} (unusable, or the session is past its lifetime)", self.context_id),
         }
@@ -159,7 +159,7 @@ impl Flow {
     /// client's replay takes the failover path on any proxy replica.
     pub(super) fn replay_moving(&mut self, host: &mut impl HttpHost, claims: &Claims) -> Action {
         self.stream = Stream::Done;
-        let Some(set_cookie) = self.issuer().set_cookie(Pin::of(claims), host.now_ms() / 1000, FLAG_MOVING) else {
+        let Some(set_cookie) = self.issuer().set_cookie(host, Pin::of(claims), FLAG_MOVING) else {
             return Action::Continue;
         };
         self.issuer().replay(host, &self.request.path, &set_cookie);
