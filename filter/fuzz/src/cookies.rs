@@ -1,12 +1,13 @@
 //! Cookie values as a client could send them: built from fields by
-//! `cookie::encode`, or assembled by hand and signed (so fields `encode`
-//! refuses still get past the signature), then edited byte by byte.
+//! `cookie::encode` or `cookie::seal`, or assembled by hand and signed or
+//! sealed (so fields `encode` refuses still get past the tag), then edited
+//! byte by byte.
 
 use arbitrary::Arbitrary;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use session_affinity::cookie::{self, NewClaims};
+use session_affinity::cookie::{self, NewClaims, PAD};
 
 use crate::{cluster_tags, KeyPick, Num, Text, INSTANCES, SIDS, UPSTREAMS};
 
@@ -117,23 +118,7 @@ impl CookieSpec {
     }
 
     pub fn build(&self, now_s: u64) -> Built {
-        let mut encoded = None;
-        if let (Build::Encode, true) = (self.build, self.kid == self.signer) {
-            let numbers = (self.since.value(now_s), self.iat.value(now_s), self.exp.value(now_s), self.flags.value(now_s));
-            if let (Some(since), Some(iat), Some(exp), Some(flags)) = numbers {
-                let claims = NewClaims {
-                    sid: self.sid(),
-                    cluster: self.cluster(),
-                    upstream: self.upstream(),
-                    instance: self.instance(),
-                    since,
-                    iat,
-                    exp,
-                    flags: flags as u8,
-                };
-                encoded = cookie::encode(&claims, &self.signer.ring());
-            }
-        }
+        let encoded = self.encoded(now_s, |claims| cookie::encode(claims, &self.signer.ring()));
         let is_encoded = encoded.is_some();
         let value = encoded.unwrap_or_else(|| {
             let message = format!(
@@ -154,6 +139,53 @@ impl CookieSpec {
         let edited = bytes != value.as_bytes();
         Built { bytes, encoded: is_encoded, edited }
     }
+
+    /// As [`CookieSpec::build`], sealed (version 3) with `fresh` random bytes.
+    pub fn build_sealed(&self, now_s: u64, fresh: &[u8]) -> Built {
+        let encoded = self.encoded(now_s, |claims| cookie::seal(claims, &self.signer.ring(), fresh));
+        let is_encoded = encoded.is_some();
+        let value = encoded.unwrap_or_else(|| {
+            let text = format!(
+                "{}|{}|{}|{}|{}|{}|{}|{}",
+                self.sid(),
+                self.cluster(),
+                self.upstream(),
+                self.instance(),
+                self.since.text(now_s),
+                self.iat.text(now_s),
+                self.exp.text(now_s),
+                self.flags.text(now_s)
+            );
+            seal_text(&text, self.kid.id(), self.signer, fresh)
+        });
+        let bytes = apply_edits(&value, &self.edits);
+        let edited = bytes != value.as_bytes();
+        Built { bytes, encoded: is_encoded, edited }
+    }
+
+    /// What `make` gives for the spec's claims, when the build is `Encode`,
+    /// the named key signs and every number is one.
+    fn encoded(&self, now_s: u64, make: impl Fn(&NewClaims<'_>) -> Option<String>) -> Option<String> {
+        if !matches!(self.build, Build::Encode) || self.kid != self.signer {
+            return None;
+        }
+        let numbers = (self.since.value(now_s), self.iat.value(now_s), self.exp.value(now_s), self.flags.value(now_s));
+        let (Some(since), Some(iat), Some(exp), Some(flags)) = numbers else { return None };
+        let claims =
+            NewClaims { sid: self.sid(), cluster: self.cluster(), upstream: self.upstream(), instance: self.instance(), since, iat, exp, flags: flags as u8 };
+        make(&claims)
+    }
+}
+
+/// A version 3 value naming `kid`, sealing `text` (padded with '|' as the
+/// filter pads) under `key`.
+pub fn seal_text(text: &str, kid: &str, key: KeyPick, fresh: &[u8]) -> String {
+    let aad = format!("3|{kid}|");
+    let mut body = text.as_bytes().to_vec();
+    body.resize(body.len().div_ceil(PAD).max(1) * PAD, b'|');
+    let Some((nonce, tag)) = key.ring().seal(aad.as_bytes(), fresh, &mut body) else { return aad };
+    let sealed: Vec<u8> = nonce.iter().chain(&body).chain(&tag).copied().collect();
+    aad + &URL_SAFE_NO_PAD.encode(sealed)
 }
 
 /// `message` followed by its base64url tag under `key`.
