@@ -29,7 +29,7 @@ def relative(value, now: int):
 
 def cookie_header(case: dict, name: str, real: str, filter_config: dict) -> str:
     """The cookie header value of a corpus case, built on the real session's cookie."""
-    places = {"name": name, "valid": real, "valid_half": real[: len(real) // 2], "valid_minus_one": real[:-1],
+    places = {"name": name, "valid": real, "valid_half": cookie_signer.half(real), "valid_minus_one": real[:-1],
               "valid_rest": real[1:], "valid_percent": real.replace("|", "%7C"), "padding": "A" * 600}
     if "raw" in case:
         return case["raw"].format(**places, **sealed_places(real, filter_config))
