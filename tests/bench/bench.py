@@ -115,12 +115,13 @@ def new_sid() -> str:
 
 def sign_cookie(sid: str, host: str, instance: str, *, iat: int | None = None,
                 ttl: int = 86400, kid: str = KID, flags: int = 0,
-                secret: str = SECRET, cluster: str = "app") -> str:
-    """A cookie value in COOKIE_FORMAT for a session in the bench's `app` cluster."""
+                secret: str = SECRET, cluster: str = "app", fmt: str | None = None) -> str:
+    """A cookie value in `fmt` (default COOKIE_FORMAT) for a session in the
+    bench's `app` cluster."""
     iat = int(time.time()) if iat is None else iat
     claims = cookie_signer.Claims(sid, cookie_signer.cluster_tag(cluster), host, instance, iat, iat, iat + ttl, kid,
                                   flags)
-    if COOKIE_FORMAT == "sealed":
+    if (fmt or COOKIE_FORMAT) == "sealed":
         return cookie_signer.seal(claims, secret)
     return cookie_signer.sign(claims, secret)
 
@@ -844,9 +845,9 @@ class Bench:
         self.unavailable: dict[str, str] = {}
 
     # --- cookies used by the variants
-    def pinned_cookie(self) -> str:
+    def pinned_cookie(self, fmt: str | None = None) -> str:
         host = self.upstreams.hosts[1]
-        return sign_cookie(new_sid(), host, self.upstreams.instance_of(host))
+        return sign_cookie(new_sid(), host, self.upstreams.instance_of(host), fmt=fmt)
 
     def pinned_route(self) -> str:
         """The routing header value for the pinned upstream, as the filter sets it."""
@@ -1038,7 +1039,8 @@ def counter_delta(before: dict[str, int], envoy: Envoy, requests: int) -> dict[s
 # --- per-variant request headers and sanity checks (run once, before load)
 
 def cookie_headers(bench: Bench, v: Variant) -> dict:
-    return {"cookie": f"{COOKIE}={bench.pinned_cookie()}"}
+    """The filter's cookie; the baselines read the signed (v2) one."""
+    return {"cookie": f"{COOKIE}={bench.pinned_cookie(None if v.uses_filter else 'signed')}"}
 
 
 def native_cookie_headers(bench: Bench, v: Variant) -> dict:

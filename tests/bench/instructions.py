@@ -13,8 +13,11 @@ template as bench.py (without health checks, whose work would be counted):
   envoy_cookie   Envoy's stateful_session with the cookie state (strict)
   native_pinned  the filter as the native module, valid cookie (the hot path)
   native_new     the native module, no cookie (a new session every request)
+  native_miss    the native module, a valid cookie of another session on every
+                 request (each one a miss of the verified-cookie cache)
   wasm_pinned    the wasm build + stateful_session (header, strict), valid
                  cookie (V8 runs under valgrind with --smc-check, slowly)
+  wasm_miss      as wasm_pinned, another session's cookie on every request
 
 Counting runs only while the measured requests are sent, one at a time on one
 keep-alive connection, after a warm-up. Only user-space instructions are
@@ -52,7 +55,7 @@ import bench as harness  # noqa: E402  (tests/bench/bench.py)
 
 START_TIMEOUT = 300  # Envoy starts slowly under valgrind
 WARMUP_REQUESTS = 250
-VARIANTS = ("router", "envoy_cookie", "native_pinned", "native_new", "wasm_pinned")
+VARIANTS = ("router", "envoy_cookie", "native_pinned", "native_new", "native_miss", "wasm_pinned", "wasm_miss")
 
 
 def filters(variant: str) -> list:
@@ -62,8 +65,11 @@ def filters(variant: str) -> list:
         "envoy_cookie": [harness.stateful_session_cookie(), harness.ROUTER],
         "native_pinned": [harness.native_filter(config), harness.ROUTER],
         "native_new": [harness.native_filter(config), harness.ROUTER],
+        "native_miss": [harness.native_filter(config), harness.ROUTER],
         "wasm_pinned": [harness.wasm_filter("session_affinity", harness.WASM_DIR / harness.WASM["filter"], config),
                         harness.stateful_session_header(), harness.ROUTER],
+        "wasm_miss": [harness.wasm_filter("session_affinity", harness.WASM_DIR / harness.WASM["filter"], config),
+                      harness.stateful_session_header(), harness.ROUTER],
     }[variant]
 
 
@@ -154,14 +160,17 @@ def ready(admin: int) -> bool:
 
 def send(connection: http.client.HTTPConnection, requests: int, headers: dict, variant: str,
          upstreams: harness.Upstreams) -> None:
-    pinned = upstreams.instance_of(upstreams.hosts[1])
+    host = upstreams.hosts[1]
+    pinned = upstreams.instance_of(host)
     for _ in range(requests):
+        if variant.endswith("miss"):  # a session this worker has not seen
+            headers = {"cookie": f"{harness.COOKIE}={harness.sign_cookie(harness.new_sid(), host, pinned)}"}
         connection.request("GET", "/bench", headers=headers)
         response = connection.getresponse()
         response.read()
         if response.status != 200:
             sys.exit(f"bench: {variant}: status {response.status}")
-        if variant.endswith("pinned") and response.getheader("x-served-by") != pinned:
+        if variant.endswith(("pinned", "miss")) and response.getheader("x-served-by") != pinned:
             sys.exit(f"bench: {variant}: served by {response.getheader('x-served-by')}, not the pinned {pinned}")
 
 
