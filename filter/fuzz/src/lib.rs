@@ -12,7 +12,10 @@ use arbitrary::Arbitrary;
 use serde::{Deserialize, Serialize};
 use session_affinity::keys::{KeyRing, Secret};
 
-pub use cookies::{apply_edits, is_canonical_number, seal_text, sign_message, Build, Built, CookieSpec, Edit};
+pub use cookies::{
+    apply_edits, check_built, decoded, fields, is_canonical_number, new_claims, outcome, seal_text, sign_message, Build, Built, Checked,
+    CookieSpec, Edit, Fields,
+};
 pub use input::{allowed, read, show};
 
 /// The time most inputs are evaluated at (unix seconds); seeds are valid then.
