@@ -10,8 +10,8 @@ format, and lets tests forge every kind of bad cookie precisely:
 v3: sealed = base64url (no padding) of nonce (12 bytes) + ciphertext + tag (16
 bytes), ChaCha20-Poly1305 under the key HMAC-SHA256(secret, "session-affinity
 cookie sealing key"), with "3|<kid>|" as associated data, over
-"sid|cluster|upstream|instance|since|iat|exp|flags" padded with '|' to a
-multiple of 32 bytes.
+"sid|cluster|upstream|instance|iat|age|ttl|flags" (age = iat - since, ttl =
+exp - iat) padded with '|' to a multiple of 16 bytes.
 
 v2: cluster = base64url (no padding) of the first 6 bytes of SHA-256 of the
 Envoy cluster name; tag = base64url, no padding, of HMAC-SHA256(secret of kid,
@@ -37,7 +37,7 @@ SIGNED = "2"
 SEALED = "3"
 MAX_LEN = 512
 FIELDS = 11
-PAD = 32
+PAD = 16
 NONCE_LEN = 12
 TAG_LEN = 16
 SEALING_LABEL = b"session-affinity cookie sealing key"
@@ -106,10 +106,15 @@ def sign(claims: Claims, secret: str | bytes) -> str:
 
 # ---------------------------------------------------------------- v3 (sealed)
 
+def _minus(a, b) -> str:
+    """a - b for numbers; a as written otherwise (to forge odd fields)."""
+    return str(a - b) if isinstance(a, int) and isinstance(b, int) else str(a)
+
+
 def plaintext(claims: Claims) -> bytes:
     """What a v3 cookie seals: the claims without kid, padded with '|'."""
-    text = "|".join([claims.sid, claims.cluster, claims.host, claims.instance, str(claims.since), str(claims.iat),
-                     str(claims.exp), str(claims.flags)]).encode()
+    text = "|".join([claims.sid, claims.cluster, claims.host, claims.instance, str(claims.iat),
+                     _minus(claims.iat, claims.since), _minus(claims.exp, claims.iat), str(claims.flags)]).encode()
     return text + b"|" * (-len(text) % PAD)
 
 
@@ -130,7 +135,7 @@ def opaque(value: str) -> bytes:
 
 def half(value: str) -> str:
     """The first half of a value, one character shorter where that half would
-    still have the shape of a sealed value (nonce, whole 32-byte blocks, tag):
+    still have the shape of a sealed value (nonce, whole 16-byte blocks, tag):
     a truncation the filter must refuse as malformed, not as a bad tag."""
     cut = value[: len(value) // 2]
     if cut.startswith(SEALED + "|") and cut.count("|") == 2:
@@ -181,7 +186,11 @@ def _open(value: str, keys: dict[str, str]) -> Claims:
     fields = text.decode().rstrip("|").split("|")
     if len(fields) != 8:
         raise CookieRejected("malformed", f"{len(fields)} sealed fields")
-    return _claims(fields, kid)
+    sid, cluster, host, instance, iat, age, ttl, flags = fields
+    if not all(n.isdigit() for n in (iat, age, ttl)) or int(age) > int(iat):
+        raise CookieRejected("malformed", "iat, age and ttl must be decimal, age at most iat")
+    since, exp = int(iat) - int(age), int(iat) + int(ttl)
+    return _claims([sid, cluster, host, instance, str(since), iat, str(exp), flags], kid)
 
 
 def parse(value: str, keys: dict[str, str] | None = None) -> Claims:

@@ -122,7 +122,8 @@ impl CookieSpec {
         let encoded = self.encoded(now_s, |claims| cookie::encode(claims, &self.signer.ring()));
         let is_encoded = encoded.is_some();
         let value = encoded.unwrap_or_else(|| {
-            let message = format!("2|{}|{}|{}|", self.claims_text(now_s), self.kid.id(), self.flags.text(now_s));
+            let (since, iat, exp) = (self.since.text(now_s), self.iat.text(now_s), self.exp.text(now_s));
+            let message = format!("2|{}|{since}|{iat}|{exp}|{}|{}|", self.pin_text(), self.kid.id(), self.flags.text(now_s));
             sign_message(&message, self.signer)
         });
         let bytes = apply_edits(&value, &self.edits);
@@ -135,7 +136,8 @@ impl CookieSpec {
         let encoded = self.encoded(now_s, |claims| cookie::seal(claims, &self.signer.ring(), fresh));
         let is_encoded = encoded.is_some();
         let value = encoded.unwrap_or_else(|| {
-            let text = format!("{}|{}", self.claims_text(now_s), self.flags.text(now_s));
+            let (age, ttl) = (self.iat.minus(&self.since, now_s), self.exp.minus(&self.iat, now_s));
+            let text = format!("{}|{}|{age}|{ttl}|{}", self.pin_text(), self.iat.text(now_s), self.flags.text(now_s));
             seal_text(&text, self.kid.id(), self.signer, fresh)
         });
         let bytes = apply_edits(&value, &self.edits);
@@ -143,10 +145,9 @@ impl CookieSpec {
         Built { bytes, encoded: is_encoded, edited }
     }
 
-    /// `sid|cluster|upstream|instance|since|iat|exp` as written by hand.
-    fn claims_text(&self, now_s: u64) -> String {
-        let (since, iat, exp) = (self.since.text(now_s), self.iat.text(now_s), self.exp.text(now_s));
-        format!("{}|{}|{}|{}|{since}|{iat}|{exp}", self.sid(), self.cluster(), self.upstream(), self.instance())
+    /// `sid|cluster|upstream|instance` as written by hand.
+    fn pin_text(&self) -> String {
+        format!("{}|{}|{}|{}", self.sid(), self.cluster(), self.upstream(), self.instance())
     }
 
     /// What decoding the unedited built cookie at `now` must answer: accepted

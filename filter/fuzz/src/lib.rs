@@ -143,6 +143,15 @@ impl Num {
             other => other.value(now_s).unwrap_or(0).to_string(),
         }
     }
+    /// This number less `other` as a sealed cookie writes it (wrapping, so a
+    /// negative difference is a huge number); raw text as written.
+    pub fn minus(&self, other: &Num, now_s: u64) -> String {
+        match (self, self.value(now_s), other.value(now_s)) {
+            (Num::Raw(s), _, _) => s.clone(),
+            (_, Some(a), Some(b)) => a.wrapping_sub(b).to_string(),
+            _ => self.text(now_s),
+        }
+    }
 }
 
 /// `base + offset`, clamped to u64.

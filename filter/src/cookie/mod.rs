@@ -13,9 +13,11 @@
 //! Version 3 shows a client nothing but its version and key id. `sealed` is
 //! base64url (no padding) of nonce ‖ ciphertext ‖ tag: ChaCha20-Poly1305 under
 //! key `kid`, over the claims as text
-//! (`sid|cluster|upstream|instance|since|iat|exp|flags`) padded with `|` to a
-//! multiple of [`PAD`] bytes (so the length says little), with `3|<kid>|` as
-//! associated data. The nonce is new for each cookie ([`KeyRing::seal`]).
+//! (`sid|cluster|upstream|instance|iat|age|ttl|flags`, where `age` is
+//! `iat - since` and `ttl` is `exp - iat`: short numbers keep the cookie
+//! short) padded with `|` to a multiple of [`PAD`] bytes (so the length says
+//! little), with `3|<kid>|` as associated data. The nonce is new for each
+//! cookie ([`KeyRing::seal`]).
 //!
 //! Version 2 is plain text: `tag` is base64url of HMAC-SHA256 over every byte
 //! before it, keyed by key `kid`. It shows the pinned address, like Envoy's
@@ -55,7 +57,7 @@ const MAX_CLOCK_SKEW_SECS: u64 = 300;
 const SIGNED: &str = "2";
 const SEALED: &str = "3";
 /// Sealed claims are padded to a multiple of this many bytes.
-pub const PAD: usize = 32;
+pub const PAD: usize = 16;
 /// Longest sealed part that fits in a cookie, decoded.
 const MAX_SEALED_LEN: usize = MAX_COOKIE_LEN / 4 * 3;
 
@@ -202,8 +204,8 @@ pub fn encode(claims: &NewClaims<'_>, keys: &KeyRing) -> Option<String> {
     let mut value = String::with_capacity(200);
     value.push_str(SIGNED);
     value.push('|');
-    push_claims(claims, &mut value)?;
-    write!(value, "|{kid}|{}|", claims.flags).ok()?;
+    push_pin(claims, &mut value)?;
+    write!(value, "|{}|{}|{}|{kid}|{}|", claims.since, claims.iat, claims.exp, claims.flags).ok()?;
     let tag = keys.sign(value.as_bytes())?;
     URL_SAFE_NO_PAD.encode_string(tag, &mut value);
     Some(value)
@@ -213,8 +215,9 @@ pub fn encode(claims: &NewClaims<'_>, keys: &KeyRing) -> Option<String> {
 pub fn seal(claims: &NewClaims<'_>, keys: &KeyRing, fresh: &[u8]) -> Option<String> {
     let kid = keys.signing_id()?;
     let mut text = String::with_capacity(MAX_SEALED_LEN);
-    push_claims(claims, &mut text)?;
-    write!(text, "|{}", claims.flags).ok()?;
+    push_pin(claims, &mut text)?;
+    let (age, ttl) = (claims.iat - claims.since, claims.exp.checked_sub(claims.iat)?);
+    write!(text, "|{}|{age}|{ttl}|{}", claims.iat, claims.flags).ok()?;
     let padded = text.len().div_ceil(PAD) * PAD;
     let sealed_len = NONCE_LEN + padded + SEAL_TAG_LEN;
     let mut sealed = [b'|'; MAX_SEALED_LEN];
@@ -230,9 +233,9 @@ pub fn seal(claims: &NewClaims<'_>, keys: &KeyRing, fresh: &[u8]) -> Option<Stri
     (value.len() <= MAX_COOKIE_LEN).then_some(value)
 }
 
-/// Writes `sid|cluster|upstream|instance|since|iat|exp`, or `None` when a
-/// field is one that decoding would refuse.
-fn push_claims(claims: &NewClaims<'_>, out: &mut String) -> Option<()> {
+/// Writes `sid|cluster|upstream|instance`, or `None` when a field is one that
+/// decoding would refuse (or the session starts after this value's issue).
+fn push_pin(claims: &NewClaims<'_>, out: &mut String) -> Option<()> {
     let valid = is_sid(claims.sid)
         && is_cluster(claims.cluster)
         && is_upstream(claims.upstream)
@@ -242,7 +245,7 @@ fn push_claims(claims: &NewClaims<'_>, out: &mut String) -> Option<()> {
         return None;
     }
     let (sid, cluster, upstream, instance) = (claims.sid, claims.cluster, claims.upstream, claims.instance);
-    write!(out, "{sid}|{cluster}|{upstream}|{instance}|{}|{}|{}", claims.since, claims.iat, claims.exp).ok()
+    write!(out, "{sid}|{cluster}|{upstream}|{instance}").ok()
 }
 
 /// Verifies a cookie value of either version at time `now` (unix seconds).
@@ -306,9 +309,12 @@ fn open(raw: &str, rest: &str, keys: &KeyRing) -> Result<Claims, Rejection> {
     let mut joined = String::with_capacity(raw.len() + text.len());
     joined.push_str(raw);
     joined.push_str(text);
-    let [sid, cluster, upstream, instance, since, iat, exp, flags] = split(&joined, raw.len())?;
+    let [sid, cluster, upstream, instance, iat, age, ttl, flags] = split(&joined, raw.len())?;
+    let number = |r: Range<usize>| parse_number(joined.get(r).unwrap_or(""));
+    let (iat, age, ttl) = (number(iat)?, number(age)?, number(ttl)?);
+    let times = [iat.checked_sub(age), Some(iat), iat.checked_add(ttl)].map(|t| t.ok_or(Rejection::Malformed));
     let kid = SEALED.len() + 1..SEALED.len() + 1 + kid.len();
-    claims_at(joined.into(), raw.len(), Format::Sealed, [sid, cluster, upstream, instance, since, iat, exp, kid, flags])
+    claims_at(joined.into(), raw.len(), Format::Sealed, [sid, cluster, upstream, instance, kid, flags], times)
 }
 /// Whether signed claims hold at `now`: not expired, not issued further in the
 /// future than clock skew allows, times in order. The cache of verified
@@ -332,7 +338,8 @@ fn parse(raw: Rc<str>) -> Result<Claims, Rejection> {
         return Err(Rejection::Malformed);
     }
     let value_len = raw.len();
-    claims_at(raw, value_len, Format::Signed, [sid, cluster, upstream, instance, since, iat, exp, kid, flags])
+    let times = [since, iat, exp].map(|r| parse_number(raw.get(r).unwrap_or("")));
+    claims_at(raw, value_len, Format::Signed, [sid, cluster, upstream, instance, kid, flags], times)
 }
 
 /// The ranges of exactly `N` `|`-separated fields of `text` from `start`.
@@ -351,10 +358,10 @@ fn split<const N: usize>(text: &str, start: usize) -> Result<[Range<usize>; N], 
     Ok(ranges)
 }
 
-/// The claims at `ranges` (sid, cluster, upstream, instance, since, iat, exp,
-/// kid, flags) of `raw`, if every field is well-formed.
-fn claims_at(raw: Rc<str>, value_len: usize, format: Format, ranges: [Range<usize>; 9]) -> Result<Claims, Rejection> {
-    let [sid, cluster, upstream, instance, since, iat, exp, kid, flags] = ranges;
+/// The claims at `ranges` (sid, cluster, upstream, instance, kid, flags) of
+/// `raw` with `times` (since, iat, exp), if every field is well-formed.
+fn claims_at(raw: Rc<str>, value_len: usize, format: Format, ranges: [Range<usize>; 6], times: [Result<u64, Rejection>; 3]) -> Result<Claims, Rejection> {
+    let [sid, cluster, upstream, instance, kid, flags] = ranges;
     let text = |r: &Range<usize>| raw.get(r.clone()).unwrap_or("");
     let valid = is_sid(text(&sid))
         && is_cluster(text(&cluster))
@@ -364,9 +371,8 @@ fn claims_at(raw: Rc<str>, value_len: usize, format: Format, ranges: [Range<usiz
     if !valid {
         return Err(Rejection::Malformed);
     }
-    let since = parse_number(text(&since))?;
-    let iat = parse_number(text(&iat))?;
-    let exp = parse_number(text(&exp))?;
+    let [since, iat, exp] = times;
+    let (since, iat, exp) = (since?, iat?, exp?);
     let flags = u8::try_from(parse_number(text(&flags))?).map_err(|_| Rejection::Malformed)?;
     Ok(Claims { raw, value_len, format, sid, cluster, upstream, instance, kid, since, iat, exp, flags })
 }
@@ -498,10 +504,11 @@ mod tests {
             changed[at] ^= 0x20;
             cases.push((with_opaque(&value, &changed), Rejection::BadSignature));
         }
-        for cut in [1, SEAL_TAG_LEN, bytes.len() - NONCE_LEN] {
+        for cut in [1, PAD + 1, bytes.len() - NONCE_LEN] {
             cases.push((with_opaque(&value, &bytes[..bytes.len() - cut]), Rejection::Malformed));
         }
-        cases.push((with_opaque(&value, &bytes[..bytes.len() - PAD]), Rejection::BadSignature));
+        // A whole tag (or block) cut off leaves the shape of a shorter cookie.
+        cases.push((with_opaque(&value, &bytes[..bytes.len() - SEAL_TAG_LEN]), Rejection::BadSignature));
         let mut longer = bytes.clone();
         longer.extend_from_slice(&[0; PAD]);
         cases.push((with_opaque(&value, &longer), Rejection::BadSignature));
