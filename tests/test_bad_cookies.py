@@ -43,7 +43,7 @@ def unknown_key_id(real, claims, keys, other_host):
 
 def expired(real, claims, keys, other_host):
     now = int(time.time())
-    return cookie_signer.like(real, claims.but(iat=now - 7200, exp=now - 60), keys[claims.kid])
+    return cookie_signer.like(real, claims.but(since=now - 7300, iat=now - 7200, exp=now - 60), keys[claims.kid])
 
 
 def truncated(real, claims, keys, other_host):
