@@ -10,7 +10,7 @@ enum Counter {
     STATES_SENT("statesSent", "Changed states sent in a response header"),
     STATES_SENT_IN_TRAILERS("statesSentInTrailers", "Changed states sent in a trailer (the response was already committed)"),
     CHANGES_DEFERRED("changesDeferred",
-            "Changes that could not be announced on a committed response without trailers (a state goes with the session's next response)"),
+            "Changes that could not be announced: a committed response without trailers, or a file sent with sendfile (a state goes with the session's next response)"),
     STATES_OVERSIZED("statesOversized", "States over maxStateBytes: sent without attributes"),
     ATTRIBUTES_SKIPPED("attributesSkipped", "Attributes left out of a state because they cannot be serialized"),
     SERIALIZATION_FAILURES("serializationFailures", "States not sent because serializing the attributes failed"),

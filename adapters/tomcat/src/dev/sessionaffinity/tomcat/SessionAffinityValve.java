@@ -68,6 +68,8 @@ public final class SessionAffinityValve extends ValveBase {
     private static final int HEADER_SLACK = 512;
     private static final int DEFAULT_MAX_RESPONSE_HEADER = 8192;
     private static final MessageDigest SHA256 = sha256();
+    /** Set by DefaultServlet when the body goes out through sendfile (Globals.SENDFILE_FILENAME_ATTR). */
+    private static final String SENDFILE_FILENAME = "org.apache.tomcat.sendfile.filename";
 
     // Configuration: attributes of the <Valve> element.
     private String keyFile = "";
@@ -312,9 +314,16 @@ public final class SessionAffinityValve extends ValveBase {
                         + " (warned once)");
             }
         }
-        if (trailerIsOurs && announcement.trailerCanCarry()) {
+        // Tomcat writes a sendfile body raw, after the valve: no chunk framing, so no trailer can follow it.
+        boolean sendfile = exchange.request.getAttribute(SENDFILE_FILENAME) != null;
+        if (trailerIsOurs && announcement.trailerCanCarry() && !sendfile) {
             exchange.trailer = announcement;
-        } else if (!announcement.isEmpty()) {
+            return;
+        }
+        if (trailerIsOurs && !response.isCommitted()) {
+            response.setTrailerFields(null); // keeps Content-Length (and sendfile) framing
+        }
+        if (!announcement.isEmpty()) {
             counters.add(Counter.CHANGES_DEFERRED);
         }
     }

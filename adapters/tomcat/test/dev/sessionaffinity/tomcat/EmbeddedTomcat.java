@@ -15,6 +15,7 @@ import jakarta.servlet.http.HttpServletResponse;
 import org.apache.catalina.Context;
 import org.apache.catalina.LifecycleException;
 import org.apache.catalina.Wrapper;
+import org.apache.catalina.servlets.DefaultServlet;
 import org.apache.catalina.connector.Connector;
 import org.apache.catalina.startup.Tomcat;
 
@@ -23,7 +24,8 @@ import dev.sessionaffinity.demo.ApiServlet;
 /**
  * A real Tomcat in the test's JVM on a free loopback port: the valve in the
  * ROOT context's pipeline, the demo app's servlet behind it, and a count of
- * the requests that reached the app.
+ * the requests that reached the app. Tomcat's DefaultServlet serves the files
+ * under {@code /files/} (big ones through sendfile).
  */
 final class EmbeddedTomcat implements AutoCloseable {
 
@@ -65,7 +67,16 @@ final class EmbeddedTomcat implements AutoCloseable {
         });
         wrapper.setAsyncSupported(true);
         context.addServletMappingDecoded("/", "app");
+        Tomcat.addServlet(context, "files", new DefaultServlet());
+        context.addServletMappingDecoded("/files/*", "files");
         tomcat.start();
+    }
+
+    /** A file the DefaultServlet serves at /files/name. */
+    void addFile(String name, byte[] content) throws IOException {
+        File files = new File(base, "files");
+        files.mkdirs();
+        Files.write(new File(files, name).toPath(), content);
     }
 
     int port() {

@@ -1,5 +1,6 @@
 package dev.sessionaffinity.tomcat;
 
+import static org.junit.Assert.assertArrayEquals;
 import static org.junit.Assert.assertEquals;
 import static org.junit.Assert.assertFalse;
 import static org.junit.Assert.assertNotEquals;
@@ -12,6 +13,7 @@ import java.io.File;
 import java.io.IOException;
 import java.nio.file.Files;
 import java.util.Map;
+import java.util.Random;
 import java.util.TreeMap;
 
 import org.apache.catalina.LifecycleException;
@@ -352,6 +354,36 @@ public class ValveTest {
             assertNotNull(reply.toString(), state);
             assertTrue(state.length() > 2048 && state.length() < tight.valve.getMaxStateBytes());
         }
+    }
+
+    @Test
+    public void aFileSentWithSendfileIsNeverFramedForATrailer() throws Exception {
+        // A restored state of about 2.8 KB, due for refresh, on a connector whose headers cannot hold it.
+        try (EmbeddedTomcat tight = new EmbeddedTomcat(keyFile, valve -> { }, Map.of("maxHttpResponseHeaderSize", "2048"))) {
+            byte[] file = randomBytes(64 * 1024); // over DefaultServlet's 48 KiB sendfile threshold
+            tight.addFile("big.bin", file);
+            String sid = SessionIds.newSessionId();
+            long then = System.currentTimeMillis() - 300_000;
+            byte[] attributes = Attributes.write(new TreeMap<>(Map.of("report", randomBytes(2048)))).bytes;
+            String state = codec.encode(new SessionState(sid, "", then, then, 1800, attributes));
+            long inTrailers = tight.valve.counter(Counter.STATES_SENT_IN_TRAILERS);
+            long deferred = tight.valve.counter(Counter.CHANGES_DEFERRED);
+            RawHttp.Reply reply = tight.send("GET", "/files/big.bin", session(sid, STATE, state));
+            assertEquals(200, reply.status);
+            assertNull(reply.header("transfer-encoding"));
+            assertEquals(String.valueOf(file.length), reply.header("content-length"));
+            assertArrayEquals(file, reply.bodyBytes);
+            assertEquals(inTrailers, tight.valve.counter(Counter.STATES_SENT_IN_TRAILERS));
+            assertEquals(deferred + 1, tight.valve.counter(Counter.CHANGES_DEFERRED));
+            RawHttp.Reply next = tight.send("GET", "/cart", session(sid));
+            assertNotNull("the session's next response carries the state", next.trailers.get(STATE));
+        }
+    }
+
+    private static byte[] randomBytes(int length) {
+        byte[] bytes = new byte[length];
+        new Random(length).nextBytes(bytes);
+        return bytes;
     }
 
     @Test
