@@ -369,3 +369,28 @@ def submit(page, item: str):
     with page.expect_navigation() as navigation:
         page.click("#add")
     return navigation.value
+
+
+# ------------------------------------------------------- real-app session shapes
+
+def test_tomcat_a_session_shaped_like_a_real_apps_survives_a_kill(bed):
+    """A Spring-Security-like saved request, JDK concurrent types, an enum set
+    and a date all move; the one attribute the allow-list refuses (a
+    PriorityQueue) is named once in the log and counted, and costs only itself."""
+    shopper, _ = shop(bed, "apple")
+    before = shopper.json("POST", "/saved")
+    origin = bed.tomcats[serving(bed, shopper.last)]
+    expect(counters(origin)["attributesSkipped"] >= 1, "the refused attribute is counted when written", ">= 1",
+           counters(origin))
+    warnings = origin.process.log_tail(400).count("session attribute 'queue' is not carried")
+    expect_equal(warnings, 1, "one warning naming the refused attribute")
+    state = stored_field(bed, before["session"], "state") or ""
+    bed.say(f"real-app-shaped session: a stored state of {len(state)} bytes")
+    kill_serving(bed, shopper.last)
+    after = shopper.json("GET", "/saved")
+    expect(serving(bed, shopper.last) != bed.tomcats.index(origin), "another Tomcat answers", "not the killed one",
+           describe(shopper.last))
+    wanted = {k: v for k, v in before.items() if k != "served_by"} | {"queue": False}
+    expect_equal({k: v for k, v in after.items() if k != "served_by"}, wanted,
+                 "every allowed attribute back after the kill (only the refused queue is missing)")
+    expect_equal(shopper.json("GET", "/cart")["items"], {"apple": 1}, "the cart too")

@@ -12,14 +12,16 @@ enum Counter {
     CHANGES_DEFERRED("changesDeferred",
             "Changes that could not be announced: a committed response without trailers, or a file sent with sendfile (a state goes with the session's next response)"),
     STATES_OVERSIZED("statesOversized", "States over maxStateBytes: sent without attributes"),
-    ATTRIBUTES_SKIPPED("attributesSkipped", "Attributes left out of a state because they cannot be serialized"),
+    ATTRIBUTES_SKIPPED("attributesSkipped",
+            "Attributes left out of a state: not Serializable, or holding a class outside allowedClasses"),
+    ATTRIBUTES_NOT_RESTORED("attributesNotRestored",
+            "Attributes left out of a restored session: a class outside allowedClasses or not found here, or over the limits"),
     SERIALIZATION_FAILURES("serializationFailures", "States not sent because serializing the attributes failed"),
     INVALID_SESSION_IDS("invalidSessionIds", "Requests whose x-session-id is not in the proxy's format (served like plain Tomcat)"),
     RESTORES_REFUSED_MALFORMED("restoresRefusedMalformed", "Restore states refused: not in the state format"),
     RESTORES_REFUSED_SIGNATURE("restoresRefusedSignature", "Restore states refused: unsigned, tampered, or signed with an unknown key"),
     RESTORES_REFUSED_OTHER_SESSION("restoresRefusedOtherSession", "Restore states refused: signed for another session id or web app"),
-    RESTORES_REFUSED_EXPIRED("restoresRefusedExpired", "Restore states refused: the session had expired (answered with x-session-end)"),
-    RESTORES_REFUSED_CLASS("restoresRefusedClass", "Restore states refused: a class outside allowedClasses");
+    RESTORES_REFUSED_EXPIRED("restoresRefusedExpired", "Restore states refused: the session had expired (answered with x-session-end)");
 
     final String attribute;
     final String description;

@@ -5,7 +5,6 @@ import java.nio.ByteBuffer;
 import java.security.MessageDigest;
 import java.security.NoSuchAlgorithmException;
 import java.util.Arrays;
-import java.util.Collections;
 import java.util.Comparator;
 import java.util.LinkedHashMap;
 import java.util.Map;
@@ -67,6 +66,8 @@ public final class SessionAffinityValve extends ValveBase {
     /** Room left for the status line and framing when checking that a state fits the response headers. */
     private static final int HEADER_SLACK = 512;
     private static final int DEFAULT_MAX_RESPONSE_HEADER = 8192;
+    /** Attribute names warned about at most, so a stream of new names cannot grow the set without bound. */
+    private static final int MAX_WARNED = 1000;
     private static final MessageDigest SHA256 = sha256();
     /** Set by DefaultServlet when the body goes out through sendfile (Globals.SENDFILE_FILENAME_ATTR). */
     private static final String SENDFILE_FILENAME = "org.apache.tomcat.sendfile.filename";
@@ -255,7 +256,13 @@ public final class SessionAffinityValve extends ValveBase {
             throws RestoreRefused {
         long now = System.currentTimeMillis();
         SessionState state = codec.decode(value, sid, contextPath, now);
-        Map<String, Object> attributes = Attributes.read(state.attributes, request.getContext().getLoader().getClassLoader(), allowList);
+        Attributes.Read read = Attributes.read(state.attributes, request.getContext().getLoader().getClassLoader(), allowList);
+        Map<String, Object> attributes = read.values;
+        if (!read.refused.isEmpty()) {
+            counters.add(Counter.ATTRIBUTES_NOT_RESTORED, read.refused.size());
+            read.refused.forEach((name, why) -> warnOnce(name, "session attribute '" + name
+                    + "' is not restored (the rest of the session is): " + why));
+        }
         Session created = manager.createEmptySession();
         if (!(created instanceof StandardSession)) {
             throw new IllegalStateException("SessionAffinityValve needs a Manager whose sessions are StandardSession"
@@ -351,14 +358,14 @@ public final class SessionAffinityValve extends ValveBase {
         Attributes.Written written;
         int maxInactive;
         try {
-            written = Attributes.write(http, session.getManager());
+            written = Attributes.write(http, session.getManager(), allowList);
             maxInactive = http.getMaxInactiveInterval();
         } catch (IOException | RuntimeException e) {
             counters.add(Counter.SERIALIZATION_FAILURES);
             log.warn("SessionAffinityValve: session state not sent, serializing its attributes failed: " + e);
             return new Announcement(id, session, null, false, rotatedTo, null);
         }
-        reportSkipped(http, written);
+        reportSkipped(written);
         byte[] hash = hash(maxInactive, written.bytes);
         long now = System.currentTimeMillis();
         boolean changed = sent == null || !Arrays.equals(sent.hash, hash);
@@ -373,7 +380,7 @@ public final class SessionAffinityValve extends ValveBase {
         if (oversized) {
             counters.add(Counter.STATES_OVERSIZED);
             if (sent == null || !sent.oversized) {
-                warnOversized(http, value == null ? written.bytes.length : value.length());
+                warnOversized(written, value == null ? written.bytes.length : value.length());
             }
             value = codec.encode(new SessionState(id, contextPath, created, now, maxInactive, emptyAttributes));
         }
@@ -381,31 +388,24 @@ public final class SessionAffinityValve extends ValveBase {
         return new Announcement(id, session, value, false, rotatedTo, new SentNote(hash, now, holdsAttributes, oversized));
     }
 
-    private void reportSkipped(HttpSession session, Attributes.Written written) {
+    private void reportSkipped(Attributes.Written written) {
         if (written.skipped.isEmpty()) {
             return;
         }
         counters.add(Counter.ATTRIBUTES_SKIPPED, written.skipped.size());
-        for (String name : written.skipped) {
-            if (warnedAttributes.add(name)) {
-                Object value = session.getAttribute(name);
-                log.warn("SessionAffinityValve: session attribute '" + name + "' ("
-                        + (value == null ? "removed" : value.getClass().getName())
-                        + ") cannot be serialized; it is not carried to another pod (warned once per attribute name)");
-            }
+        written.skipped.forEach((name, why) -> warnOnce(name, "session attribute '" + name
+                + "' is not carried to another pod (the rest of the session is): " + why));
+    }
+
+    /** Logs a warning about an attribute once per attribute name, for the first MAX_WARNED names. */
+    private void warnOnce(String name, String message) {
+        if (warnedAttributes.size() < MAX_WARNED && warnedAttributes.add(name)) {
+            log.warn("SessionAffinityValve: " + message + " (warned once per attribute name)");
         }
     }
 
-    private void warnOversized(HttpSession session, int size) {
-        Map<String, Integer> sizes = new LinkedHashMap<>();
-        for (String name : Collections.list(session.getAttributeNames())) {
-            try {
-                sizes.put(name, Attributes.size(name, session.getAttribute(name)));
-            } catch (IOException | RuntimeException e) {
-                // left out of the message
-            }
-        }
-        String largest = sizes.entrySet().stream().filter(e -> e.getValue() >= 0)
+    private void warnOversized(Attributes.Written written, int size) {
+        String largest = written.sizes.entrySet().stream()
                 .sorted(Map.Entry.<String, Integer>comparingByValue(Comparator.reverseOrder())).limit(3)
                 .map(e -> e.getKey() + "=" + e.getValue() + " B").collect(Collectors.joining(", "));
         log.warn("SessionAffinityValve: a session state of " + size + " bytes is over maxStateBytes=" + maxStateBytes
