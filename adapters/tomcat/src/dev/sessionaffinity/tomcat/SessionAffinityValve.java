@@ -306,11 +306,11 @@ public final class SessionAffinityValve extends ValveBase {
         Announcement announcement = announce(exchange);
         boolean trailerIsOurs = response.getTrailerFields() == exchange;
         if (!response.isCommitted()) {
+            response.setHeader(instanceIdHeader, instanceId); // again, in case the app reset the response
             if (announcement.state == null || fitsInHeaders(exchange.request, response, announcement.state)) {
                 if (trailerIsOurs) {
                     response.setTrailerFields(null); // keeps Content-Length framing
                 }
-                response.setHeader(instanceIdHeader, instanceId); // again, in case the app reset the response
                 announcement.headers().forEach(response::setHeader);
                 announcement.sent(false);
                 return;
@@ -319,6 +319,15 @@ public final class SessionAffinityValve extends ValveBase {
                 log.warn("SessionAffinityValve: the response headers have no room for a " + announcement.state.length()
                         + "-byte state, so it goes in a trailer; raise the connector's maxHttpResponseHeaderSize"
                         + " (warned once)");
+            }
+            if (announcement.rotatedTo != null) {
+                // A new id needs a new cookie, which only headers can set: announce it now with the
+                // attribute-less state; the full state follows in the trailer or the next response.
+                Announcement rotation = withoutAttributes(announcement);
+                rotation.headers().forEach(response::setHeader);
+                rotation.sent(false);
+                announcement = new Announcement(announcement.sessionId, announcement.session, announcement.state,
+                        false, null, announcement.note);
             }
         }
         // Tomcat writes a sendfile body raw, after the valve: no chunk framing, so no trailer can follow it.
@@ -333,6 +342,17 @@ public final class SessionAffinityValve extends ValveBase {
         if (!announcement.isEmpty()) {
             counters.add(Counter.CHANGES_DEFERRED);
         }
+    }
+
+    /** The rotation, with the session's metadata and no attributes (what fits in any header). */
+    private Announcement withoutAttributes(Announcement announcement) {
+        Session session = announcement.session;
+        int maxInactive = session.getMaxInactiveInterval();
+        long now = System.currentTimeMillis();
+        String value = codec.encode(new SessionState(announcement.sessionId, contextPath, session.getCreationTimeInternal(),
+                now, maxInactive, emptyAttributes));
+        return new Announcement(announcement.sessionId, session, value, false, announcement.rotatedTo,
+                new SentNote(hash(maxInactive, emptyAttributes), now, false, false));
     }
 
     /** What this request's session change is, once the app is done with it. */

@@ -363,6 +363,28 @@ public class ValveTest {
     }
 
     @Test
+    public void aLoginWhoseStateHasNoRoomInTheHeadersStillRotatesAtOnce() throws Exception {
+        try (EmbeddedTomcat tight = new EmbeddedTomcat(keyFile, valve -> { }, Map.of("maxHttpResponseHeaderSize", "2048"))) {
+            String sid = SessionIds.newSessionId();
+            tight.send("GET", "/cart", session(sid, "x-session-new", "1"));
+            tight.send("POST", "/big?kb=2", session(sid));
+            long rotated = tight.valve.counter(Counter.SESSIONS_ROTATED);
+            RawHttp.Reply login = tight.send("POST", "/login?user=ann", session(sid));
+            assertEquals(login.toString(), 200, login.status);
+            String newSid = login.header("x-session-rotate");
+            assertTrue(login.toString(), SessionIds.isSessionId(newSid) && !newSid.equals(sid));
+            assertEquals(rotated + 1, tight.valve.counter(Counter.SESSIONS_ROTATED));
+            long now = System.currentTimeMillis();
+            assertEquals("the header state: the new id, no attributes", Attributes.none().length,
+                    codec.decode(login.header(STATE), newSid, "", now).attributes.length);
+            assertTrue("the full state follows in the trailer",
+                    codec.decode(login.trailers.get(STATE), newSid, "", now).attributes.length > 2048);
+            String moved = restoredOnB(newSid, login.trailers.get(STATE));
+            assertTrue(moved, moved.contains("\"user\":\"ann\"") && moved.contains("\"report_bytes\":2048"));
+        }
+    }
+
+    @Test
     public void aFileSentWithSendfileIsNeverFramedForATrailer() throws Exception {
         // A restored state of about 2.8 KB, due for refresh, on a connector whose headers cannot hold it.
         try (EmbeddedTomcat tight = new EmbeddedTomcat(keyFile, valve -> { }, Map.of("maxHttpResponseHeaderSize", "2048"))) {
