@@ -240,6 +240,25 @@ def test_tomcat_oversized_state_is_a_warning_not_a_500(bed):
                  "after a failover an oversized session starts empty (never an older copy)")
 
 
+def test_tomcat_cookieless_probes_make_no_sessions(bed):
+    """A probe that never asks for a session (no getSession()) gets no Tomcat
+    session, no cookie and no store write; the first getSession() makes one
+    with the proxy's id, new on that request."""
+    created = total(bed, "sessionsCreated")
+    writes = bed.envoy.filter_counters().get("store.writes", 0)
+    for round_ in range(20):
+        reply = requests.get(bed.envoy.url + "/healthz", timeout=REQUEST_TIMEOUT)
+        expect(reply.status_code == 200 and "sa" not in reply.cookies, f"probe {round_}: 200 and no cookie", "200, no sa",
+               describe(reply))
+    expect_equal(total(bed, "sessionsCreated"), created, "no session made for 20 probes")
+    expect_equal(bed.envoy.filter_counters().get("store.writes", 0), writes, "no store write for the probes")
+    shopper = Shopper(bed.envoy)
+    view = shopper.json("GET", "/cart")
+    expect_equal(view["new"], True, "the first getSession() makes a new session")
+    expect_equal(total(bed, "sessionsCreated"), created + 1, "one session made")
+    expect_equal(shopper.json("GET", "/cart")["new"], False, "the same session on the next request")
+
+
 # ------------------------------------------------ end, expiry, rotation, trailers
 
 def test_tomcat_logout_is_never_resurrected_after_a_kill(bed):

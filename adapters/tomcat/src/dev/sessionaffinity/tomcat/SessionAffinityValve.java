@@ -182,14 +182,13 @@ public final class SessionAffinityValve extends ValveBase {
         }
         Manager manager = request.getContext().getManager();
         useProxySessionIds(manager);
-        Session session = resolve(request, response, sid, manager);
-        if (session == null) {
+        Exchange exchange = resolve(request, response, sid, manager);
+        if (exchange == null) {
             return; // answered "unknown session"
         }
         request.setRequestedSessionId(sid);
         request.setRequestedSessionCookie(true);
         request.setRequestedSessionURL(false);
-        Exchange exchange = new Exchange(request, sid, session);
         if (bufferSize > response.getBufferSize()) {
             // Most pages then stay uncommitted until the app returns, so the state goes in a header.
             response.setBufferSize(bufferSize);
@@ -201,7 +200,14 @@ public final class SessionAffinityValve extends ValveBase {
                 // HTTP/1.0: no trailers; a change on a committed response waits for the next one.
             }
         }
-        getNext().invoke(request, response);
+        if (exchange.session == null) {
+            SessionIds.offer(sid); // a session the app makes on this thread gets the proxy's id
+        }
+        try {
+            getNext().invoke(request, response);
+        } finally {
+            SessionIds.withdraw();
+        }
         if (request.isAsync()) {
             // The app goes on in another thread: the trailer reads the session when the response ends.
             exchange.atEnd = true;
@@ -218,17 +224,18 @@ public final class SessionAffinityValve extends ValveBase {
     }
 
     /**
-     * The session this request belongs to: found, created or restored. Null
-     * when the request was answered "unknown session" instead.
+     * The exchange for the session this request belongs to: found or
+     * restored, or none yet for a new session (made only if the app asks for
+     * it). Null when the request was answered "unknown session" instead.
      */
-    private Session resolve(Request request, Response response, String sid, Manager manager) throws IOException {
+    private Exchange resolve(Request request, Response response, String sid, Manager manager) throws IOException {
         Session local = manager.findSession(sid);
         String state = request.getHeader(sessionStateHeader);
         if (state != null) {
             // The app has no use for it, and it should not reach logs that dump headers.
             request.getCoyoteRequest().getMimeHeaders().removeHeader(sessionStateHeader);
             try {
-                return restore(request, manager, sid, state, local);
+                return new Exchange(request, sid, restore(request, manager, sid, state, local));
             } catch (RestoreRefused refused) {
                 counters.add(refused.reason.counter);
                 log.warn("SessionAffinityValve: refused the restore state for session " + sid.substring(0, 4)
@@ -238,13 +245,11 @@ public final class SessionAffinityValve extends ValveBase {
             }
         }
         if (local != null && local.isValid()) {
-            return local;
+            return new Exchange(request, sid, local);
         }
         if ("1".equals(request.getHeader(sessionNewHeader))) {
-            Session created = manager.createSession(sid);
-            created.setNote(SENT_NOTE, SentNote.nothing(hash(created.getMaxInactiveInterval(), emptyAttributes)));
-            counters.add(Counter.SESSIONS_CREATED);
-            return created;
+            // Lazily: a client that never gets a session (a probe, a bot) costs no session and no events.
+            return new Exchange(request, sid, null);
         }
         counters.add(Counter.SESSIONS_UNKNOWN);
         // A session found but invalid just expired for inactivity: say it ended.
@@ -358,9 +363,14 @@ public final class SessionAffinityValve extends ValveBase {
     /** What this request's session change is, once the app is done with it. */
     private Announcement announce(Exchange exchange) {
         Request request = exchange.request;
-        Session session = exchange.session.isValid() ? exchange.session : request.getSessionInternal(false);
+        Session session = exchange.session != null && exchange.session.isValid() ? exchange.session
+                : request.getSessionInternal(false);
         if (session == null) {
+            // Ended by the app, or a new session the app never asked for: nothing to keep either way.
             return new Announcement(exchange.sid, exchange.session, null, true, null, null);
+        }
+        if (exchange.session == null && exchange.created.compareAndSet(false, true)) {
+            counters.add(Counter.SESSIONS_CREATED);
         }
         String id = session.getIdInternal();
         if (!id.equals(exchange.sid) && !SessionIds.isSessionId(id)) {
@@ -479,11 +489,6 @@ public final class SessionAffinityValve extends ValveBase {
             this.holdsAttributes = holdsAttributes;
             this.oversized = oversized;
         }
-
-        /** A new session: the store holds nothing, which is what an empty session looks like. */
-        static SentNote nothing(byte[] emptyHash) {
-            return new SentNote(emptyHash, System.currentTimeMillis(), false, false);
-        }
     }
 
     /** The contract headers one response announces, and the note to record once they are sent. */
@@ -549,7 +554,7 @@ public final class SessionAffinityValve extends ValveBase {
             if (state != null) {
                 counters.add(Counter.STATES_SENT);
             }
-            if (ended) {
+            if (ended && session != null) {
                 counters.add(Counter.SESSIONS_ENDED);
             }
             if (rotatedTo != null) {
@@ -570,6 +575,8 @@ public final class SessionAffinityValve extends ValveBase {
         volatile Announcement trailer;
         /** Async request: read the session when the response ends. */
         volatile boolean atEnd;
+        /** A new session the app made: counted once. */
+        final AtomicBoolean created = new AtomicBoolean();
 
         Exchange(Request request, String sid, Session session) {
             this.request = request;

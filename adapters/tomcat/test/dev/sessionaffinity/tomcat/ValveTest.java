@@ -118,7 +118,10 @@ public class ValveTest {
         String sid = SessionIds.newSessionId();
         RawHttp.Reply created = a.send("GET", "/cart", session(sid, "x-session-new", "1"));
         assertTrue(created.body, created.body.contains("\"session\":\"" + sid + "\""));
-        assertNull("Tomcat sets no cookie of its own", created.header("set-cookie"));
+        assertTrue("new on its first request", created.body.contains("\"new\":true"));
+        String cookie = created.header("set-cookie");
+        assertTrue("Tomcat's own cookie, if any, carries the proxy's id", cookie == null || cookie.startsWith("JSESSIONID=" + sid + ";"));
+        assertTrue(a.send("GET", "/cart", session(sid)).body.contains("\"new\":false"));
         RawHttp.Reply added = a.send("POST", "/cart/add?item=apple", session(sid));
         assertNotNull(added.header(STATE));
         assertNull("reading changes nothing", a.send("GET", "/cart", session(sid)).header(STATE));
@@ -128,6 +131,24 @@ public class ValveTest {
         assertNotEquals(added.header(STATE), again.header(STATE));
         assertNull(again.header("transfer-encoding"));
         assertNotNull("Content-Length framing is kept", again.header("content-length"));
+    }
+
+    @Test
+    public void aNewSessionIsMadeOnlyWhenTheAppAsksForOne() throws IOException {
+        String sid = SessionIds.newSessionId();
+        long created = a.valve.counter(Counter.SESSIONS_CREATED);
+        RawHttp.Reply probe = a.send("GET", "/healthz", session(sid, "x-session-new", "1"));
+        assertEquals(200, probe.status);
+        assertNull("no session was made", a.context.getManager().findSession(sid));
+        assertEquals("1", probe.header("x-session-end"));
+        assertNull(probe.header(STATE));
+        assertEquals(created, a.valve.counter(Counter.SESSIONS_CREATED));
+        RawHttp.Reply cart = a.send("GET", "/cart", session(sid, "x-session-new", "1"));
+        assertTrue(cart.body, cart.body.contains("\"session\":\"" + sid + "\"") && cart.body.contains("\"new\":true"));
+        assertNull(cart.header("x-session-end"));
+        assertNotNull("a new session's state goes to the store", cart.header(STATE));
+        assertEquals(created + 1, a.valve.counter(Counter.SESSIONS_CREATED));
+        assertNotNull(a.context.getManager().findSession(sid));
     }
 
     @Test

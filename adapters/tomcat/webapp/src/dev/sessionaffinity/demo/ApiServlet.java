@@ -233,6 +233,7 @@ public final class ApiServlet extends HttpServlet {
         byte[] report = (byte[]) session.getAttribute("report");
         view.put("report_bytes", report == null ? 0 : report.length);
         view.put("max_inactive", session.getMaxInactiveInterval());
+        view.put("new", session.isNew());
         return view;
     }
 
