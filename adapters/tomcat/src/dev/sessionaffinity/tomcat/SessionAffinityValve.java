@@ -2,6 +2,7 @@ package dev.sessionaffinity.tomcat;
 
 import java.io.IOException;
 import java.nio.ByteBuffer;
+import java.nio.charset.StandardCharsets;
 import java.security.MessageDigest;
 import java.security.NoSuchAlgorithmException;
 import java.util.Arrays;
@@ -11,6 +12,7 @@ import java.util.Map;
 import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.concurrent.atomic.AtomicInteger;
 import java.util.function.Supplier;
 import java.util.regex.Pattern;
 import java.util.regex.PatternSyntaxException;
@@ -62,6 +64,9 @@ public final class SessionAffinityValve extends ValveBase {
     private static final Log log = LogFactory.getLog(SessionAffinityValve.class);
     /** Session note: what the proxy's store holds for the session, as far as this valve sent it. */
     private static final String SENT_NOTE = SessionAffinityValve.class.getName() + ".sent";
+    /** Session note: a hash of the state the session was restored from. */
+    private static final String RESTORED_NOTE = SessionAffinityValve.class.getName() + ".restoredFrom";
+    private static final String OVERLAP_NOTE = SessionAffinityValve.class.getName() + ".overlap";
     private static final int MIN_STATE_BYTES = 512;
     /** Room left for the status line and framing when checking that a state fits the response headers. */
     private static final int HEADER_SLACK = 512;
@@ -92,6 +97,8 @@ public final class SessionAffinityValve extends ValveBase {
     private final Counters counters = new Counters();
     private final Set<String> warnedAttributes = ConcurrentHashMap.newKeySet();
     private final AtomicBoolean warnedNoRoom = new AtomicBoolean();
+    /** Striped locks: one restore of a session id at a time. */
+    private final Object[] restoreLocks = new Object[64];
     private volatile String instanceId;
     private volatile StateCodec codec;
     private volatile Pattern allowList;
@@ -101,6 +108,7 @@ public final class SessionAffinityValve extends ValveBase {
 
     public SessionAffinityValve() {
         super(true);
+        Arrays.setAll(restoreLocks, i -> new Object());
     }
 
     // ------------------------------------------------------------ lifecycle
@@ -207,6 +215,9 @@ public final class SessionAffinityValve extends ValveBase {
             getNext().invoke(request, response);
         } finally {
             SessionIds.withdraw();
+            if (exchange.overlap != null) {
+                exchange.overlap.end();
+            }
         }
         if (request.isAsync()) {
             // The app goes on in another thread: the trailer reads the session when the response ends.
@@ -235,7 +246,15 @@ public final class SessionAffinityValve extends ValveBase {
             // The app has no use for it, and it should not reach logs that dump headers.
             request.getCoyoteRequest().getMimeHeaders().removeHeader(sessionStateHeader);
             try {
-                return new Exchange(request, sid, restore(request, manager, sid, state, local));
+                byte[] from = hash(0, state.getBytes(StandardCharsets.US_ASCII));
+                // One restore per session at a time: concurrent requests carrying the same state share one session.
+                synchronized (restoreLocks[Math.floorMod(sid.hashCode(), restoreLocks.length)]) {
+                    Session current = manager.findSession(sid);
+                    if (current != null && current.isValid() && Arrays.equals((byte[]) current.getNote(RESTORED_NOTE), from)) {
+                        return exchange(request, sid, current);
+                    }
+                    return exchange(request, sid, restore(request, manager, sid, state, current, from));
+                }
             } catch (RestoreRefused refused) {
                 counters.add(refused.reason.counter);
                 log.warn("SessionAffinityValve: refused the restore state for session " + sid.substring(0, 4)
@@ -245,7 +264,7 @@ public final class SessionAffinityValve extends ValveBase {
             }
         }
         if (local != null && local.isValid()) {
-            return new Exchange(request, sid, local);
+            return exchange(request, sid, local);
         }
         if ("1".equals(request.getHeader(sessionNewHeader))) {
             // Lazily: a client that never gets a session (a probe, a bot) costs no session and no events.
@@ -257,7 +276,15 @@ public final class SessionAffinityValve extends ValveBase {
         return null;
     }
 
-    private Session restore(Request request, Manager manager, String sid, String value, Session local)
+    /** An exchange of an existing session, noting whether other requests of it overlap this one. */
+    private Exchange exchange(Request request, String sid, Session session) {
+        Exchange exchange = new Exchange(request, sid, session);
+        exchange.overlap = Overlap.of(session);
+        exchange.resend = exchange.overlap.begin();
+        return exchange;
+    }
+
+    private Session restore(Request request, Manager manager, String sid, String value, Session local, byte[] from)
             throws RestoreRefused {
         long now = System.currentTimeMillis();
         SessionState state = codec.decode(value, sid, contextPath, now);
@@ -284,8 +311,11 @@ public final class SessionAffinityValve extends ValveBase {
         attributes.forEach((name, attribute) -> session.setAttribute(name, attribute, false));
         session.setNote(SENT_NOTE, new SentNote(hash(state.maxInactiveInterval, state.attributes), state.lastAccessedTime,
                 !attributes.isEmpty(), false));
+        session.setNote(RESTORED_NOTE, from);
         if (local != null) {
-            manager.remove(local); // a stale copy from before the session moved away
+            // A stale copy from before the session moved away: ended like any expiry
+            // (sessionDestroyed, valueUnbound), before the restored copy takes its id.
+            local.expire();
         }
         session.setId(sid, false);
         session.activate();
@@ -380,7 +410,7 @@ public final class SessionAffinityValve extends ValveBase {
         }
         String rotatedTo = id.equals(exchange.sid) ? null : id;
         SentNote sent = (SentNote) session.getNote(SENT_NOTE);
-        return stateOf(session, id, sent, rotatedTo != null || sent == null, rotatedTo);
+        return stateOf(session, id, sent, rotatedTo != null || sent == null || exchange.resend, rotatedTo);
     }
 
     private Announcement stateOf(Session session, String id, SentNote sent, boolean mustSend, String rotatedTo) {
@@ -472,6 +502,40 @@ public final class SessionAffinityValve extends ValveBase {
             return MessageDigest.getInstance("SHA-256");
         } catch (NoSuchAlgorithmException e) {
             throw new IllegalStateException("SHA-256 is not available", e);
+        }
+    }
+
+    /**
+     * A session's requests in flight. When two overlap, the proxy may store
+     * their snapshots in either order, so the session's next request sends
+     * its state even if unchanged.
+     */
+    private static final class Overlap {
+        private final AtomicInteger active = new AtomicInteger();
+        private final AtomicBoolean overlapped = new AtomicBoolean();
+
+        static Overlap of(Session session) {
+            synchronized (session) {
+                Overlap overlap = (Overlap) session.getNote(OVERLAP_NOTE);
+                if (overlap == null) {
+                    overlap = new Overlap();
+                    session.setNote(OVERLAP_NOTE, overlap);
+                }
+                return overlap;
+            }
+        }
+
+        /** True if this request runs alone after an overlap: it resends. */
+        boolean begin() {
+            if (active.incrementAndGet() > 1) {
+                overlapped.set(true);
+                return false;
+            }
+            return overlapped.getAndSet(false);
+        }
+
+        void end() {
+            active.decrementAndGet();
         }
     }
 
@@ -577,6 +641,10 @@ public final class SessionAffinityValve extends ValveBase {
         volatile boolean atEnd;
         /** A new session the app made: counted once. */
         final AtomicBoolean created = new AtomicBoolean();
+        /** The session's requests in flight (null for a new session). */
+        Overlap overlap;
+        /** Requests of this session overlapped before this one: send the state even if unchanged. */
+        boolean resend;
 
         Exchange(Request request, String sid, Session session) {
             this.request = request;

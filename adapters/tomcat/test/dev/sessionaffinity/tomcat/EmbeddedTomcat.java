@@ -4,6 +4,8 @@ import java.io.File;
 import java.io.IOException;
 import java.nio.file.Files;
 import java.util.Map;
+import java.util.concurrent.CountDownLatch;
+import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicInteger;
 import java.util.function.Consumer;
 
@@ -11,6 +13,8 @@ import jakarta.servlet.ServletException;
 import jakarta.servlet.http.HttpServlet;
 import jakarta.servlet.http.HttpServletRequest;
 import jakarta.servlet.http.HttpServletResponse;
+import jakarta.servlet.http.HttpSessionEvent;
+import jakarta.servlet.http.HttpSessionListener;
 
 import org.apache.catalina.Context;
 import org.apache.catalina.LifecycleException;
@@ -34,6 +38,11 @@ final class EmbeddedTomcat implements AutoCloseable {
 
     final SessionAffinityValve valve = new SessionAffinityValve();
     final AtomicInteger appInvocations = new AtomicInteger();
+    /** sessionDestroyed events. */
+    final AtomicInteger sessionsDestroyed = new AtomicInteger();
+    /** A request with a {@code hold} parameter counts this down on entering the app, then waits for release. */
+    volatile CountDownLatch entered = new CountDownLatch(1);
+    volatile CountDownLatch release = new CountDownLatch(0);
     final Context context;
     private final Tomcat tomcat = new Tomcat();
     private final Connector connector = new Connector("HTTP/1.1");
@@ -62,14 +71,30 @@ final class EmbeddedTomcat implements AutoCloseable {
             @Override
             protected void service(HttpServletRequest request, HttpServletResponse response) throws ServletException, IOException {
                 appInvocations.incrementAndGet();
+                if (request.getParameter("hold") != null) {
+                    entered.countDown();
+                    try {
+                        release.await(10, TimeUnit.SECONDS);
+                    } catch (InterruptedException e) {
+                        Thread.currentThread().interrupt();
+                    }
+                }
                 app.service(request, response);
             }
         });
         wrapper.setAsyncSupported(true);
+
         context.addServletMappingDecoded("/", "app");
         Tomcat.addServlet(context, "files", new DefaultServlet());
         context.addServletMappingDecoded("/files/*", "files");
         tomcat.start();
+        // After the start, which sets the context's lifecycle listeners from its configuration.
+        context.setApplicationLifecycleListeners(new Object[] {new HttpSessionListener() {
+            @Override
+            public void sessionDestroyed(HttpSessionEvent event) {
+                sessionsDestroyed.incrementAndGet();
+            }
+        }});
     }
 
     /** A file the DefaultServlet serves at /files/name. */

@@ -12,8 +12,16 @@ import static org.junit.Assert.assertTrue;
 import java.io.File;
 import java.io.IOException;
 import java.nio.file.Files;
+import java.util.ArrayList;
+import java.util.List;
 import java.util.Map;
 import java.util.Random;
+import java.util.concurrent.CountDownLatch;
+import java.util.concurrent.CyclicBarrier;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.Future;
+import java.util.concurrent.TimeUnit;
 import java.util.TreeMap;
 import java.util.regex.Pattern;
 
@@ -177,6 +185,70 @@ public class ValveTest {
         String fromB = b.send("POST", "/cart/add?item=fig", session(sid)).header(STATE);
         RawHttp.Reply back = a.send("GET", "/cart", session(sid, "x-session-state", fromB));
         assertTrue(back.body, back.body.contains("\"items\":{\"apple\":1,\"pear\":1,\"plum\":1,\"fig\":1}"));
+    }
+
+    @Test
+    public void concurrentRequestsCarryingOneStateShareOneRestoredSession() throws Exception {
+        int rounds = 20;
+        int parallel = 6;
+        ExecutorService pool = Executors.newFixedThreadPool(parallel);
+        try {
+            for (int round = 0; round < rounds; round++) {
+                String sid = newSessionWithApple(a);
+                String state = a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+                long restored = b.valve.counter(Counter.SESSIONS_RESTORED);
+                CyclicBarrier start = new CyclicBarrier(parallel);
+                List<Future<RawHttp.Reply>> replies = new ArrayList<>();
+                for (int i = 0; i < parallel; i++) {
+                    replies.add(pool.submit(() -> {
+                        start.await(10, TimeUnit.SECONDS);
+                        return b.send("POST", "/cart/add?item=fig", session(sid, STATE, state));
+                    }));
+                }
+                for (Future<RawHttp.Reply> reply : replies) {
+                    assertEquals("round " + round, 200, reply.get(30, TimeUnit.SECONDS).status);
+                }
+                assertEquals("round " + round + ": restored once", restored + 1, b.valve.counter(Counter.SESSIONS_RESTORED));
+                String cart = b.send("GET", "/cart", session(sid)).body;
+                assertTrue("round " + round + ": every request's change in the one session: " + cart,
+                        cart.contains("\"fig\":" + parallel));
+            }
+        } finally {
+            pool.shutdownNow();
+        }
+    }
+
+    @Test
+    public void aStaleLocalCopyReplacedByARestoreIsDestroyedLikeAnExpiry() throws Exception {
+        String sid = newSessionWithApple(a);
+        String state = a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+        restoredOnB(sid, state);
+        String fromB = b.send("POST", "/cart/add?item=fig", session(sid)).header(STATE);
+        int destroyed = a.sessionsDestroyed.get();
+        assertTrue(a.send("GET", "/cart", session(sid, STATE, fromB)).body.contains("\"fig\":1"));
+        assertEquals("sessionDestroyed for the stale copy", destroyed + 1, a.sessionsDestroyed.get());
+    }
+
+    @Test
+    public void afterOverlappingRequestsTheNextResponseResendsTheState() throws Exception {
+        String sid = newSessionWithApple(a);
+        a.entered = new CountDownLatch(1);
+        a.release = new CountDownLatch(1);
+        ExecutorService pool = Executors.newSingleThreadExecutor();
+        try {
+            Future<RawHttp.Reply> slow = pool.submit(() -> a.send("GET", "/cart?hold=1", session(sid)));
+            assertTrue(a.entered.await(10, TimeUnit.SECONDS));
+            assertNotNull(a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE));
+            a.release.countDown();
+            assertEquals(200, slow.get(30, TimeUnit.SECONDS).status);
+        } finally {
+            a.release.countDown();
+            pool.shutdownNow();
+        }
+        String resent = a.send("GET", "/cart", session(sid)).header(STATE);
+        assertNotNull("the first request after the overlap resends the unchanged state", resent);
+        assertTrue(restoredOnB(sid, resent).contains("\"items\":{\"apple\":1,\"pear\":1}"));
+        assertNull("then only changes are sent again", a.send("GET", "/cart", session(sid)).header(STATE));
     }
 
     @Test
