@@ -251,6 +251,34 @@ public class ValveTest {
         assertNull("then only changes are sent again", a.send("GET", "/cart", session(sid)).header(STATE));
     }
 
+    /** Two-phase rotation from KEY_1 to KEY_2 with pods of every phase serving at once. */
+    @Test
+    public void keyRotationInTwoPhasesNeverRefusesARestore() throws Exception {
+        File phase1 = File.createTempFile("state-key", ".txt");
+        File phase2 = File.createTempFile("state-key", ".txt");
+        Files.writeString(phase1.toPath(), StateKeysTest.KEY_1 + " verify:" + StateKeysTest.KEY_2);
+        Files.writeString(phase2.toPath(), StateKeysTest.KEY_2 + "\n" + StateKeysTest.KEY_1);
+        try (EmbeddedTomcat verifying = new EmbeddedTomcat(phase1, valve -> { }, Map.of());
+                EmbeddedTomcat signing = new EmbeddedTomcat(phase2, valve -> { }, Map.of())) {
+            // Phase 1 (old pods A and B next to pods with the new key verify-only), then phase 2 (next to pods signing with it).
+            List<List<EmbeddedTomcat>> rolls = List.of(List.of(a, verifying), List.of(verifying, signing));
+            for (List<EmbeddedTomcat> pods : rolls) {
+                for (EmbeddedTomcat from : pods) {
+                    for (EmbeddedTomcat to : pods) {
+                        String sid = newSessionWithApple(from);
+                        String state = from.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+                        RawHttp.Reply moved = to.send("GET", "/cart", session(sid, STATE, state));
+                        assertEquals(moved.toString(), 200, moved.status);
+                        assertTrue(moved.body, moved.body.contains("\"items\":{\"apple\":1,\"pear\":1}"));
+                    }
+                }
+            }
+        } finally {
+            Files.delete(phase1.toPath());
+            Files.delete(phase2.toPath());
+        }
+    }
+
     @Test
     public void aTamperedStateIsRefusedAndCounted() throws Exception {
         String sid = newSessionWithApple(a);
