@@ -17,6 +17,7 @@ enum Counter {
     ATTRIBUTES_NOT_RESTORED("attributesNotRestored",
             "Attributes left out of a restored session: a class outside allowedClasses or not found here, or over the limits"),
     SERIALIZATION_FAILURES("serializationFailures", "States not sent because serializing the attributes failed"),
+    UNTRUSTED_SENDERS("untrustedSenders", "Requests with session headers from an address internalProxies does not match (served like plain Tomcat)"),
     INVALID_SESSION_IDS("invalidSessionIds", "Requests whose x-session-id is not in the proxy's format (served like plain Tomcat)"),
     RESTORES_REFUSED_MALFORMED("restoresRefusedMalformed", "Restore states refused: not in the state format"),
     RESTORES_REFUSED_SIGNATURE("restoresRefusedSignature", "Restore states refused: unsigned, tampered, or signed with an unknown key"),

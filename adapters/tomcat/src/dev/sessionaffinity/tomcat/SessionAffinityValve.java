@@ -85,6 +85,13 @@ public final class SessionAffinityValve extends ValveBase {
     private int bufferSize = 64 * 1024;
     private boolean trailers = true;
     private int refreshSeconds = 60;
+    private int maxStateAgeSeconds = 0;
+    private String appId = "";
+    /** RemoteIpValve's convention: loopback and private addresses (a sidecar, a pod network). */
+    private String internalProxies = "127\\.\\d{1,3}\\.\\d{1,3}\\.\\d{1,3}|0:0:0:0:0:0:0:1|::1"
+            + "|10\\.\\d{1,3}\\.\\d{1,3}\\.\\d{1,3}|192\\.168\\.\\d{1,3}\\.\\d{1,3}|169\\.254\\.\\d{1,3}\\.\\d{1,3}"
+            + "|172\\.(?:1[6-9]|2\\d|3[01])\\.\\d{1,3}\\.\\d{1,3}|100\\.(?:6[4-9]|[7-9]\\d|1[01]\\d|12[0-7])\\.\\d{1,3}\\.\\d{1,3}"
+            + "|f[cd][0-9a-f]{2}:.*|fe[89ab][0-9a-f]:.*";
     private String sessionIdHeader = "x-session-id";
     private String sessionNewHeader = "x-session-new";
     private String sessionStateHeader = "x-session-state";
@@ -103,6 +110,10 @@ public final class SessionAffinityValve extends ValveBase {
     private volatile StateCodec codec;
     private volatile Pattern allowList;
     private volatile String contextPath;
+    /** What a state is bound to: host name, context path and app id. */
+    private volatile String binding;
+    private volatile Pattern trustedSenders;
+    private final AtomicBoolean warnedUntrusted = new AtomicBoolean();
     private volatile byte[] emptyAttributes;
     private volatile ObjectName countersName;
 
@@ -126,6 +137,15 @@ public final class SessionAffinityValve extends ValveBase {
         if (refreshSeconds < 1 || bufferSize < 0) {
             throw new LifecycleException("SessionAffinityValve: refreshSeconds must be at least 1 and bufferSize at least 0");
         }
+        if (maxStateAgeSeconds != 0 && maxStateAgeSeconds <= refreshSeconds) {
+            throw new LifecycleException("SessionAffinityValve maxStateAgeSeconds: " + maxStateAgeSeconds
+                    + " must be 0 (off) or more than refreshSeconds (" + refreshSeconds + "), or sessions in use could not move");
+        }
+        try {
+            trustedSenders = Pattern.compile(internalProxies);
+        } catch (PatternSyntaxException e) {
+            throw new LifecycleException("SessionAffinityValve internalProxies: " + e.getMessage());
+        }
         try {
             codec = new StateCodec(StateKeys.load(keyFile, keyEnvironment, System.getenv()));
             allowList = Attributes.allowList(allowedClasses);
@@ -135,6 +155,8 @@ public final class SessionAffinityValve extends ValveBase {
         }
         emptyAttributes = Attributes.none();
         contextPath = ((Context) getContainer()).getPath();
+        // A state is signed for one virtual host, web app and app id: it restores nowhere else.
+        binding = getContainer().getParent().getName() + contextPath + (appId.isEmpty() ? "" : "#" + appId);
         instanceId = SessionIds.randomToken(12);
         countersName = registerCounters();
         log.info("SessionAffinityValve for '" + contextPath + "': instance id " + instanceId + ", maxStateBytes "
@@ -179,13 +201,23 @@ public final class SessionAffinityValve extends ValveBase {
     public void invoke(Request request, Response response) throws IOException, ServletException {
         response.setHeader(instanceIdHeader, instanceId);
         String sid = request.getHeader(sessionIdHeader);
-        if (sid == null) {
+        if (sid == null && request.getHeader(sessionStateHeader) == null && request.getHeader(sessionNewHeader) == null) {
             getNext().invoke(request, response);
+            return;
+        }
+        if (!trustedSenders.matcher(request.getRemoteAddr()).matches()) {
+            // Only the proxy speaks the contract: anyone else could pick a session id or replay a state.
+            counters.add(Counter.UNTRUSTED_SENDERS);
+            if (warnedUntrusted.compareAndSet(false, true)) {
+                log.warn("SessionAffinityValve: ignored the session headers of a request from " + request.getRemoteAddr()
+                        + ", which internalProxies does not match (warned once)");
+            }
+            plain(request, response);
             return;
         }
         if (!SessionIds.isSessionId(sid)) {
             counters.add(Counter.INVALID_SESSION_IDS);
-            getNext().invoke(request, response);
+            plain(request, response);
             return;
         }
         Manager manager = request.getContext().getManager();
@@ -225,6 +257,15 @@ public final class SessionAffinityValve extends ValveBase {
             return;
         }
         finish(exchange, response);
+    }
+
+    /** Serves the request like plain Tomcat, without the contract headers. */
+    private void plain(Request request, Response response) throws IOException, ServletException {
+        MimeHeaders headers = request.getCoyoteRequest().getMimeHeaders();
+        headers.removeHeader(sessionIdHeader);
+        headers.removeHeader(sessionNewHeader);
+        headers.removeHeader(sessionStateHeader);
+        getNext().invoke(request, response);
     }
 
     /** Ids that Tomcat itself picks (changeSessionId at login) must be in the proxy's format. */
@@ -287,7 +328,12 @@ public final class SessionAffinityValve extends ValveBase {
     private Session restore(Request request, Manager manager, String sid, String value, Session local, byte[] from)
             throws RestoreRefused {
         long now = System.currentTimeMillis();
-        SessionState state = codec.decode(value, sid, contextPath, now);
+        SessionState state = codec.decode(value, sid, binding, now);
+        if (maxStateAgeSeconds > 0 && now - state.lastAccessedTime > maxStateAgeSeconds * 1000L) {
+            // The last access time is when the state was issued: the valve writes a fresh one each time.
+            throw new RestoreRefused(RestoreRefused.Reason.EXPIRED, "issued " + (now - state.lastAccessedTime) / 1000
+                    + " s ago, over maxStateAgeSeconds " + maxStateAgeSeconds);
+        }
         Attributes.Read read = Attributes.read(state.attributes, request.getContext().getLoader().getClassLoader(), allowList);
         Map<String, Object> attributes = read.values;
         if (!read.refused.isEmpty()) {
@@ -384,7 +430,7 @@ public final class SessionAffinityValve extends ValveBase {
         Session session = announcement.session;
         int maxInactive = session.getMaxInactiveInterval();
         long now = System.currentTimeMillis();
-        String value = codec.encode(new SessionState(announcement.sessionId, contextPath, session.getCreationTimeInternal(),
+        String value = codec.encode(new SessionState(announcement.sessionId, binding, session.getCreationTimeInternal(),
                 now, maxInactive, emptyAttributes));
         return new Announcement(announcement.sessionId, session, value, false, announcement.rotatedTo,
                 new SentNote(hash(maxInactive, emptyAttributes), now, false, false));
@@ -435,14 +481,14 @@ public final class SessionAffinityValve extends ValveBase {
         }
         long created = session.getCreationTimeInternal();
         String value = written.bytes.length > StateCodec.MAX_ATTRIBUTE_BYTES ? null
-                : codec.encode(new SessionState(id, contextPath, created, now, maxInactive, written.bytes));
+                : codec.encode(new SessionState(id, binding, created, now, maxInactive, written.bytes));
         boolean oversized = value == null || value.length() > maxStateBytes;
         if (oversized) {
             counters.add(Counter.STATES_OVERSIZED);
             if (sent == null || !sent.oversized) {
                 warnOversized(written, value == null ? written.bytes.length : value.length());
             }
-            value = codec.encode(new SessionState(id, contextPath, created, now, maxInactive, emptyAttributes));
+            value = codec.encode(new SessionState(id, binding, created, now, maxInactive, emptyAttributes));
         }
         boolean holdsAttributes = !oversized && !Arrays.equals(written.bytes, emptyAttributes);
         return new Announcement(id, session, value, false, rotatedTo, new SentNote(hash, now, holdsAttributes, oversized));
@@ -729,6 +775,37 @@ public final class SessionAffinityValve extends ValveBase {
 
     public int getRefreshSeconds() {
         return refreshSeconds;
+    }
+
+    /**
+     * A regular expression of the addresses the proxy's requests come from
+     * (RemoteIpValve's convention). Contract headers from any other sender are
+     * removed and ignored.
+     */
+    public void setInternalProxies(String internalProxies) {
+        this.internalProxies = internalProxies;
+    }
+
+    public String getInternalProxies() {
+        return internalProxies;
+    }
+
+    /** Bound into every signed state, with the host and context: states of other apps never restore here. */
+    public void setAppId(String appId) {
+        this.appId = appId == null ? "" : appId;
+    }
+
+    public String getAppId() {
+        return appId;
+    }
+
+    /** Refuse restore states issued longer ago than this (0: only the session's own timeout applies). */
+    public void setMaxStateAgeSeconds(int maxStateAgeSeconds) {
+        this.maxStateAgeSeconds = maxStateAgeSeconds;
+    }
+
+    public int getMaxStateAgeSeconds() {
+        return maxStateAgeSeconds;
     }
 
     public void setSessionIdHeader(String name) {

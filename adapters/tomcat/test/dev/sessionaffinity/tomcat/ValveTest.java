@@ -280,6 +280,40 @@ public class ValveTest {
     }
 
     @Test
+    public void onlyTheProxysAddressesMaySpeakTheContractAndStatesAreBoundToTheirApp() throws Exception {
+        String sid = newSessionWithApple(a);
+        String state = a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+        try (EmbeddedTomcat behindAProxy = new EmbeddedTomcat(keyFile, valve -> valve.setInternalProxies("10\\.9\\.9\\.9"), Map.of());
+                EmbeddedTomcat otherApp = new EmbeddedTomcat(keyFile, valve -> valve.setAppId("billing"), Map.of())) {
+            // The test's requests come from 127.0.0.1, which is not the proxy here.
+            RawHttp.Reply picked = behindAProxy.send("GET", "/cart", session(SessionIds.newSessionId(), "x-session-new", "1"));
+            assertEquals(200, picked.status);
+            assertTrue("Tomcat's own session, not the sender's id", picked.body.contains("\"new\":true")
+                    && picked.header("set-cookie").startsWith("JSESSIONID="));
+            assertNull(picked.header("x-session-end"));
+            RawHttp.Reply replayed = behindAProxy.send("GET", "/cart", session(sid, STATE, state));
+            assertFalse("a replayed state is ignored", replayed.body.contains("apple"));
+            assertEquals(0, behindAProxy.valve.counter(Counter.SESSIONS_RESTORED));
+            assertEquals(2, behindAProxy.valve.counter(Counter.UNTRUSTED_SENDERS));
+            long other = otherApp.valve.counter(Counter.RESTORES_REFUSED_OTHER_SESSION);
+            expectUnknown(otherApp, session(sid, STATE, state));
+            assertEquals("signed for another app id", other + 1, otherApp.valve.counter(Counter.RESTORES_REFUSED_OTHER_SESSION));
+        }
+    }
+
+    @Test
+    public void aStateOlderThanMaxStateAgeIsRefused() throws Exception {
+        String sid = SessionIds.newSessionId();
+        long issued = System.currentTimeMillis() - 600_000;
+        String state = codec.encode(new SessionState(sid, "localhost", issued, issued, 3600, Attributes.none()));
+        try (EmbeddedTomcat capped = new EmbeddedTomcat(keyFile, valve -> valve.setMaxStateAgeSeconds(300), Map.of())) {
+            expectUnknown(capped, session(sid, STATE, state));
+            assertEquals(1, capped.valve.counter(Counter.RESTORES_REFUSED_EXPIRED));
+        }
+        assertEquals("within the session's timeout, no cap: restored", 200, b.send("GET", "/cart", session(sid, STATE, state)).status);
+    }
+
+    @Test
     public void aTamperedStateIsRefusedAndCounted() throws Exception {
         String sid = newSessionWithApple(a);
         String state = a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
@@ -303,7 +337,7 @@ public class ValveTest {
         // As written by a pod whose allow-list lets the gadget in.
         byte[] attributes = Attributes.write(new TreeMap<>(Map.of("x", new AttributesTest.Gadget(), "cart", cart)),
                 Pattern.compile(".*")).bytes;
-        String state = codec.encode(new SessionState(sid, "", now, now, 1800, attributes));
+        String state = codec.encode(new SessionState(sid, "localhost", now, now, 1800, attributes));
         AttributesTest.Gadget.ran = false;
         long before = b.valve.counter(Counter.ATTRIBUTES_NOT_RESTORED);
         assertTrue(restoredOnB(sid, state).contains("\"items\":{\"apple\":1}"));
@@ -315,7 +349,7 @@ public class ValveTest {
     public void anExpiredStateIsRefusedAsEnded() throws Exception {
         String sid = SessionIds.newSessionId();
         long idle = System.currentTimeMillis() - 120_000;
-        String state = codec.encode(new SessionState(sid, "", idle - 1000, idle, 60, Attributes.none()));
+        String state = codec.encode(new SessionState(sid, "localhost", idle - 1000, idle, 60, Attributes.none()));
         long before = b.valve.counter(Counter.RESTORES_REFUSED_EXPIRED);
         RawHttp.Reply reply = expectUnknown(b, session(sid, "x-session-state", state));
         assertEquals("1", reply.header("x-session-end"));
@@ -339,7 +373,7 @@ public class ValveTest {
         Cart cart = new Cart();
         cart.add("apple", 1);
         byte[] attributes = Attributes.write(new TreeMap<>(Map.of("cart", cart)), ALLOWED).bytes;
-        String state = codec.encode(new SessionState(sid, "", now - 7_200_000, now - 60_000, 1800, attributes));
+        String state = codec.encode(new SessionState(sid, "localhost", now - 7_200_000, now - 60_000, 1800, attributes));
         assertEquals(200, b.send("GET", "/healthz", session(sid, "x-session-state", state)).status);
         RawHttp.Reply next = b.send("GET", "/cart", session(sid));
         assertEquals(next.toString(), 200, next.status);
@@ -353,10 +387,10 @@ public class ValveTest {
         Cart cart = new Cart();
         cart.add("apple", 2);
         byte[] attributes = Attributes.write(new TreeMap<>(Map.of("cart", cart)), ALLOWED).bytes;
-        String state = codec.encode(new SessionState(sid, "", then, then, 1800, attributes));
+        String state = codec.encode(new SessionState(sid, "localhost", then, then, 1800, attributes));
         RawHttp.Reply reply = b.send("GET", "/cart", session(sid, "x-session-state", state));
         assertEquals(200, reply.status);
-        SessionState refreshed = codec.decode(reply.header(STATE), sid, "", System.currentTimeMillis());
+        SessionState refreshed = codec.decode(reply.header(STATE), sid, "localhost", System.currentTimeMillis());
         assertTrue(refreshed.lastAccessedTime > then + 290_000);
         assertEquals(then, refreshed.creationTime);
     }
@@ -377,7 +411,7 @@ public class ValveTest {
         String newSid = login.header("x-session-rotate");
         assertTrue(login.toString(), SessionIds.isSessionId(newSid));
         assertNotEquals(sid, newSid);
-        SessionState state = codec.decode(login.header(STATE), newSid, "", System.currentTimeMillis());
+        SessionState state = codec.decode(login.header(STATE), newSid, "localhost", System.currentTimeMillis());
         assertEquals(newSid, state.sessionId);
         expectUnknown(a, session(sid));
         RawHttp.Reply after = a.send("GET", "/cart", session(newSid));
@@ -393,7 +427,7 @@ public class ValveTest {
         String newSid = login.header("x-session-rotate");
         assertTrue(login.toString(), SessionIds.isSessionId(newSid) && !newSid.equals(sid));
         assertNull("the session goes on under a new id: no end", login.header("x-session-end"));
-        assertEquals(newSid, codec.decode(login.header(STATE), newSid, "", System.currentTimeMillis()).sessionId);
+        assertEquals(newSid, codec.decode(login.header(STATE), newSid, "localhost", System.currentTimeMillis()).sessionId);
         expectUnknown(a, session(sid));
         assertTrue(a.send("GET", "/cart", session(newSid)).body.contains("\"user\":\"bob\""));
     }
@@ -439,7 +473,7 @@ public class ValveTest {
         assertEquals(deferred + 1, a.valve.counter(Counter.CHANGES_DEFERRED));
         String state = a.send("GET", "/cart", session(sid)).header(STATE);
         assertNotNull("the next response sends the change", state);
-        assertTrue(codec.decode(state, sid, "", System.currentTimeMillis()).attributes.length > 0);
+        assertTrue(codec.decode(state, sid, "localhost", System.currentTimeMillis()).attributes.length > 0);
     }
 
     @Test
@@ -462,10 +496,10 @@ public class ValveTest {
         assertEquals(before + 1, a.valve.counter(Counter.STATES_OVERSIZED));
         String state = reply.header(STATE);
         assertTrue(state.length() <= a.valve.getMaxStateBytes());
-        assertEquals(Attributes.none().length, codec.decode(state, sid, "", System.currentTimeMillis()).attributes.length);
+        assertEquals(Attributes.none().length, codec.decode(state, sid, "localhost", System.currentTimeMillis()).attributes.length);
         RawHttp.Reply smaller = a.send("POST", "/big?kb=0", session(sid));
         assertTrue("back under the cap, the attributes travel again",
-                codec.decode(smaller.header(STATE), sid, "", System.currentTimeMillis()).attributes.length > 100);
+                codec.decode(smaller.header(STATE), sid, "localhost", System.currentTimeMillis()).attributes.length > 100);
     }
 
     @Test
@@ -497,9 +531,9 @@ public class ValveTest {
             assertEquals(rotated + 1, tight.valve.counter(Counter.SESSIONS_ROTATED));
             long now = System.currentTimeMillis();
             assertEquals("the header state: the new id, no attributes", Attributes.none().length,
-                    codec.decode(login.header(STATE), newSid, "", now).attributes.length);
+                    codec.decode(login.header(STATE), newSid, "localhost", now).attributes.length);
             assertTrue("the full state follows in the trailer",
-                    codec.decode(login.trailers.get(STATE), newSid, "", now).attributes.length > 2048);
+                    codec.decode(login.trailers.get(STATE), newSid, "localhost", now).attributes.length > 2048);
             String moved = restoredOnB(newSid, login.trailers.get(STATE));
             assertTrue(moved, moved.contains("\"user\":\"ann\"") && moved.contains("\"report_bytes\":2048"));
         }
@@ -514,7 +548,7 @@ public class ValveTest {
             String sid = SessionIds.newSessionId();
             long then = System.currentTimeMillis() - 300_000;
             byte[] attributes = Attributes.write(new TreeMap<>(Map.of("report", randomBytes(2048))), ALLOWED).bytes;
-            String state = codec.encode(new SessionState(sid, "", then, then, 1800, attributes));
+            String state = codec.encode(new SessionState(sid, "localhost", then, then, 1800, attributes));
             long inTrailers = tight.valve.counter(Counter.STATES_SENT_IN_TRAILERS);
             long deferred = tight.valve.counter(Counter.CHANGES_DEFERRED);
             RawHttp.Reply reply = tight.send("GET", "/files/big.bin", session(sid, STATE, state));
