@@ -1,6 +1,7 @@
 package dev.sessionaffinity.tomcat;
 
 import java.io.IOException;
+import java.lang.management.ManagementFactory;
 import java.nio.ByteBuffer;
 import java.nio.charset.StandardCharsets;
 import java.security.MessageDigest;
@@ -38,7 +39,6 @@ import org.apache.coyote.http11.AbstractHttp11Protocol;
 import org.apache.juli.logging.Log;
 import org.apache.juli.logging.LogFactory;
 import org.apache.tomcat.util.http.MimeHeaders;
-import org.apache.tomcat.util.modeler.Registry;
 
 /**
  * Speaks the session-affinity proxy's app contract for an unmodified web app,
@@ -159,7 +159,9 @@ public final class SessionAffinityValve extends ValveBase {
         binding = getContainer().getParent().getName() + contextPath + (appId.isEmpty() ? "" : "#" + appId);
         instanceId = SessionIds.randomToken(12);
         countersName = registerCounters();
-        log.info("SessionAffinityValve for '" + contextPath + "': instance id " + instanceId + ", maxStateBytes "
+        String version = SessionAffinityValve.class.getPackage().getImplementationVersion();
+        log.info("SessionAffinityValve " + (version == null ? "(unpackaged)" : version) + " for '" + contextPath
+                + "': instance id " + instanceId + ", maxStateBytes "
                 + maxStateBytes + ", trailers " + (trailers ? "on" : "off") + ", counters " + countersName);
         super.startInternal();
     }
@@ -191,8 +193,9 @@ public final class SessionAffinityValve extends ValveBase {
         }
     }
 
+    /** The JVM's MBean server, which Tomcat's registry uses too (and which Spring Boot's disabled registry does not hide). */
     private static MBeanServer mbeanServer() {
-        return Registry.getRegistry(null).getMBeanServer();
+        return ManagementFactory.getPlatformMBeanServer();
     }
 
     // --------------------------------------------------------------- request
