@@ -7,6 +7,7 @@ enum Counter {
     SESSIONS_UNKNOWN("sessionsUnknown", "Requests for a session not known here, answered unknown without running the app"),
     SESSIONS_ENDED("sessionsEnded", "Sessions the app ended (invalidate, logout), announced with x-session-end"),
     SESSIONS_ROTATED("sessionsRotated", "Session id changes (changeSessionId, login), announced with x-session-rotate"),
+    REQUESTS_UNTOUCHED("requestsUntouched", "Requests of a session that never asked for it (getSession): nothing serialized"),
     STATES_SENT("statesSent", "Changed states sent in a response header"),
     STATES_SENT_IN_TRAILERS("statesSentInTrailers", "Changed states sent in a trailer (the response was already committed)"),
     CHANGES_DEFERRED("changesDeferred",

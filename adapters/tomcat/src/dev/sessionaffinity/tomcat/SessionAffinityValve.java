@@ -20,6 +20,8 @@ import java.util.regex.PatternSyntaxException;
 import java.util.stream.Collectors;
 
 import jakarta.servlet.ServletException;
+import jakarta.servlet.http.HttpServletRequest;
+import jakarta.servlet.http.HttpServletRequestWrapper;
 import jakarta.servlet.http.HttpSession;
 
 import javax.management.JMException;
@@ -27,9 +29,16 @@ import javax.management.MBeanServer;
 import javax.management.ObjectName;
 
 import org.apache.catalina.Context;
+import org.apache.catalina.Engine;
+import org.apache.catalina.Host;
+import org.apache.catalina.Lifecycle;
+import org.apache.catalina.LifecycleEvent;
 import org.apache.catalina.LifecycleException;
+import org.apache.catalina.LifecycleListener;
 import org.apache.catalina.Manager;
+import org.apache.catalina.Service;
 import org.apache.catalina.Session;
+import org.apache.catalina.connector.Connector;
 import org.apache.catalina.connector.Request;
 import org.apache.catalina.connector.Response;
 import org.apache.catalina.session.StandardSession;
@@ -71,6 +80,8 @@ public final class SessionAffinityValve extends ValveBase {
     /** Room left for the status line and framing when checking that a state fits the response headers. */
     private static final int HEADER_SLACK = 512;
     private static final int DEFAULT_MAX_RESPONSE_HEADER = 8192;
+    /** Room a restore request needs besides the state: the client's own headers (cookies) and the proxy's. */
+    private static final int REQUEST_HEADER_ROOM = 4096;
     /** Attribute names warned about at most, so a stream of new names cannot grow the set without bound. */
     private static final int MAX_WARNED = 1000;
     private static final MessageDigest SHA256 = sha256();
@@ -104,6 +115,7 @@ public final class SessionAffinityValve extends ValveBase {
     private final Counters counters = new Counters();
     private final Set<String> warnedAttributes = ConcurrentHashMap.newKeySet();
     private final AtomicBoolean warnedNoRoom = new AtomicBoolean();
+    private final LifecycleListener idsListener = this::useProxySessionIds;
     /** Striped locks: one restore of a session id at a time. */
     private final Object[] restoreLocks = new Object[64];
     private volatile String instanceId;
@@ -159,6 +171,8 @@ public final class SessionAffinityValve extends ValveBase {
         binding = getContainer().getParent().getName() + contextPath + (appId.isEmpty() ? "" : "#" + appId);
         instanceId = SessionIds.randomToken(12);
         countersName = registerCounters();
+        getContainer().addLifecycleListener(idsListener);
+        checkConnectors();
         String version = SessionAffinityValve.class.getPackage().getImplementationVersion();
         log.info("SessionAffinityValve " + (version == null ? "(unpackaged)" : version) + " for '" + contextPath
                 + "': instance id " + instanceId + ", maxStateBytes "
@@ -166,8 +180,39 @@ public final class SessionAffinityValve extends ValveBase {
         super.startInternal();
     }
 
+    /**
+     * Warns at start about connectors whose header limits are too small for
+     * maxStateBytes: a restore request over the request limit gets a 400
+     * before any valve runs, and a state over the response limit goes in a trailer.
+     */
+    private void checkConnectors() {
+        if (!(getContainer().getParent() instanceof Host) || !(getContainer().getParent().getParent() instanceof Engine)) {
+            return;
+        }
+        Service service = ((Engine) getContainer().getParent().getParent()).getService();
+        for (Connector connector : service == null ? new Connector[0] : service.findConnectors()) {
+            if (!(connector.getProtocolHandler() instanceof AbstractHttp11Protocol)) {
+                continue;
+            }
+            AbstractHttp11Protocol<?> http = (AbstractHttp11Protocol<?>) connector.getProtocolHandler();
+            int request = maxStateBytes + REQUEST_HEADER_ROOM;
+            if (http.getMaxHttpRequestHeaderSize() < request) {
+                log.warn("SessionAffinityValve: connector on port " + connector.getPort() + " has maxHttpRequestHeaderSize "
+                        + http.getMaxHttpRequestHeaderSize() + ", too small for restore requests with maxStateBytes "
+                        + maxStateBytes + " (Tomcat answers 400 before the valve runs); set maxHttpRequestHeaderSize=\""
+                        + request + "\" or more on that connector");
+            }
+            if (http.getMaxHttpResponseHeaderSize() < maxStateBytes + HEADER_SLACK) {
+                log.warn("SessionAffinityValve: connector on port " + connector.getPort() + " has maxHttpResponseHeaderSize "
+                        + http.getMaxHttpResponseHeaderSize() + ", so states near maxStateBytes " + maxStateBytes
+                        + " go in trailers; set maxHttpResponseHeaderSize=\"" + (maxStateBytes + 4096) + "\" or more");
+            }
+        }
+    }
+
     @Override
     protected void stopInternal() throws LifecycleException {
+        getContainer().removeLifecycleListener(idsListener);
         super.stopInternal();
         if (countersName != null) {
             try {
@@ -224,7 +269,6 @@ public final class SessionAffinityValve extends ValveBase {
             return;
         }
         Manager manager = request.getContext().getManager();
-        useProxySessionIds(manager);
         Exchange exchange = resolve(request, response, sid, manager);
         if (exchange == null) {
             return; // answered "unknown session"
@@ -271,10 +315,17 @@ public final class SessionAffinityValve extends ValveBase {
         getNext().invoke(request, response);
     }
 
-    /** Ids that Tomcat itself picks (changeSessionId at login) must be in the proxy's format. */
-    private static void useProxySessionIds(Manager manager) {
-        if (!(manager.getSessionIdGenerator() instanceof SessionIds)) {
-            manager.setSessionIdGenerator(new SessionIds());
+    /**
+     * Ids that Tomcat itself picks (changeSessionId at login, a new session)
+     * must be in the proxy's format: installed once the context, and so its
+     * Manager, has started.
+     */
+    private void useProxySessionIds(LifecycleEvent event) {
+        if (Lifecycle.AFTER_START_EVENT.equals(event.getType())) {
+            Manager manager = ((Context) event.getLifecycle()).getManager();
+            if (manager != null && !(manager.getSessionIdGenerator() instanceof SessionIds)) {
+                manager.setSessionIdGenerator(new SessionIds());
+            }
         }
     }
 
@@ -295,9 +346,9 @@ public final class SessionAffinityValve extends ValveBase {
                 synchronized (restoreLocks[Math.floorMod(sid.hashCode(), restoreLocks.length)]) {
                     Session current = manager.findSession(sid);
                     if (current != null && current.isValid() && Arrays.equals((byte[]) current.getNote(RESTORED_NOTE), from)) {
-                        return exchange(request, sid, current);
+                        return exchange(request, sid, current, true);
                     }
-                    return exchange(request, sid, restore(request, manager, sid, state, current, from));
+                    return exchange(request, sid, restore(request, manager, sid, state, current, from), true);
                 }
             } catch (RestoreRefused refused) {
                 counters.add(refused.reason.counter);
@@ -308,11 +359,11 @@ public final class SessionAffinityValve extends ValveBase {
             }
         }
         if (local != null && local.isValid()) {
-            return exchange(request, sid, local);
+            return exchange(request, sid, local, false);
         }
         if ("1".equals(request.getHeader(sessionNewHeader))) {
             // Lazily: a client that never gets a session (a probe, a bot) costs no session and no events.
-            return new Exchange(request, sid, null);
+            return new Exchange(request, sid, null, false);
         }
         counters.add(Counter.SESSIONS_UNKNOWN);
         // A session found but invalid just expired for inactivity: say it ended.
@@ -321,8 +372,8 @@ public final class SessionAffinityValve extends ValveBase {
     }
 
     /** An exchange of an existing session, noting whether other requests of it overlap this one. */
-    private Exchange exchange(Request request, String sid, Session session) {
-        Exchange exchange = new Exchange(request, sid, session);
+    private Exchange exchange(Request request, String sid, Session session, boolean restored) {
+        Exchange exchange = new Exchange(request, sid, session, restored);
         exchange.overlap = Overlap.of(session);
         exchange.resend = exchange.overlap.begin();
         return exchange;
@@ -459,6 +510,11 @@ public final class SessionAffinityValve extends ValveBase {
         }
         String rotatedTo = id.equals(exchange.sid) ? null : id;
         SentNote sent = (SentNote) session.getNote(SENT_NOTE);
+        if (rotatedTo == null && sent != null && !exchange.resend && exchange.untouched(session)) {
+            // The app never asked for the session, so it cannot have changed it: no serialization at all.
+            counters.add(Counter.REQUESTS_UNTOUCHED);
+            return new Announcement(id, session, null, false, null, null);
+        }
         return stateOf(session, id, sent, rotatedTo != null || sent == null || exchange.resend, rotatedTo);
     }
 
@@ -695,10 +751,24 @@ public final class SessionAffinityValve extends ValveBase {
         /** Requests of this session overlapped before this one: send the state even if unchanged. */
         boolean resend;
 
-        Exchange(Request request, String sid, Session session) {
+        /** The app's view of a request of a session found here (null otherwise): notes whether it got the session. */
+        private final Watched watched;
+
+        Exchange(Request request, String sid, Session session, boolean restored) {
             this.request = request;
             this.sid = sid;
             this.session = session;
+            // Not by access time, as memcached-session-manager does: Tomcat's authenticator reads the session
+            // on every request, so only the app's own getSession() tells.
+            this.watched = session == null || restored ? null : new Watched(request.getRequest());
+            if (watched != null) {
+                request.setRequest(watched);
+            }
+        }
+
+        /** True if the app never asked for the session, so it cannot have changed it. */
+        boolean untouched(Session current) {
+            return current == session && watched != null && !watched.asked;
         }
 
         @Override
@@ -714,6 +784,33 @@ public final class SessionAffinityValve extends ValveBase {
             Map<String, String> fields = announcement.trailerFields();
             announcement.sent(true);
             return fields;
+        }
+    }
+
+    /** The request the app sees: notes whether it asked for its session. */
+    private static final class Watched extends HttpServletRequestWrapper {
+        volatile boolean asked;
+
+        Watched(HttpServletRequest request) {
+            super(request);
+        }
+
+        @Override
+        public HttpSession getSession(boolean create) {
+            asked = true;
+            return super.getSession(create);
+        }
+
+        @Override
+        public HttpSession getSession() {
+            asked = true;
+            return super.getSession();
+        }
+
+        @Override
+        public String changeSessionId() {
+            asked = true;
+            return super.changeSessionId();
         }
     }
 

@@ -160,6 +160,47 @@ public class ValveTest {
     }
 
     @Test
+    public void aRequestThatNeverGetsTheSessionSerializesNothing() throws Exception {
+        String sid = newSessionWithApple(a);
+        long untouched = a.valve.counter(Counter.REQUESTS_UNTOUCHED);
+        RawHttp.Reply probe = a.send("GET", "/healthz", session(sid));
+        assertEquals(200, probe.status);
+        assertNull(probe.header(STATE));
+        assertEquals(untouched + 1, a.valve.counter(Counter.REQUESTS_UNTOUCHED));
+        assertNotNull("a request that changes it still sends", a.send("POST", "/cart/add?item=fig", session(sid)).header(STATE));
+        assertEquals(untouched + 1, a.valve.counter(Counter.REQUESTS_UNTOUCHED));
+    }
+
+    @Test
+    public void connectorLimitsTooSmallForMaxStateBytesAreNamedAtStart() throws Exception {
+        java.util.logging.Logger logger = java.util.logging.Logger.getLogger(SessionAffinityValve.class.getName());
+        List<String> warnings = new java.util.concurrent.CopyOnWriteArrayList<>();
+        java.util.logging.Handler handler = new java.util.logging.Handler() {
+            @Override
+            public void publish(java.util.logging.LogRecord record) {
+                warnings.add(record.getMessage());
+            }
+
+            @Override
+            public void flush() {
+            }
+
+            @Override
+            public void close() {
+            }
+        };
+        logger.addHandler(handler);
+        try (EmbeddedTomcat small = new EmbeddedTomcat(keyFile, valve -> { },
+                Map.of("maxHttpRequestHeaderSize", "4096", "maxHttpResponseHeaderSize", "4096"))) {
+            assertEquals(200, small.send("GET", "/healthz", Map.of()).status);
+            assertTrue(warnings.toString(), warnings.stream().anyMatch(w -> w.contains("set maxHttpRequestHeaderSize=\"8192\"")));
+            assertTrue(warnings.toString(), warnings.stream().anyMatch(w -> w.contains("set maxHttpResponseHeaderSize=\"8192\"")));
+        } finally {
+            logger.removeHandler(handler);
+        }
+    }
+
+    @Test
     public void aStateMovesTheSessionToAnotherTomcat() throws Exception {
         String sid = newSessionWithApple(a);
         a.send("POST", "/ttl?seconds=900", session(sid));
@@ -536,6 +577,24 @@ public class ValveTest {
                     codec.decode(login.trailers.get(STATE), newSid, "localhost", now).attributes.length > 2048);
             String moved = restoredOnB(newSid, login.trailers.get(STATE));
             assertTrue(moved, moved.contains("\"user\":\"ann\"") && moved.contains("\"report_bytes\":2048"));
+        }
+    }
+
+    /** The README's settings for big sessions: a 64 KiB serialized session moves between two Tomcats in headers. */
+    @Test
+    public void a64KiBSessionMovesWithTheDocumentedSettings() throws Exception {
+        Map<String, String> connector = Map.of("maxHttpRequestHeaderSize", "131072", "maxHttpResponseHeaderSize", "131072");
+        try (EmbeddedTomcat from = new EmbeddedTomcat(keyFile, valve -> valve.setMaxStateBytes(98304), connector);
+                EmbeddedTomcat to = new EmbeddedTomcat(keyFile, valve -> valve.setMaxStateBytes(98304), connector)) {
+            String sid = SessionIds.newSessionId();
+            from.send("GET", "/cart", session(sid, "x-session-new", "1"));
+            RawHttp.Reply big = from.send("POST", "/big?kb=64", session(sid));
+            String state = big.header(STATE);
+            assertNotNull("in a header: " + big, state);
+            assertTrue(state.length() + " characters", state.length() > 64 * 1024 * 4 / 3 && state.length() <= 98304);
+            RawHttp.Reply moved = to.send("GET", "/cart", session(sid, STATE, state));
+            assertEquals(moved.toString(), 200, moved.status);
+            assertTrue(moved.body, moved.body.contains("\"report_bytes\":65536"));
         }
     }
 
