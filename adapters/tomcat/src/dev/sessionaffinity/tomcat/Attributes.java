@@ -85,13 +85,14 @@ final class Attributes {
     /**
      * The session's attributes that can travel: Serializable, made only of
      * allowed classes, and distributable under the Manager's attribute filters
-     * (if any are configured).
+     * (if any are configured); plus extra values the valve carries itself.
      *
      * @throws IOException if an attribute fails to serialize for another reason
      *         (e.g. it changed while being written); nothing should be sent then
      */
-    static Written write(HttpSession session, Manager manager, Pattern allowedClasses) throws IOException {
-        SortedMap<String, Object> values = new TreeMap<>();
+    static Written write(HttpSession session, Manager manager, Pattern allowedClasses, Map<String, Object> extra)
+            throws IOException {
+        SortedMap<String, Object> values = new TreeMap<>(extra);
         for (String name : Collections.list(session.getAttributeNames())) {
             Object value = session.getAttribute(name);
             if (value != null && manager.willAttributeDistribute(name, value)) {
@@ -302,7 +303,8 @@ final class Attributes {
                     + "|locks\\.ReentrantLock(?:\\$Sync|\\$NonfairSync)?|locks\\.AbstractQueuedSynchronizer"
                     + "|locks\\.AbstractOwnableSynchronizer)",
             "sun\\.util\\.calendar\\.ZoneInfo",
-            "java\\.time\\.Ser");
+            "java\\.time\\.Ser",
+            "dev\\.sessionaffinity\\.tomcat\\.Login");
 
     /** Classes an allow-list must never match: deserialization gadgets and the types they hide behind. */
     static final List<String> GADGETS = List.of(

@@ -408,6 +408,10 @@ public final class SessionAffinityValve extends ValveBase {
         session.endAccess();
         session.setMaxInactiveInterval(state.maxInactiveInterval);
         // Like Tomcat loading persisted sessions: no attribute or creation events, then sessionDidActivate.
+        Object login = attributes.remove(Login.ATTRIBUTE);
+        if (login instanceof Login) {
+            ((Login) login).restoreInto(session); // the container login, as Tomcat cached it
+        }
         attributes.forEach((name, attribute) -> session.setAttribute(name, attribute, false));
         session.setNote(SENT_NOTE, new SentNote(hash(state.maxInactiveInterval, state.attributes), state.lastAccessedTime,
                 !attributes.isEmpty(), false));
@@ -523,7 +527,9 @@ public final class SessionAffinityValve extends ValveBase {
         Attributes.Written written;
         int maxInactive;
         try {
-            written = Attributes.write(http, session.getManager(), allowList);
+            Login login = Login.of(session);
+            written = Attributes.write(http, session.getManager(), allowList,
+                    login == null ? Map.of() : Map.of(Login.ATTRIBUTE, login));
             maxInactive = http.getMaxInactiveInterval();
         } catch (IOException | RuntimeException e) {
             counters.add(Counter.SERIALIZATION_FAILURES);

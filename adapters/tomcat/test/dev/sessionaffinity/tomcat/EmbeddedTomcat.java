@@ -19,9 +19,13 @@ import jakarta.servlet.http.HttpSessionListener;
 import org.apache.catalina.Context;
 import org.apache.catalina.LifecycleException;
 import org.apache.catalina.Wrapper;
+import org.apache.catalina.authenticator.BasicAuthenticator;
 import org.apache.catalina.servlets.DefaultServlet;
 import org.apache.catalina.connector.Connector;
 import org.apache.catalina.startup.Tomcat;
+import org.apache.tomcat.util.descriptor.web.LoginConfig;
+import org.apache.tomcat.util.descriptor.web.SecurityCollection;
+import org.apache.tomcat.util.descriptor.web.SecurityConstraint;
 
 import dev.sessionaffinity.demo.ApiServlet;
 
@@ -34,6 +38,7 @@ import dev.sessionaffinity.demo.ApiServlet;
 final class EmbeddedTomcat implements AutoCloseable {
 
     static final String DEMO_CLASSES = "dev\\.sessionaffinity\\.demo\\..*";
+    static final String PASSWORD = "test-password-of-ann";
     private static final AtomicInteger ENGINES = new AtomicInteger();
 
     final SessionAffinityValve valve = new SessionAffinityValve();
@@ -48,9 +53,15 @@ final class EmbeddedTomcat implements AutoCloseable {
     private final Connector connector = new Connector("HTTP/1.1");
     private final File base;
 
-    @SuppressWarnings("deprecation") // addServletMappingDecoded: what Tomcat's own embedded examples use
     EmbeddedTomcat(File keyFile, Consumer<SessionAffinityValve> configure, Map<String, String> connectorProperties)
             throws IOException, LifecycleException {
+        this(keyFile, configure, connectorProperties, false);
+    }
+
+    /** basicAuth: POST /cart/add needs user ann (password {@value #PASSWORD}) by BASIC authentication. */
+    @SuppressWarnings("deprecation") // addServletMappingDecoded: what Tomcat's own embedded examples use
+    EmbeddedTomcat(File keyFile, Consumer<SessionAffinityValve> configure, Map<String, String> connectorProperties,
+            boolean basicAuth) throws IOException, LifecycleException {
         base = Files.createTempDirectory("valve-test").toFile();
         tomcat.setBaseDir(base.getPath());
         tomcat.getEngine().setName("test" + ENGINES.incrementAndGet()); // own JMX domain per Tomcat
@@ -64,6 +75,20 @@ final class EmbeddedTomcat implements AutoCloseable {
         valve.setAllowedClasses(DEMO_CLASSES);
         configure.accept(valve);
         context.getPipeline().addValve(valve);
+        if (basicAuth) {
+            tomcat.addUser("ann", PASSWORD);
+            tomcat.addRole("ann", "shopper");
+            LoginConfig login = new LoginConfig();
+            login.setAuthMethod("BASIC");
+            context.setLoginConfig(login);
+            SecurityCollection paths = new SecurityCollection();
+            paths.addPattern("/cart/add");
+            SecurityConstraint constraint = new SecurityConstraint();
+            constraint.addAuthRole("shopper");
+            constraint.addCollection(paths);
+            context.addConstraint(constraint);
+            context.getPipeline().addValve(new BasicAuthenticator()); // after the valve, as ContextConfig adds it
+        }
         ApiServlet app = new ApiServlet();
         Wrapper wrapper = Tomcat.addServlet(context, "app", new HttpServlet() {
             private static final long serialVersionUID = 1L;

@@ -201,6 +201,29 @@ public class ValveTest {
     }
 
     @Test
+    public void aContainerLoginStaysLoggedInAfterAMove() throws Exception {
+        try (EmbeddedTomcat from = new EmbeddedTomcat(keyFile, valve -> { }, Map.of(), true);
+                EmbeddedTomcat to = new EmbeddedTomcat(keyFile, valve -> { }, Map.of(), true)) {
+            String sid = SessionIds.newSessionId();
+            from.send("GET", "/cart", session(sid, "x-session-new", "1"));
+            String basic = "Basic " + java.util.Base64.getEncoder().encodeToString(
+                    ("ann:" + EmbeddedTomcat.PASSWORD).getBytes(java.nio.charset.StandardCharsets.UTF_8));
+            RawHttp.Reply added = from.send("POST", "/cart/add?item=apple", session(sid, "authorization", basic));
+            assertEquals(added.toString(), 200, added.status);
+            sid = added.header("x-session-rotate"); // Tomcat changes the session id on authentication
+            assertTrue(added.toString(), SessionIds.isSessionId(sid));
+            assertEquals("the login is cached in the session", 200, from.send("POST", "/cart/add?item=fig", session(sid)).status);
+            String state = from.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+            RawHttp.Reply moved = to.send("POST", "/cart/add?item=plum", session(sid, STATE, state));
+            assertEquals("no new login after the move: " + moved, 200, moved.status);
+            assertTrue(moved.body, moved.body.contains("\"items\":{\"apple\":1,\"fig\":1,\"pear\":1,\"plum\":1}"));
+            assertFalse("the login is not a session attribute", moved.body.contains("Login"));
+            assertEquals("a stranger still needs to log in", 401,
+                    to.send("POST", "/cart/add?item=kiwi", session(SessionIds.newSessionId(), "x-session-new", "1")).status);
+        }
+    }
+
+    @Test
     public void aStateMovesTheSessionToAnotherTomcat() throws Exception {
         String sid = newSessionWithApple(a);
         a.send("POST", "/ttl?seconds=900", session(sid));
