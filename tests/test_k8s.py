@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -787,9 +788,98 @@ def test_etcd_members_are_what_the_proxies_reach():
     assert hosts == [f"{m}.etcd" for m in members]
     assert cluster["health_checks"][0]["http_health_check"]["path"] == "/health"
     job = docs[("Job", "etcd-auth")]["spec"]["template"]["spec"]["containers"][0]
-    assert f"readwrite {plugin['store']['key_prefix']} --prefix=true" in job["args"][0]
+    prefix = plugin["store"]["key_prefix"]
+    key_range = [base64.b64encode(k.encode()).decode() for k in (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))]
+    assert '"permType":"READWRITE","key":"%s","range_end":"%s"' % tuple(key_range) in job["args"][0]
     assert plugin["store"]["auth"]["username"] in job["args"][0]
-    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in job["env"]} == {"session-store-auth"}
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in job["env"] if "valueFrom" in e} == {"session-store-auth"}
+    # The Job and the CronJob reach every member by the name the proxies use.
+    cron = docs[("CronJob", "etcd-maintenance")]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    for container, variable in [(job, "ETCD_ENDPOINTS"), (cron["initContainers"][0], "ETCDCTL_ENDPOINTS")]:
+        assert container_env(container, dict.fromkeys(["SA_STORE_PASSWORD", "ETCD_ROOT_PASSWORD"], ""))[variable] == ",".join(f"http://{h}:2379" for h in hosts)
+
+
+def etcd_object(kind: str, name: str) -> dict:
+    return one(d for d in km.load_docs(K8S / "etcd" / "etcd.yaml") if (d["kind"], d["metadata"]["name"]) == (kind, name))
+
+
+def test_etcd_quota_fits_its_volume():
+    """The database quota leaves room on the volume for the WAL, snapshots
+    and a defragmentation's copy of the database."""
+    etcd = etcd_object("StatefulSet", "etcd")["spec"]
+    args = etcd["template"]["spec"]["containers"][0]["args"]
+    quota = int(one(a for a in args if a.startswith("--quota-backend-bytes=")).split("=")[1])
+    volume = memory_bytes(one(etcd["volumeClaimTemplates"])["spec"]["resources"]["requests"]["storage"])
+    assert 2 * quota + 512 * 1024 ** 2 <= volume
+
+
+def test_etcd_auth_job_and_maintenance_run_on_real_etcd(tmp_path):
+    """The auth Job's script, run as written (sh and curl, through the JSON
+    gateway) against three real etcd members: it turns auth on with the
+    filter's user limited to "sa:" keys (passwords with quotes and
+    backslashes), says so and stops when run again, and fails with a wrong
+    root password. Then the maintenance CronJob's etcdctl commands, as
+    written: defragment every member and save a snapshot, as root."""
+    for tool in ("etcd", "etcdctl", "curl", "sh"):
+        require_tool(tool)
+    sys.path.insert(0, str(REPO / "envoy"))
+    from etcd_cluster import EtcdCluster, b64
+    ports = tb.free_ports(6)
+    cluster = EtcdCluster(tmp_path, ports[:3], ports[3:], auth=False)
+    job = etcd_object("Job", "etcd-auth")["spec"]["template"]["spec"]["containers"][0]
+    assert job["image"].startswith("curlimages/curl:") and job["command"] == ["sh", "-ec"]
+    secrets = {"SA_STORE_PASSWORD": 'store "pass" \\ word-0123456789', "ETCD_ROOT_PASSWORD": 'root\\"pw-0123456789'}
+    endpoints = ",".join(m.url for m in cluster.members)
+
+    def run_job(root_password: str) -> subprocess.CompletedProcess:
+        env = {**container_env(job, {**secrets, "ETCD_ROOT_PASSWORD": root_password}), "ETCD_ENDPOINTS": endpoints,
+               "PATH": os.environ["PATH"]}
+        return subprocess.run(["sh", "-ec", job["args"][0]], env=env, capture_output=True, text=True, timeout=120)
+
+    def post(path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+        import requests
+        reply = requests.post(cluster.members[1].url + path, json=body, timeout=10,
+                              headers={"authorization": token} if token else {})
+        return reply.status_code, reply.json()
+    try:
+        cluster.start()
+        first = run_job(secrets["ETCD_ROOT_PASSWORD"])
+        assert first.returncode == 0 and "auth is on" in first.stdout, first.stdout + first.stderr
+        status, answer = post("/v3/auth/authenticate", {"name": "session-affinity", "password": secrets["SA_STORE_PASSWORD"]})
+        assert status == 200, answer
+        token = answer["token"]
+        assert post("/v3/kv/put", {"key": b64("sa:job-test"), "value": b64("1")}, token)[0] == 200
+        for key in ("sb:x", "s", "other"):
+            status, answer = post("/v3/kv/put", {"key": b64(key), "value": b64("1")}, token)
+            assert status != 200 and "permission denied" in answer.get("error", answer.get("message", "")), (key, answer)
+        assert post("/v3/kv/put", {"key": b64("sa:x"), "value": b64("1")})[0] != 200  # no token: refused
+        again = run_job(secrets["ETCD_ROOT_PASSWORD"])
+        assert again.returncode == 0 and "auth is already on" in again.stdout, again.stdout + again.stderr
+        wrong = run_job("not-the-root-password")
+        assert wrong.returncode != 0 and "auth is" not in wrong.stdout, wrong.stdout
+        assert secrets["ETCD_ROOT_PASSWORD"] not in first.stdout + first.stderr + wrong.stdout + wrong.stderr
+
+        cron = etcd_object("CronJob", "etcd-maintenance")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        backup = tmp_path / "backup"
+        backup.mkdir()
+        for container in cron["initContainers"] + cron["containers"]:
+            env = container_env(container, secrets)
+            env = {**env, "PATH": os.environ["PATH"],
+                   "ETCDCTL_ENDPOINTS": endpoints if "," in env["ETCDCTL_ENDPOINTS"] else cluster.members[0].url}
+            argv = [a.replace("/backup/", f"{backup}/") for a in container["command"]]
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+            assert done.returncode == 0, (argv, done.stdout + done.stderr)
+            if container["name"] == "defrag":
+                assert done.stdout.count("Finished defragmenting etcd member") == 3, done.stdout
+        status = subprocess.run(["etcdctl", "snapshot", "status", str(backup / "etcd-snapshot.db"), "-w", "json"],
+                                capture_output=True, text=True, timeout=60, env={**os.environ, "ETCDCTL_API": "3"})
+        assert status.returncode == 0 and json.loads(status.stdout)["totalKey"] >= 1, status.stdout + status.stderr
+    except BaseException:
+        for member in cluster.members:
+            print(f"===== {member.name}\n{member.process.log_tail(20)}")
+        raise
+    finally:
+        cluster.stop()
 
 
 def app_tls_certificate(bootstrap: dict) -> dict:
@@ -942,20 +1032,28 @@ def redis_acl_commands() -> set[str]:
     return {r[1:] for r in rules if r.startswith("+")}
 
 
-def start_redis(workdir: Path, port: int, monkeypatch, default_user_like_proxy: bool = False) -> tb.Process:
-    """Redis as its pod starts it: the container's script, the ConfigMap's
-    files (in `workdir` instead of /etc/redis) and the Secret's password.
-    `default_user_like_proxy` gives the user default the rules and password of
-    session-affinity, for Debian's webdis 0.1.9, which can log in only as
-    default (AUTH <password>); webdis 0.1.13+ logs in as session-affinity."""
-    cm = base_object("ConfigMap", "redis-config")["data"]
-    container = base_object("Deployment", "redis")["spec"]["template"]["spec"]["containers"][0]
+def start_redis(workdir: Path, port: int, monkeypatch, default_user_like_proxy: bool = False,
+                overlay: str | None = None) -> tb.Process:
+    """Redis as its pod starts it (in the base, or in `overlay`): the
+    container's script, the ConfigMap's files (in `workdir` instead of
+    /etc/redis, its data directory /data in workdir/data) and the Secret's
+    password. `default_user_like_proxy` gives the user default the rules and
+    password of session-affinity, for Debian's webdis 0.1.9, which can log in
+    only as default (AUTH <password>); webdis 0.1.13+ logs in as
+    session-affinity."""
+    objects = rendered(overlay) if overlay else {(k, n): base_object(k, n) for k, n in
+                                                  [("ConfigMap", "redis-config"), ("Deployment", "redis")]}
+    cm = objects[("ConfigMap", "redis-config")]["data"]
+    container = objects[("Deployment", "redis")]["spec"]["template"]["spec"]["containers"][0]
     conf, rules = cm["redis.conf"], cm["session-affinity.acl"]
     if default_user_like_proxy:
         assert "\nuser default off\n" in conf
         conf = conf.replace("\nuser default off\n", f"\nuser default on >{TEST_REDIS_PASSWORD} {rules}\n")
-    (workdir / "redis.conf").write_text(conf + f"port {port}\nbind 127.0.0.1\ndir {workdir}\n")
-    (workdir / "session-affinity.acl").write_text(rules + "\n")
+    (workdir / "data").mkdir(exist_ok=True)
+    files = {**cm, "redis.conf": f"dir {workdir}/data\n" + conf + f"port {port}\nbind 127.0.0.1\n"}
+    for name, text in files.items():
+        (workdir / name).write_text(text.replace("/etc/redis/", f"{workdir}/").replace("dir /data", f"dir {workdir}/data")
+                                    + "\n")
     for name, value in container_env(container, TEST_SECRETS).items():
         monkeypatch.setenv(name, value)
     assert container["command"] == ["sh", "-c"]
@@ -1063,6 +1161,35 @@ def test_redis_runs_the_acl_and_nothing_more(tmp_path, monkeypatch):
         assert subprocess.run(command, env={**env, "REDISCLI_AUTH": "wrong"}, timeout=10).returncode != 0
     finally:
         redis.stop()
+
+
+def test_redis_aof_overlay_keeps_the_store_across_a_crash(tmp_path, monkeypatch):
+    """envoy-gateway-redis-aof: Redis keeps its data in an append-only file
+    on the PersistentVolumeClaim; a session written, then Redis killed
+    (SIGKILL) and started again on the same volume, is still there. In the
+    base, the same crash loses it."""
+    for tool in ("redis-server", "redis-cli"):
+        require_tool(tool)
+    docs = rendered("envoy-gateway-redis-aof")
+    pod = docs[("Deployment", "redis")]["spec"]["template"]["spec"]
+    data = one(v for v in pod["volumes"] if v["name"] == "data")
+    assert docs[("PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])]
+    assert one(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "data")["mountPath"] == "/data"
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    for overlay, kept in (("envoy-gateway-redis-aof", True), (None, False)):
+        workdir = tmp_path / (overlay or "base")
+        workdir.mkdir()
+        port = tb.free_ports(1)[0]
+        redis = start_redis(workdir, port, monkeypatch, overlay=overlay)
+        try:
+            assert redis_cli(port, "EVAL", CALL_SCRIPT, "1", "sa:session", "set", "state-1") == "ok"
+            redis.kill()
+            redis.start()
+            tb.wait_until(lambda: redis.ensure_alive() or redis_cli(port, "PING") == "PONG", 30, f"redis on {port}")
+            stored = redis_cli(port, "EVAL", "return redis.call('GET', KEYS[1]) or 'none'", "1", "sa:session")
+            assert stored == ("state-1" if kept else "none"), (overlay, stored)
+        finally:
+            redis.stop()
 
 
 def test_webdis_answers_only_the_proxies_credentials(tmp_path, monkeypatch):
