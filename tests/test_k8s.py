@@ -773,12 +773,11 @@ def test_etcd_members_are_what_the_proxies_reach():
     Job gives the filter's user readwrite on the plugin's key prefix only."""
     docs = rendered("envoy-gateway-etcd")
     etcd = docs[("StatefulSet", "etcd")]["spec"]
-    args = etcd["template"]["spec"]["containers"][0]["args"]
+    settings = etcd_settings(etcd)
     members = [f"etcd-{i}" for i in range(etcd["replicas"])]
     assert etcd["replicas"] == 3 and etcd["podManagementPolicy"] == "Parallel"
-    assert {"--pre-vote=true", "--auto-compaction-mode=periodic"} <= set(args)
-    initial = next(a for a in args if a.startswith("--initial-cluster="))
-    assert [m.split("=")[0] for m in initial.split("=", 1)[1].split(",")] == members
+    assert settings["pre-vote"] == "true" and settings["auto-compaction-mode"] == "periodic"
+    assert [m.split("=")[0] for m in settings["initial-cluster"].split(",")] == members
     assert docs[("Service", "etcd")]["spec"]["publishNotReadyAddresses"] is True
     bootstrap = yaml.safe_load(docs[("ConfigMap", "envoy-gateway-config")]["data"]["envoy.yaml"])
     plugin = json.loads(envoy_configmap_bootstrap_wasm(bootstrap)["configuration"]["value"])
@@ -803,14 +802,34 @@ def etcd_object(kind: str, name: str) -> dict:
     return one(d for d in km.load_docs(K8S / "etcd" / "etcd.yaml") if (d["kind"], d["metadata"]["name"]) == (kind, name))
 
 
+def etcd_settings(statefulset_spec: dict) -> dict[str, str]:
+    """etcd's settings, as the StatefulSet's config script writes them to
+    etcd's config file (from its ETCD_* variables)."""
+    init = one(statefulset_spec["template"]["spec"]["initContainers"])
+    env = container_env(init, dict.fromkeys(["ETCD_ROOT_PASSWORD"], ""))
+    return {k[5:].lower().replace("_", "-"): v for k, v in env.items() if k.startswith("ETCD_")}
+
+
 def test_etcd_quota_fits_its_volume():
     """The database quota leaves room on the volume for the WAL, snapshots
     and a defragmentation's copy of the database."""
     etcd = etcd_object("StatefulSet", "etcd")["spec"]
-    args = etcd["template"]["spec"]["containers"][0]["args"]
-    quota = int(one(a for a in args if a.startswith("--quota-backend-bytes=")).split("=")[1])
+    quota = int(etcd_settings(etcd)["quota-backend-bytes"])
     volume = memory_bytes(one(etcd["volumeClaimTemplates"])["spec"]["resources"]["requests"]["storage"])
     assert 2 * quota + 512 * 1024 ** 2 <= volume
+
+
+ETCD_SECRETS = {"SA_STORE_PASSWORD": 'store "pass" \\ word-0123456789', "ETCD_ROOT_PASSWORD": 'root\\"pw-0123456789'}
+
+
+def run_etcd_auth_job(endpoints: str, root_password: str = ETCD_SECRETS["ETCD_ROOT_PASSWORD"]
+                      ) -> subprocess.CompletedProcess:
+    """The auth Job's script as written, with sh and curl, against `endpoints`."""
+    job = etcd_object("Job", "etcd-auth")["spec"]["template"]["spec"]["containers"][0]
+    assert job["image"].startswith("curlimages/curl:") and job["command"] == ["sh", "-ec"]
+    env = {**container_env(job, {**ETCD_SECRETS, "ETCD_ROOT_PASSWORD": root_password}), "ETCD_ENDPOINTS": endpoints,
+           "PATH": os.environ["PATH"]}
+    return subprocess.run(["sh", "-ec", job["args"][0]], env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_etcd_auth_job_and_maintenance_run_on_real_etcd(tmp_path):
@@ -826,15 +845,8 @@ def test_etcd_auth_job_and_maintenance_run_on_real_etcd(tmp_path):
     from etcd_cluster import EtcdCluster, b64
     ports = tb.free_ports(6)
     cluster = EtcdCluster(tmp_path, ports[:3], ports[3:], auth=False)
-    job = etcd_object("Job", "etcd-auth")["spec"]["template"]["spec"]["containers"][0]
-    assert job["image"].startswith("curlimages/curl:") and job["command"] == ["sh", "-ec"]
-    secrets = {"SA_STORE_PASSWORD": 'store "pass" \\ word-0123456789', "ETCD_ROOT_PASSWORD": 'root\\"pw-0123456789'}
+    secrets = ETCD_SECRETS
     endpoints = ",".join(m.url for m in cluster.members)
-
-    def run_job(root_password: str) -> subprocess.CompletedProcess:
-        env = {**container_env(job, {**secrets, "ETCD_ROOT_PASSWORD": root_password}), "ETCD_ENDPOINTS": endpoints,
-               "PATH": os.environ["PATH"]}
-        return subprocess.run(["sh", "-ec", job["args"][0]], env=env, capture_output=True, text=True, timeout=120)
 
     def post(path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
         import requests
@@ -843,7 +855,7 @@ def test_etcd_auth_job_and_maintenance_run_on_real_etcd(tmp_path):
         return reply.status_code, reply.json()
     try:
         cluster.start()
-        first = run_job(secrets["ETCD_ROOT_PASSWORD"])
+        first = run_etcd_auth_job(endpoints)
         assert first.returncode == 0 and "auth is on" in first.stdout, first.stdout + first.stderr
         status, answer = post("/v3/auth/authenticate", {"name": "session-affinity", "password": secrets["SA_STORE_PASSWORD"]})
         assert status == 200, answer
@@ -853,9 +865,9 @@ def test_etcd_auth_job_and_maintenance_run_on_real_etcd(tmp_path):
             status, answer = post("/v3/kv/put", {"key": b64(key), "value": b64("1")}, token)
             assert status != 200 and "permission denied" in answer.get("error", answer.get("message", "")), (key, answer)
         assert post("/v3/kv/put", {"key": b64("sa:x"), "value": b64("1")})[0] != 200  # no token: refused
-        again = run_job(secrets["ETCD_ROOT_PASSWORD"])
+        again = run_etcd_auth_job(endpoints)
         assert again.returncode == 0 and "auth is already on" in again.stdout, again.stdout + again.stderr
-        wrong = run_job("not-the-root-password")
+        wrong = run_etcd_auth_job(endpoints, "not-the-root-password")
         assert wrong.returncode != 0 and "auth is" not in wrong.stdout, wrong.stdout
         assert secrets["ETCD_ROOT_PASSWORD"] not in first.stdout + first.stderr + wrong.stdout + wrong.stderr
 
@@ -880,6 +892,84 @@ def test_etcd_auth_job_and_maintenance_run_on_real_etcd(tmp_path):
         raise
     finally:
         cluster.stop()
+
+
+def test_etcd_member_that_lost_its_volume_rejoins(tmp_path):
+    """Three real etcd members started as the StatefulSet starts them (its
+    config script, then etcd with the file it wrote), auth turned on by the
+    Job. One member is killed and loses its data directory (a lost volume):
+    the config script has it take its own place in the cluster again, and it
+    comes back healthy with the data. With "new", as before, it could not."""
+    for tool in ("etcd", "curl", "sh"):
+        require_tool(tool)
+    import requests
+    sys.path.insert(0, str(REPO / "envoy"))
+    from etcd_cluster import b64, unb64
+    spec = etcd_object("StatefulSet", "etcd")["spec"]["template"]["spec"]
+    init, etcd = one(spec["initContainers"]), one(spec["containers"])
+    config_file = one(e["value"] for e in init["env"] if e["name"] == "CONFIG_FILE")
+    assert etcd["command"] == ["etcd", f"--config-file={config_file}"]
+    clients, peers = tb.free_ports(3), tb.free_ports(3)
+    names = [f"etcd-{i}" for i in range(3)]
+    cluster = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in zip(names, peers))
+
+    def configure(i: int) -> subprocess.CompletedProcess:
+        """The init container's script for member i, its URLs on 127.0.0.1."""
+        env = container_env(init, ETCD_SECRETS)
+        env.update(PATH=os.environ["PATH"], CONFIG_FILE=str(tmp_path / f"{names[i]}.yml"),
+                   MEMBER_CLIENT_URLS=",".join(f"http://127.0.0.1:{c}" for c in clients), ETCD_NAME=names[i],
+                   ETCD_DATA_DIR=str(tmp_path / names[i]), ETCD_INITIAL_CLUSTER=cluster,
+                   ETCD_LISTEN_CLIENT_URLS=f"http://127.0.0.1:{clients[i]}",
+                   ETCD_ADVERTISE_CLIENT_URLS=f"http://127.0.0.1:{clients[i]}",
+                   ETCD_LISTEN_PEER_URLS=f"http://127.0.0.1:{peers[i]}",
+                   ETCD_INITIAL_ADVERTISE_PEER_URLS=f"http://127.0.0.1:{peers[i]}")
+        done = subprocess.run(["sh", "-ec", init["args"][0]], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    def healthy(i: int) -> bool:
+        status, _, body = tb.http_get(f"http://127.0.0.1:{clients[i]}/health", timeout=2.0)
+        return status == 200 and json.loads(body).get("health") == "true"
+    members = [tb.Process(n, [a.replace(config_file, str(tmp_path / f"{n}.yml")) for a in etcd["command"]],
+                          tmp_path / f"{n}.log") for n in names]
+    try:
+        for i in range(3):
+            configure(i)
+        for member in members:
+            member.start()
+        for i, member in enumerate(members):
+            tb.wait_until(lambda: member.ensure_alive() or healthy(i), tb.START_TIMEOUT, f"{names[i]} healthy")
+        endpoints = ",".join(f"http://127.0.0.1:{c}" for c in clients)
+        assert run_etcd_auth_job(endpoints).returncode == 0
+        url = f"http://127.0.0.1:{clients[0]}"
+        token = requests.post(url + "/v3/auth/authenticate", timeout=10, json={
+            "name": "session-affinity", "password": ETCD_SECRETS["SA_STORE_PASSWORD"]}).json()["token"]
+        put = requests.post(url + "/v3/kv/put", json={"key": b64("sa:kept"), "value": b64("state")},
+                            headers={"authorization": token}, timeout=10)
+        assert put.status_code == 200, put.text
+
+        members[2].kill()
+        shutil.rmtree(tmp_path / names[2])
+        rejoin = configure(2)
+        assert "joining the cluster" in rejoin.stdout, rejoin.stdout
+        assert "initial-cluster-state: existing" in (tmp_path / f"{names[2]}.yml").read_text()
+        members[2].start()
+        tb.wait_until(lambda: members[2].ensure_alive() or healthy(2), tb.START_TIMEOUT, "the rejoined member healthy")
+        url = f"http://127.0.0.1:{clients[2]}"
+        token = requests.post(url + "/v3/auth/authenticate", timeout=10, json={
+            "name": "session-affinity", "password": ETCD_SECRETS["SA_STORE_PASSWORD"]}).json()["token"]
+        kept = requests.post(url + "/v3/kv/range", json={"key": b64("sa:kept"), "serializable": True},
+                             headers={"authorization": token}, timeout=10).json()
+        assert [unb64(kv["value"]) for kv in kept.get("kvs", [])] == ["state"], kept
+        listed = requests.post(url + "/v3/cluster/member/list", json={}, timeout=10).json()["members"]
+        assert sorted(m.get("name") for m in listed) == names, listed
+    except BaseException:
+        for member in members:
+            print(f"===== {member.name}\n{member.log_tail(20)}")
+        raise
+    finally:
+        for member in members:
+            member.stop()
 
 
 def app_tls_certificate(bootstrap: dict) -> dict:
@@ -1017,10 +1107,14 @@ def base_object(kind: str, name: str) -> dict:
 
 def container_env(container: dict, secrets: dict[str, str]) -> dict[str, str]:
     """A container's environment as the kubelet builds it: secretKeyRef values
-    (from `secrets`, by key), then $(NAME) references to earlier variables."""
+    (from `secrets`, by key), fieldRef values (a pod named etcd-0 in
+    NAMESPACE), then $(NAME) references to earlier variables."""
     env: dict[str, str] = {}
+    pod = {"metadata.name": "etcd-0", "metadata.namespace": NAMESPACE}
     for e in container.get("env", []):
-        if "valueFrom" in e:
+        if "fieldRef" in e.get("valueFrom", {}):
+            env[e["name"]] = pod[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        elif "valueFrom" in e:
             env[e["name"]] = secrets[e["valueFrom"]["secretKeyRef"]["key"]]
         else:
             env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), e["value"])
