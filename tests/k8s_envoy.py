@@ -398,12 +398,20 @@ def _proto_merge(base, patch):
     return copy.deepcopy(patch)
 
 
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
 def selects(envoyfilter: dict, labels: dict[str, str]) -> bool:
-    """Whether an EnvoyFilter applies to a pod with these labels (its
-    workloadSelector; none: every proxy of its namespace)."""
+    """Whether an EnvoyFilter applies to a pod with these labels: its
+    targetRefs name the Gateway API Gateway whose pods Istio deployed (they
+    carry the Gateway's name as a label), or its workloadSelector selects
+    them (neither: every proxy of its namespace)."""
     spec = envoyfilter["spec"]
     if "targetRefs" in spec:
-        raise NotImplementedPatch(f"{envoyfilter['metadata']['name']}: targetRefs")
+        for ref in spec["targetRefs"]:
+            if (ref.get("group"), ref["kind"]) != ("gateway.networking.k8s.io", "Gateway"):
+                raise NotImplementedPatch(f"{envoyfilter['metadata']['name']}: targetRefs {ref}")
+        return labels.get(GATEWAY_NAME_LABEL) in {ref["name"] for ref in spec["targetRefs"]}
     wanted = spec.get("workloadSelector", {}).get("labels", {})
     return all(labels.get(k) == v for k, v in wanted.items())
 
@@ -441,6 +449,8 @@ def apply_envoyfilter(bootstrap: dict, view: dict, envoyfilter: dict, ecds: dict
             applied += _patch_clusters(bootstrap, view, match, op, value, where)
         elif p["applyTo"] == "ROUTE_CONFIGURATION":
             applied += _patch_route_configurations(bootstrap, view, match, op, value, where)
+        elif p["applyTo"] == "HTTP_ROUTE":
+            applied += _patch_gateway_routes(bootstrap, view, match, op, value, where)
         else:
             raise NotImplementedPatch(where)
     return applied
@@ -526,6 +536,28 @@ def _patch_route_configurations(bootstrap, view, match, op, value, where) -> lis
                     continue
                 f["typed_config"]["route_config"] = _proto_merge(rc, value)
                 applied.append(f"{where} {name} in {listener['name']}")
+    return applied
+
+
+def _patch_gateway_routes(bootstrap, view, match, op, value, where) -> list[str]:
+    """HTTP_ROUTE MERGE on every route of a gateway's route configurations
+    whose port (istiod's gateway route names: <protocol>.<port>.<...>) is the
+    match's portNumber; no virtual host or route match."""
+    rm = match.get("routeConfiguration", {})
+    if op != "MERGE" or set(rm) != {"portNumber"} or match.get("context") != "GATEWAY":
+        raise NotImplementedPatch(f"{where}: HTTP_ROUTE match {match}")
+    applied = []
+    for listener in bootstrap["static_resources"]["listeners"]:
+        for index, chain in enumerate(listener["filter_chains"]):
+            if view["chains"][(listener["name"], index)]["context"] != "GATEWAY":
+                continue
+            for f in (f for f in chain["filters"] if f["name"] == HCM):
+                rc = f["typed_config"]["route_config"]
+                if int(rc["name"].split(".")[1]) != rm["portNumber"]:
+                    continue
+                for vhost in rc["virtual_hosts"]:
+                    vhost["routes"] = [_proto_merge(r, value) for r in vhost["routes"]]
+                applied.append(f"{where} {rc['name']} in {listener['name']}")
     return applied
 
 

@@ -63,7 +63,34 @@ def doc_id(item) -> str:
 
 
 def rendered(overlay: str) -> dict[tuple[str, str], dict]:
-    return {(d["kind"], d["metadata"]["name"]): d for d in km.render(K8S / "overlays" / overlay)}
+    """The overlay's objects, and the Deployments Istio generates for its
+    Gateway API gateways."""
+    docs = km.render(K8S / "overlays" / overlay)
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs + istio_gateway_deployments(docs)}
+
+
+def istio_gateway_deployments(docs: list[dict]) -> list[dict]:
+    """The Deployment istiod generates for each Gateway API Gateway of class
+    istio (its gateway template, reduced to what the tests check): named
+    <gateway>-istio, running as the service account of that name, its pods
+    labelled with the Gateway's name and infrastructure.labels, and the
+    `deployment` key of the infrastructure.parametersRef ConfigMap merged in."""
+    out = []
+    for gw in (d for d in docs if d["kind"] == "Gateway" and d["apiVersion"].startswith("gateway.networking.k8s.io/")):
+        assert gw["spec"]["gatewayClassName"] == "istio"
+        infra, name = gw["spec"].get("infrastructure", {}), f"{gw['metadata']['name']}-istio"
+        labels = {**infra.get("labels", {}), ke.GATEWAY_NAME_LABEL: gw["metadata"]["name"]}
+        deployment = {"apiVersion": "apps/v1", "kind": "Deployment",
+                      "metadata": {"name": name, "namespace": gw["metadata"]["namespace"]},
+                      "spec": {"replicas": 1, "template": {"metadata": {"labels": labels}, "spec": {
+                          "serviceAccountName": name, "containers": [{"name": "istio-proxy", "image": "auto"}]}}}}
+        if "parametersRef" in infra:
+            ref = infra["parametersRef"]
+            assert (ref["group"], ref["kind"]) == ("", "ConfigMap"), ref
+            options = one(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == ref["name"])
+            deployment = km.strategic_merge(deployment, yaml.safe_load(options["data"]["deployment"]), True)
+        out.append(deployment)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -466,6 +493,7 @@ def test_keys_come_from_the_secret_only():
     assert {k["secret_env"] for k in cfg["keys"]} | {"SA_STORE_PASSWORD"} == set(host_env)
     secrets = {"SA_KEY_1": "session-affinity-keys", "SA_STORE_PASSWORD": "session-store-auth"}
     for overlay, deployment, container in [("istio-gateway", "demo-gateway", "istio-proxy"),
+                                           ("istio-gateway-api", "demo-gw-istio", "istio-proxy"),
                                            ("istio-sidecar", "client", "istio-proxy"),
                                            ("envoy-gateway", "envoy-gateway", "envoy")]:
         pod = rendered(overlay)[("Deployment", deployment)]["spec"]["template"]["spec"]
@@ -733,6 +761,73 @@ def test_every_overlay_on_every_istio_version(variant, istio, wasm_module, gatew
     ke.apply_envoyfilters(bootstrap, view, [anchored], {}, labels)
     chain = filter_chains(bootstrap, variant)[0]
     assert (STATEFUL_SESSION in chain) == ((1, 26) <= istio < (1, 30)), chain
+
+
+def istio_servers(gateway: dict) -> dict:
+    """A Gateway API Gateway as the Istio Gateway istiod turns it into (its
+    HTTPS listeners, terminated with their Secret), for ke.gateway_skeleton."""
+    servers = []
+    for listener in gateway["spec"]["listeners"]:
+        assert listener["protocol"] == "HTTPS" and listener["tls"]["mode"] == "Terminate", listener
+        servers.append({"port": {"number": listener["port"], "name": listener["name"], "protocol": "HTTPS"},
+                        "hosts": ["*"], "tls": {"mode": "SIMPLE",
+                                                "credentialName": one(listener["tls"]["certificateRefs"])["name"]}})
+    return {"metadata": gateway["metadata"], "spec": {"servers": servers}}
+
+
+def test_gateway_api_overlay_aims_the_filter_at_its_gateway(wasm_module, gateway_certificate, tmp_path):
+    """istio-gateway-api: the EnvoyFilter targets the Gateway (targetRefs, no
+    workloadSelector), patches the port of its HTTPS listener, on the gateway
+    only, and is the main EnvoyFilter otherwise; the gateway's routes to the
+    app do not retry; the HTTPRoute sends that listener to the app; the
+    Gateway serves the README's TLS Secret. Assembled as istiod would (the
+    Gateway as its listeners, the EnvoyFilter applied to the pods Istio
+    deploys for it), the chain has the filter and Envoy loads it."""
+    docs = km.render(K8S / "overlays" / "istio-gateway-api")
+    gateway = one(d for d in docs if d["kind"] == "Gateway")
+    ef = one(d for d in docs if d["kind"] == "EnvoyFilter" and d["metadata"]["name"] == "session-affinity")
+    assert "workloadSelector" not in ef["spec"]
+    assert ef["spec"]["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                         "name": gateway["metadata"]["name"]}]
+    https = one(listener for listener in gateway["spec"]["listeners"] if listener["protocol"] == "HTTPS")
+    assert [c["name"] for c in https["tls"]["certificateRefs"]] == [TLS_SECRET]
+    patches = ef["spec"]["configPatches"]
+    assert all(p["match"]["context"] == "GATEWAY" for p in patches if "match" in p)
+
+    def without_port(p: dict) -> dict:
+        p = copy.deepcopy(p)
+        p.get("match", {}).get("listener", {}).pop("portNumber", None)
+        return p
+    main = [p for p in envoyfilter()["spec"]["configPatches"] if p.get("match", {}).get("context") != "SIDECAR_OUTBOUND"]
+    assert [without_port(p) for p in patches[:-1]] == [without_port(p) for p in main]
+    assert {p["match"]["listener"]["portNumber"] for p in patches if "listener" in p.get("match", {})} == {https["port"]}
+    no_retry = patches[-1]
+    assert (no_retry["applyTo"], no_retry["match"]["routeConfiguration"]) == ("HTTP_ROUTE", {"portNumber": https["port"]})
+    route = one(d for d in docs if d["kind"] == "HTTPRoute")
+    assert route["spec"]["parentRefs"] == [{"name": gateway["metadata"]["name"], "sectionName": https["name"]}]
+    assert [(b["name"], b["port"]) for r in route["spec"]["rules"] for b in r["backendRefs"]] == [("demo", 8080)]
+
+    objects = rendered("istio-gateway-api")
+    assert proxies(objects) == {f"{gateway['metadata']['name']}-istio"}
+    labels = pod_templates(objects)[f"{gateway['metadata']['name']}-istio"]["metadata"]["labels"]
+    listen = dict(zip([https["port"]], tb.free_ports(1)))
+    bootstrap, view = ke.gateway_skeleton(NAMESPACE, istio_servers(gateway), None, listen, tb.free_ports(1)[0],
+                                          tmp_path / "eds.json", {TLS_SECRET: gateway_certificate})
+    ke.write_atomically(tmp_path / "eds.json", ke.eds(ke.app_cluster(NAMESPACE), []))
+    ecds: dict = {}
+    applied = ke.apply_envoyfilters(bootstrap, view, [d for d in docs if d["kind"] == "EnvoyFilter"], ecds, labels)
+    assert len(applied) == len(patches), applied  # each patch lands once
+    hcm = ke.http_connection_managers(bootstrap)[(f"0.0.0.0_{https['port']}", 0)]
+    chain = ["istio.metadata_exchange", *ke.AFTER_PLUGINS["outbound"]]
+    assert ke.http_filter_names(hcm) == chain[:-1] + [ECDS_NAME, STATEFUL_SESSION] + chain[-1:]
+    assert all(r["route"]["retry_policy"]["num_retries"] == 0 for v in hcm["route_config"]["virtual_hosts"]
+               for r in v["routes"])
+    for r in ecds.values():
+        r["typed_config"]["config"]["vm_config"]["code"] = {"local": {"filename": str(wasm_module)}}
+    ke.resolve_ecds(bootstrap, ecds)
+    ke.resolve_dns(bootstrap, {(f"webdis.{NAMESPACE}.svc.cluster.local", 7379): ("127.0.0.1", 7379)})
+    ok = ke.envoy_validate(bootstrap, env={**os.environ, "SA_KEY_1": TEST_KEY, "SA_STORE_PASSWORD": TEST_STORE_PASSWORD})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
 def test_app_cluster_patch_reaches_subsets_only_of_the_app(tmp_path):
