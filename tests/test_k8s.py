@@ -890,7 +890,15 @@ def test_etcd_members_are_what_the_proxies_reach():
     # The Job and the CronJob reach every member by the name the proxies use.
     cron = docs[("CronJob", "etcd-maintenance")]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     for container, variable in [(job, "ETCD_ENDPOINTS"), (cron["initContainers"][0], "ETCDCTL_ENDPOINTS")]:
-        assert container_env(container, dict.fromkeys(["SA_STORE_PASSWORD", "ETCD_ROOT_PASSWORD"], ""))[variable] == ",".join(f"http://{h}:2379" for h in hosts)
+        assert container_env(container, dict.fromkeys(["SA_STORE_PASSWORD", "ETCD_ROOT_PASSWORD"], ""))[variable] == ",".join(f"https://{h}:2379" for h in hosts)
+    # ... over TLS, checking the members' certificate against the Secret's CA,
+    # which the gateway mounts.
+    tls = cluster["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+    gateway = docs[("Deployment", "envoy-gateway")]["spec"]["template"]["spec"]
+    mount = one(m for m in one(c for c in gateway["containers"] if c["name"] == "envoy")["volumeMounts"]
+                if m["name"] == "etcd-ca")
+    assert tls["trusted_ca"]["filename"] == f"{mount['mountPath']}/ca.crt"
+    assert one(v for v in gateway["volumes"] if v["name"] == "etcd-ca")["secret"]["secretName"] == "etcd-tls"
 
 
 def etcd_object(kind: str, name: str) -> dict:
@@ -915,64 +923,144 @@ def test_etcd_quota_fits_its_volume():
 
 
 ETCD_SECRETS = {"SA_STORE_PASSWORD": 'store "pass" \\ word-0123456789', "ETCD_ROOT_PASSWORD": 'root\\"pw-0123456789'}
+ETCD_TLS_MOUNT = "/etc/etcd-tls/"  # where the pods mount the Secret etcd-tls
 
 
-def run_etcd_auth_job(endpoints: str, root_password: str = ETCD_SECRETS["ETCD_ROOT_PASSWORD"]
+@pytest.fixture
+def etcd_tls(tmp_path) -> Path:
+    """ca.crt, tls.crt and tls.key of the Secret etcd-tls, made by the
+    openssl commands k8s/README.md gives."""
+    require_tool("openssl")
+    blocks = re.findall(r"```sh\n(.*?)```", (K8S / "README.md").read_text(), re.S)
+    block = one(b for b in blocks if "secret generic etcd-tls" in b)
+    directory = tmp_path / "etcd-tls"
+    directory.mkdir()
+    for line in block.splitlines():
+        if line.startswith(("openssl ", "printf ")):
+            subprocess.run(["sh", "-c", line], cwd=directory, check=True, capture_output=True, timeout=60)
+    return directory
+
+
+def in_pod_paths(text: str, tls: Path) -> str:
+    return text.replace(ETCD_TLS_MOUNT, f"{tls}/")
+
+
+def run_etcd_auth_job(endpoints: str, tls: Path, root_password: str = ETCD_SECRETS["ETCD_ROOT_PASSWORD"]
                       ) -> subprocess.CompletedProcess:
     """The auth Job's script as written, with sh and curl, against `endpoints`."""
     job = etcd_object("Job", "etcd-auth")["spec"]["template"]["spec"]["containers"][0]
     assert job["image"].startswith("curlimages/curl:") and job["command"] == ["sh", "-ec"]
     env = {**container_env(job, {**ETCD_SECRETS, "ETCD_ROOT_PASSWORD": root_password}), "ETCD_ENDPOINTS": endpoints,
            "PATH": os.environ["PATH"]}
-    return subprocess.run(["sh", "-ec", job["args"][0]], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(["sh", "-ec", in_pod_paths(job["args"][0], tls)], env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
-def test_etcd_auth_job_and_maintenance_run_on_real_etcd(tmp_path):
+class EtcdMembers:
+    """Three real etcd members on 127.0.0.1 started as the StatefulSet starts
+    its pods: its init container's script writes each member's config file
+    (TLS with `tls`, the Secret etcd-tls), then etcd runs with that file."""
+
+    def __init__(self, workdir: Path, tls: Path):
+        spec = etcd_object("StatefulSet", "etcd")["spec"]["template"]["spec"]
+        self.init, etcd = one(spec["initContainers"]), one(spec["containers"])
+        self.workdir, self.tls = workdir, tls
+        config_file = one(e["value"] for e in self.init["env"] if e["name"] == "CONFIG_FILE")
+        assert etcd["command"] == ["etcd", f"--config-file={config_file}"]
+        self.clients, self.peers = tb.free_ports(3), tb.free_ports(3)
+        self.names = [f"etcd-{i}" for i in range(3)]
+        self.urls = [f"https://127.0.0.1:{port}" for port in self.clients]
+        self.members = [tb.Process(n, [a.replace(config_file, str(workdir / f"{n}.yml")) for a in etcd["command"]],
+                                   workdir / f"{n}.log") for n in self.names]
+
+    def configure(self, i: int) -> subprocess.CompletedProcess:
+        """The init container's script for member i, its URLs on 127.0.0.1."""
+        env = container_env(self.init, ETCD_SECRETS)
+        peers = [f"https://127.0.0.1:{port}" for port in self.peers]
+        env.update(PATH=os.environ["PATH"], CONFIG_FILE=str(self.workdir / f"{self.names[i]}.yml"),
+                   ETCD_TLS=str(self.tls), MEMBER_CLIENT_URLS=",".join(self.urls), ETCD_NAME=self.names[i],
+                   ETCD_DATA_DIR=str(self.workdir / self.names[i]),
+                   ETCD_INITIAL_CLUSTER=",".join(f"{n}={p}" for n, p in zip(self.names, peers)),
+                   ETCD_LISTEN_CLIENT_URLS=self.urls[i], ETCD_ADVERTISE_CLIENT_URLS=self.urls[i],
+                   ETCD_LISTEN_PEER_URLS=peers[i], ETCD_INITIAL_ADVERTISE_PEER_URLS=peers[i])
+        done = subprocess.run(["sh", "-ec", self.init["args"][0]], env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    def post(self, i: int, path: str, body: dict, token: str | None = None):
+        import requests
+        return requests.post(self.urls[i] + path, json=body, timeout=10, verify=str(self.tls / "ca.crt"),
+                             headers={"authorization": token} if token else {})
+
+    def healthy(self, i: int) -> bool:
+        import requests
+        try:
+            reply = requests.get(self.urls[i] + "/health", timeout=2, verify=str(self.tls / "ca.crt"))
+        except requests.RequestException:
+            return False
+        return reply.status_code == 200 and reply.json().get("health") == "true"
+
+    def wait_healthy(self, i: int) -> None:
+        tb.wait_until(lambda: self.members[i].ensure_alive() or self.healthy(i), tb.START_TIMEOUT,
+                      f"{self.names[i]} healthy")
+
+    def __enter__(self):
+        """A first start: every member configured, then all started at once
+        (none is healthy before a quorum is up)."""
+        for i in range(3):
+            self.configure(i)
+        for member in self.members:
+            member.start()
+        for i in range(3):
+            self.wait_healthy(i)
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is not None:
+            for member in self.members:
+                print(f"===== {member.name}\n{member.log_tail(20)}")
+        for member in self.members:
+            member.stop()
+
+
+def test_etcd_auth_job_and_maintenance_run_on_real_etcd(tmp_path, etcd_tls):
     """The auth Job's script, run as written (sh and curl, through the JSON
-    gateway) against three real etcd members: it turns auth on with the
-    filter's user limited to "sa:" keys (passwords with quotes and
-    backslashes), says so and stops when run again, and fails with a wrong
-    root password. Then the maintenance CronJob's etcdctl commands, as
-    written: defragment every member and save a snapshot, as root."""
+    gateway, over TLS) against three real etcd members started as the
+    StatefulSet starts them: it turns auth on with the filter's user limited
+    to "sa:" keys (passwords with quotes and backslashes), says so and stops
+    when run again, and fails with a wrong root password. Then the
+    maintenance CronJob's etcdctl commands, as written: defragment every
+    member and save a snapshot, as root."""
     for tool in ("etcd", "etcdctl", "curl", "sh"):
         require_tool(tool)
     sys.path.insert(0, str(REPO / "envoy"))
-    from etcd_cluster import EtcdCluster, b64
-    ports = tb.free_ports(6)
-    cluster = EtcdCluster(tmp_path, ports[:3], ports[3:], auth=False)
-    secrets = ETCD_SECRETS
-    endpoints = ",".join(m.url for m in cluster.members)
-
-    def post(path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
-        import requests
-        reply = requests.post(cluster.members[1].url + path, json=body, timeout=10,
-                              headers={"authorization": token} if token else {})
-        return reply.status_code, reply.json()
-    try:
-        cluster.start()
-        first = run_etcd_auth_job(endpoints)
+    from etcd_cluster import b64
+    with EtcdMembers(tmp_path, etcd_tls) as cluster:
+        endpoints = ",".join(cluster.urls)
+        first = run_etcd_auth_job(endpoints, etcd_tls)
         assert first.returncode == 0 and "auth is on" in first.stdout, first.stdout + first.stderr
-        status, answer = post("/v3/auth/authenticate", {"name": "session-affinity", "password": secrets["SA_STORE_PASSWORD"]})
-        assert status == 200, answer
-        token = answer["token"]
-        assert post("/v3/kv/put", {"key": b64("sa:job-test"), "value": b64("1")}, token)[0] == 200
+        answer = cluster.post(1, "/v3/auth/authenticate",
+                              {"name": "session-affinity", "password": ETCD_SECRETS["SA_STORE_PASSWORD"]})
+        assert answer.status_code == 200, answer.text
+        token = answer.json()["token"]
+        assert cluster.post(1, "/v3/kv/put", {"key": b64("sa:job-test"), "value": b64("1")}, token).status_code == 200
         for key in ("sb:x", "s", "other"):
-            status, answer = post("/v3/kv/put", {"key": b64(key), "value": b64("1")}, token)
-            assert status != 200 and "permission denied" in answer.get("error", answer.get("message", "")), (key, answer)
-        assert post("/v3/kv/put", {"key": b64("sa:x"), "value": b64("1")})[0] != 200  # no token: refused
-        again = run_etcd_auth_job(endpoints)
+            refused = cluster.post(1, "/v3/kv/put", {"key": b64(key), "value": b64("1")}, token)
+            assert refused.status_code != 200 and "permission denied" in refused.text, (key, refused.text)
+        assert cluster.post(1, "/v3/kv/put", {"key": b64("sa:x"), "value": b64("1")}).status_code != 200  # no token
+        again = run_etcd_auth_job(endpoints, etcd_tls)
         assert again.returncode == 0 and "auth is already on" in again.stdout, again.stdout + again.stderr
-        wrong = run_etcd_auth_job(endpoints, "not-the-root-password")
+        wrong = run_etcd_auth_job(endpoints, etcd_tls, "not-the-root-password")
         assert wrong.returncode != 0 and "auth is" not in wrong.stdout, wrong.stdout
-        assert secrets["ETCD_ROOT_PASSWORD"] not in first.stdout + first.stderr + wrong.stdout + wrong.stderr
+        assert ETCD_SECRETS["ETCD_ROOT_PASSWORD"] not in first.stdout + first.stderr + wrong.stdout + wrong.stderr
 
         cron = etcd_object("CronJob", "etcd-maintenance")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         backup = tmp_path / "backup"
         backup.mkdir()
         for container in cron["initContainers"] + cron["containers"]:
-            env = container_env(container, secrets)
+            env = {k: in_pod_paths(v, etcd_tls) for k, v in container_env(container, ETCD_SECRETS).items()}
             env = {**env, "PATH": os.environ["PATH"],
-                   "ETCDCTL_ENDPOINTS": endpoints if "," in env["ETCDCTL_ENDPOINTS"] else cluster.members[0].url}
+                   "ETCDCTL_ENDPOINTS": endpoints if "," in env["ETCDCTL_ENDPOINTS"] else cluster.urls[0]}
             argv = [a.replace("/backup/", f"{backup}/") for a in container["command"]]
             done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
             assert done.returncode == 0, (argv, done.stdout + done.stderr)
@@ -981,90 +1069,38 @@ def test_etcd_auth_job_and_maintenance_run_on_real_etcd(tmp_path):
         status = subprocess.run(["etcdctl", "snapshot", "status", str(backup / "etcd-snapshot.db"), "-w", "json"],
                                 capture_output=True, text=True, timeout=60, env={**os.environ, "ETCDCTL_API": "3"})
         assert status.returncode == 0 and json.loads(status.stdout)["totalKey"] >= 1, status.stdout + status.stderr
-    except BaseException:
-        for member in cluster.members:
-            print(f"===== {member.name}\n{member.process.log_tail(20)}")
-        raise
-    finally:
-        cluster.stop()
 
 
-def test_etcd_member_that_lost_its_volume_rejoins(tmp_path):
-    """Three real etcd members started as the StatefulSet starts them (its
-    config script, then etcd with the file it wrote), auth turned on by the
-    Job. One member is killed and loses its data directory (a lost volume):
-    the config script has it take its own place in the cluster again, and it
-    comes back healthy with the data. With "new", as before, it could not."""
+def test_etcd_member_that_lost_its_volume_rejoins(tmp_path, etcd_tls):
+    """Three real etcd members started as the StatefulSet starts them (TLS
+    between them and to clients), auth turned on by the Job. One member is
+    killed and loses its data directory (a lost volume): the config script
+    has it take its own place in the cluster again, and it comes back
+    healthy with the data. With "new", as before, it could not."""
     for tool in ("etcd", "curl", "sh"):
         require_tool(tool)
-    import requests
     sys.path.insert(0, str(REPO / "envoy"))
     from etcd_cluster import b64, unb64
-    spec = etcd_object("StatefulSet", "etcd")["spec"]["template"]["spec"]
-    init, etcd = one(spec["initContainers"]), one(spec["containers"])
-    config_file = one(e["value"] for e in init["env"] if e["name"] == "CONFIG_FILE")
-    assert etcd["command"] == ["etcd", f"--config-file={config_file}"]
-    clients, peers = tb.free_ports(3), tb.free_ports(3)
-    names = [f"etcd-{i}" for i in range(3)]
-    cluster = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in zip(names, peers))
-
-    def configure(i: int) -> subprocess.CompletedProcess:
-        """The init container's script for member i, its URLs on 127.0.0.1."""
-        env = container_env(init, ETCD_SECRETS)
-        env.update(PATH=os.environ["PATH"], CONFIG_FILE=str(tmp_path / f"{names[i]}.yml"),
-                   MEMBER_CLIENT_URLS=",".join(f"http://127.0.0.1:{c}" for c in clients), ETCD_NAME=names[i],
-                   ETCD_DATA_DIR=str(tmp_path / names[i]), ETCD_INITIAL_CLUSTER=cluster,
-                   ETCD_LISTEN_CLIENT_URLS=f"http://127.0.0.1:{clients[i]}",
-                   ETCD_ADVERTISE_CLIENT_URLS=f"http://127.0.0.1:{clients[i]}",
-                   ETCD_LISTEN_PEER_URLS=f"http://127.0.0.1:{peers[i]}",
-                   ETCD_INITIAL_ADVERTISE_PEER_URLS=f"http://127.0.0.1:{peers[i]}")
-        done = subprocess.run(["sh", "-ec", init["args"][0]], env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done
-
-    def healthy(i: int) -> bool:
-        status, _, body = tb.http_get(f"http://127.0.0.1:{clients[i]}/health", timeout=2.0)
-        return status == 200 and json.loads(body).get("health") == "true"
-    members = [tb.Process(n, [a.replace(config_file, str(tmp_path / f"{n}.yml")) for a in etcd["command"]],
-                          tmp_path / f"{n}.log") for n in names]
-    try:
-        for i in range(3):
-            configure(i)
-        for member in members:
-            member.start()
-        for i, member in enumerate(members):
-            tb.wait_until(lambda: member.ensure_alive() or healthy(i), tb.START_TIMEOUT, f"{names[i]} healthy")
-        endpoints = ",".join(f"http://127.0.0.1:{c}" for c in clients)
-        assert run_etcd_auth_job(endpoints).returncode == 0
-        url = f"http://127.0.0.1:{clients[0]}"
-        token = requests.post(url + "/v3/auth/authenticate", timeout=10, json={
-            "name": "session-affinity", "password": ETCD_SECRETS["SA_STORE_PASSWORD"]}).json()["token"]
-        put = requests.post(url + "/v3/kv/put", json={"key": b64("sa:kept"), "value": b64("state")},
-                            headers={"authorization": token}, timeout=10)
+    with EtcdMembers(tmp_path, etcd_tls) as cluster:
+        assert all("initial-cluster-state: new" in (tmp_path / f"{n}.yml").read_text() for n in cluster.names)
+        assert run_etcd_auth_job(",".join(cluster.urls), etcd_tls).returncode == 0
+        login = {"name": "session-affinity", "password": ETCD_SECRETS["SA_STORE_PASSWORD"]}
+        token = cluster.post(0, "/v3/auth/authenticate", login).json()["token"]
+        put = cluster.post(0, "/v3/kv/put", {"key": b64("sa:kept"), "value": b64("state")}, token)
         assert put.status_code == 200, put.text
 
-        members[2].kill()
-        shutil.rmtree(tmp_path / names[2])
-        rejoin = configure(2)
+        cluster.members[2].kill()
+        shutil.rmtree(tmp_path / cluster.names[2])
+        rejoin = cluster.configure(2)
         assert "joining the cluster" in rejoin.stdout, rejoin.stdout
-        assert "initial-cluster-state: existing" in (tmp_path / f"{names[2]}.yml").read_text()
-        members[2].start()
-        tb.wait_until(lambda: members[2].ensure_alive() or healthy(2), tb.START_TIMEOUT, "the rejoined member healthy")
-        url = f"http://127.0.0.1:{clients[2]}"
-        token = requests.post(url + "/v3/auth/authenticate", timeout=10, json={
-            "name": "session-affinity", "password": ETCD_SECRETS["SA_STORE_PASSWORD"]}).json()["token"]
-        kept = requests.post(url + "/v3/kv/range", json={"key": b64("sa:kept"), "serializable": True},
-                             headers={"authorization": token}, timeout=10).json()
+        assert "initial-cluster-state: existing" in (tmp_path / f"{cluster.names[2]}.yml").read_text()
+        cluster.members[2].start()
+        cluster.wait_healthy(2)
+        token = cluster.post(2, "/v3/auth/authenticate", login).json()["token"]
+        kept = cluster.post(2, "/v3/kv/range", {"key": b64("sa:kept"), "serializable": True}, token).json()
         assert [unb64(kv["value"]) for kv in kept.get("kvs", [])] == ["state"], kept
-        listed = requests.post(url + "/v3/cluster/member/list", json={}, timeout=10).json()["members"]
-        assert sorted(m.get("name") for m in listed) == names, listed
-    except BaseException:
-        for member in members:
-            print(f"===== {member.name}\n{member.log_tail(20)}")
-        raise
-    finally:
-        for member in members:
-            member.stop()
+        listed = cluster.post(2, "/v3/cluster/member/list", {}).json()["members"]
+        assert sorted(m.get("name") for m in listed) == cluster.names, listed
 
 
 def app_tls_certificate(bootstrap: dict) -> dict:
@@ -1073,11 +1109,15 @@ def app_tls_certificate(bootstrap: dict) -> dict:
     return app_chain["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"][0]
 
 
-def test_envoy_gateway_etcd_config_loads_in_envoy(wasm_module, gateway_certificate):
+def test_envoy_gateway_etcd_config_loads_in_envoy(wasm_module, gateway_certificate, etcd_tls):
     bootstrap = yaml.safe_load(km.load_docs(ETCD_CONFIGMAP)[0]["data"]["envoy.yaml"])
     envoy_configmap_bootstrap_wasm(bootstrap)["vm_config"]["code"]["local"]["filename"] = str(wasm_module)
     tls = app_tls_certificate(bootstrap)
     tls["certificate_chain"]["filename"], tls["private_key"]["filename"] = map(str, gateway_certificate)
+    for cluster in bootstrap["static_resources"]["clusters"]:
+        if "transport_socket" in cluster:  # the etcd members' CA, mounted from the Secret etcd-tls
+            ca = cluster["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]["trusted_ca"]
+            ca["filename"] = in_pod_paths(ca["filename"], etcd_tls)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SA_")}
     ok = ke.envoy_validate(bootstrap, env={**env, "SA_KEY_1": TEST_KEY, "SA_STORE_PASSWORD": TEST_STORE_PASSWORD})
     assert ok.returncode == 0, ok.stdout + ok.stderr
