@@ -158,15 +158,17 @@ def strategic_merge(base, patch, builtin: bool, field: str = ""):
         return out
     if (builtin and isinstance(patch, list) and isinstance(base, list) and field in MERGE_KEYS
             and all(isinstance(x, dict) for x in base + patch)):
+        # Items new to the list come first, as kubectl kustomize orders them.
         key = MERGE_KEYS[field]
         out = [copy.deepcopy(x) for x in base]
+        new = []
         for item in patch:
             match = [i for i, x in enumerate(out) if x.get(key) == item.get(key)]
             if match:
                 out[match[0]] = strategic_merge(out[match[0]], item, builtin)
             else:
-                out.append(copy.deepcopy(item))
-        return out
+                new.append(copy.deepcopy(item))
+        return new + out
     return copy.deepcopy(patch)
 
 
