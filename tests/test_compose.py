@@ -23,10 +23,12 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def test_docker_compose_config_accepts_it():
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE.parent / "docker-compose.local.yaml"]],
+                         ids=["official-images", "local-images"])
+def test_docker_compose_config_accepts_it(files):
     docker_compose = require_tool("docker-compose")
-    result = subprocess.run([docker_compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                            timeout=60, stdin=subprocess.DEVNULL)
+    result = subprocess.run([docker_compose, *(a for f in files for a in ("-f", str(f))), "config", "-q"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     expect(result.returncode == 0, "docker-compose config", "exit 0", f"exit {result.returncode}: {result.stderr}")
 
 
