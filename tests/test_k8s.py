@@ -17,6 +17,13 @@
   and a real Redis + webdis (configured from the manifests), keeps sessions
   sticky and keeps a session's state when its pod is deleted (the pod's
   endpoint leaves EDS, as in Kubernetes).
+- Every overlay is assembled as istiod 1.24, 1.25, 1.26, 1.29 and 1.30 would
+  (their WasmPlugin filter names); the Gateway API overlay, validated against
+  the vendored Gateway API CRDs, aims the EnvoyFilter at the Gateway's pods.
+- The etcd StatefulSet's config script, the auth Job and the maintenance
+  CronJob run as written against three real etcd members over TLS, and a
+  member that lost its data rejoins; Redis with the AOF overlay keeps its
+  data across a SIGKILL.
 - The plain-Envoy gateway's ConfigMap is what the generator derives from
   envoy/testbed.yaml, and Envoy accepts it; the same for its etcd variant
   (envoy-gateway-etcd), whose store cluster names every member of the etcd
