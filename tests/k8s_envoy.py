@@ -387,10 +387,14 @@ def _context_ok(match: dict, context: str) -> bool:
 
 def _proto_merge(base, patch):
     """proto.Merge as istiod uses it for MERGE: messages merge field by field,
-    repeated fields are appended, scalars are replaced."""
+    repeated fields are appended, scalars are replaced, except by their zero
+    value (0, "", false: unset in proto3, so a MERGE cannot write it over a
+    set value; {num_retries: 0} leaves a route's 2 retries)."""
     if isinstance(base, dict) and isinstance(patch, dict):
         out = dict(base)
         for k, v in patch.items():
+            if k in base and not isinstance(v, (dict, list)) and not v:
+                continue
             out[k] = _proto_merge(base[k], v) if k in base else copy.deepcopy(v)
         return out
     if isinstance(base, list) and isinstance(patch, list):
