@@ -40,8 +40,6 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::ids::{is_base64url, is_instance, is_sid, is_upstream, Owner};
-#[cfg(test)]
-use crate::ids::MAX_INSTANCE_LEN;
 use crate::keys::{KeyRing, NONCE_LEN, SEAL_TAG_LEN, TAG_LEN};
 
 pub use verifier::VerifiedCookies;
@@ -400,6 +398,7 @@ pub fn is_cookie_octets(value: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::MAX_INSTANCE_LEN;
     use crate::keys::Secret;
 
     pub(super) const NOW: u64 = 1_800_000_000;
