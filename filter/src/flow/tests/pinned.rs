@@ -263,6 +263,16 @@ fn a_mesh_sidecars_unreached_answer_counts_as_a_connection_failure() {
 }
 
 #[test]
+fn an_overloaded_or_unrouted_sidecar_moves_no_session() {
+    for flags in ["UO", "NR", "DC"] {
+        let bed = Bed::new(config(""));
+        let (_, host, action) = bed.answer_pinned(&[(":status", "503"), ("x-session-unreached", flags)]);
+        assert_eq!((action, host.local_reply.as_ref().map(|r| r.0)), (Action::Continue, None), "{flags}");
+        assert!(!bed.worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS + 1), "{flags}");
+    }
+}
+
+#[test]
 fn unsafe_requests_the_load_balancer_places_retry_only_what_no_app_saw() {
     let bed = Bed::new(config(""));
     let mut host = bed.proxy(&[(":method", "POST")]);
