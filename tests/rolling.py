@@ -1,7 +1,8 @@
 """Rolling restarts under load: every backend replaced in turn by a new
 instance at the same address, while browser-like sessions keep sending GETs
-and POSTs to the demo app. Used by tests/test_rolling.py (a few rounds, in CI)
-and by `tests/rolling.py --losses N` (the long run, by hand).
+and POSTs to the app (the demo backend, or Tomcat with the valve). Used by
+tests/test_rolling.py (in CI) and by `tests/rolling.py --losses N` (the long
+run, by hand).
 
 A pod loss is one of two kinds, alternating:
 - graceful: the endpoint turns DRAINING in Envoy's file-based EDS, the pod
@@ -10,7 +11,8 @@ A pod loss is one of two kinds, alternating:
 The new instance starts at the same address and its endpoint turns HEALTHY
 again; then the next backend goes.
 
-Judged per session: its count never goes back (no session lost), GETs never
+Judged per session: its progress (the demo app's count, the items in a
+Tomcat cart) never goes back or skips (no session lost), GETs never
 get an error, and no request takes more than one 307, nor a session more than
 one 307 per pod loss. A POST that meets a dying pod may get an error (an app
 may have processed it: it is never replayed), and then its change may or may
@@ -26,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -35,6 +38,22 @@ from harness import User, describe, json_body, start_sessions, tb  # noqa: E402
 
 DRAIN_SECONDS = 1.0
 SETTLE_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class App:
+    """How the load talks to an app, and how far a session has got."""
+    get: str
+    post: str
+    progress: Callable[[dict], object]
+    # Whether a GET moves the session on too (the demo app counts every request).
+    get_counts: bool
+
+
+DEMO = App("/", "/", lambda body: body.get("count"), get_counts=True)
+TOMCAT = App("/cart", "/cart/add?item=apple",
+             lambda body: sum(body["items"].values()) if isinstance(body.get("items"), dict) else None,
+             get_counts=False)
 
 
 @dataclass
@@ -64,14 +83,15 @@ class Outcome:
                 if plain and moved else 0.0}
 
 
-def browse(user: User, url: str, count: int, outcome: Outcome, loss: list[int], stop: threading.Event, lock):
+def browse(app: App, user: User, url: str, count: int, outcome: Outcome, loss: list[int], stop: threading.Event,
+           lock):
     """GETs with a POST now and then, until stop; records into outcome."""
     uncertain = False  # a POST failed: its change may or may not have been made
     while not stop.is_set():
         method = "POST" if random.random() < 0.2 else "GET"
         started = time.monotonic()
         try:
-            reply = user.send(url, "/", method=method)
+            reply = user.send(url, app.post if method == "POST" else app.get, method=method)
         except requests.RequestException as err:
             reply, error = None, repr(err)
         took = time.monotonic() - started
@@ -96,8 +116,9 @@ def browse(user: User, url: str, count: int, outcome: Outcome, loss: list[int], 
                 if hops > 1 or len(outcome.redirects[key]) > 1:
                     outcome.problems.append(f"{user.name}: more than one 307 in pod loss {current}: "
                                             + " | ".join(outcome.redirects[key]))
-            got = body.get("count")
-            if got not in ((count + 1, count + 2) if uncertain else (count + 1,)):
+            got = app.progress(body)
+            step = 1 if method == "POST" or app.get_counts else 0
+            if got not in ((count + step, count + step + 1) if uncertain else (count + step,)):
                 outcome.problems.append(f"{user.name}: count {got} after {count} ({method}): session lost or skipped")
                 return
             count, uncertain = got, False
@@ -120,14 +141,21 @@ def replace(bed: "tb.Testbed", index: int, graceful: bool):
     time.sleep(SETTLE_SECONDS)
 
 
-def run(bed: "tb.Testbed", sessions: int, losses: int, say=lambda m: None) -> Outcome:
+def run(bed: "tb.Testbed", sessions: int, losses: int, app: App = DEMO, say=lambda m: None) -> Outcome:
     """`losses` pod losses in turn (graceful and abrupt alternating) under
     `sessions` sessions' load. The bed's Envoy must serve its app cluster
     from EDS (Envoy.set_endpoints)."""
-    users = [u for group in start_sessions(bed, bed.envoy.url, sessions, min_each=2).values() for u in group]
+    if app is DEMO:
+        users = [u for group in start_sessions(bed, bed.envoy.url, sessions, min_each=2).values() for u in group]
+    else:
+        users = [User(f"user{i}") for i in range(sessions)]
+        for user in users:
+            reply = user.send(bed.envoy.url, app.get)
+            if reply.status_code != 200 or app.progress(json_body(reply) or {}) is None:
+                raise AssertionError(f"{user.name}: a new session: {describe(reply)}")
     outcome, lock, stop, loss = Outcome(), threading.Lock(), threading.Event(), [0]
-    threads = [threading.Thread(target=browse, args=(u, bed.envoy.url, json_body(u.replies[-1])["count"], outcome,
-                                                     loss, stop, lock)) for u in users]
+    threads = [threading.Thread(target=browse, args=(app, u, bed.envoy.url, app.progress(json_body(u.replies[-1])),
+                                                     outcome, loss, stop, lock)) for u in users]
     for thread in threads:
         thread.start()
     try:
@@ -158,13 +186,20 @@ def main(argv=None) -> int:
     parser.add_argument("--losses", type=int, default=60, help="pod losses (default 60)")
     parser.add_argument("--sessions", type=int, default=30, help="sessions under load (default 30)")
     parser.add_argument("--module", choices=list(tb.MODULES), default="wasm")
+    parser.add_argument("--app", choices=["demo", "tomcat"], default="demo")
     args = parser.parse_args(argv)
     tb.ensure_module(args.module)
     workdir = Path(tempfile.mkdtemp(prefix="sa-rolling-"))
-    with tb.Testbed(tb.PortPlan.free(), workdir, concurrency=2, module=args.module) as bed:
+    testbed, app = tb.Testbed, DEMO
+    if args.app == "tomcat":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "adapters" / "tomcat"))
+        import tomcats
+        tomcats.build()
+        testbed, app = tomcats.TomcatTestbed, TOMCAT
+    with testbed(tb.PortPlan.free(), workdir, concurrency=2, module=args.module) as bed:
         bed.envoy.set_endpoints({b.address: "HEALTHY" for b in bed.backends})
         bed.envoy.restart()
-        outcome = run(bed, args.sessions, args.losses, say=lambda m: print(f"rolling: {m}", flush=True))
+        outcome = run(bed, args.sessions, args.losses, app, say=lambda m: print(f"rolling: {m}", flush=True))
     print("figures " + json.dumps(outcome.figures()))
     print(f"{len(outcome.problems)} problem(s)" + "".join(f"\n  {p}" for p in outcome.problems[:50]))
     return 1 if outcome.problems else 0
