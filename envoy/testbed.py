@@ -453,6 +453,11 @@ class Envoy:
         self.admin = admin
         self.filter_config = filter_config
         self.config_path = testbed.workdir / f"{name}.yaml"
+        # The app's endpoints as this Envoy's file-based EDS serves them
+        # (address -> EDS health status), or None for the static endpoints.
+        self.endpoints: dict[str, str] | None = None
+        self.eds_path = testbed.workdir / f"{name}-eds.yaml"
+        self.eds_version = 0
         argv = [
             ENVOY_BIN, "-c", str(self.config_path), "--concurrency", str(testbed.concurrency),
             "--disable-hot-restart", "-l", "info",
@@ -482,8 +487,42 @@ class Envoy:
                                      self.testbed.module, self.testbed.store)
         for patch in self.testbed.bootstrap_patches:
             patch(bootstrap)
+        if self.endpoints is not None:
+            self._write_eds()
+            app = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == APP_CLUSTER)
+            del app["load_assignment"]
+            app["type"] = "EDS"
+            app["eds_cluster_config"] = {"eds_config": {"resource_api_version": "V3",
+                                                        "path_config_source": {"path": str(self.eds_path)}}}
+            bootstrap.setdefault("node", {"id": self.name, "cluster": "testbed"})  # xDS needs both
         self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         return self.config_path
+
+    def set_endpoints(self, endpoints: dict[str, str]):
+        """Serve the app cluster from a file-based EDS (from the next start on,
+        and at once when running), as a control plane would: address -> EDS
+        health status ("HEALTHY", "DRAINING", ...). An address left out is
+        removed from the cluster."""
+        self.endpoints = dict(endpoints)
+        if self.process.running():
+            self._write_eds()
+
+    def _write_eds(self):
+        """The whole file replaced at once (Envoy reloads on the rename)."""
+        self.eds_version += 1
+        lb_endpoints = [{"endpoint": {"address": {"socket_address": {
+            "address": address.rsplit(":", 1)[0], "port_value": int(address.rsplit(":", 1)[1])}}},
+            "health_status": status} for address, status in (self.endpoints or {}).items()]
+        document = {"version_info": str(self.eds_version), "resources": [{
+            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "cluster_name": APP_CLUSTER, "endpoints": [{"lb_endpoints": lb_endpoints}]}]}
+        staging = self.eds_path.with_name(self.eds_path.name + ".new")
+        staging.write_text(yaml.safe_dump(document, sort_keys=False))
+        staging.replace(self.eds_path)
+
+    def lists(self, address: str) -> bool:
+        """Whether this Envoy's view of the app cluster has the address."""
+        return self.endpoints is None or address in self.endpoints
 
     def start(self, wait_healthy: bool = True):
         self.write_config()
@@ -512,7 +551,7 @@ class Envoy:
         wait_until(lambda: accepts(self.listener), timeout, f"{self.name} listener {self.url}")
         if wait_healthy:
             for backend in self.testbed.backends:
-                if backend.process.running():
+                if backend.process.running() and self.lists(backend.address):
                     self.wait_host_health(backend.address, healthy=True, timeout=timeout)
             # Until a store host's health check passes, store calls fail at once.
             for store in self.testbed.running_store_hosts():
@@ -760,11 +799,15 @@ class Testbed:
     def backend_named(self, name: str) -> Backend:
         return next(b for b in self.backends if b.name == name)
 
-    def start_envoy(self, name: str, filter_config: dict | None = None, wait_healthy: bool = True) -> Envoy:
-        """Another Envoy (free ports) in front of the same backends and store."""
+    def start_envoy(self, name: str, filter_config: dict | None = None, wait_healthy: bool = True,
+                    endpoints: dict[str, str] | None = None) -> Envoy:
+        """Another Envoy (free ports) in front of the same backends and store;
+        with `endpoints`, its app cluster comes from a file-based EDS (Envoy.set_endpoints)."""
         listener, admin = free_ports(2)
         config = filter_config if filter_config is not None else copy.deepcopy(self.envoy.filter_config)
         envoy = Envoy(self, name, listener, admin, config)
+        if endpoints is not None:
+            envoy.set_endpoints(endpoints)
         self.extra_envoys.append(envoy)
         envoy.start(wait_healthy)
         return envoy

@@ -198,7 +198,8 @@ def outbound_clusters(namespace: str, eds_path: Path) -> list[dict]:
 
 def app_route(name: str, namespace: str, http_route: dict | None) -> dict:
     """The route to the app istiod derives from a VirtualService http route."""
-    route = {"name": name, "match": {"prefix": "/"}, "route": {"cluster": app_cluster(namespace), "timeout": "0s"}}
+    route = {"name": name, "match": {"prefix": "/"},
+             "route": {"cluster": app_cluster(namespace), "timeout": (http_route or {}).get("timeout", "0s")}}
     policy = istio_retry_policy(http_route)
     if policy is not None:
         route["route"]["retry_policy"] = policy
@@ -315,8 +316,8 @@ def app_sidecar_skeleton(namespace: str, listen_port: int, admin_port: int, app_
 
 def apply_destination_rule(bootstrap: dict, namespace: str, rule: dict) -> None:
     """What istiod does with a DestinationRule's outlierDetection
-    (applyOutlierDetection) and connectionPool.tcp.connectTimeout
-    (applyConnectionPool) on the app's cluster; other fields raise."""
+    (applyOutlierDetection) and connectionPool.tcp's connectTimeout and
+    tcpKeepalive (applyConnectionPool) on the app's cluster; other fields raise."""
     spec = rule["spec"]
     if spec["host"] not in ("demo", f"demo.{namespace}", f"demo.{namespace}.svc.cluster.local"):
         return
@@ -324,7 +325,7 @@ def apply_destination_rule(bootstrap: dict, namespace: str, rule: dict) -> None:
     if set(policy) - {"outlierDetection", "connectionPool"} or set(spec) - {"host", "trafficPolicy"}:
         raise NotImplementedError(f"DestinationRule fields {sorted(spec)} {sorted(policy)}")
     pool = policy.get("connectionPool", {})
-    if set(pool) - {"tcp"} or set(pool.get("tcp", {})) - {"connectTimeout"}:
+    if set(pool) - {"tcp"} or set(pool.get("tcp", {})) - {"connectTimeout", "tcpKeepalive"}:
         raise NotImplementedError(f"connectionPool fields {pool}")
     outlier = policy["outlierDetection"]
     known = {"splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures", "consecutive5xxErrors",
@@ -352,6 +353,10 @@ def apply_destination_rule(bootstrap: dict, namespace: str, rule: dict) -> None:
         if c["name"] == app_cluster(namespace):
             c["outlier_detection"] = out
             c["connect_timeout"] = pool.get("tcp", {}).get("connectTimeout", c["connect_timeout"])
+            keepalive = pool.get("tcp", {}).get("tcpKeepalive")
+            if keepalive is not None:
+                c["upstream_connection_options"] = {"tcp_keepalive": {
+                    f"keepalive_{k}": v if k == "probes" else int(v.removesuffix("s")) for k, v in keepalive.items()}}
             c.setdefault("common_lb_config", {})["healthy_panic_threshold"] = {
                 "value": outlier.get("minHealthPercent", 0)}
 

@@ -14,7 +14,7 @@ import time
 
 from chaos import seconds
 from harness import (User, changes, describe, drive, expect, expect_equal, failovers, in_parallel, json_body,
-                     settled_counters, start_sessions, verify_cookie)
+                     owner_of, settled_counters, start_sessions, stored, verify_cookie)
 
 NEW_SESSIONS_ON_IT = 3
 
@@ -86,3 +86,42 @@ def test_a_host_back_as_a_new_instance_keeps_its_new_sessions(own_testbed):
     took = time.monotonic() - killed
     expect(took < gone_ttl, "the whole check ran while the mark could still be in force",
            f"< failover.gone_ttl ({gone_ttl:g}s)", f"{took:.1f}s")
+
+
+def test_a_host_another_replica_knows_first_is_not_taken_for_gone(own_testbed):
+    """Two proxy replicas whose endpoint views differ (file-based EDS): the
+    lagging one has not received backend c yet when a session pinned there by
+    the other arrives. Envoy answers it 503 UH. A host this proxy never saw,
+    named by a cookie issued seconds ago, is no proof of death: the session is
+    not moved (503 + Retry-After), and once the view catches up it is served
+    where it lives (envoyproxy/envoy#42686). Before, the replica marked the
+    host gone and moved the session off a live pod."""
+    bed = own_testbed
+    new = bed.backends[2]
+    everyone = {b.address: "HEALTHY" for b in bed.backends}
+    lagging = bed.start_envoy("lagging", endpoints={a: s for a, s in everyone.items() if a != new.address})
+    user = None
+    for attempt in range(9):
+        candidate = User(f"user{attempt}")
+        if json_body(candidate.send(bed.envoy.url))["backend"] == new.name:
+            user = candidate
+            break
+    expect(user is not None, f"a session on {new.name} through {bed.envoy.name}", "within 9 new sessions", None)
+    sid = json_body(user.replies[-1])["session"]
+    before = settled_counters(lagging)
+
+    early = user.send(lagging.url)
+    expect(early.status_code == 503 and early.headers.get("retry-after") and not early.history,
+           f"the session through the replica that does not know {new.name} yet", "503 with Retry-After, no 307",
+           describe(early))
+    expect_equal(stored(bed, sid)["owner"], owner_of(new), "the session's owner in the store (not moved)")
+    expect_equal(changes(before, settled_counters(lagging)).get("failovers.deferred"), 1,
+                 "the lagging replica's failovers.deferred")
+
+    lagging.set_endpoints(everyone)
+    lagging.wait_host_health(new.address, healthy=True, timeout=15)
+    caught_up = user.send(lagging.url)
+    body = json_body(caught_up) or {}
+    expect((caught_up.status_code, body.get("backend"), body.get("count"), len(caught_up.history)) == (200, new.name, 2, 0),
+           "the same session once the replica's view has the host", f"200 from {new.name}, count 2, no 307",
+           describe(caught_up))

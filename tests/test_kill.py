@@ -7,8 +7,8 @@ pooled connection at the instant of the kill gets Envoy's 503 UC: GET is safe
 to repeat (RFC 9110 section 9.2.2), so the filter answers it with the replay
 307 instead of the error. The replay, and any request found gone, fails over
 once: the router's retries skip a host they already tried, so a failover
-never lands on the dead host twice. Five rounds in a row, each with a fresh
-kill.
+never lands on the dead host twice. Twenty rounds in a row, each with a
+fresh kill, counting the answers, 307s and errors of every round.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import requests
 
 from harness import User, demo_state, describe, expect, health, json_body, start_sessions
 
-ROUNDS = 5
+ROUNDS = 20
 SESSIONS = 15
 RUN_BEFORE_KILL = 1.0
-RUN_AFTER_KILL = 2.5
+RUN_AFTER_KILL = 1.5
 
 
 def keep_clicking(user: User, url: str, stop: threading.Event, log: list):
@@ -96,6 +96,12 @@ class DiesMidResponse:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def close(self):
+        # close() alone leaves the socket listening while the serving thread
+        # is blocked in accept(): the next connection would still reach it.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
 
     def _serve(self):
@@ -136,7 +142,9 @@ def test_a_response_cut_by_the_apps_death_is_an_error_and_its_change_is_kept(own
     stream) or the last state the client saw (the native module's store calls
     belong to the stream, and Envoy cancels them with it, so the change is kept
     only if the store had already applied it). Either way the state is never
-    older than what the client saw."""
+    older than what the client saw. The cut reaches the client either as that
+    502 or, when the store answered before Envoy read the close, as the
+    app's headers with a body cut short: an error either way."""
     bed, envoy = own_testbed, own_testbed.envoy
     user = User("cut")
     first = json_body(user.send(envoy.url))
@@ -145,9 +153,12 @@ def test_a_response_cut_by_the_apps_death_is_an_error_and_its_change_is_kept(own
     bed.kill_backend(bed.backends.index(home))
     dying = DiesMidResponse(int(home.address.rsplit(":", 1)[1]), home.instance, count=1)
     try:
-        cut = user.send(envoy.url)
-        expect(cut.status_code == 502 and "protocol error" in cut.text, "the answer whose body never came",
-               "502 (protocol error)", describe(cut))
+        try:
+            cut = user.send(envoy.url)
+            expect(cut.status_code == 502 and "protocol error" in cut.text, "the answer whose body never came",
+                   "502 (protocol error), or its headers and a body cut short", describe(cut))
+        except requests.exceptions.ChunkedEncodingError:
+            pass  # the headers went out, the body never came
     finally:
         dying.close()
     after = user.send(envoy.url)

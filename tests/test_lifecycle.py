@@ -214,3 +214,37 @@ def test_a_failover_that_cannot_use_the_stored_state_gives_its_lease_back(own_te
     expect_fresh_session(reply, sid, "a failover whose stored state is unusable (on_outage: fresh)")
     # The worker gives the lease back right after the response (not the stream: it may be gone).
     tb.wait_until(lambda: bed.redis_command("GET", f"sa:{sid}:lease") is None, 3.0, "the lease given back")
+
+
+LOGOUT_KILL_ROUNDS = 20
+
+
+def test_logout_then_kill_twenty_rounds(own_testbed):
+    """The issue's sequence, repeated: a session logs out, gets its 200, its
+    backend is killed at once, and the pre-logout cookie comes back. Every
+    round must give a new, empty session on a live backend after at most one
+    307: never the old state, never an error (the new session's retries skip
+    the dead host). Counted per round."""
+    bed = own_testbed
+    deadline = time.monotonic() + 240
+    outcomes = []
+    for round_number in range(1, LOGOUT_KILL_ROUNDS + 1):
+        expect(time.monotonic() < deadline, f"{LOGOUT_KILL_ROUNDS} rounds within 240 s",
+               "done in time", f"round {round_number} of {outcomes}")
+        user = User(f"user{round_number}")
+        body = session_on(bed, user, 2)
+        kept = user.cookie
+        logout = user.send(bed.envoy.url, "/logout", method="POST")
+        expect(logout.status_code == 200, f"round {round_number}: logout", "200", describe(logout))
+        home = bed.backends.index(bed.backend_named(body["backend"]))
+        bed.kill_backend(home)
+        reply = holder_of(kept, f"kept{round_number}").send(bed.envoy.url)
+        after = json_body(reply) or {}
+        outcomes.append((reply.status_code, len(reply.history)))
+        expect(reply.status_code == 200 and after.get("count") == 1 and after.get("session") != body["session"]
+               and after.get("backend") != body["backend"] and len(reply.history) <= 1,
+               f"round {round_number}: the pre-logout cookie after {body['backend']} was killed",
+               "a new, empty session on a live backend after at most one 307",
+               f"{describe(reply)}; rounds so far (status, 307s): {outcomes}")
+        bed.start_backend(home)
+        bed.envoy.wait_host_health(bed.backends[home].address, healthy=True, timeout=15)

@@ -163,6 +163,36 @@ def test_tomcat_state_survives_sigkill(bed):
     expect_equal(shopper.json("GET", "/cart")["items"], {"apple": 2, "pear": 2}, "the session goes on after the move")
 
 
+TOMCAT_KILL_ROUNDS = 20
+
+
+def test_tomcat_failover_twenty_rounds(bed):
+    """A fresh cart, its Tomcat SIGKILLed, the next request: twenty rounds in
+    a row, each counting its 307s. Every round must find the same session and
+    cart on another Tomcat after at most one 307 (the replay's retries never
+    land on the killed Tomcat), and no error."""
+    deadline = time.monotonic() + 400
+    outcomes = []
+    for round_number in range(1, TOMCAT_KILL_ROUNDS + 1):
+        expect(time.monotonic() < deadline, f"{TOMCAT_KILL_ROUNDS} rounds within 400 s", "done in time",
+               f"round {round_number}: {outcomes}")
+        shopper, view = shop(bed, "apple", "pear")
+        killed = kill_serving(bed, shopper.last)
+        after = shopper.send("GET", "/cart")
+        try:
+            body = after.json()
+        except ValueError:
+            body = {}
+        outcomes.append((after.status_code, len(after.history)))
+        expect(after.status_code == 200 and (body.get("session"), body.get("items")) == (view["session"], view["items"])
+               and len(after.history) <= 1 and serving(bed, after) != killed,
+               f"round {round_number}: the cart after its Tomcat was killed",
+               "the same session and cart on another Tomcat after at most one 307",
+               f"{describe(after)}; rounds so far (status, 307s): {outcomes}")
+        bed.start_backend(killed)
+        bed.envoy.wait_host_health(bed.tomcats[killed].address, healthy=True, timeout=30)
+
+
 def test_tomcat_restart_on_the_same_port_restores_state(bed):
     shopper, view = shop(bed, "fig", "fig")
     index = serving(bed, shopper.last)

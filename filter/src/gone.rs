@@ -14,6 +14,8 @@
 //! since (a new instance) is joined, not moved again. Marks of one host are
 //! written at most once per [`MARK_INTERVAL_MS`], whatever drives them.
 
+use std::collections::HashSet;
+
 use crate::host::SharedData;
 use crate::ids::{is_instance, is_upstream};
 
@@ -176,6 +178,56 @@ impl GoneTable {
         }
         change(&mut self.entries);
         Change::LocalOnly
+    }
+}
+
+/// Upstream addresses this proxy has seen answer. Envoy answers 503 UH for a
+/// pinned host that is unhealthy or not in its endpoint view; a host no
+/// worker of this proxy ever saw may only be newer than this proxy's view
+/// (another replica learned of it first, envoyproxy/envoy#42686), which is no
+/// proof that it is gone. Each worker keeps a copy; the first sighting of a
+/// host goes to shared data too, and the rare UH path reads it there.
+/// Bounded: a full copy starts over, a full shared list drops its older
+/// half; either only makes hosts unseen.
+#[derive(Debug, Default)]
+pub struct SeenHosts(HashSet<String>);
+
+/// The shared-data key listing the upstreams seen, one per line.
+pub const SEEN_KEY: &str = "session_affinity.seen";
+/// Upstreams remembered per worker, and in shared data.
+const MAX_SEEN: usize = 4096;
+
+impl SeenHosts {
+    /// `upstream` answered. Costs a set lookup when it is already known.
+    pub fn saw(&mut self, shared: &dyn SharedData, upstream: &str) {
+        if self.0.contains(upstream) {
+            return;
+        }
+        if self.0.len() >= MAX_SEEN {
+            self.0.clear();
+        }
+        self.0.insert(upstream.to_string());
+        for _ in 0..CAS_TRIES {
+            let (value, cas) = shared.get(SEEN_KEY);
+            let text = value.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default();
+            let mut lines: Vec<&str> = text.lines().collect();
+            if lines.contains(&upstream) {
+                return;
+            }
+            if lines.len() >= MAX_SEEN {
+                lines.drain(..MAX_SEEN / 2);
+            }
+            lines.push(upstream);
+            if shared.set(SEEN_KEY, lines.join("\n").as_bytes(), cas) {
+                return;
+            }
+        }
+    }
+
+    /// Whether any worker of this proxy saw `upstream` answer.
+    pub fn has_seen(&self, shared: &dyn SharedData, upstream: &str) -> bool {
+        self.0.contains(upstream)
+            || shared.get(SEEN_KEY).0.is_some_and(|v| v.split(|b| *b == b'\n').any(|line| line == upstream.as_bytes()))
     }
 }
 
@@ -362,6 +414,31 @@ mod tests {
         b.mark(&shared, H, Sighting::down("pod-b"), 1001, 30_000);
         reader.refresh(&shared);
         assert!(reader.is_gone(H, "pod-c", 1002));
+    }
+
+    #[test]
+    fn a_host_one_worker_saw_is_seen_by_every_worker() {
+        let shared = FakeShared::default();
+        let (mut a, b) = (SeenHosts::default(), SeenHosts::default());
+        assert!(!b.has_seen(&shared, H));
+        a.saw(&shared, H);
+        a.saw(&shared, H);
+        assert_eq!(shared.writes(), 1, "a host already seen costs no write");
+        assert!(a.has_seen(&shared, H) && b.has_seen(&shared, H));
+        assert!(!b.has_seen(&shared, "10.0.0.2:80") && !b.has_seen(&shared, "10.0.0.1:8"));
+    }
+
+    #[test]
+    fn seen_hosts_are_bounded() {
+        let shared = FakeShared::default();
+        let mut seen = SeenHosts::default();
+        for i in 0..=MAX_SEEN {
+            seen.saw(&shared, &format!("10.1.{}.{}:80", i / 250, i % 250));
+        }
+        assert!(seen.0.len() <= MAX_SEEN);
+        let listed = shared.get(SEEN_KEY).0.unwrap_or_default();
+        assert!(listed.split(|b| *b == b'\n').count() <= MAX_SEEN);
+        assert!(seen.has_seen(&shared, &format!("10.1.{}.{}:80", MAX_SEEN / 250, MAX_SEEN % 250)));
     }
 
     #[test]

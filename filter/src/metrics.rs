@@ -64,6 +64,7 @@ counters! {
     FailoversRefused => "failovers.refused": "restored states a live app refused (started fresh)",
     FailoversBusy => "failovers.busy": "failovers answered 503 while another proxy kept moving the session",
     FailoversRejected => "failovers.rejected": "failovers answered 503 by the outage policy \"reject\"",
+    FailoversDeferred => "failovers.deferred": "pinned requests answered 503 + Retry-After, not moved: Envoy does not know the host, this proxy never saw it, and its cookie is seconds old (a newer endpoint view elsewhere)",
     StoreWrites => "store.writes": "state writes sent",
     StoreWritesRejected => "store.writes_rejected": "state writes refused because the host no longer owns the session",
     StoreWritesUnprotected => "store.writes_unprotected": "state changes not stored because the store was unreachable (breaker open or errors)",

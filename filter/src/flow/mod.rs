@@ -39,10 +39,12 @@ pub use worker::{Answer, Sent, Worker};
 /// app, for requests the load balancer places (a retry ignores a routing
 /// override, so pinned requests never get them).
 const RETRY_ON_UNREACHED: &str = "connect-failure,refused-stream,reset-before-request";
-/// For safe methods, also a mesh sidecar's reply that it did not reach its
-/// app: the router matches the header's presence, not its flags, so it would
-/// also retry a connection lost mid-request, which only a safe method allows.
-const RETRY_ON_UNREACHED_SAFE: &str = "connect-failure,refused-stream,reset-before-request,retriable-headers";
+/// For safe methods, also a connection lost mid-request (`reset`: a pooled
+/// connection to a pod that just died, which the load balancer may still pick
+/// for a failover; the filter replays such a GET anyway) and a mesh sidecar's
+/// reply that it did not reach its app (the router matches the header's
+/// presence, not its flags, so that too covers a lost connection).
+const RETRY_ON_UNREACHED_SAFE: &str = "connect-failure,refused-stream,reset,retriable-headers";
 const MAX_RETRIES: &str = "3";
 
 /// Facts about the request that the response phase needs.

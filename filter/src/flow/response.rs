@@ -105,7 +105,14 @@ impl<'a> ResponseView<'a> {
         // that does is the app's, whatever headers it sends.
         if let (Some(sidecar_flags), None) = (self.unreached, self.instance) {
             let has = |flag: &str| sidecar_flags.split(',').any(|f| f.trim() == flag);
-            return if has("UC") || has("UR") { Reach::ConnectionLost } else { Reach::ConnectFailed };
+            // UO (overloaded) or NR (no route) on a sidecar says nothing about its app.
+            return if has("UC") || has("UR") {
+                Reach::ConnectionLost
+            } else if has("UF") || has("UH") || has("URX") {
+                Reach::ConnectFailed
+            } else {
+                Reach::Served
+            };
         }
         let flags = flags();
         if flags & FLAG_UF != 0 {

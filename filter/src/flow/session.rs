@@ -28,6 +28,11 @@ use crate::ids::{Owner, SessionId};
 use crate::metrics::Counter;
 use crate::store::Op;
 
+/// A pinned host that Envoy does not know (503 UH), that this worker never
+/// saw answer, and that some proxy pinned or refreshed a cookie for less than
+/// this long ago is taken for one this proxy's endpoint view lacks yet.
+pub(super) const UNSEEN_HOST_GRACE_SECS: u64 = 10;
+
 impl Flow {
     pub(super) fn new_session_response(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, sid: SessionId) -> Action {
         if response.reach(|| host.response_flags()) != Reach::Served {
@@ -51,7 +56,22 @@ impl Flow {
 
     pub(super) fn pinned_response(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, claims: Claims, reissue: bool) -> Action {
         match response.reach(|| host.response_flags()) {
-            Reach::NoHealthyHost | Reach::ConnectFailed => {
+            // Envoy's own "not a host I can send to": this session moves, no
+            // other. It may be a host this proxy's endpoint view does not have
+            // yet, which a cookie issued moments ago makes likely: then retry.
+            Reach::NoHealthyHost => {
+                let age = (self.request.started_ms / 1000).saturating_sub(claims.iat);
+                if age < UNSEEN_HOST_GRACE_SECS && !self.worker.seen.borrow().has_seen(&*host, claims.upstream()) {
+                    info!("[{}] upstream {} is unknown here and was pinned {age}s ago; not moving the session", self.context_id, claims.upstream());
+                    self.count(Counter::FailoversDeferred);
+                    self.stream = Stream::Done;
+                    self.issuer().retry_later(host, "the session's host is not known to this proxy yet; retry\n", None);
+                    return Action::Pause;
+                }
+                self.count(Counter::FailoversReplayed);
+                return self.replay_moving(host, &claims);
+            }
+            Reach::ConnectFailed => {
                 info!("[{}] upstream {} is gone; its sessions fail over", self.context_id, claims.upstream());
                 self.mark(host, claims.upstream(), Sighting::down(claims.instance()));
                 self.count(Counter::FailoversReplayed);
@@ -134,6 +154,9 @@ impl Flow {
     /// The app at `upstream` answered as `instance`: whatever marked it gone
     /// before this request was sent is over.
     pub(super) fn host_answered(&self, host: &mut impl HttpHost, upstream: &str, instance: &str) {
+        if let Ok(mut seen) = self.worker.seen.try_borrow_mut() {
+            seen.saw(&*host, upstream);
+        }
         if !self.worker.gone.borrow().mentions(upstream) {
             return; // the usual case: nothing to forget, no clock read
         }

@@ -13,7 +13,7 @@ use log::{info, warn};
 use crate::breaker::{Admit, Breaker, Transition};
 use crate::config::{Config, StoreSettings};
 use crate::cookie::{cluster_tag, ClusterTag, VerifiedCookies};
-use crate::gone::GoneTable;
+use crate::gone::{GoneTable, SeenHosts};
 use crate::host::{HttpHost, SharedData, WorkerHost};
 use crate::metrics::{Counter, Metrics};
 use crate::store::{Client, Memory, Op, Progress, Reply, StoreCall, StoreError, MAX_CALLS};
@@ -30,6 +30,7 @@ const MAX_ENDED: usize = 1024;
 pub struct Worker {
     pub metrics: Metrics,
     pub gone: RefCell<GoneTable>,
+    pub seen: RefCell<SeenHosts>,
     pub verified: VerifiedCookies,
     /// The last cluster name seen and its tag (hashing it per request would
     /// cost a SHA-256 block on the hot path).

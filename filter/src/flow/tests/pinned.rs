@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::flow::response::{FLAG_UC, FLAG_UF, FLAG_UH};
+use crate::flow::session::UNSEEN_HOST_GRACE_SECS;
 use crate::gone::Sighting;
 
 #[test]
@@ -227,8 +228,8 @@ fn a_session_past_its_absolute_lifetime_starts_over_whatever_its_cookie_says() {
 }
 
 #[test]
-fn a_503_uh_or_uf_for_the_pinned_host_marks_it_gone_and_replays_with_a_moving_cookie() {
-    for flags in [FLAG_UF, FLAG_UH] {
+fn a_503_uf_for_the_pinned_host_marks_it_gone_and_replays_with_a_moving_cookie() {
+    for flags in [FLAG_UF, FLAG_UF | FLAG_UH] {
         let bed = Bed::new(config(""));
         let mut host = bed.pinned(B1, "pod-a", &[(":path", "/cart?item=3")]);
         let mut f = bed.flow();
@@ -245,6 +246,47 @@ fn a_503_uh_or_uf_for_the_pinned_host_marks_it_gone_and_replays_with_a_moving_co
         assert!(bed.worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS + 1));
         assert_eq!((bed.count(Counter::FailoversReplayed), bed.count(Counter::GoneMarked)), (1, 1));
     }
+}
+
+/// A pinned request to B1/pod-a with a cookie issued `age` seconds ago,
+/// answered by Envoy's local 503 UH.
+fn no_healthy_host(bed: &Bed, age: u64) -> (FakeProxy, Action) {
+    let tag = cookie::cluster_tag("app");
+    let claims = NewClaims { sid: SID, cluster: tag.as_str(), upstream: B1, instance: "pod-a", since: NOW - 100, iat: NOW - age, exp: NOW + 3600, flags: 0 };
+    let value = cookie::encode(&claims, &bed.config.keys).unwrap();
+    let mut host = bed.proxy(&[("cookie", &format!("{COOKIE}={value}"))]);
+    let mut f = bed.flow();
+    f.on_request_headers(&mut host);
+    host.respond(B1, &[(":status", "503")]);
+    host.flags = FLAG_UH;
+    let action = f.on_response_headers(&mut host);
+    (host, action)
+}
+
+#[test]
+fn a_503_uh_moves_only_its_own_session_and_marks_nothing() {
+    let bed = Bed::new(config(""));
+    bed.worker.seen.borrow_mut().saw(&*bed.shared, B1);
+    let (host, action) = no_healthy_host(&bed, 1);
+    assert_eq!((action, host.local_reply.as_ref().map(|r| r.0)), (Action::Pause, Some(307)));
+    assert!(issued(&bed, &host).is_moving());
+    assert!(!bed.worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS + 1), "other sessions there stay");
+    assert_eq!((bed.count(Counter::FailoversReplayed), bed.count(Counter::GoneMarked)), (1, 0));
+}
+
+#[test]
+fn a_host_this_proxy_never_saw_is_not_gone_while_its_cookie_is_seconds_old() {
+    let bed = Bed::new(config(""));
+    let (host, action) = no_healthy_host(&bed, 2);
+    let (status, headers) = host.local_reply.clone().unwrap();
+    assert_eq!((action, status), (Action::Pause, 503));
+    assert!(headers.iter().any(|(n, _)| n == "retry-after"));
+    assert!(!headers.iter().any(|(n, _)| n == "set-cookie"), "the cookie stays as it is");
+    assert!(!bed.worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS + 1));
+    assert_eq!((bed.count(Counter::FailoversDeferred), bed.count(Counter::FailoversReplayed)), (1, 0));
+    // Past the grace, an unknown host is gone for this session.
+    let (host, _) = no_healthy_host(&bed, UNSEEN_HOST_GRACE_SECS);
+    assert_eq!(host.local_reply.as_ref().map(|r| r.0), Some(307));
 }
 
 #[test]
@@ -266,6 +308,16 @@ fn a_mesh_sidecars_unreached_answer_counts_as_a_connection_failure() {
         let (_, host, action) = bed.answer_pinned(&[(":status", "503"), ("x-session-unreached", flags)]);
         assert_eq!((action, host.local_reply.as_ref().map(|r| r.0)), (Action::Pause, Some(307)), "{flags}");
         assert_eq!(bed.worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS + 1), marked, "{flags}");
+    }
+}
+
+#[test]
+fn an_overloaded_or_unrouted_sidecar_moves_no_session() {
+    for flags in ["UO", "NR", "DC"] {
+        let bed = Bed::new(config(""));
+        let (_, host, action) = bed.answer_pinned(&[(":status", "503"), ("x-session-unreached", flags)]);
+        assert_eq!((action, host.local_reply.as_ref().map(|r| r.0)), (Action::Continue, None), "{flags}");
+        assert!(!bed.worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS + 1), "{flags}");
     }
 }
 
