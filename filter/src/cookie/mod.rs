@@ -49,6 +49,9 @@ const FIELDS: usize = 11;
 /// only the one that saw the failure, sends the replayed request down the
 /// failover path.
 pub const FLAG_MOVING: u8 = 1;
+/// The cookie of a session that has not come back yet: its store entry
+/// lives only `store.new_session_ttl` until it does.
+pub const FLAG_NEW: u8 = 2;
 
 /// Why a cookie was refused. Each reason has its own counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +132,9 @@ impl Claims {
     }
     pub fn is_moving(&self) -> bool {
         self.flags & FLAG_MOVING != 0
+    }
+    pub fn is_new(&self) -> bool {
+        self.flags & FLAG_NEW != 0
     }
     pub fn owner(&self) -> Owner<'_> {
         Owner { upstream: self.upstream(), instance: self.instance() }

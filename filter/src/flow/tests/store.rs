@@ -237,3 +237,26 @@ fn a_detached_etcd_call_that_failed_goes_out_again_from_the_workers_tick() {
     assert_eq!((host.calls.len(), host.calls[1].retries), (2, 1));
     assert!(!bed.worker.has_queued());
 }
+
+#[test]
+fn a_new_sessions_entry_is_short_lived_until_its_cookie_comes_back() {
+    let bed = Bed::new(with_store("sync"));
+    let mut host = bed.proxy(&[]);
+    let mut f = bed.flow();
+    f.on_request_headers(&mut host);
+    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+    assert_eq!(f.on_response_headers(&mut host), Action::Pause);
+    assert!(matches!(host.ops()[..], [Op::Write { ttl_ms: 60_000, .. }]), "store.new_session_ttl: {:?}", host.ops());
+    let first = issued(&bed, &host);
+    assert!(first.is_new());
+    // The cookie comes back: re-issued without the flag, and the entry now lives store.idle_ttl.
+    let value = format!("{COOKIE}={}", set_cookie(&host).unwrap());
+    let mut back = bed.proxy(&[("cookie", &value)]);
+    let mut g = bed.flow();
+    g.on_request_headers(&mut back);
+    back.respond(B1, &[("x-instance-id", "pod-a")]);
+    g.on_response_headers(&mut back);
+    send_queued(&bed, &mut back);
+    assert!(matches!(back.ops()[..], [Op::Touch { ttl_ms: 1_800_000, .. }]), "{:?}", back.ops());
+    assert!(!issued(&bed, &back).is_new());
+}

@@ -1,0 +1,146 @@
+"""What one client can and cannot do to other users' sessions.
+
+Real Envoy with the built filter (wasm or native), the demo backends, Redis
+behind webdis (Debian's webdis 0.1.9) or three etcd members; all on
+127.0.0.1. Each test plays a hostile client's move and checks that the
+other users' sessions keep their state through a failover, and that the
+store's circuit breaker, which every user shares, stays closed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from harness import (Checks, User, changes, describe, drive, expect_equal, in_parallel, json_body, settle_load_balancer,
+                     settled_counters, tb, with_config)
+
+# State sizes (the x-session-state value) tried; the last is over the
+# default store.max_state_bytes (32 KiB).
+SIZES_KIB = [1, 4, 16, 64]
+MAX_STATE_BYTES = 32 * 1024
+VICTIMS = 6
+
+
+def user_name_for(kib: int) -> str:
+    """A user name that makes the demo app's state about `kib` KiB: the state
+    is base64url of {"sid", "count", "user"} (4 characters per 3 bytes)."""
+    return "u" * (kib * 1024 * 3 // 4 - 60)
+
+
+def large_app_headers(bootstrap: dict):
+    """The app cluster accepts response headers up to 128 KiB (Envoy's
+    default is 60), so a 64 KiB state reaches the filter."""
+    for cluster in bootstrap["static_resources"]["clusters"]:
+        if cluster["name"] == tb.APP_CLUSTER:
+            options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            options["common_http_protocol_options"] = {"max_response_headers_kb": 128}
+
+
+@pytest.mark.stores
+def test_a_large_session_state_costs_no_one_else(own_testbed):
+    """Sessions whose states are 1, 4, 16 and 64 KiB, and small victims; then
+    every backend restarts (its sessions are lost in memory). Every state up to
+    the cap comes back whole; the 64 KiB one was never stored (counted); the victims keep
+    theirs; no store call times out and the breaker never opens."""
+    bed, envoy = own_testbed, own_testbed.envoy
+    bed.bootstrap_patches.append(large_app_headers)
+    envoy.restart(with_config(envoy.filter_config, store={"breaker": {"failures": 3, "cooldown": "5s"}}))
+    settle_load_balancer(envoy)
+    checks = Checks()
+    before = settled_counters(envoy)
+    large = {}
+    for kib in SIZES_KIB:
+        user = User(f"state{kib}k")
+        checks.expect_equal(drive(user, envoy.url, 1, 1), [], f"{user.name}: a new session")
+        reply = user.send(envoy.url, "/login", "POST", data={"user": user_name_for(kib)})
+        body = json_body(reply) or {}
+        checks.expect(reply.status_code == 200 and body.get("count") == 2, f"{user.name}: login",
+                      "200 with count 2", describe(reply)[:300])
+        large[kib] = user
+    victims = [User(f"victim{i}") for i in range(VICTIMS)]
+    for victim in victims:
+        checks.expect_equal(drive(victim, envoy.url, 1, 2), [], f"{victim.name}: a session with stored state")
+
+    for index in range(len(bed.backends)):
+        bed.restart_backend(index)
+    for backend in bed.backends:
+        envoy.wait_host_health(backend.address, healthy=True, timeout=15)
+
+    for kib, user in large.items():
+        reply = user.send(envoy.url)
+        body = json_body(reply) or {}
+        kept = kib * 1024 <= MAX_STATE_BYTES
+        # Over the cap: the login's state was not stored. The store still
+        # has the state from before the login, which names the id before
+        # the rotation: the app refuses it, and the session starts afresh.
+        expected = (200, 3, True) if kept else (200, 1, False)
+        checks.expect_equal((reply.status_code, body.get("count"), body.get("user") == user_name_for(kib)), expected,
+                            f"{user.name}: after the restart (status, count, the user name is its own)")
+    for victim in victims:
+        checks.expect_equal(drive(victim, envoy.url, 3, 1), [], f"{victim.name}: its state after the restart")
+    delta = changes(before, settled_counters(envoy))
+    checks.expect_equal({name: delta.get(name, 0) for name in
+                         ("store.timeouts", "store.errors", "store.breaker_opened", "store.breaker_rejected",
+                          "store.writes_unprotected")},
+                        {"store.timeouts": 0, "store.errors": 0, "store.breaker_opened": 0,
+                         "store.breaker_rejected": 0, "store.writes_unprotected": 0},
+                        f"store trouble ({delta})")
+    checks.expect_equal(delta.get("store.states_oversize", 0), 1, f"states over the cap ({delta})")
+    checks.done()
+
+
+LIVE_SESSIONS = 50
+# Redis may use this much more memory than it did before the flood: room
+# for about a thousand of the flood's entries.
+FLOOD_HEADROOM_BYTES = 600_000
+FLOOD_REQUESTS = 4_000
+FLOOD_DEADLINE = 120.0
+
+
+def redis_info(bed, field: str) -> int:
+    section = bed.redis_command("INFO", "memory" if field.startswith("used_memory") else "stats")
+    return int(next(line.split(":", 1)[1] for line in section.splitlines() if line.startswith(field + ":")))
+
+
+def test_a_cookieless_flood_evicts_no_live_session(own_testbed):
+    """50 sessions in use; Redis gets little room above what it holds; a
+    flood of cookieless requests (each a new session the app gives state)
+    fills it, so Redis evicts. Every live session keeps its state through
+    a restart of every backend: the flood's entries, short-lived until
+    their cookie comes back, are the ones evicted."""
+    bed, envoy = own_testbed, own_testbed.envoy
+    settle_load_balancer(envoy)
+    live = [User(f"live{i}") for i in range(LIVE_SESSIONS)]
+    problems = sum(in_parallel(lambda user: drive(user, envoy.url, 1, 2), live), [])
+    expect_equal(problems, [], "live sessions with stored state")
+    bed.redis_command("CONFIG", "SET", "maxmemory", str(redis_info(bed, "used_memory") + FLOOD_HEADROOM_BYTES))
+    evicted_before = redis_info(bed, "evicted_keys")
+    deadline = time.monotonic() + FLOOD_DEADLINE
+
+    def flood(batch: int) -> int:
+        answered = 0
+        with requests.Session() as http:
+            for _ in range(FLOOD_REQUESTS // 8):
+                if time.monotonic() > deadline:
+                    break
+                http.cookies.clear()
+                answered += http.get(envoy.url, timeout=10).status_code == 200
+        return answered
+
+    try:
+        answered = sum(in_parallel(flood, range(8), workers=8, timeout=FLOOD_DEADLINE + 30))
+        evicted = redis_info(bed, "evicted_keys") - evicted_before
+    finally:
+        bed.redis_command("CONFIG", "SET", "maxmemory", "64mb")
+    checks = Checks()
+    checks.expect(evicted > 0, f"the flood filled the store ({answered} answered)", "keys evicted", evicted)
+    for index in range(len(bed.backends)):
+        bed.restart_backend(index)
+    for backend in bed.backends:
+        envoy.wait_host_health(backend.address, healthy=True, timeout=15)
+    lost = [p for p in in_parallel(lambda user: drive(user, envoy.url, 3, 1), live) if p]
+    checks.expect_equal(lost, [], f"live sessions that lost their state to the flood ({evicted} keys evicted)")
+    checks.done()
