@@ -9,12 +9,13 @@ store's circuit breaker, which every user shares, stays closed.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 import requests
 
-from harness import (Checks, User, changes, describe, drive, expect_equal, in_parallel, json_body, settle_load_balancer,
+from harness import (Checks, User, changes, describe, drive, expect, expect_equal, in_parallel, json_body, settle_load_balancer,
                      settled_counters, tb, with_config)
 
 # State sizes (the x-session-state value) tried; the last is over the
@@ -144,3 +145,79 @@ def test_a_cookieless_flood_evicts_no_live_session(own_testbed):
     lost = [p for p in in_parallel(lambda user: drive(user, envoy.url, 3, 1), live) if p]
     checks.expect_equal(lost, [], f"live sessions that lost their state to the flood ({evicted} keys evicted)")
     checks.done()
+
+
+HEADERS_TIMEOUT = 10.0  # request_headers_timeout in envoy/testbed.yaml
+SLOW_CLIENTS = 20
+
+
+def shipped_request_headers_timeout() -> float:
+    hcm = tb.load_bootstrap()["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return float(hcm["request_headers_timeout"].rstrip("s"))
+
+
+def test_a_client_that_never_finishes_its_headers_is_cut_off(own_testbed):
+    """Slowloris: connections that send part of their headers and then
+    nothing are closed by the proxy after request_headers_timeout (the
+    shipped config's), and a normal client is served meanwhile."""
+    envoy = own_testbed.envoy
+    expect_equal(shipped_request_headers_timeout(), HEADERS_TIMEOUT, "the shipped request_headers_timeout")
+    slow = []
+    for _ in range(SLOW_CLIENTS):
+        sock = socket.create_connection(("127.0.0.1", envoy.listener), timeout=HEADERS_TIMEOUT * 3)
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nx-partial: ")
+        slow.append(sock)
+    try:
+        expect_equal(drive(User("normal"), envoy.url, 1, 1), [], "a normal client while the slow ones hang")
+        started = time.monotonic()
+        closed = 0
+        for sock in slow:
+            try:
+                while sock.recv(65536):
+                    pass  # Envoy's 408, then the close
+                closed += 1
+            except OSError:
+                pass
+        waited = time.monotonic() - started
+    finally:
+        for sock in slow:
+            sock.close()
+    expect_equal(closed, SLOW_CLIENTS, f"slow connections the proxy closed (within {waited:.1f}s)")
+    timeouts = envoy.stats("http.app.downstream_rq_header_timeout").get("http.app.downstream_rq_header_timeout", 0)
+    expect_equal(timeouts, SLOW_CLIENTS, "http.app.downstream_rq_header_timeout")
+
+
+CONNECTION_LIMIT = 20
+
+
+def limit_connections(bootstrap: dict):
+    for monitor in bootstrap["overload_manager"]["resource_monitors"]:
+        if monitor["name"] == "envoy.resource_monitors.global_downstream_max_connections":
+            monitor["typed_config"]["max_active_downstream_connections"] = CONNECTION_LIMIT
+
+
+def test_downstream_connections_are_capped(own_testbed):
+    """The overload manager's connection cap (lowered here to 20) refuses
+    connections beyond it; those within it are served."""
+    bed, envoy = own_testbed, own_testbed.envoy
+    bed.bootstrap_patches.append(limit_connections)
+    envoy.restart()
+    held = []
+    try:
+        for _ in range(CONNECTION_LIMIT * 2):
+            held.append(socket.create_connection(("127.0.0.1", envoy.listener), timeout=5))
+        refused = 0
+        for sock in held:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        for sock in held:
+            try:
+                refused += not sock.recv(65536)
+            except OSError:
+                refused += 1
+    finally:
+        for sock in held:
+            sock.close()
+    overflow = sum(v for k, v in envoy.stats("listener.").items() if k.endswith("downstream_global_cx_overflow"))
+    expect(refused >= CONNECTION_LIMIT - 2 and overflow >= CONNECTION_LIMIT - 2,
+           "connections over the cap refused (a few may be the admin's or the health checker's)",
+           f"about {CONNECTION_LIMIT}", f"{refused} refused, downstream_global_cx_overflow {overflow}")
