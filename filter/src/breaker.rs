@@ -30,7 +30,7 @@ const CAS_TRIES: usize = 4;
 /// The time of the store's last answer is written at most this often (a
 /// shared-data write per answer otherwise); a failure is judged against a
 /// time at most this old, which can only make it count.
-const ANSWERED_GRANULARITY_MS: u64 = 20;
+pub const ANSWERED_GRANULARITY_MS: u64 = 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {

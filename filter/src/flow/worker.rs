@@ -18,7 +18,7 @@ use crate::metrics::{Counter, Metrics};
 use crate::store::{Client, Memory, Op, Progress, Reply, StoreCall, StoreError, MAX_CALLS};
 
 /// Worker calls queued or in flight at most; beyond it the oldest are
-/// forgotten (a store that never answers cannot grow this).
+/// forgotten, counted (a store that never answers cannot grow this).
 const MAX_DETACHED: usize = 1024;
 /// One "state changes are not protected" line per worker per this interval.
 const UNPROTECTED_LOG_INTERVAL_MS: u64 = 10_000;
@@ -152,7 +152,8 @@ impl Worker {
             Some(older) => *older = call,
             None => {
                 if queued.len() >= MAX_DETACHED {
-                    queued.remove(0);
+                    let dropped = queued.remove(0);
+                    self.dropped(&dropped.op);
                 }
                 queued.push(call);
             }
@@ -223,7 +224,8 @@ impl Worker {
     fn track(&self, sent: Sent) {
         if let Ok(mut calls) = self.detached.try_borrow_mut() {
             if calls.len() >= MAX_DETACHED {
-                calls.remove(0);
+                let (_, dropped, _) = calls.remove(0);
+                self.dropped(&dropped.op);
             }
             calls.push((sent.token, sent.call, sent.started_ms));
         }
@@ -324,7 +326,8 @@ impl Worker {
             Answer::Later { call, due_ms } => {
                 if let Ok(mut retrying) = self.retrying.try_borrow_mut() {
                     if retrying.len() >= MAX_DETACHED {
-                        retrying.remove(0);
+                        let (_, dropped) = retrying.remove(0);
+                        self.dropped(&dropped.op);
                     }
                     retrying.push((due_ms, *call));
                 }
@@ -354,6 +357,15 @@ impl Worker {
     /// a tombstone would still stand).
     pub fn has_ended(&self, shared: &dyn SharedData, sid: &str, now_ms: u64) -> bool {
         crate::ended::has_ended(shared, sid, now_ms)
+    }
+
+    /// Counts a worker call forgotten because the worker's queue was full
+    /// (the store is far behind); a change it carried is not protected.
+    fn dropped(&self, op: &Op) {
+        self.count(Counter::StoreCallsDropped);
+        if is_state_change(op) {
+            self.count(Counter::StoreWritesUnprotected);
+        }
     }
 
     /// Counts a state too large to store, and says so in the log at most

@@ -260,3 +260,14 @@ fn a_new_sessions_entry_is_short_lived_until_its_cookie_comes_back() {
     assert!(matches!(back.ops()[..], [Op::Touch { ttl_ms: 1_800_000, .. }]), "{:?}", back.ops());
     assert!(!issued(&bed, &back).is_new());
 }
+
+#[test]
+fn worker_calls_beyond_the_queue_bound_are_counted_when_forgotten() {
+    let bed = Bed::new(with_store("async"));
+    let store = bed.config.store.as_ref().unwrap();
+    for i in 0..1_025 {
+        let op = Op::Write { sid: format!("sid{i}"), from: owner(B1, "pod-a"), to: owner(B1, "pod-a"), state: Some("s".into()), ttl_ms: 1 };
+        bed.worker.enqueue(crate::store::Client::new(store).call(op, format!("n{i}"), &crate::store::Memory::default(), NOW_MS));
+    }
+    assert_eq!((bed.count(Counter::StoreCallsDropped), bed.count(Counter::StoreWritesUnprotected)), (1, 1));
+}
