@@ -71,6 +71,7 @@ counters! {
     StoreErrors => "store.errors": "store calls that failed (no answer, HTTP error, unreadable answer)",
     StoreTimeouts => "store.timeouts": "store calls that ran out of time",
     StoreCallsDropped => "store.calls_dropped": "worker store calls forgotten because 1,024 were already queued or in flight (the store is far behind)",
+    StoreNewSessionsDeferred => "store.new_sessions_deferred": "new sessions' first state writes not sent because the worker's store.new_session_writes_per_second was spent (stored at their next change)",
     StoreBusy => "store.busy": "store calls Envoy refused itself because the store cluster's limits were full (never counted against the store)",
     StoreStatesOversize => "store.states_oversize": "states not stored because they exceed store.max_state_bytes",
     StoreMismatched => "store.replies_mismatched": "store answers that belonged to another call (never used)",

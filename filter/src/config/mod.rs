@@ -69,6 +69,7 @@ pub struct StoreSettings {
     pub idle_ttl_ms: u64,
     pub max_state_bytes: usize,
     pub new_session_ttl_ms: u64,
+    pub new_session_writes_per_second: u32,
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
 }
@@ -331,6 +332,9 @@ fn compile_store(s: &StoreConfig, cookie: &CookieSettings, env: &dyn Fn(&str) ->
     if s.new_session_ttl.0 < Duration::from_secs(1) || s.new_session_ttl.0 > idle_ttl {
         return Err(error("store.new_session_ttl", "must be between 1s and store.idle_ttl (long enough for a client's second request)"));
     }
+    if !(1..=1_000_000).contains(&s.new_session_writes_per_second) {
+        return Err(error("store.new_session_writes_per_second", "must be between 1 and 1000000 (per worker)"));
+    }
     let dialect = compile_dialect(s, env)?;
     let breaker = &s.breaker;
     if !(1..=100).contains(&breaker.failures) {
@@ -352,6 +356,7 @@ fn compile_store(s: &StoreConfig, cookie: &CookieSettings, env: &dyn Fn(&str) ->
         idle_ttl_ms: millis(idle_ttl),
         max_state_bytes: s.max_state_bytes,
         new_session_ttl_ms: millis(s.new_session_ttl.0),
+        new_session_writes_per_second: s.new_session_writes_per_second,
         breaker_failures: breaker.failures,
         breaker_cooldown_ms: millis(breaker.cooldown.0),
     })

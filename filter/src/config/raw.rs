@@ -232,6 +232,10 @@ pub struct StoreConfig {
     /// How long a new session's entry lives until its cookie comes back.
     #[serde(default = "default_new_session_ttl")]
     pub new_session_ttl: TypedDuration,
+    /// New sessions' first writes a worker sends per second at most; beyond
+    /// it a new session's state waits for its next change.
+    #[serde(default = "default_new_session_writes_per_second")]
+    pub new_session_writes_per_second: u32,
     #[serde(default)]
     pub auth: Option<AuthConfig>,
     #[serde(default)]
@@ -273,6 +277,9 @@ fn default_idle_ttl() -> TypedDuration {
 pub const DEFAULT_MAX_STATE_BYTES: usize = 32 * 1024;
 fn default_new_session_ttl() -> TypedDuration {
     TypedDuration(Duration::from_secs(60))
+}
+fn default_new_session_writes_per_second() -> u32 {
+    500
 }
 fn default_max_state_bytes() -> usize {
     DEFAULT_MAX_STATE_BYTES

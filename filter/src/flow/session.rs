@@ -183,6 +183,8 @@ impl Flow {
     /// remembers the session for a state that may come as a trailer.
     pub(super) fn write_state(&mut self, host: &mut impl HttpHost, served: Served, state: Option<&str>) -> Action {
         let write = match (state, &self.config.store) {
+            // A flood of new sessions costs the store a bounded rate.
+            (Some(_), Some(store)) if self.request.new_session && !self.worker.new_session_write_allowed(host.now_ms(), store.new_session_writes_per_second) => None,
             (Some(state), Some(_)) => Some(served.write(state, self.store_ttl(served.since(), host.now_ms()))),
             _ => None,
         };

@@ -45,6 +45,8 @@ pub struct Worker {
     unprotected: Cell<u64>,
     unprotected_logged_ms: Cell<u64>,
     oversize_logged_ms: Cell<u64>,
+    /// New sessions' first writes in the current second: (second, count).
+    new_session_writes: Cell<(u64, u32)>,
 }
 
 /// A store call that went out.
@@ -366,6 +368,20 @@ impl Worker {
         if is_state_change(op) {
             self.count(Counter::StoreWritesUnprotected);
         }
+    }
+
+    /// Whether a new session's first write may go out now, within
+    /// `per_second` per worker (counted when it may not).
+    pub fn new_session_write_allowed(&self, now_ms: u64, per_second: u32) -> bool {
+        let second = now_ms / 1000;
+        let (at, used) = self.new_session_writes.get();
+        let used = if at == second { used } else { 0 };
+        if used >= per_second {
+            self.count(Counter::StoreNewSessionsDeferred);
+            return false;
+        }
+        self.new_session_writes.set((second, used + 1));
+        true
     }
 
     /// Counts a state too large to store, and says so in the log at most

@@ -271,3 +271,17 @@ fn worker_calls_beyond_the_queue_bound_are_counted_when_forgotten() {
     }
     assert_eq!((bed.count(Counter::StoreCallsDropped), bed.count(Counter::StoreWritesUnprotected)), (1, 1));
 }
+
+#[test]
+fn new_sessions_first_writes_are_bounded_per_worker_per_second() {
+    let bed = Bed::new(config(r#","store":{"cluster":"store","write":"async","new_session_writes_per_second":2}"#));
+    for _ in 0..3 {
+        let mut host = bed.proxy(&[]);
+        let mut f = bed.flow();
+        f.on_request_headers(&mut host);
+        host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+        f.on_response_headers(&mut host);
+        assert!(set_cookie(&host).is_some(), "every new session gets its cookie");
+    }
+    assert_eq!((bed.count(Counter::StoreWrites), bed.count(Counter::StoreNewSessionsDeferred)), (2, 1));
+}
