@@ -223,51 +223,48 @@ def test_downstream_connections_are_capped(own_testbed):
            f"about {CONNECTION_LIMIT}", f"{refused} refused, downstream_global_cx_overflow {overflow}")
 
 
-STORE_LIMIT = 4
-FLOOD_CLIENTS = 40
-FLOOD_EACH = 10
+CONCURRENT_CLIENTS = 600
 
 
-def tight_store_limits(bootstrap: dict):
-    """The store cluster admits 4 calls at once, so a small flood overflows it."""
-    for cluster in bootstrap["static_resources"]["clusters"]:
-        if cluster["name"] == tb.STORE_CLUSTER:
-            cluster["circuit_breakers"] = {"thresholds": [
-                {"max_connections": STORE_LIMIT, "max_pending_requests": STORE_LIMIT, "max_requests": STORE_LIMIT}]}
-
-
-def test_a_flood_that_fills_the_store_pool_never_opens_the_breaker(own_testbed):
-    """Cookieless requests overflow the store cluster's limits: Envoy's own
-    503s are "busy", not a store failure. The breaker stays closed, and a
-    victim whose host dies right after the flood gets its state back."""
+def test_a_cookieless_flood_never_opens_the_breaker(own_testbed):
+    """600 concurrent cookieless requests (each a new session whose state the
+    filter writes): the store calls queue in Envoy instead of overflowing its
+    limits, the breaker stays closed, and victims whose hosts restart right
+    after the flood get their state back."""
     bed, envoy = own_testbed, own_testbed.envoy
-    bed.bootstrap_patches.append(tight_store_limits)
-    envoy.restart()
     settle_load_balancer(envoy)
     victims = [User(f"victim{i}") for i in range(6)]
     for victim in victims:
         expect_equal(drive(victim, envoy.url, 1, 2), [], f"{victim.name}: a session with stored state")
     before = settled_counters(envoy)
-
-    def flood(_):
-        with requests.Session() as http:
-            for _ in range(FLOOD_EACH):
-                http.cookies.clear()
-                http.get(envoy.url, timeout=10)
-
-    in_parallel(flood, range(FLOOD_CLIENTS), workers=FLOOD_CLIENTS, timeout=120)
-    overflow = envoy.stats(f"cluster.{tb.STORE_CLUSTER}.upstream_rq_pending_overflow")
+    request = f"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n".encode()
+    sockets = []
+    try:
+        for _ in range(CONCURRENT_CLIENTS):
+            sock = socket.create_connection(("127.0.0.1", envoy.listener), timeout=30)
+            sockets.append(sock)
+        for sock in sockets:
+            sock.sendall(request)
+        answered = 0
+        for sock in sockets:
+            try:
+                answered += sock.recv(64).startswith(b"HTTP/1.1 200")
+            except OSError:
+                pass
+    finally:
+        for sock in sockets:
+            sock.close()
     for index in range(len(bed.backends)):
         bed.restart_backend(index)
     for backend in bed.backends:
         envoy.wait_host_health(backend.address, healthy=True, timeout=15)
-    # One at a time: the pool admits only 4 calls.
     lost = [p for p in (drive(user, envoy.url, 3, 1) for user in victims) if p]
     delta = changes(before, settled_counters(envoy))
+    overflow = envoy.stats(f"cluster.{tb.STORE_CLUSTER}.upstream_rq_pending_overflow")
     checks = Checks()
-    checks.expect(delta.get("store.busy", 0) > 0, f"the flood overflowed the store pool ({overflow})",
-                  "store.busy > 0", delta.get("store.busy", 0))
+    checks.expect(answered >= CONCURRENT_CLIENTS * 0.9, "the flood was served", f">= 90% of {CONCURRENT_CLIENTS}",
+                  answered)
     checks.expect_equal((delta.get("store.breaker_opened", 0), delta.get("store.breaker_rejected", 0)), (0, 0),
-                        f"the breaker never opened ({delta})")
+                        f"the breaker never opened ({delta}; {overflow})")
     checks.expect_equal(lost, [], "victims that lost their state")
     checks.done()

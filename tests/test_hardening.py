@@ -25,7 +25,7 @@ import time
 
 import requests
 
-from harness import Client, Counters, expect, expect_equal, tb
+from harness import Client, Counters, expect, expect_equal, tb, verify_cookie
 from harness import Paused, User, describe, in_parallel, json_body, settle_load_balancer, with_config
 
 APP_ROOT = tb.REPO / "tests" / "apps"
@@ -94,13 +94,26 @@ def test_no_spelling_of_an_internal_header_reaches_a_cgi_style_app(own_testbed, 
 
 class Recorder:
     """A bare HTTP/1.1 upstream that keeps each request's raw bytes (chunked
-    trailers included, which no stock test app shows) and answers 200."""
+    trailers included, which no stock test app shows) and answers with
+    `answers` in turn (the last one again and again)."""
 
-    def __init__(self):
+    OK = b"HTTP/1.1 200 OK\r\nx-instance-id: recorder\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+
+    def __init__(self, answers: list[bytes] | None = None):
+        self.answers = list(answers or [self.OK])
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.requests: list[bytes] = []
         threading.Thread(target=self._serve, daemon=True).start()
+
+    @staticmethod
+    def complete(data: bytes) -> bool:
+        head, found, rest = data.partition(b"\r\n\r\n")
+        if not found:
+            return False
+        if b"transfer-encoding: chunked" in head.lower():
+            return rest.endswith(b"\r\n\r\n") and (rest.startswith(b"0\r\n") or b"\r\n0\r\n" in rest)
+        return True
 
     def _serve(self):
         while True:
@@ -112,14 +125,13 @@ class Recorder:
                 conn.settimeout(5)
                 data = b""
                 try:
-                    while not (data.endswith(b"\r\n\r\n") and b"\r\n0\r\n" in data):
+                    while not self.complete(data):
                         chunk = conn.recv(65536)
                         if not chunk:
                             break
                         data += chunk
                     self.requests.append(data)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nx-instance-id: recorder\r\ncontent-length: 2\r\n"
-                                 b"connection: close\r\n\r\nok")
+                    conn.sendall(self.answers[0] if len(self.answers) == 1 else self.answers.pop(0))
                 except OSError:
                     pass
 
@@ -197,6 +209,48 @@ def test_request_trailers_carry_no_internal_header_to_the_app(own_testbed):
         expect_equal(leaked, [], f"internal names in the request trailers the app got: {trailer_part!r}")
     finally:
         recorder.close()
+
+
+def test_a_rotation_to_an_id_in_use_never_hands_that_session_over(own_testbed):
+    """An app (here a bare responder on its own route) renames a session to
+    the id of another user's stored session, on a new session and on a
+    pinned one: the store refuses, and the client gets no cookie naming
+    that id (the cookie is dropped), never one that routes to the victim."""
+    bed = own_testbed
+    victim = User("victim")
+    for _ in range(2):
+        victim.send(bed.envoy.url)
+    victim_sid = verify_cookie(victim.cookie, bed.envoy.filter_config).sid
+    rotate = (b"HTTP/1.1 200 OK\r\nx-instance-id: rotator\r\nx-session-rotate: " + victim_sid.encode()
+              + b"\r\nx-session-state: stolen\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+    plain = Recorder.OK.replace(b"x-instance-id: recorder", b"x-instance-id: rotator")
+    # A new session renamed at once; then a session that is pinned first.
+    rotator = Recorder([rotate, plain, rotate])
+    try:
+        bed.bootstrap_patches.append(extra_route("/rot/", "rotator", [rotator.port]))
+        bed.envoy.restart()
+        named = []
+        for attempt in ("new session", "pinned session"):
+            user = User(attempt)
+            if attempt == "pinned session":
+                first = user.send(bed.envoy.url, "/rot/x")
+                expect(first.status_code == 200 and user.cookie, "a session on the responder's route", "200, a cookie",
+                       describe(first))
+            reply = user.send(bed.envoy.url, "/rot/x")
+            for hop in [*reply.history, reply]:
+                for value in hop.headers.get("set-cookie", "").split(","):
+                    cookie = value.strip().split(";")[0].partition("=")[2]
+                    if cookie and verify_cookie(cookie, bed.envoy.filter_config).sid == victim_sid:
+                        named.append(f"{attempt}: {hop.status_code} {value.strip()[:80]}")
+            expect(user.cookie is None, f"{attempt}: the cookie is dropped", "no cookie", user.cookie)
+        expect_equal(named, [], "cookies issued for the victim's session id")
+    finally:
+        rotator.close()
+    expect_equal(drive_count(victim, bed.envoy.url), 3, "the victim's session carries on")
+
+
+def drive_count(user: User, url: str) -> int:
+    return (json_body(user.send(url)) or {}).get("count")
 
 
 def test_a_cookie_on_another_clusters_route_marks_nothing(own_testbed):
