@@ -12,14 +12,15 @@ would download the module and check its sha256. Here:
   httpsRedirect), `sidecar_skeleton()` the sidecar of a client of the app
   (outbound port 8080, and a virtualInbound chain of its own), and
   `app_sidecar_skeleton()` an app pod's sidecar, inbound side
-  (virtualInbound, the route istiod builds for Istio 1.22 or 1.23+, the
-  inbound cluster). The app's cluster is EDS, and its route carries the
+  (virtualInbound, the route istiod builds with or without its inbound retry
+  policy, the inbound cluster). The app's cluster is EDS, and its route carries the
   retry policy istiod derives from the VirtualService. It is not istiod's
   full output (no mTLS, no authn/authz filters).
 - `apply_envoyfilters()` applies the EnvoyFilters whose workloadSelector
   selects the proxy's pod, with Istio's semantics for the operations k8s/
   uses; anything else raises, so the subset cannot silently grow.
-- `insert_wasmplugin()` does what istiod does with a WasmPlugin.
+- `insert_wasmplugin()` does what istiod does with a WasmPlugin, under the
+  filter name of each Istio version in ISTIO_VERSIONS.
 - `agent_fetch()` does what the Istio agent does with a remote module: it maps
   the URL to a local file, checks the sha256 and rewrites the code source to
   that file.
@@ -121,12 +122,28 @@ def static_cluster(name: str, address: str, port: int) -> dict:
             {"endpoint": {"address": {"socket_address": {"address": address, "port_value": port}}}}]}]}}
 
 
-# The Istio versions whose inbound route differs: from 1.23 on (with a proxy
-# of the same version, and PILOT_ENABLE_INBOUND_RETRY_POLICY on, its
-# default), istiod gives the inbound route a retry policy
-# (BuildDefaultHTTPInboundRoute in pilot/pkg/networking/core/route/route.go).
-ISTIO_VERSIONS = ((1, 22), (1, 28))
+# The Istio versions modelled, from 1.24 (the oldest the manifests support).
+# What differs between them here:
+# - the name istiod gives a WasmPlugin's filter (wasmplugin_filter_name());
+# - the inbound route's retry policy: from 1.24 on (with a proxy of the same
+#   version, and ENABLE_INBOUND_RETRY_POLICY on, its default), istiod gives
+#   the inbound route a retry policy (BuildDefaultHTTPInboundRoute in
+#   pilot/pkg/networking/core/route/route.go). (1, 23) stands for a route
+#   without it: an older istiod, or ENABLE_INBOUND_RETRY_POLICY=false.
+ISTIO_VERSIONS = ((1, 24), (1, 25), (1, 26), (1, 29), (1, 30))
 LATEST = ISTIO_VERSIONS[-1]
+INBOUND_ROUTES = ((1, 23), LATEST)  # without and with the inbound retry policy
+
+
+def wasmplugin_filter_name(namespace: str, name: str, istio: tuple[int, int]) -> str:
+    """The HTTP filter (and ECDS resource) name istiod gives a WasmPlugin:
+    with its typo up to 1.25, fixed in 1.26 (istio/istio#55348), and from
+    1.30 the name of the TrafficExtension istiod translates the plugin to."""
+    if istio >= (1, 30):
+        return f"extensions.istio.io/trafficextension/{namespace}.{name}~istio-translated-wasmplugin"
+    if istio >= (1, 26):
+        return f"extensions.istio.io/wasmplugin/{namespace}.{name}"
+    return f"extenstions.istio.io/wasmplugin/{namespace}.{name}"
 
 
 def inbound_route_config(port: int, istio: tuple[int, int]) -> dict:
@@ -137,7 +154,7 @@ def inbound_route_config(port: int, istio: tuple[int, int]) -> dict:
     cluster = f"inbound|{port}||"
     route = {"cluster": cluster, "timeout": "0s",
              "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}}
-    if istio >= (1, 23):
+    if istio >= (1, 24):
         route["retry_policy"] = {"retry_on": "reset-before-request", "num_retries": 2}
     return {"name": cluster, "validate_clusters": False, "virtual_hosts": [{
         "name": f"inbound|http|{port}", "domains": ["*"],
@@ -370,10 +387,14 @@ def _context_ok(match: dict, context: str) -> bool:
 
 def _proto_merge(base, patch):
     """proto.Merge as istiod uses it for MERGE: messages merge field by field,
-    repeated fields are appended, scalars are replaced."""
+    repeated fields are appended, scalars are replaced, except by their zero
+    value (0, "", false: unset in proto3, so a MERGE cannot write it over a
+    set value; {num_retries: 0} leaves a route's 2 retries)."""
     if isinstance(base, dict) and isinstance(patch, dict):
         out = dict(base)
         for k, v in patch.items():
+            if k in base and not isinstance(v, (dict, list)) and not v:
+                continue
             out[k] = _proto_merge(base[k], v) if k in base else copy.deepcopy(v)
         return out
     if isinstance(base, list) and isinstance(patch, list):
@@ -381,12 +402,20 @@ def _proto_merge(base, patch):
     return copy.deepcopy(patch)
 
 
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
 def selects(envoyfilter: dict, labels: dict[str, str]) -> bool:
-    """Whether an EnvoyFilter applies to a pod with these labels (its
-    workloadSelector; none: every proxy of its namespace)."""
+    """Whether an EnvoyFilter applies to a pod with these labels: its
+    targetRefs name the Gateway API Gateway whose pods Istio deployed (they
+    carry the Gateway's name as a label), or its workloadSelector selects
+    them (neither: every proxy of its namespace)."""
     spec = envoyfilter["spec"]
     if "targetRefs" in spec:
-        raise NotImplementedPatch(f"{envoyfilter['metadata']['name']}: targetRefs")
+        for ref in spec["targetRefs"]:
+            if (ref.get("group"), ref["kind"]) != ("gateway.networking.k8s.io", "Gateway"):
+                raise NotImplementedPatch(f"{envoyfilter['metadata']['name']}: targetRefs {ref}")
+        return labels.get(GATEWAY_NAME_LABEL) in {ref["name"] for ref in spec["targetRefs"]}
     wanted = spec.get("workloadSelector", {}).get("labels", {})
     return all(labels.get(k) == v for k, v in wanted.items())
 
@@ -424,6 +453,8 @@ def apply_envoyfilter(bootstrap: dict, view: dict, envoyfilter: dict, ecds: dict
             applied += _patch_clusters(bootstrap, view, match, op, value, where)
         elif p["applyTo"] == "ROUTE_CONFIGURATION":
             applied += _patch_route_configurations(bootstrap, view, match, op, value, where)
+        elif p["applyTo"] == "HTTP_ROUTE":
+            applied += _patch_gateway_routes(bootstrap, view, match, op, value, where)
         else:
             raise NotImplementedPatch(where)
     return applied
@@ -512,6 +543,28 @@ def _patch_route_configurations(bootstrap, view, match, op, value, where) -> lis
     return applied
 
 
+def _patch_gateway_routes(bootstrap, view, match, op, value, where) -> list[str]:
+    """HTTP_ROUTE MERGE on every route of a gateway's route configurations
+    whose port (istiod's gateway route names: <protocol>.<port>.<...>) is the
+    match's portNumber; no virtual host or route match."""
+    rm = match.get("routeConfiguration", {})
+    if op != "MERGE" or set(rm) != {"portNumber"} or match.get("context") != "GATEWAY":
+        raise NotImplementedPatch(f"{where}: HTTP_ROUTE match {match}")
+    applied = []
+    for listener in bootstrap["static_resources"]["listeners"]:
+        for index, chain in enumerate(listener["filter_chains"]):
+            if view["chains"][(listener["name"], index)]["context"] != "GATEWAY":
+                continue
+            for f in (f for f in chain["filters"] if f["name"] == HCM):
+                rc = f["typed_config"]["route_config"]
+                if int(rc["name"].split(".")[1]) != rm["portNumber"]:
+                    continue
+                for vhost in rc["virtual_hosts"]:
+                    vhost["routes"] = [_proto_merge(r, value) for r in vhost["routes"]]
+                applied.append(f"{where} {rc['name']} in {listener['name']}")
+    return applied
+
+
 def parse_cluster_name(name: str) -> tuple[str, str, str, int]:
     """model.ParseSubsetKey: direction, subset, hostname, port of an Istio
     cluster name ("outbound|8080|v1|demo.ns.svc.cluster.local")."""
@@ -551,7 +604,7 @@ def _patch_clusters(bootstrap, view, match, op, value, where) -> list[str]:
 # What istiod does with a WasmPlugin, and what the Istio agent does with a
 # remote module.
 
-def wasmplugin_resource(plugin: dict) -> tuple[str, dict]:
+def wasmplugin_resource(plugin: dict, istio: tuple[int, int]) -> tuple[str, dict]:
     """The ECDS resource istiod builds for a WasmPlugin (extensions.go)."""
     ns, name, spec = plugin["metadata"]["namespace"], plugin["metadata"]["name"], plugin["spec"]
     env = {"key_values": {"ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION": "1"}}
@@ -575,12 +628,13 @@ def wasmplugin_resource(plugin: dict) -> tuple[str, dict]:
     if spec.get("pluginConfig"):
         config["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue",
                                    "value": json.dumps(spec["pluginConfig"], separators=(",", ":"))}
-    resource_name = f"extensions.istio.io/wasmplugin/{ns}.{name}"
+    resource_name = wasmplugin_filter_name(ns, name, istio)
     return resource_name, {"@type": TYPED_EXTENSION_CONFIG, "name": resource_name,
                            "typed_config": {"@type": WASM_TYPE, "config": config}}
 
 
-def insert_wasmplugin(bootstrap: dict, view: dict, plugin: dict, ecds: dict, labels: dict[str, str]) -> str | None:
+def insert_wasmplugin(bootstrap: dict, view: dict, plugin: dict, ecds: dict, labels: dict[str, str],
+                      istio: tuple[int, int] = LATEST) -> str | None:
     """Adds the plugin's filter where istiod puts a plugin without a phase:
     after the authentication and authorization filters, before the filters
     istiod appends last (AFTER_PLUGINS). Only on a pod its selector selects,
@@ -590,7 +644,7 @@ def insert_wasmplugin(bootstrap: dict, view: dict, plugin: dict, ecds: dict, lab
         raise NotImplementedPatch(f"WasmPlugin selector {plugin['spec']['selector']}")
     if any(labels.get(k) != v for k, v in plugin["spec"].get("selector", {}).get("matchLabels", {}).items()):
         return None
-    name, resource = wasmplugin_resource(plugin)
+    name, resource = wasmplugin_resource(plugin, istio)
     ecds[name] = resource
     if plugin["spec"].get("phase", "UNSPECIFIED_PHASE") != "UNSPECIFIED_PHASE":
         raise NotImplementedPatch(f"WasmPlugin phase {plugin['spec']['phase']}")

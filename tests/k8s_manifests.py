@@ -7,13 +7,17 @@ No cluster and no kustomize binary are needed:
   real kustomize is at hand (`kubectl kustomize`), the tests compare with it.
 - `validate_core(doc)` checks Kubernetes kinds against the JSON schemas that the
   `kubernetes-validate` package ships (strict: unknown fields are errors).
-- `validate_istio(doc)` checks Istio kinds against the OpenAPI v3 schemas of
-  Istio's CRDs, vendored in k8s/schemas/istio-crds.yaml (source and license in
-  k8s/schemas/README.md). Unknown fields are errors (as with `kubectl apply
-  --validate=strict`), and every CEL rule (x-kubernetes-validations) on the way
-  is evaluated by a hand translation below; a rule without one fails the check
-  instead of being skipped. AuthorizationPolicy, whose CRD is not vendored, is
-  checked against a hand-written schema of the fields k8s/ may use.
+- `validate_istio(doc)` checks Istio and Gateway API kinds against the
+  OpenAPI v3 schemas of their CRDs, vendored in k8s/schemas/ (sources and
+  licenses in k8s/schemas/README.md). Unknown fields are errors (as with
+  `kubectl apply --validate=strict`), the schemas' defaults are applied first
+  (as the API server does), and every CEL rule (x-kubernetes-validations) on
+  the way is evaluated: Istio's by a hand translation below, the others by a
+  CEL implementation (PyPI common-expression-language); a rule that cannot be
+  evaluated fails the check instead of being skipped. Transition rules (those
+  with oldSelf) apply only to updates and are skipped. AuthorizationPolicy,
+  whose CRD is not vendored, is checked against a hand-written schema of the
+  fields k8s/ may use.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 SCHEMAS = K8S / "schemas"
 ISTIO_CRDS = SCHEMAS / "istio-crds.yaml"
+GATEWAY_API_CRDS = SCHEMAS / "gateway-api-crds.yaml"
 KUBERNETES_VERSION = "1.30"
 
 ISTIO_GROUPS = ("networking.istio.io", "extensions.istio.io", "security.istio.io")
+CRD_GROUPS = ISTIO_GROUPS + ("gateway.networking.k8s.io",)
 
 
 def load_docs(path: Path) -> list[dict]:
@@ -152,15 +158,17 @@ def strategic_merge(base, patch, builtin: bool, field: str = ""):
         return out
     if (builtin and isinstance(patch, list) and isinstance(base, list) and field in MERGE_KEYS
             and all(isinstance(x, dict) for x in base + patch)):
+        # Items new to the list come first, as kubectl kustomize orders them.
         key = MERGE_KEYS[field]
         out = [copy.deepcopy(x) for x in base]
+        new = []
         for item in patch:
             match = [i for i, x in enumerate(out) if x.get(key) == item.get(key)]
             if match:
                 out[match[0]] = strategic_merge(out[match[0]], item, builtin)
             else:
-                out.append(copy.deepcopy(item))
-        return out
+                new.append(copy.deepcopy(item))
+        return new + out
     return copy.deepcopy(patch)
 
 
@@ -224,8 +232,9 @@ def manifest_files() -> list[Path]:
 # --------------------------------------------------------------------------
 # Validation of Kubernetes kinds.
 
-def is_istio(doc: dict) -> bool:
-    return doc.get("apiVersion", "").split("/")[0] in ISTIO_GROUPS
+def is_custom(doc: dict) -> bool:
+    """A kind defined by a vendored CRD (Istio's, the Gateway API's)."""
+    return doc.get("apiVersion", "").split("/")[0] in CRD_GROUPS
 
 
 def validate_core(doc: dict) -> None:
@@ -240,16 +249,26 @@ def validate_core(doc: dict) -> None:
 # --------------------------------------------------------------------------
 # Validation of Istio kinds against their CRDs.
 
-@functools.lru_cache(maxsize=None)
-def istio_schemas() -> dict[tuple[str, str], dict]:
-    """(apiVersion, kind) -> openAPIV3Schema, for every served version."""
-    out = dict(HAND_SCHEMAS)
-    for crd in load_docs(ISTIO_CRDS):
+def served_schemas(path: Path) -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> openAPIV3Schema, for every served version of the
+    CRDs in `path`."""
+    out = {}
+    for crd in load_docs(path):
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for v in crd["spec"]["versions"]:
             if v.get("served"):
                 out[(f"{group}/{v['name']}", kind)] = v["schema"]["openAPIV3Schema"]
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def istio_schemas() -> dict[tuple[str, str], dict]:
+    return {**HAND_SCHEMAS, **served_schemas(ISTIO_CRDS)}
+
+
+@functools.lru_cache(maxsize=None)
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    return {**istio_schemas(), **served_schemas(GATEWAY_API_CRDS)}
 
 
 def _strings(**extra) -> dict:
@@ -305,7 +324,8 @@ def _duration(value: str) -> float:
 
 
 # Every CEL rule in the Istio CRDs, translated by hand. `s` is the value the
-# rule is attached to (CEL's `self`).
+# rule is attached to (CEL's `self`). The other CRDs' rules are evaluated by
+# evaluate_cel().
 CEL_RULES = {
     '(has(self.selector) ? 1 : 0) + (has(self.targetRef) ? 1 : 0) + (has(self.targetRefs) ? 1 : 0) <= 1':
         lambda s: _has(s, "selector") + _has(s, "targetRef") + _has(s, "targetRefs") <= 1,
@@ -329,6 +349,9 @@ CEL_RULES = {
         lambda s: _has(s, "credentialName") + _has(s, "credentialNames") <= 1,
     '(has(self.credentialNames) ? 1 : 0) + (has(self.tlsCertificates) ? 1 : 0) <= 1':
         lambda s: _has(s, "credentialNames") + _has(s, "tlsCertificates") <= 1,
+    # The Gateway API's one rule that needs Kubernetes' string library
+    # (split), which the CEL implementation lacks.
+    'self.all(key, key.split("/")[0].size() < 253)': lambda s: all(len(k.split("/")[0]) < 253 for k in s),
 }
 
 
@@ -360,16 +383,48 @@ def structural(schema: dict) -> dict:
     return out
 
 
+def evaluate_cel(rule: str, value):
+    """A CEL rule by the CEL implementation, with `self` bound to `value`."""
+    try:
+        import cel
+    except ImportError:
+        raise AssertionError("CEL rules need the PyPI package common-expression-language (.ci/requirements/tests.txt)")
+    return cel.evaluate(rule, {"self": value})
+
+
+def with_defaults(schema: dict, value):
+    """`value` with the schema's defaults filled in, as the API server does
+    before it checks the CEL rules."""
+    if not isinstance(schema, dict):
+        return value
+    if isinstance(value, dict):
+        out = dict(value)
+        for key, sub in schema.get("properties", {}).items():
+            if key not in out and isinstance(sub, dict) and "default" in sub:
+                out[key] = copy.deepcopy(sub["default"])
+            if key in out:
+                out[key] = with_defaults(sub, out[key])
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [with_defaults(schema["items"], v) for v in value]
+    return value
+
+
 def cel_errors(schema: dict, value, path: str = "") -> list[str]:
     """Evaluates every x-kubernetes-validations rule that applies to `value`."""
     errors = []
     if not isinstance(schema, dict):
         return errors
     for rule in schema.get("x-kubernetes-validations", []):
-        check = CEL_RULES.get(rule["rule"])
-        if check is None:
-            errors.append(f"{path or '/'}: CEL rule without a translation: {rule['rule']!r}")
-        elif not check(value):
+        if "oldSelf" in rule["rule"]:
+            continue  # a transition rule: checked on updates only
+        check = CEL_RULES.get(rule["rule"]) or functools.partial(evaluate_cel, rule["rule"])
+        try:
+            ok = check(value)
+        except Exception as e:  # noqa: BLE001 - any evaluation error fails the check
+            errors.append(f"{path or '/'}: CEL rule {rule['rule']!r} could not be evaluated: {e}")
+            continue
+        if ok is not True:
             errors.append(f"{path or '/'}: {rule.get('message', rule['rule'])}")
     if isinstance(value, dict):
         for key, sub in value.items():
@@ -384,7 +439,7 @@ def cel_errors(schema: dict, value, path: str = "") -> list[str]:
 
 
 def validate_istio(doc: dict) -> None:
-    schema = istio_schemas().get((doc["apiVersion"], doc["kind"]))
+    schema = crd_schemas().get((doc["apiVersion"], doc["kind"]))
     if schema is None:
         raise AssertionError(f"no served CRD version for {doc['apiVersion']} {doc['kind']}")
     name = f"{doc['kind']}/{doc['metadata'].get('name')}"
@@ -396,13 +451,13 @@ def validate_istio(doc: dict) -> None:
     validator = jsonschema.Draft7Validator(structural(schema))
     errors = [f"{'/'.join(map(str, e.absolute_path)) or '/'}: {e.message}"
               for e in sorted(validator.iter_errors(body), key=lambda e: list(map(str, e.absolute_path)))]
-    errors += cel_errors(schema, body)
+    errors += cel_errors(schema, with_defaults(schema, body))
     if errors:
         raise AssertionError(f"{name}:\n  " + "\n  ".join(errors))
 
 
 def validate(doc: dict) -> None:
-    (validate_istio if is_istio(doc) else validate_core)(doc)
+    (validate_istio if is_custom(doc) else validate_core)(doc)
 
 
 def plugin_config(envoyfilter: dict) -> dict:

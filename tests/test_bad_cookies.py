@@ -18,31 +18,36 @@ REASONS = ("malformed", "unknown_key", "bad_signature", "expired")
 
 
 def forged_signature(real, claims, keys, other_host):
-    return cookie_signer.sign(claims, "an-attacker-guess-of-the-secret-0123456789")
+    return cookie_signer.like(real, claims, "an-attacker-guess-of-the-secret-0123456789")
 
 
 def tampered_payload(real, claims, keys, other_host):
-    """Another host in the payload, the original tag kept."""
+    """Another host in the payload (signed), or one changed byte in the
+    sealed part, the original tag kept."""
+    if real.startswith(cookie_signer.SEALED):
+        sealed = bytearray(cookie_signer.opaque(real))
+        sealed[len(sealed) // 2] ^= 1
+        return real.rpartition("|")[0] + "|" + cookie_signer.b64url(bytes(sealed))
     return real.replace(f"|{claims.host}|", f"|{other_host}|")
 
 
 def wrong_key_id(real, claims, keys, other_host):
     """Says it was signed by the second key, but was signed by the first."""
     second = list(keys)[1]
-    return cookie_signer.sign(claims.but(kid=second), keys[claims.kid])
+    return cookie_signer.like(real, claims.but(kid=second), keys[claims.kid])
 
 
 def unknown_key_id(real, claims, keys, other_host):
-    return cookie_signer.sign(claims.but(kid="retired"), keys[claims.kid])
+    return cookie_signer.like(real, claims.but(kid="retired"), keys[claims.kid])
 
 
 def expired(real, claims, keys, other_host):
     now = int(time.time())
-    return cookie_signer.sign(claims.but(iat=now - 7200, exp=now - 60), keys[claims.kid])
+    return cookie_signer.like(real, claims.but(since=now - 7300, iat=now - 7200, exp=now - 60), keys[claims.kid])
 
 
 def truncated(real, claims, keys, other_host):
-    return real[: len(real) // 2]
+    return cookie_signer.half(real)
 
 
 def garbage(real, claims, keys, other_host):
@@ -55,7 +60,7 @@ def wrong_version(real, claims, keys, other_host):
 
 def oversized(real, claims, keys, other_host):
     """Correctly signed, but longer than the 512 bytes a cookie may have."""
-    return cookie_signer.sign(claims.but(instance="i" * 600), keys[claims.kid])
+    return cookie_signer.like(real, claims.but(instance="i" * 600), keys[claims.kid])
 
 
 CASES = [
@@ -102,17 +107,19 @@ def test_bad_cookie_starts_a_new_session(make, reason, client, testbed, filter_c
 
 
 def test_python_signer_matches_the_filter(filter_config, session):
-    """The same claims signed in Python give the filter's cookie, byte for byte."""
+    """The same claims sealed in Python (with the cookie's own nonce) give the
+    filter's cookie, byte for byte; so do they signed as v2 by either side."""
     _, real, claims = session
     keys = keyring(filter_config)
-    expect_equal(cookie_signer.sign(claims, keys[claims.kid]), real, "cookie signed in Python")
+    nonce = cookie_signer.opaque(real)[:cookie_signer.NONCE_LEN]
+    expect_equal(cookie_signer.seal(claims, keys[claims.kid], nonce), real, "cookie sealed in Python")
 
 
 def test_every_configured_key_verifies(client, testbed, filter_config, session):
-    """A cookie signed with the second (not signing) key still routes."""
-    first, _, claims = session
+    """A cookie sealed with the second (not sealing) key still routes."""
+    first, real, claims = session
     second = filter_config["keys"][1]
-    cookie = cookie_signer.sign(claims.but(kid=second["id"]), second["secret"])
+    cookie = cookie_signer.like(real, claims.but(kid=second["id"]), second["secret"])
     counters = Counters(testbed.envoy)
     body = client.get(cookie=cookie).body
     expect_equal((body["backend"], body["session"], body["count"]),

@@ -1,6 +1,7 @@
-"""The docker-compose testbed, checked statically (CI has no Docker engine):
-it parses, pins every image, waits on health, and runs the same testbed.yaml
-and .wasm as the native testbed."""
+"""The docker-compose testbed, checked without a Docker engine: it parses,
+pins every image, waits on health, runs the same testbed.yaml and .wasm as
+the native testbed, fails `up` when the module is missing, has its own
+project name, and its Envoy health check passes against a real Envoy."""
 
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def test_docker_compose_config_accepts_it():
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE.parent / "docker-compose.local.yaml"]],
+                         ids=["official-images", "local-images"])
+def test_docker_compose_config_accepts_it(files):
     docker_compose = require_tool("docker-compose")
-    result = subprocess.run([docker_compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                            timeout=60, stdin=subprocess.DEVNULL)
+    result = subprocess.run([docker_compose, *(a for f in files for a in ("-f", str(f))), "config", "-q"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     expect(result.returncode == 0, "docker-compose config", "exit 0", f"exit {result.returncode}: {result.stderr}")
 
 
@@ -51,10 +54,78 @@ def test_services_wait_on_health(compose):
                  "what Envoy waits for")
 
 
+def mount(volume) -> tuple[str, str]:
+    """(source, target) of a volume in the short or the long syntax."""
+    if isinstance(volume, dict):
+        return volume["source"], volume["target"]
+    source, target, *_ = volume.split(":")
+    return source, target
+
+
+def test_a_missing_module_fails_up():
+    """The .wasm is a bind mount in the long syntax: Docker refuses a missing
+    source instead of creating an empty root-owned directory in its place
+    (which the short syntax does, and Envoy then only logs its failure)."""
+    envoy = yaml.safe_load(COMPOSE.read_text())["services"]["envoy"]
+    module = one_of(v for v in envoy["volumes"] if mount(v)[0].endswith(".wasm"))
+    expect(isinstance(module, dict) and module["type"] == "bind" and "bind" not in module,
+           "the .wasm mount", "long syntax, type bind, no create_host_path", module)
+
+
+def test_project_has_its_own_name():
+    """docker-compose takes the project name from .env beside the compose file
+    (1.x refuses a top-level name:), not from the folder (envoy)."""
+    settings = dict(line.split("=", 1) for line in (COMPOSE.parent / ".env").read_text().splitlines()
+                    if line and not line.startswith("#"))
+    expect_equal(settings.get("COMPOSE_PROJECT_NAME"), "session-affinity-testbed", "the compose project name")
+
+
+def test_readme_says_to_build_first():
+    for readme in (REPO / "README.md", REPO / "envoy" / "README.md"):
+        text = " ".join(readme.read_text().split())
+        at = text.index("docker-compose -f envoy/docker-compose.yaml up")
+        expect("filter/build" in text[max(0, at - 300):at], f"{readme.name}: filter/build before docker-compose up",
+               "filter/build", text[max(0, at - 300):at])
+
+
+def test_envoy_healthcheck_passes_on_a_live_envoy(tmp_path):
+    """The health check, run as written against a real Envoy's admin port
+    (in the image it runs in bash too): it passes. Envoy's admin answers the
+    HTTP/1.0 request it used to send with 426, so it never passed."""
+    require_tool("bash")
+    envoy_bin = require_tool("envoy")
+    check = yaml.safe_load(COMPOSE.read_text())["services"]["envoy"]["healthcheck"]["test"]
+    expect_equal(check[:3], ["CMD", "bash", "-c"], "the health check's form")
+    port = tb.free_ports(1)[0]
+    config = tmp_path / "admin.yaml"
+    config.write_text(yaml.safe_dump({"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}))
+    envoy = tb.Process("envoy-admin", [envoy_bin, "-c", str(config), "--disable-hot-restart", "-l", "warning"],
+                       tmp_path / "envoy.log")
+    envoy.start()
+    try:
+        tb.wait_until(lambda: envoy.ensure_alive() or tb.accepts(port), 60, "Envoy's admin port")
+        command = check[3].replace("/9901", f"/{port}")
+        expect("/9901" in check[3], "the check asks the testbed's admin port", "9901", check[3])
+        # LIVE only once the server is up: give it a bounded number of tries.
+        tb.wait_until(lambda: subprocess.run(["bash", "-c", command], timeout=10).returncode == 0, 60,
+                      "the health check to pass")
+        old = check[3].replace("HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close", "HTTP/1.0")
+        old = old.replace("/9901", f"/{port}")
+        expect_equal(subprocess.run(["bash", "-c", old], timeout=10).returncode, 1, "the HTTP/1.0 check (426)")
+    finally:
+        envoy.stop()
+
+
+def one_of(items):
+    items = list(items)
+    expect_equal(len(items), 1, "how many match")
+    return items[0]
+
+
 def test_envoy_runs_the_testbed_config_and_module(compose):
     """Same bootstrap file, and the .wasm appears where testbed.yaml looks for it."""
     envoy = compose["services"]["envoy"]
-    mounts = {target: source for source, target, *_ in (v.split(":") for v in envoy["volumes"])}
+    mounts = {target: source for source, target in map(mount, envoy["volumes"])}
     config_target = envoy["command"][envoy["command"].index("-c") + 1]
     expect_equal(mounts.get(config_target), "./testbed.yaml", f"what is mounted at {config_target}")
     wasm_path = tb.find_wasm_filter(tb.load_bootstrap())["vm_config"]["code"]["local"]["filename"]

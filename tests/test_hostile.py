@@ -29,18 +29,37 @@ def relative(value, now: int):
 
 def cookie_header(case: dict, name: str, real: str, filter_config: dict) -> str:
     """The cookie header value of a corpus case, built on the real session's cookie."""
-    places = {"name": name, "valid": real, "valid_half": real[: len(real) // 2], "valid_minus_one": real[:-1],
+    places = {"name": name, "valid": real, "valid_half": cookie_signer.half(real), "valid_minus_one": real[:-1],
               "valid_rest": real[1:], "valid_percent": real.replace("|", "%7C"), "padding": "A" * 600}
     if "raw" in case:
-        return case["raw"].format(**places)
+        return case["raw"].format(**places, **sealed_places(real, filter_config))
     now = int(time.time())
-    claims = cookie_signer.parse(real)
+    keys = keyring(filter_config)
+    claims = cookie_signer.parse(real, keys)
     changes = {field: relative(value, now) for field, value in case["sign"].items()}
     forged = claims.but(**changes)
-    keys = keyring(filter_config)
     secret = {"attacker": secrets.token_hex(32), "first": filter_config["keys"][0]["secret"]}.get(
         case.get("key"), keys.get(forged.kid, filter_config["keys"][0]["secret"]))
-    return case.get("then", "{name}={cookie}").format(cookie=cookie_signer.sign(forged, secret), **places)
+    if case.get("format") == "sealed":
+        nonce = cookie_signer.opaque(real)[:cookie_signer.NONCE_LEN] if case.get("nonce") == "valid" else None
+        cookie = cookie_signer.seal(forged, secret, nonce)
+    else:
+        cookie = cookie_signer.sign(forged, secret)
+    return case.get("then", "{name}={cookie}").format(cookie=cookie, **places)
+
+
+def sealed_places(real: str, filter_config: dict) -> dict:
+    """Placeholders made from the real (sealed) cookie's opaque part."""
+    header, _, _ = real.rpartition("|")
+    sealed = cookie_signer.opaque(real)
+    other_kid = next(k["id"] for k in filter_config["keys"] if k["id"] != header.split("|")[1])
+    with_opaque = lambda data: f"{header}|{cookie_signer.b64url(data)}"  # noqa: E731
+    return {"valid_opaque": cookie_signer.b64url(sealed),
+            "valid_other_kid": f"3|{other_kid}|{cookie_signer.b64url(sealed)}",
+            "valid_tag_cut": with_opaque(sealed[:-cookie_signer.TAG_LEN]),
+            "valid_tag_cut_one": with_opaque(sealed[:-1]),
+            "valid_nonce_only": with_opaque(sealed[:cookie_signer.NONCE_LEN]),
+            "valid_other_nonce": with_opaque(secrets.token_bytes(cookie_signer.NONCE_LEN) + sealed[cookie_signer.NONCE_LEN:])}
 
 
 def test_every_hostile_cookie_starts_a_counted_new_session(client, testbed, filter_config):

@@ -17,6 +17,13 @@
   and a real Redis + webdis (configured from the manifests), keeps sessions
   sticky and keeps a session's state when its pod is deleted (the pod's
   endpoint leaves EDS, as in Kubernetes).
+- Every overlay is assembled as istiod 1.24, 1.25, 1.26, 1.29 and 1.30 would
+  (their WasmPlugin filter names); the Gateway API overlay, validated against
+  the vendored Gateway API CRDs, aims the EnvoyFilter at the Gateway's pods.
+- The etcd StatefulSet's config script, the auth Job and the maintenance
+  CronJob run as written against three real etcd members over TLS, and a
+  member that lost its data rejoins; Redis with the AOF overlay keeps its
+  data across a SIGKILL.
 - The plain-Envoy gateway's ConfigMap is what the generator derives from
   envoy/testbed.yaml, and Envoy accepts it; the same for its etcd variant
   (envoy-gateway-etcd), whose store cluster names every member of the etcd
@@ -26,6 +33,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -62,7 +70,34 @@ def doc_id(item) -> str:
 
 
 def rendered(overlay: str) -> dict[tuple[str, str], dict]:
-    return {(d["kind"], d["metadata"]["name"]): d for d in km.render(K8S / "overlays" / overlay)}
+    """The overlay's objects, and the Deployments Istio generates for its
+    Gateway API gateways."""
+    docs = km.render(K8S / "overlays" / overlay)
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs + istio_gateway_deployments(docs)}
+
+
+def istio_gateway_deployments(docs: list[dict]) -> list[dict]:
+    """The Deployment istiod generates for each Gateway API Gateway of class
+    istio (its gateway template, reduced to what the tests check): named
+    <gateway>-istio, running as the service account of that name, its pods
+    labelled with the Gateway's name and infrastructure.labels, and the
+    `deployment` key of the infrastructure.parametersRef ConfigMap merged in."""
+    out = []
+    for gw in (d for d in docs if d["kind"] == "Gateway" and d["apiVersion"].startswith("gateway.networking.k8s.io/")):
+        assert gw["spec"]["gatewayClassName"] == "istio"
+        infra, name = gw["spec"].get("infrastructure", {}), f"{gw['metadata']['name']}-istio"
+        labels = {**infra.get("labels", {}), ke.GATEWAY_NAME_LABEL: gw["metadata"]["name"]}
+        deployment = {"apiVersion": "apps/v1", "kind": "Deployment",
+                      "metadata": {"name": name, "namespace": gw["metadata"]["namespace"]},
+                      "spec": {"replicas": 1, "template": {"metadata": {"labels": labels}, "spec": {
+                          "serviceAccountName": name, "containers": [{"name": "istio-proxy", "image": "auto"}]}}}}
+        if "parametersRef" in infra:
+            ref = infra["parametersRef"]
+            assert (ref["group"], ref["kind"]) == ("", "ConfigMap"), ref
+            options = one(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == ref["name"])
+            deployment = km.strategic_merge(deployment, yaml.safe_load(options["data"]["deployment"]), True)
+        out.append(deployment)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -465,6 +500,7 @@ def test_keys_come_from_the_secret_only():
     assert {k["secret_env"] for k in cfg["keys"]} | {"SA_STORE_PASSWORD"} == set(host_env)
     secrets = {"SA_KEY_1": "session-affinity-keys", "SA_STORE_PASSWORD": "session-store-auth"}
     for overlay, deployment, container in [("istio-gateway", "demo-gateway", "istio-proxy"),
+                                           ("istio-gateway-api", "demo-gw-istio", "istio-proxy"),
                                            ("istio-sidecar", "client", "istio-proxy"),
                                            ("envoy-gateway", "envoy-gateway", "envoy")]:
         pod = rendered(overlay)[("Deployment", deployment)]["spec"]["template"]["spec"]
@@ -490,16 +526,14 @@ def test_wasmplugin_variant_says_the_same():
     assert wp["spec"]["selector"]["matchLabels"] == ef["spec"]["workloadSelector"]["labels"] == \
         routing["spec"]["workloadSelector"]["labels"]
     assert routing["spec"]["priority"] == ef["spec"]["priority"]
-    # The routing EnvoyFilter repeats the main one's non-Wasm patches, with
-    # stateful_session placed right after the plugin's filter.
+    # The routing EnvoyFilter repeats the main one's non-Wasm patches:
+    # stateful_session right before the router, anchored on a name every
+    # Istio version gives the router (the plugin's own name differs by
+    # version: tests/k8s_envoy.py wasmplugin_filter_name).
     main = ef["spec"]["configPatches"]
-    stateful, rest = routing["spec"]["configPatches"][:2], routing["spec"]["configPatches"][2:]
-    for mine, theirs in zip(stateful, main[3:5]):
-        assert mine["patch"]["value"] == theirs["patch"]["value"]
-        assert mine["patch"]["operation"] == "INSERT_AFTER"
-        assert mine["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == \
-            f"extensions.istio.io/wasmplugin/{NAMESPACE}.{wp['metadata']['name']}"
-    assert rest == main[5:]
+    assert routing["spec"]["configPatches"] == main[3:]
+    for p in routing["spec"]["configPatches"][:2]:
+        assert p["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
 
 
 def test_set_wasm_source_pins_both_manifests(tmp_path, wasm_module):
@@ -564,9 +598,10 @@ def pod_labels(docs: list[dict], deployment: str) -> dict[str, str]:
 
 def assemble(variant: str, wasm: Path, workdir: Path, listen: dict[int, int], admin_port: int,
              certificate: tuple[Path, Path], store: tuple[str, int] = ("127.0.0.1", 7379),
-             ecds_files: bool = False) -> dict:
-    """The Envoy config an Istio proxy selected by the overlay would run;
-    `certificate` stands for the gateway's TLS Secret."""
+             ecds_files: bool = False, istio: tuple[int, int] = ke.LATEST) -> dict:
+    """The Envoy config an Istio proxy selected by the overlay would run,
+    built by istiod version `istio`; `certificate` stands for the gateway's
+    TLS Secret."""
     overlay, deployment = VARIANTS[variant]
     docs = km.render(K8S / "overlays" / overlay)
     routes = [h for d in docs if d["kind"] == "VirtualService" for h in d["spec"]["http"]
@@ -576,7 +611,8 @@ def assemble(variant: str, wasm: Path, workdir: Path, listen: dict[int, int], ad
         bootstrap, view = ke.gateway_skeleton(NAMESPACE, gateway, one(routes), listen, admin_port,
                                               workdir / "eds.json", {TLS_SECRET: certificate})
     else:
-        bootstrap, view = ke.sidecar_skeleton(NAMESPACE, listen[8080], admin_port, workdir / "eds.json", one(routes))
+        bootstrap, view = ke.sidecar_skeleton(NAMESPACE, listen[8080], admin_port, workdir / "eds.json", one(routes),
+                                              istio)
     labels = pod_labels(docs, deployment)
     for d in docs:
         if d["kind"] == "DestinationRule":
@@ -587,7 +623,7 @@ def assemble(variant: str, wasm: Path, workdir: Path, listen: dict[int, int], ad
     modules = {}
     for d in docs:
         if d["kind"] == "WasmPlugin":
-            assert ke.insert_wasmplugin(bootstrap, view, d, ecds, labels)
+            assert ke.insert_wasmplugin(bootstrap, view, d, ecds, labels, istio)
             modules[d["spec"]["url"]] = wasm
     ke.apply_envoyfilters(bootstrap, view, [d for d in docs if d["kind"] == "EnvoyFilter"], ecds, labels)
     for r in ecds.values():
@@ -630,7 +666,7 @@ def assemble_app_sidecar(overlay: str, listen_port: int, admin_port: int, app_po
     labels, ecds = pod_labels(docs, "demo"), {}
     for d in docs:
         if d["kind"] == "WasmPlugin":
-            assert ke.insert_wasmplugin(bootstrap, view, d, ecds, labels) is None
+            assert ke.insert_wasmplugin(bootstrap, view, d, ecds, labels, istio) is None
     applied = ke.apply_envoyfilters(bootstrap, view, [d for d in docs if d["kind"] == "EnvoyFilter"], ecds, labels)
     assert ecds == {} and len(applied) == 2, applied  # the inbound patch's two parts, once each
     return bootstrap
@@ -646,14 +682,15 @@ def filter_chains(config: dict, variant: str) -> tuple[list[str], list[str] | No
             None if inbound is None else ke.http_filter_names(inbound))
 
 
-def expected_chain(variant: str) -> list[str]:
+def expected_chain(variant: str, istio: tuple[int, int] = ke.LATEST) -> list[str]:
     """Istio's chain with the filter: before the router (EnvoyFilter), or
-    where istiod puts a WasmPlugin without a phase, stateful_session after it."""
-    istio = ["istio.metadata_exchange", *ke.AFTER_PLUGINS["outbound"]]
+    where istiod puts a WasmPlugin without a phase; stateful_session right
+    before the router."""
+    chain = ["istio.metadata_exchange", *ke.AFTER_PLUGINS["outbound"]]
     if VARIANTS[variant][0] == "istio-gateway-wasmplugin":
-        plugin = f"extensions.istio.io/wasmplugin/{NAMESPACE}.session-affinity"
-        return istio[:1] + [plugin, STATEFUL_SESSION] + istio[1:]
-    return istio[:-1] + [ECDS_NAME, STATEFUL_SESSION] + istio[-1:]
+        plugin = ke.wasmplugin_filter_name(NAMESPACE, "session-affinity", istio)
+        return chain[:1] + [plugin] + chain[1:-1] + [STATEFUL_SESSION] + chain[-1:]
+    return chain[:-1] + [ECDS_NAME, STATEFUL_SESSION] + chain[-1:]
 
 
 def rejects_underscores(hcm_config: dict) -> bool:
@@ -701,6 +738,107 @@ def test_istio_config_loads_in_envoy(variant, wasm_module, gateway_certificate, 
     assert TEST_KEY not in missing.stdout + missing.stderr
 
 
+@pytest.mark.parametrize("istio", ke.ISTIO_VERSIONS, ids=lambda v: "istio-%d.%d" % v)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_overlay_on_every_istio_version(variant, istio, wasm_module, gateway_certificate, tmp_path):
+    """Each overlay, built by each modelled istiod (its WasmPlugin filter
+    name, its inbound route), gives the filter chain the filter needs; the
+    WasmPlugin's is loaded by the real Envoy. An anchor on the plugin's own
+    filter name, as this overlay had, matches one name of the three: its
+    stateful_session goes missing on the other versions, without an error."""
+    config = assemble(variant, wasm_module, tmp_path, free_listen_ports(variant), tb.free_ports(1)[0],
+                      gateway_certificate, istio=istio)
+    assert filter_chains(config, variant)[0] == expected_chain(variant, istio)
+    if VARIANTS[variant][0] != "istio-gateway-wasmplugin":
+        return
+    ok = ke.envoy_validate(config, env={**os.environ, "SA_KEY_1": TEST_KEY, "SA_STORE_PASSWORD": TEST_STORE_PASSWORD})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    docs = km.render(K8S / "overlays" / VARIANTS[variant][0])
+    gateway = one(d for d in docs if d["kind"] == "Gateway")
+    bootstrap, view = ke.gateway_skeleton(NAMESPACE, gateway, None, free_listen_ports(variant), 1,
+                                          tmp_path / "eds.json", {TLS_SECRET: gateway_certificate})
+    labels = pod_labels(docs, "demo-gateway")
+    plugin = one(d for d in docs if d["kind"] == "WasmPlugin")
+    ke.insert_wasmplugin(bootstrap, view, plugin, {}, labels, istio)
+    anchored = copy.deepcopy(routing_envoyfilter())
+    for p in anchored["spec"]["configPatches"][:2]:
+        p["patch"]["operation"] = "INSERT_AFTER"
+        p["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] = \
+            ke.wasmplugin_filter_name(NAMESPACE, plugin["metadata"]["name"], (1, 26))
+    ke.apply_envoyfilters(bootstrap, view, [anchored], {}, labels)
+    chain = filter_chains(bootstrap, variant)[0]
+    assert (STATEFUL_SESSION in chain) == ((1, 26) <= istio < (1, 30)), chain
+
+
+def istio_servers(gateway: dict) -> dict:
+    """A Gateway API Gateway as the Istio Gateway istiod turns it into (its
+    HTTPS listeners, terminated with their Secret), for ke.gateway_skeleton."""
+    servers = []
+    for listener in gateway["spec"]["listeners"]:
+        assert listener["protocol"] == "HTTPS" and listener["tls"]["mode"] == "Terminate", listener
+        servers.append({"port": {"number": listener["port"], "name": listener["name"], "protocol": "HTTPS"},
+                        "hosts": ["*"], "tls": {"mode": "SIMPLE",
+                                                "credentialName": one(listener["tls"]["certificateRefs"])["name"]}})
+    return {"metadata": gateway["metadata"], "spec": {"servers": servers}}
+
+
+def test_gateway_api_overlay_aims_the_filter_at_its_gateway(wasm_module, gateway_certificate, tmp_path):
+    """istio-gateway-api: the EnvoyFilter targets the Gateway (targetRefs, no
+    workloadSelector), patches the port of its HTTPS listener, on the gateway
+    only, and is the main EnvoyFilter otherwise; the gateway's routes to the
+    app do not retry; the HTTPRoute sends that listener to the app; the
+    Gateway serves the README's TLS Secret. Assembled as istiod would (the
+    Gateway as its listeners, the EnvoyFilter applied to the pods Istio
+    deploys for it), the chain has the filter and Envoy loads it."""
+    docs = km.render(K8S / "overlays" / "istio-gateway-api")
+    gateway = one(d for d in docs if d["kind"] == "Gateway")
+    ef = one(d for d in docs if d["kind"] == "EnvoyFilter" and d["metadata"]["name"] == "session-affinity")
+    assert "workloadSelector" not in ef["spec"]
+    assert ef["spec"]["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                         "name": gateway["metadata"]["name"]}]
+    https = one(listener for listener in gateway["spec"]["listeners"] if listener["protocol"] == "HTTPS")
+    assert [c["name"] for c in https["tls"]["certificateRefs"]] == [TLS_SECRET]
+    patches = ef["spec"]["configPatches"]
+    assert all(p["match"]["context"] == "GATEWAY" for p in patches if "match" in p)
+
+    def without_port(p: dict) -> dict:
+        p = copy.deepcopy(p)
+        p.get("match", {}).get("listener", {}).pop("portNumber", None)
+        return p
+    main = [p for p in envoyfilter()["spec"]["configPatches"] if p.get("match", {}).get("context") != "SIDECAR_OUTBOUND"]
+    assert [without_port(p) for p in patches[:-1]] == [without_port(p) for p in main]
+    assert {p["match"]["listener"]["portNumber"] for p in patches if "listener" in p.get("match", {})} == {https["port"]}
+    no_retry = patches[-1]
+    assert (no_retry["applyTo"], no_retry["match"]["routeConfiguration"]) == ("HTTP_ROUTE", {"portNumber": https["port"]})
+    route = one(d for d in docs if d["kind"] == "HTTPRoute")
+    assert route["spec"]["parentRefs"] == [{"name": gateway["metadata"]["name"], "sectionName": https["name"]}]
+    assert [(b["name"], b["port"]) for r in route["spec"]["rules"] for b in r["backendRefs"]] == [("demo", 8080)]
+
+    objects = rendered("istio-gateway-api")
+    assert proxies(objects) == {f"{gateway['metadata']['name']}-istio"}
+    labels = pod_templates(objects)[f"{gateway['metadata']['name']}-istio"]["metadata"]["labels"]
+    listen = dict(zip([https["port"]], tb.free_ports(1)))
+    bootstrap, view = ke.gateway_skeleton(NAMESPACE, istio_servers(gateway), None, listen, tb.free_ports(1)[0],
+                                          tmp_path / "eds.json", {TLS_SECRET: gateway_certificate})
+    ke.write_atomically(tmp_path / "eds.json", ke.eds(ke.app_cluster(NAMESPACE), []))
+    ecds: dict = {}
+    applied = ke.apply_envoyfilters(bootstrap, view, [d for d in docs if d["kind"] == "EnvoyFilter"], ecds, labels)
+    assert len(applied) == len(patches), applied  # each patch lands once
+    hcm = ke.http_connection_managers(bootstrap)[(f"0.0.0.0_{https['port']}", 0)]
+    chain = ["istio.metadata_exchange", *ke.AFTER_PLUGINS["outbound"]]
+    assert ke.http_filter_names(hcm) == chain[:-1] + [ECDS_NAME, STATEFUL_SESSION] + chain[-1:]
+    # Istio's default retry conditions are gone; what is left never holds.
+    for retry in (r["route"]["retry_policy"] for v in hcm["route_config"]["virtual_hosts"] for r in v["routes"]):
+        assert retry["retry_on"] == "retriable-headers", retry
+        assert retry["retriable_headers"] == [{"name": ":status", "string_match": {"exact": "0"}}], retry
+    for r in ecds.values():
+        r["typed_config"]["config"]["vm_config"]["code"] = {"local": {"filename": str(wasm_module)}}
+    ke.resolve_ecds(bootstrap, ecds)
+    ke.resolve_dns(bootstrap, {(f"webdis.{NAMESPACE}.svc.cluster.local", 7379): ("127.0.0.1", 7379)})
+    ok = ke.envoy_validate(bootstrap, env={**os.environ, "SA_KEY_1": TEST_KEY, "SA_STORE_PASSWORD": TEST_STORE_PASSWORD})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
 def test_app_cluster_patch_reaches_subsets_only_of_the_app(tmp_path):
     """The CLUSTER MERGE matches the app's service and port: its subset
     clusters too (a DestinationRule with subsets), not another service's
@@ -739,12 +877,11 @@ def test_etcd_members_are_what_the_proxies_reach():
     Job gives the filter's user readwrite on the plugin's key prefix only."""
     docs = rendered("envoy-gateway-etcd")
     etcd = docs[("StatefulSet", "etcd")]["spec"]
-    args = etcd["template"]["spec"]["containers"][0]["args"]
+    settings = etcd_settings(etcd)
     members = [f"etcd-{i}" for i in range(etcd["replicas"])]
     assert etcd["replicas"] == 3 and etcd["podManagementPolicy"] == "Parallel"
-    assert {"--pre-vote=true", "--auto-compaction-mode=periodic"} <= set(args)
-    initial = next(a for a in args if a.startswith("--initial-cluster="))
-    assert [m.split("=")[0] for m in initial.split("=", 1)[1].split(",")] == members
+    assert settings["pre-vote"] == "true" and settings["auto-compaction-mode"] == "periodic"
+    assert [m.split("=")[0] for m in settings["initial-cluster"].split(",")] == members
     assert docs[("Service", "etcd")]["spec"]["publishNotReadyAddresses"] is True
     bootstrap = yaml.safe_load(docs[("ConfigMap", "envoy-gateway-config")]["data"]["envoy.yaml"])
     plugin = json.loads(envoy_configmap_bootstrap_wasm(bootstrap)["configuration"]["value"])
@@ -754,9 +891,225 @@ def test_etcd_members_are_what_the_proxies_reach():
     assert hosts == [f"{m}.etcd" for m in members]
     assert cluster["health_checks"][0]["http_health_check"]["path"] == "/health"
     job = docs[("Job", "etcd-auth")]["spec"]["template"]["spec"]["containers"][0]
-    assert f"readwrite {plugin['store']['key_prefix']} --prefix=true" in job["args"][0]
+    prefix = plugin["store"]["key_prefix"]
+    key_range = [base64.b64encode(k.encode()).decode() for k in (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))]
+    assert '"permType":"READWRITE","key":"%s","range_end":"%s"' % tuple(key_range) in job["args"][0]
     assert plugin["store"]["auth"]["username"] in job["args"][0]
-    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in job["env"]} == {"session-store-auth"}
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in job["env"] if "valueFrom" in e} == {"session-store-auth"}
+    # The Job and the CronJob reach every member by the name the proxies use.
+    cron = docs[("CronJob", "etcd-maintenance")]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    for container, variable in [(job, "ETCD_ENDPOINTS"), (cron["initContainers"][0], "ETCDCTL_ENDPOINTS")]:
+        assert container_env(container, dict.fromkeys(["SA_STORE_PASSWORD", "ETCD_ROOT_PASSWORD"], ""))[variable] == ",".join(f"https://{h}:2379" for h in hosts)
+    # ... over TLS, checking the members' certificate against the Secret's CA,
+    # which the gateway mounts.
+    tls = cluster["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+    gateway = docs[("Deployment", "envoy-gateway")]["spec"]["template"]["spec"]
+    mount = one(m for m in one(c for c in gateway["containers"] if c["name"] == "envoy")["volumeMounts"]
+                if m["name"] == "etcd-ca")
+    assert tls["trusted_ca"]["filename"] == f"{mount['mountPath']}/ca.crt"
+    assert one(v for v in gateway["volumes"] if v["name"] == "etcd-ca")["secret"]["secretName"] == "etcd-tls"
+
+
+def etcd_object(kind: str, name: str) -> dict:
+    return one(d for d in km.load_docs(K8S / "etcd" / "etcd.yaml") if (d["kind"], d["metadata"]["name"]) == (kind, name))
+
+
+def etcd_settings(statefulset_spec: dict) -> dict[str, str]:
+    """etcd's settings, as the StatefulSet's config script writes them to
+    etcd's config file (from its ETCD_* variables)."""
+    init = one(statefulset_spec["template"]["spec"]["initContainers"])
+    env = container_env(init, dict.fromkeys(["ETCD_ROOT_PASSWORD"], ""))
+    return {k[5:].lower().replace("_", "-"): v for k, v in env.items() if k.startswith("ETCD_")}
+
+
+def test_etcd_quota_fits_its_volume():
+    """The database quota leaves room on the volume for the WAL, snapshots
+    and a defragmentation's copy of the database."""
+    etcd = etcd_object("StatefulSet", "etcd")["spec"]
+    quota = int(etcd_settings(etcd)["quota-backend-bytes"])
+    volume = memory_bytes(one(etcd["volumeClaimTemplates"])["spec"]["resources"]["requests"]["storage"])
+    assert 2 * quota + 512 * 1024 ** 2 <= volume
+
+
+ETCD_SECRETS = {"SA_STORE_PASSWORD": 'store "pass" \\ word-0123456789', "ETCD_ROOT_PASSWORD": 'root\\"pw-0123456789'}
+ETCD_TLS_MOUNT = "/etc/etcd-tls/"  # where the pods mount the Secret etcd-tls
+
+
+@pytest.fixture
+def etcd_tls(tmp_path) -> Path:
+    """ca.crt, tls.crt and tls.key of the Secret etcd-tls, made by the
+    openssl commands k8s/README.md gives."""
+    require_tool("openssl")
+    blocks = re.findall(r"```sh\n(.*?)```", (K8S / "README.md").read_text(), re.S)
+    block = one(b for b in blocks if "secret generic etcd-tls" in b)
+    directory = tmp_path / "etcd-tls"
+    directory.mkdir()
+    for line in block.splitlines():
+        if line.startswith(("openssl ", "printf ")):
+            subprocess.run(["sh", "-c", line], cwd=directory, check=True, capture_output=True, timeout=60)
+    return directory
+
+
+def in_pod_paths(text: str, tls: Path) -> str:
+    return text.replace(ETCD_TLS_MOUNT, f"{tls}/")
+
+
+def run_etcd_auth_job(endpoints: str, tls: Path, root_password: str = ETCD_SECRETS["ETCD_ROOT_PASSWORD"]
+                      ) -> subprocess.CompletedProcess:
+    """The auth Job's script as written, with sh and curl, against `endpoints`."""
+    job = etcd_object("Job", "etcd-auth")["spec"]["template"]["spec"]["containers"][0]
+    assert job["image"].startswith("curlimages/curl:") and job["command"] == ["sh", "-ec"]
+    env = {**container_env(job, {**ETCD_SECRETS, "ETCD_ROOT_PASSWORD": root_password}), "ETCD_ENDPOINTS": endpoints,
+           "PATH": os.environ["PATH"]}
+    return subprocess.run(["sh", "-ec", in_pod_paths(job["args"][0], tls)], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+class EtcdMembers:
+    """Three real etcd members on 127.0.0.1 started as the StatefulSet starts
+    its pods: its init container's script writes each member's config file
+    (TLS with `tls`, the Secret etcd-tls), then etcd runs with that file."""
+
+    def __init__(self, workdir: Path, tls: Path):
+        spec = etcd_object("StatefulSet", "etcd")["spec"]["template"]["spec"]
+        self.init, etcd = one(spec["initContainers"]), one(spec["containers"])
+        self.workdir, self.tls = workdir, tls
+        config_file = one(e["value"] for e in self.init["env"] if e["name"] == "CONFIG_FILE")
+        assert etcd["command"] == ["etcd", f"--config-file={config_file}"]
+        self.clients, self.peers = tb.free_ports(3), tb.free_ports(3)
+        self.names = [f"etcd-{i}" for i in range(3)]
+        self.urls = [f"https://127.0.0.1:{port}" for port in self.clients]
+        self.members = [tb.Process(n, [a.replace(config_file, str(workdir / f"{n}.yml")) for a in etcd["command"]],
+                                   workdir / f"{n}.log") for n in self.names]
+
+    def configure(self, i: int) -> subprocess.CompletedProcess:
+        """The init container's script for member i, its URLs on 127.0.0.1."""
+        env = container_env(self.init, ETCD_SECRETS)
+        peers = [f"https://127.0.0.1:{port}" for port in self.peers]
+        env.update(PATH=os.environ["PATH"], CONFIG_FILE=str(self.workdir / f"{self.names[i]}.yml"),
+                   ETCD_TLS=str(self.tls), MEMBER_CLIENT_URLS=",".join(self.urls), ETCD_NAME=self.names[i],
+                   ETCD_DATA_DIR=str(self.workdir / self.names[i]),
+                   ETCD_INITIAL_CLUSTER=",".join(f"{n}={p}" for n, p in zip(self.names, peers)),
+                   ETCD_LISTEN_CLIENT_URLS=self.urls[i], ETCD_ADVERTISE_CLIENT_URLS=self.urls[i],
+                   ETCD_LISTEN_PEER_URLS=peers[i], ETCD_INITIAL_ADVERTISE_PEER_URLS=peers[i])
+        done = subprocess.run(["sh", "-ec", self.init["args"][0]], env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    def post(self, i: int, path: str, body: dict, token: str | None = None):
+        import requests
+        return requests.post(self.urls[i] + path, json=body, timeout=10, verify=str(self.tls / "ca.crt"),
+                             headers={"authorization": token} if token else {})
+
+    def healthy(self, i: int) -> bool:
+        import requests
+        try:
+            reply = requests.get(self.urls[i] + "/health", timeout=2, verify=str(self.tls / "ca.crt"))
+        except requests.RequestException:
+            return False
+        return reply.status_code == 200 and reply.json().get("health") == "true"
+
+    def wait_healthy(self, i: int) -> None:
+        tb.wait_until(lambda: self.members[i].ensure_alive() or self.healthy(i), tb.START_TIMEOUT,
+                      f"{self.names[i]} healthy")
+
+    def __enter__(self):
+        """A first start: every member configured, then all started at once
+        (none is healthy before a quorum is up)."""
+        for i in range(3):
+            self.configure(i)
+        for member in self.members:
+            member.start()
+        for i in range(3):
+            self.wait_healthy(i)
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is not None:
+            for member in self.members:
+                print(f"===== {member.name}\n{member.log_tail(20)}")
+        for member in self.members:
+            member.stop()
+
+
+def test_etcd_auth_job_and_maintenance_run_on_real_etcd(tmp_path, etcd_tls):
+    """The auth Job's script, run as written (sh and curl, through the JSON
+    gateway, over TLS) against three real etcd members started as the
+    StatefulSet starts them: it turns auth on with the filter's user limited
+    to "sa:" keys (passwords with quotes and backslashes), says so and stops
+    when run again, and fails with a wrong root password. Then the
+    maintenance CronJob's etcdctl commands, as written: defragment every
+    member and save a snapshot, as root."""
+    for tool in ("etcd", "etcdctl", "curl", "sh"):
+        require_tool(tool)
+    sys.path.insert(0, str(REPO / "envoy"))
+    from etcd_cluster import b64
+    with EtcdMembers(tmp_path, etcd_tls) as cluster:
+        endpoints = ",".join(cluster.urls)
+        first = run_etcd_auth_job(endpoints, etcd_tls)
+        assert first.returncode == 0 and "auth is on" in first.stdout, first.stdout + first.stderr
+        answer = cluster.post(1, "/v3/auth/authenticate",
+                              {"name": "session-affinity", "password": ETCD_SECRETS["SA_STORE_PASSWORD"]})
+        assert answer.status_code == 200, answer.text
+        token = answer.json()["token"]
+        assert cluster.post(1, "/v3/kv/put", {"key": b64("sa:job-test"), "value": b64("1")}, token).status_code == 200
+        for key in ("sb:x", "s", "other"):
+            refused = cluster.post(1, "/v3/kv/put", {"key": b64(key), "value": b64("1")}, token)
+            assert refused.status_code != 200 and "permission denied" in refused.text, (key, refused.text)
+        assert cluster.post(1, "/v3/kv/put", {"key": b64("sa:x"), "value": b64("1")}).status_code != 200  # no token
+        again = run_etcd_auth_job(endpoints, etcd_tls)
+        assert again.returncode == 0 and "auth is already on" in again.stdout, again.stdout + again.stderr
+        wrong = run_etcd_auth_job(endpoints, etcd_tls, "not-the-root-password")
+        assert wrong.returncode != 0 and "auth is" not in wrong.stdout, wrong.stdout
+        assert ETCD_SECRETS["ETCD_ROOT_PASSWORD"] not in first.stdout + first.stderr + wrong.stdout + wrong.stderr
+
+        cron = etcd_object("CronJob", "etcd-maintenance")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        backup = tmp_path / "backup"
+        backup.mkdir()
+        for container in cron["initContainers"] + cron["containers"]:
+            env = {k: in_pod_paths(v, etcd_tls) for k, v in container_env(container, ETCD_SECRETS).items()}
+            env = {**env, "PATH": os.environ["PATH"],
+                   "ETCDCTL_ENDPOINTS": endpoints if "," in env["ETCDCTL_ENDPOINTS"] else cluster.urls[0]}
+            argv = [a.replace("/backup/", f"{backup}/") for a in container["command"]]
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+            assert done.returncode == 0, (argv, done.stdout + done.stderr)
+            if container["name"] == "defrag":
+                assert done.stdout.count("Finished defragmenting etcd member") == 3, done.stdout
+        status = subprocess.run(["etcdctl", "snapshot", "status", str(backup / "etcd-snapshot.db"), "-w", "json"],
+                                capture_output=True, text=True, timeout=60, env={**os.environ, "ETCDCTL_API": "3"})
+        assert status.returncode == 0 and json.loads(status.stdout)["totalKey"] >= 1, status.stdout + status.stderr
+
+
+def test_etcd_member_that_lost_its_volume_rejoins(tmp_path, etcd_tls):
+    """Three real etcd members started as the StatefulSet starts them (TLS
+    between them and to clients), auth turned on by the Job. One member is
+    killed and loses its data directory (a lost volume): the config script
+    has it take its own place in the cluster again, and it comes back
+    healthy with the data. With "new", as before, it could not."""
+    for tool in ("etcd", "curl", "sh"):
+        require_tool(tool)
+    sys.path.insert(0, str(REPO / "envoy"))
+    from etcd_cluster import b64, unb64
+    with EtcdMembers(tmp_path, etcd_tls) as cluster:
+        assert all("initial-cluster-state: new" in (tmp_path / f"{n}.yml").read_text() for n in cluster.names)
+        assert run_etcd_auth_job(",".join(cluster.urls), etcd_tls).returncode == 0
+        login = {"name": "session-affinity", "password": ETCD_SECRETS["SA_STORE_PASSWORD"]}
+        token = cluster.post(0, "/v3/auth/authenticate", login).json()["token"]
+        put = cluster.post(0, "/v3/kv/put", {"key": b64("sa:kept"), "value": b64("state")}, token)
+        assert put.status_code == 200, put.text
+
+        cluster.members[2].kill()
+        shutil.rmtree(tmp_path / cluster.names[2])
+        rejoin = cluster.configure(2)
+        assert "joining the cluster" in rejoin.stdout, rejoin.stdout
+        assert "initial-cluster-state: existing" in (tmp_path / f"{cluster.names[2]}.yml").read_text()
+        cluster.members[2].start()
+        cluster.wait_healthy(2)
+        token = cluster.post(2, "/v3/auth/authenticate", login).json()["token"]
+        kept = cluster.post(2, "/v3/kv/range", {"key": b64("sa:kept"), "serializable": True}, token).json()
+        assert [unb64(kv["value"]) for kv in kept.get("kvs", [])] == ["state"], kept
+        listed = cluster.post(2, "/v3/cluster/member/list", {}).json()["members"]
+        assert sorted(m.get("name") for m in listed) == cluster.names, listed
 
 
 def app_tls_certificate(bootstrap: dict) -> dict:
@@ -765,11 +1118,15 @@ def app_tls_certificate(bootstrap: dict) -> dict:
     return app_chain["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"][0]
 
 
-def test_envoy_gateway_etcd_config_loads_in_envoy(wasm_module, gateway_certificate):
+def test_envoy_gateway_etcd_config_loads_in_envoy(wasm_module, gateway_certificate, etcd_tls):
     bootstrap = yaml.safe_load(km.load_docs(ETCD_CONFIGMAP)[0]["data"]["envoy.yaml"])
     envoy_configmap_bootstrap_wasm(bootstrap)["vm_config"]["code"]["local"]["filename"] = str(wasm_module)
     tls = app_tls_certificate(bootstrap)
     tls["certificate_chain"]["filename"], tls["private_key"]["filename"] = map(str, gateway_certificate)
+    for cluster in bootstrap["static_resources"]["clusters"]:
+        if "transport_socket" in cluster:  # the etcd members' CA, mounted from the Secret etcd-tls
+            ca = cluster["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]["trusted_ca"]
+            ca["filename"] = in_pod_paths(ca["filename"], etcd_tls)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SA_")}
     ok = ke.envoy_validate(bootstrap, env={**env, "SA_KEY_1": TEST_KEY, "SA_STORE_PASSWORD": TEST_STORE_PASSWORD})
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -894,10 +1251,14 @@ def base_object(kind: str, name: str) -> dict:
 
 def container_env(container: dict, secrets: dict[str, str]) -> dict[str, str]:
     """A container's environment as the kubelet builds it: secretKeyRef values
-    (from `secrets`, by key), then $(NAME) references to earlier variables."""
+    (from `secrets`, by key), fieldRef values (a pod named etcd-0 in
+    NAMESPACE), then $(NAME) references to earlier variables."""
     env: dict[str, str] = {}
+    pod = {"metadata.name": "etcd-0", "metadata.namespace": NAMESPACE}
     for e in container.get("env", []):
-        if "valueFrom" in e:
+        if "fieldRef" in e.get("valueFrom", {}):
+            env[e["name"]] = pod[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        elif "valueFrom" in e:
             env[e["name"]] = secrets[e["valueFrom"]["secretKeyRef"]["key"]]
         else:
             env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), e["value"])
@@ -909,20 +1270,28 @@ def redis_acl_commands() -> set[str]:
     return {r[1:] for r in rules if r.startswith("+")}
 
 
-def start_redis(workdir: Path, port: int, monkeypatch, default_user_like_proxy: bool = False) -> tb.Process:
-    """Redis as its pod starts it: the container's script, the ConfigMap's
-    files (in `workdir` instead of /etc/redis) and the Secret's password.
-    `default_user_like_proxy` gives the user default the rules and password of
-    session-affinity, for Debian's webdis 0.1.9, which can log in only as
-    default (AUTH <password>); webdis 0.1.13+ logs in as session-affinity."""
-    cm = base_object("ConfigMap", "redis-config")["data"]
-    container = base_object("Deployment", "redis")["spec"]["template"]["spec"]["containers"][0]
+def start_redis(workdir: Path, port: int, monkeypatch, default_user_like_proxy: bool = False,
+                overlay: str | None = None) -> tb.Process:
+    """Redis as its pod starts it (in the base, or in `overlay`): the
+    container's script, the ConfigMap's files (in `workdir` instead of
+    /etc/redis, its data directory /data in workdir/data) and the Secret's
+    password. `default_user_like_proxy` gives the user default the rules and
+    password of session-affinity, for Debian's webdis 0.1.9, which can log in
+    only as default (AUTH <password>); webdis 0.1.13+ logs in as
+    session-affinity."""
+    objects = rendered(overlay) if overlay else {(k, n): base_object(k, n) for k, n in
+                                                  [("ConfigMap", "redis-config"), ("Deployment", "redis")]}
+    cm = objects[("ConfigMap", "redis-config")]["data"]
+    container = objects[("Deployment", "redis")]["spec"]["template"]["spec"]["containers"][0]
     conf, rules = cm["redis.conf"], cm["session-affinity.acl"]
     if default_user_like_proxy:
         assert "\nuser default off\n" in conf
         conf = conf.replace("\nuser default off\n", f"\nuser default on >{TEST_REDIS_PASSWORD} {rules}\n")
-    (workdir / "redis.conf").write_text(conf + f"port {port}\nbind 127.0.0.1\ndir {workdir}\n")
-    (workdir / "session-affinity.acl").write_text(rules + "\n")
+    (workdir / "data").mkdir(exist_ok=True)
+    files = {**cm, "redis.conf": f"dir {workdir}/data\n" + conf + f"port {port}\nbind 127.0.0.1\n"}
+    for name, text in files.items():
+        (workdir / name).write_text(text.replace("/etc/redis/", f"{workdir}/").replace("dir /data", f"dir {workdir}/data")
+                                    + "\n")
     for name, value in container_env(container, TEST_SECRETS).items():
         monkeypatch.setenv(name, value)
     assert container["command"] == ["sh", "-c"]
@@ -1032,6 +1401,35 @@ def test_redis_runs_the_acl_and_nothing_more(tmp_path, monkeypatch):
         redis.stop()
 
 
+def test_redis_aof_overlay_keeps_the_store_across_a_crash(tmp_path, monkeypatch):
+    """envoy-gateway-redis-aof: Redis keeps its data in an append-only file
+    on the PersistentVolumeClaim; a session written, then Redis killed
+    (SIGKILL) and started again on the same volume, is still there. In the
+    base, the same crash loses it."""
+    for tool in ("redis-server", "redis-cli"):
+        require_tool(tool)
+    docs = rendered("envoy-gateway-redis-aof")
+    pod = docs[("Deployment", "redis")]["spec"]["template"]["spec"]
+    data = one(v for v in pod["volumes"] if v["name"] == "data")
+    assert docs[("PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])]
+    assert one(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "data")["mountPath"] == "/data"
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    for overlay, kept in (("envoy-gateway-redis-aof", True), (None, False)):
+        workdir = tmp_path / (overlay or "base")
+        workdir.mkdir()
+        port = tb.free_ports(1)[0]
+        redis = start_redis(workdir, port, monkeypatch, overlay=overlay)
+        try:
+            assert redis_cli(port, "EVAL", CALL_SCRIPT, "1", "sa:session", "set", "state-1") == "ok"
+            redis.kill()
+            redis.start()
+            tb.wait_until(lambda: redis.ensure_alive() or redis_cli(port, "PING") == "PONG", 30, f"redis on {port}")
+            stored = redis_cli(port, "EVAL", "return redis.call('GET', KEYS[1]) or 'none'", "1", "sa:session")
+            assert stored == ("state-1" if kept else "none"), (overlay, stored)
+        finally:
+            redis.stop()
+
+
 def test_webdis_answers_only_the_proxies_credentials(tmp_path, monkeypatch):
     for tool in ("redis-server", "redis-cli", "webdis"):
         require_tool(tool)
@@ -1080,7 +1478,10 @@ def test_redis_bounds_its_memory_and_never_runs_twice():
     limit = memory_bytes(resources["limits"]["memory"])
     assert memory_bytes(conf["maxmemory"]) <= limit * 3 // 4
     assert resources["requests"]["memory"] == resources["limits"]["memory"]
-    assert conf["maxmemory-policy"] == "volatile-ttl"  # every key the filter writes has a TTL
+    # Every key the filter writes has a TTL; the least recently used go first
+    # (volatile-ttl would evict the failover leases, which expire soonest).
+    assert conf["maxmemory-policy"] == "volatile-lru"
+    assert "maxmemory-policy volatile-lru" in (REPO / "envoy" / "redis.conf").read_text().splitlines()
     assert redis["strategy"] == {"type": "Recreate"} and redis["replicas"] == 1
 
 
@@ -1259,9 +1660,9 @@ def test_istio_config_keeps_sessions_across_pod_deletion(variant, wasm_module, g
 
 
 APP_DEATH = {  # name: (Istio version, the app's sidecar has the inbound patch)
-    "istio-1.22": ((1, 22), True),
-    "istio-1.28": ((1, 28), True),
-    "istio-1.28-without-inbound-patch": ((1, 28), False),
+    "no-inbound-retries": ((1, 23), True),
+    "istio-%d.%d" % ke.LATEST: (ke.LATEST, True),
+    "istio-%d.%d-without-inbound-patch" % ke.LATEST: (ke.LATEST, False),
 }
 
 
@@ -1294,7 +1695,7 @@ def test_istio_gateway_moves_sessions_off_a_pod_whose_app_died(case, wasm_module
 # --------------------------------------------------------------------------
 # The app pods' sidecars: the inbound patch, in the real Envoy.
 
-@pytest.mark.parametrize("istio", ke.ISTIO_VERSIONS, ids=lambda v: "istio-%d.%d" % v)
+@pytest.mark.parametrize("istio", ke.INBOUND_ROUTES, ids=lambda v: "istio-%d.%d" % v)
 @pytest.mark.parametrize("overlay", ISTIO_OVERLAYS)
 def test_app_sidecar_config_loads_in_envoy(overlay, istio, tmp_path):
     config = assemble_app_sidecar(overlay, *tb.free_ports(3), istio)
@@ -1335,7 +1736,7 @@ class ForgingApp:
         self.thread.join(timeout=5)
 
 
-@pytest.mark.parametrize("istio", ke.ISTIO_VERSIONS, ids=lambda v: "istio-%d.%d" % v)
+@pytest.mark.parametrize("istio", ke.INBOUND_ROUTES, ids=lambda v: "istio-%d.%d" % v)
 def test_app_sidecar_marks_only_its_own_replies(istio, tmp_path):
     """A demo app behind the sidecar config an app pod gets: its answers pass
     unmarked; killed, the sidecar's own 503 carries x-session-unreached with
@@ -1347,8 +1748,8 @@ def test_app_sidecar_marks_only_its_own_replies(istio, tmp_path):
     bed = tb.Testbed(tb.PortPlan.free(backends=1), tmp_path / "tb")
     app = bed.backends[0]
     app.app_port, patched, bare, *admins = tb.free_ports(5)
-    # Istio 1.23+ retries a reset before the request reached the app, twice.
-    flags = "URX,UF" if istio >= (1, 23) else "UF"
+    # Istio 1.24+ retries a reset before the request reached the app, twice.
+    flags = "URX,UF" if istio >= (1, 24) else "UF"
     sidecars = []
     for port, admin, config in [
             (patched, admins[0], assemble_app_sidecar("istio-gateway", patched, admins[0], app.app_port, istio)),

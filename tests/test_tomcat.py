@@ -240,6 +240,25 @@ def test_tomcat_oversized_state_is_a_warning_not_a_500(bed):
                  "after a failover an oversized session starts empty (never an older copy)")
 
 
+def test_tomcat_cookieless_probes_make_no_sessions(bed):
+    """A probe that never asks for a session (no getSession()) gets no Tomcat
+    session, no cookie and no store write; the first getSession() makes one
+    with the proxy's id, new on that request."""
+    created = total(bed, "sessionsCreated")
+    writes = bed.envoy.filter_counters().get("store.writes", 0)
+    for round_ in range(20):
+        reply = requests.get(bed.envoy.url + "/healthz", timeout=REQUEST_TIMEOUT)
+        expect(reply.status_code == 200 and "sa" not in reply.cookies, f"probe {round_}: 200 and no cookie", "200, no sa",
+               describe(reply))
+    expect_equal(total(bed, "sessionsCreated"), created, "no session made for 20 probes")
+    expect_equal(bed.envoy.filter_counters().get("store.writes", 0), writes, "no store write for the probes")
+    shopper = Shopper(bed.envoy)
+    view = shopper.json("GET", "/cart")
+    expect_equal(view["new"], True, "the first getSession() makes a new session")
+    expect_equal(total(bed, "sessionsCreated"), created + 1, "one session made")
+    expect_equal(shopper.json("GET", "/cart")["new"], False, "the same session on the next request")
+
+
 # ------------------------------------------------ end, expiry, rotation, trailers
 
 def test_tomcat_logout_is_never_resurrected_after_a_kill(bed):
@@ -403,3 +422,28 @@ def submit(page, item: str):
     with page.expect_navigation() as navigation:
         page.click("#add")
     return navigation.value
+
+
+# ------------------------------------------------------- real-app session shapes
+
+def test_tomcat_a_session_shaped_like_a_real_apps_survives_a_kill(bed):
+    """A Spring-Security-like saved request, JDK concurrent types, an enum set
+    and a date all move; the one attribute the allow-list refuses (a
+    PriorityQueue) is named once in the log and counted, and costs only itself."""
+    shopper, _ = shop(bed, "apple")
+    before = shopper.json("POST", "/saved")
+    origin = bed.tomcats[serving(bed, shopper.last)]
+    expect(counters(origin)["attributesSkipped"] >= 1, "the refused attribute is counted when written", ">= 1",
+           counters(origin))
+    warnings = origin.process.log_tail(400).count("session attribute 'queue' is not carried")
+    expect_equal(warnings, 1, "one warning naming the refused attribute")
+    state = stored_field(bed, before["session"], "state") or ""
+    bed.say(f"real-app-shaped session: a stored state of {len(state)} bytes")
+    kill_serving(bed, shopper.last)
+    after = shopper.json("GET", "/saved")
+    expect(serving(bed, shopper.last) != bed.tomcats.index(origin), "another Tomcat answers", "not the killed one",
+           describe(shopper.last))
+    wanted = {k: v for k, v in before.items() if k != "served_by"} | {"queue": False}
+    expect_equal({k: v for k, v in after.items() if k != "served_by"}, wanted,
+                 "every allowed attribute back after the kill (only the refused queue is missing)")
+    expect_equal(shopper.json("GET", "/cart")["items"], {"apple": 1}, "the cart too")

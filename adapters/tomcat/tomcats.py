@@ -1,12 +1,17 @@
-"""Tomcat 10 instances with the session-affinity valve and the demo app, run
-from Debian's one install for tests, benchmarks and `envoy/testbed --app tomcat`.
+"""Tomcat instances with the session-affinity valve and the demo app, run from
+Debian's packages for tests, benchmarks and `envoy/testbed --app tomcat`.
 
-Each instance gets its own CATALINA_BASE (conf/, lib/ with the valve jar,
-webapps/ROOT with the demo app, logs/, work/, temp/) and runs `catalina.sh run`
-in the foreground, listening on 127.0.0.1 only, stopped by PID. Instances start
-in parallel and are waited on through /healthz (no sleeps); every start is a
-new JVM with a new instance id, and a SIGKILLed instance can start again on
-the same port.
+Three lines:
+- "10": a standalone Tomcat 10.1 (Debian's tomcat10). Each instance gets its own
+  CATALINA_BASE (conf/, lib/ with the valve jar, webapps/ROOT with the demo app,
+  logs/, work/, temp/) and runs `catalina.sh run` in the foreground.
+- "10-embedded", "9-embedded": an embedded Tomcat (org.apache.catalina.startup.Tomcat,
+  what Spring Boot runs) from Debian's libtomcat10-java / libtomcat9-java jars,
+  the valve added in code (adapters/tomcat/embedded).
+All listen on 127.0.0.1 only and are stopped by PID. Instances start in
+parallel and are waited on through /healthz (no sleeps); every start is a new
+JVM with a new instance id, and a SIGKILLed instance can start again on the
+same port.
 
     python3 adapters/tomcat/tomcats.py 18081 18082   # two Tomcats until Ctrl-C
 """
@@ -41,12 +46,28 @@ DEMO_CLASSES = r"dev\.sessionaffinity\.demo\..*"
 JAVA_OPTS = "-Xmx256m -XX:+UseSerialGC -Djava.security.egd=file:/dev/urandom"
 START_TIMEOUT = 90.0
 CONF_FILES = ("web.xml", "catalina.properties", "logging.properties")
+LINES = ("10", "10-embedded", "9-embedded")
+TOMCAT9_OUT = BUILD_OUT / "tomcat9"
+EMBEDDED_MAIN = "dev.sessionaffinity.embedded.Main"
+
+
+def embedded_classpath(line: str) -> str:
+    """The valve jar, the demo app, the launcher and the line's Tomcat jars (Debian's)."""
+    if line == "9-embedded":
+        out, jar = TOMCAT9_OUT, TOMCAT9_OUT / "session-affinity-tomcat9.jar"
+        tomcat = sorted(p for p in Path("/usr/share/java").glob("tomcat9-*.jar") if not p.stem[-1].isdigit())
+    else:
+        out, jar = BUILD_OUT, JAR
+        tomcat = sorted((CATALINA_HOME / "lib").glob("*.jar")) + [CATALINA_HOME / "bin" / "tomcat-juli.jar"]
+    parts = [jar, out / "demo" / "WEB-INF" / "classes", out / "embedded-classes", *tomcat]
+    return ":".join(str(p) for p in parts)
 
 
 def build(rebuild: bool = False, say=print) -> Path:
     """The valve jar and demo app, built with adapters/tomcat/build when missing or stale."""
     sources = [p for p in (ADAPTER / "src").rglob("*") if p.is_file()]
-    sources += [p for p in (ADAPTER / "webapp").rglob("*") if p.is_file()] + [ADAPTER / "build"]
+    sources += [p for folder in ("webapp", "embedded") for p in (ADAPTER / folder).rglob("*") if p.is_file()]
+    sources += [ADAPTER / "build", ADAPTER / "pom.xml"]
     stale = not JAR.exists() or any(p.stat().st_mtime > JAR.stat().st_mtime for p in sources)
     if rebuild or stale:
         say("building the Tomcat adapter with adapters/tomcat/build")
@@ -92,11 +113,18 @@ class Tomcat:
 
     valve: the valve's attributes (None: plain Tomcat, no valve and no jar);
     key: the signing key in its environment; connector: extra attributes of
-    the HTTP connector; cpus: a taskset CPU list to pin the JVM to (benchmarks).
+    the HTTP connector (standalone line only); cpus: a taskset CPU list to pin
+    the JVM to (benchmarks); line: one of LINES.
     """
 
     def __init__(self, name: str, port: int, base: Path, valve: dict[str, str] | None = None,
-                 key: str | None = TEST_KEY, connector: dict[str, str] | None = None, cpus: str | None = None):
+                 key: str | None = TEST_KEY, connector: dict[str, str] | None = None, cpus: str | None = None,
+                 line: str = "10"):
+        if line not in LINES:
+            raise ValueError(f"line {line!r}: one of {LINES}")
+        if line != "10" and (valve is None or connector):
+            raise ValueError("an embedded Tomcat always has the valve and the default connector")
+        self.line = line
         self.name = name
         self.cpus = cpus
         self.port = port
@@ -124,6 +152,11 @@ class Tomcat:
             environment[KEY_ENVIRONMENT] = self.key
         # env execs catalina.sh, which execs java: the PID we hold is the JVM's.
         pinned = ["taskset", "-c", self.cpus] if self.cpus else []
+        if self.line != "10":
+            del environment["CATALINA_HOME"], environment["CATALINA_BASE"]
+            return [*pinned, "env", *(f"{k}={v}" for k, v in environment.items()), "java", *JAVA_OPTS.split(),
+                    f"-Djava.io.tmpdir={self.base / 'temp'}", "-cp", embedded_classpath(self.line), EMBEDDED_MAIN,
+                    str(self.port), *(f"{k}={v}" for k, v in (self.valve or {}).items())]
         return [*pinned, "env", *(f"{k}={v}" for k, v in environment.items()),
                 str(CATALINA_HOME / "bin" / "catalina.sh"), "run"]
 
@@ -133,6 +166,8 @@ class Tomcat:
             shutil.rmtree(self.base)
         for folder in ("conf", "lib", "logs", "webapps", "work", "temp"):
             (self.base / folder).mkdir(parents=True)
+        if self.line != "10":
+            return  # an embedded Tomcat is configured in code (adapters/tomcat/embedded)
         for name in CONF_FILES:
             shutil.copy(CATALINA_HOME / "etc" / name, self.base / "conf" / name)
         (self.base / "conf" / "server.xml").write_text(server_xml(self.port, self.connector))
@@ -194,12 +229,13 @@ class TomcatTestbed(tb.Testbed):
     """The testbed with its three demo backends swapped for three Tomcats on the
     same ports, each with the valve and the demo app."""
 
-    def __init__(self, ports: tb.PortPlan, workdir: Path, valve: dict[str, str] | None = None, **kwargs):
+    def __init__(self, ports: tb.PortPlan, workdir: Path, valve: dict[str, str] | None = None, line: str = "10",
+                 **kwargs):
         super().__init__(ports, workdir, **kwargs)
         build(say=self.say)
         # In mesh mode (--mesh) each Tomcat listens on its app port, behind its sidecar.
-        self.tomcats = [Tomcat(b.name, b.app_port or b.port, self.workdir / f"tomcat-{b.name}", valve or demo_valve())
-                        for b in self.backends]
+        self.tomcats = [Tomcat(b.name, b.app_port or b.port, self.workdir / f"tomcat-{b.name}", valve or demo_valve(),
+                               line=line) for b in self.backends]
         for backend, tomcat in zip(self.backends, self.tomcats):
             backend.process = tomcat.process
 

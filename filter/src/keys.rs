@@ -1,11 +1,15 @@
-//! The key ring: the first key signs, every key verifies, so a key can be
-//! rotated without breaking live sessions.
+//! The key ring: the first key signs and seals, every key verifies and opens,
+//! so a key can be rotated without breaking live sessions.
 //!
 //! Each key's HMAC state is keyed once at configure time and cloned per use,
-//! which skips re-hashing the padded key on every request.
+//! which skips re-hashing the padded key on every request. Its sealing key
+//! (ChaCha20-Poly1305) is derived from the same secret, under a label no
+//! signed message can start with.
 
 use std::fmt;
 
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -23,10 +27,30 @@ impl fmt::Debug for Secret {
 
 /// Length of an HMAC-SHA256 tag in bytes.
 pub const TAG_LEN: usize = 32;
+/// Length of a sealing nonce in bytes (ChaCha20-Poly1305).
+pub const NONCE_LEN: usize = 12;
+/// Length of a sealing tag in bytes (Poly1305).
+pub const SEAL_TAG_LEN: usize = 16;
+
+/// What the sealing key is derived from (HMAC of this under the secret).
+const SEAL_KEY_LABEL: &[u8] = b"session-affinity cookie sealing key";
+/// What a sealing nonce is derived from, before the fresh bytes and the plaintext.
+const NONCE_LABEL: &[u8] = b"session-affinity cookie nonce|";
 
 struct Key {
     id: String,
     mac: HmacSha256,
+    aead: ChaCha20Poly1305,
+}
+
+impl Key {
+    fn new(id: String, secret: &Secret) -> Option<Key> {
+        let mac = <HmacSha256 as Mac>::new_from_slice(&secret.0).ok()?;
+        let mut derive = mac.clone();
+        derive.update(SEAL_KEY_LABEL);
+        let aead = ChaCha20Poly1305::new(&derive.finalize().into_bytes());
+        Some(Key { id, mac, aead })
+    }
 }
 
 pub struct KeyRing {
@@ -48,10 +72,7 @@ impl KeyRing {
     /// Keys whose secret the MAC refuses are skipped; HMAC accepts any length,
     /// so that does not happen in practice.
     pub fn new(keys: Vec<(String, Secret)>) -> KeyRing {
-        let keys: Vec<Key> = keys
-            .into_iter()
-            .filter_map(|(id, secret)| HmacSha256::new_from_slice(&secret.0).ok().map(|mac| Key { id, mac }))
-            .collect();
+        let keys: Vec<Key> = keys.into_iter().filter_map(|(id, secret)| Key::new(id, &secret)).collect();
         let fingerprint = keys.iter().fold(0u64, |folded, key| {
             let mut mac = key.mac.clone();
             mac.update(b"session-affinity key ring fingerprint|");
@@ -87,12 +108,42 @@ impl KeyRing {
 
     /// Checks `tag` over `message` with key `kid`, in constant time.
     pub fn verify(&self, kid: &str, message: &[u8], tag: &[u8]) -> bool {
-        let Some(key) = self.keys.iter().find(|k| k.id == kid) else {
+        let Some(key) = self.find(kid) else {
             return false;
         };
         let mut mac = key.mac.clone();
         mac.update(message);
         mac.verify_slice(tag).is_ok()
+    }
+
+    /// Encrypts `buffer` in place with the signing key, authenticating `aad`
+    /// too; returns the nonce and the tag. The nonce is an HMAC of `fresh`
+    /// (random bytes, new for each call) and the plaintext: unique as long as
+    /// either is, so even a repeated random draw never reuses a nonce for
+    /// another plaintext.
+    pub fn seal(&self, aad: &[u8], fresh: &[u8], buffer: &mut [u8]) -> Option<([u8; NONCE_LEN], [u8; SEAL_TAG_LEN])> {
+        let key = self.keys.first()?;
+        let mut mac = key.mac.clone();
+        mac.update(NONCE_LABEL);
+        mac.update(fresh);
+        mac.update(buffer);
+        let nonce: [u8; NONCE_LEN] = *mac.finalize().into_bytes().first_chunk()?;
+        let tag = key.aead.encrypt_in_place_detached(&Nonce::from(nonce), aad, buffer).ok()?;
+        Some((nonce, tag.into()))
+    }
+
+    /// Decrypts `buffer` in place with key `kid`; false (and `buffer` not to
+    /// be used) unless `tag` authenticates it and `aad`. Poly1305 compares in
+    /// constant time.
+    pub fn open(&self, kid: &str, aad: &[u8], nonce: &[u8; NONCE_LEN], buffer: &mut [u8], tag: &[u8; SEAL_TAG_LEN]) -> bool {
+        let Some(key) = self.find(kid) else {
+            return false;
+        };
+        key.aead.decrypt_in_place_detached(&Nonce::from(*nonce), aad, buffer, &Tag::from(*tag)).is_ok()
+    }
+
+    fn find(&self, kid: &str) -> Option<&Key> {
+        self.keys.iter().find(|k| k.id == kid)
     }
 }
 
@@ -124,6 +175,33 @@ mod tests {
         assert!(!r.verify("k1", b"payload", &tag[..31]));
         assert!(!r.verify("nope", b"payload", &tag));
         assert!(!r.knows("nope"));
+    }
+
+    #[test]
+    fn first_key_seals_and_every_key_opens() {
+        let (old, new) = (ring(&["k1"]), ring(&["k2", "k1"]));
+        let mut buffer = *b"plain text";
+        let (nonce, tag) = old.seal(b"aad", &[7; 16], &mut buffer).unwrap();
+        assert_ne!(&buffer, b"plain text");
+        let sealed = buffer;
+        assert!(new.open("k1", b"aad", &nonce, &mut buffer, &tag));
+        assert_eq!(&buffer, b"plain text");
+        for (kid, aad) in [("k2", &b"aad"[..]), ("k1", b"aaX"), ("nope", b"aad")] {
+            let mut copy = sealed;
+            assert!(!new.open(kid, aad, &nonce, &mut copy, &tag), "{kid} {aad:?}");
+        }
+        let mut flipped = sealed;
+        flipped[0] ^= 1;
+        assert!(!new.open("k1", b"aad", &nonce, &mut flipped, &tag));
+    }
+
+    #[test]
+    fn nonces_differ_by_fresh_bytes_or_by_plaintext() {
+        let r = ring(&["k1"]);
+        let nonce = |fresh: u8, text: &[u8]| r.seal(b"", &[fresh; 16], &mut text.to_vec()).unwrap().0;
+        assert_ne!(nonce(1, b"same"), nonce(2, b"same"));
+        assert_ne!(nonce(1, b"same"), nonce(1, b"other"), "a repeated draw still gives another nonce");
+        assert_eq!(nonce(1, b"same"), nonce(1, b"same"));
     }
 
     #[test]

@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
-import hashlib
-import hmac
 import http.client
 import json
 import os
@@ -64,6 +62,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "envoy"))
 from testbed import free_ports  # noqa: E402  (ports below the ephemeral range)
+sys.path.insert(0, str(ROOT / "tests"))
+import cookie_signer  # noqa: E402  (tests/cookie_signer.py)
 BENCH = ROOT / "tests" / "bench"
 WASM_DIR = ROOT / "target" / "wasm32-unknown-unknown" / "release"
 # The native module; Envoy loads lib<name>.so from ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
@@ -73,10 +73,13 @@ NATIVE_SO = "libsession_affinity_native.so"
 CUSTOM_STATS = ("wasmcustom.", "dynamicmodulescustom.")
 REPORT_LUA = BENCH / "report.lua"
 
-# The HMAC key every wasm variant uses; cookies are signed with it in Python.
+# The key every filter variant uses; cookies are sealed (or signed) with it in Python.
 SECRET = "bench-only-secret-0123456789abcdef-not-for-production"
 KID = "k1"
 COOKIE = "sa"
+# The cookie version the filter issues and the bench sends: "sealed" (v3) or
+# "signed" (v2); instructions.py --cookie-format changes it.
+COOKIE_FORMAT = "sealed"
 ROUTE_HEADER = "x-session-route"
 STATE_VALUE = "bench-state-" + "s" * 52  # 64 bytes of opaque session state
 WASM = {
@@ -112,21 +115,22 @@ def new_sid() -> str:
 
 def sign_cookie(sid: str, host: str, instance: str, *, iat: int | None = None,
                 ttl: int = 86400, kid: str = KID, flags: int = 0,
-                secret: str = SECRET, cluster: str = "app") -> str:
-    """A v2 cookie value for a session in the bench's `app` cluster:
-    2|sid|cluster tag|host|instance|since|iat|exp|kid|flags|tag."""
+                secret: str = SECRET, cluster: str = "app", fmt: str | None = None) -> str:
+    """A cookie value in `fmt` (default COOKIE_FORMAT) for a session in the
+    bench's `app` cluster."""
     iat = int(time.time()) if iat is None else iat
-    tag = base64.urlsafe_b64encode(hashlib.sha256(cluster.encode()).digest()[:6]).rstrip(b"=").decode()
-    body = f"2|{sid}|{tag}|{host}|{instance}|{iat}|{iat}|{iat + ttl}|{kid}|{flags}|"
-    mac = hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest()
-    return body + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    claims = cookie_signer.Claims(sid, cookie_signer.cluster_tag(cluster), host, instance, iat, iat, iat + ttl, kid,
+                                  flags)
+    if (fmt or COOKIE_FORMAT) == "sealed":
+        return cookie_signer.seal(claims, secret)
+    return cookie_signer.sign(claims, secret)
 
 
 def filter_config(store_port_unused: int = 0, *, write: str = "sync",
                   gone_ttl: str | None = None, extra: dict | None = None, dialect: str = "webdis") -> str:
     """Our filter's plugin JSON (working contract); only documented keys."""
     cfg: dict = {
-        "cookie": {"name": COOKIE, "ttl": "24h", "secure": False},
+        "cookie": {"name": COOKIE, "ttl": "24h", "secure": False, "format": COOKIE_FORMAT},
         "keys": [{"id": KID, "secret": SECRET}],
         "headers": {"route": ROUTE_HEADER},
         "store": {"dialect": dialect, "cluster": "session_store",
@@ -841,9 +845,9 @@ class Bench:
         self.unavailable: dict[str, str] = {}
 
     # --- cookies used by the variants
-    def pinned_cookie(self) -> str:
+    def pinned_cookie(self, fmt: str | None = None) -> str:
         host = self.upstreams.hosts[1]
-        return sign_cookie(new_sid(), host, self.upstreams.instance_of(host))
+        return sign_cookie(new_sid(), host, self.upstreams.instance_of(host), fmt=fmt)
 
     def pinned_route(self) -> str:
         """The routing header value for the pinned upstream, as the filter sets it."""
@@ -1035,7 +1039,8 @@ def counter_delta(before: dict[str, int], envoy: Envoy, requests: int) -> dict[s
 # --- per-variant request headers and sanity checks (run once, before load)
 
 def cookie_headers(bench: Bench, v: Variant) -> dict:
-    return {"cookie": f"{COOKIE}={bench.pinned_cookie()}"}
+    """The filter's cookie; the baselines read the signed (v2) one."""
+    return {"cookie": f"{COOKIE}={bench.pinned_cookie(None if v.uses_filter else 'signed')}"}
 
 
 def native_cookie_headers(bench: Bench, v: Variant) -> dict:

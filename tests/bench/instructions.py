@@ -3,7 +3,7 @@
 load on the machine cannot move (bench.py's req/s and CPU time can).
 
     filter/build
-    tests/bench/instructions.py [--requests 2000] [--variants router,native_pinned]
+    tests/bench/instructions.py [--requests 2000] [--variants router,native_pinned] [--cookie-format signed]
 
 Each variant runs in a fresh Envoy (`--concurrency 1`) under
 `valgrind --tool=callgrind`, with nginx upstreams and the same Envoy config
@@ -13,13 +13,22 @@ template as bench.py (without health checks, whose work would be counted):
   envoy_cookie   Envoy's stateful_session with the cookie state (strict)
   native_pinned  the filter as the native module, valid cookie (the hot path)
   native_new     the native module, no cookie (a new session every request)
+  native_miss    the native module, a valid cookie of another session on every
+                 request (each one a miss of the verified-cookie cache)
   wasm_pinned    the wasm build + stateful_session (header, strict), valid
                  cookie (V8 runs under valgrind with --smc-check, slowly)
+  wasm_miss      as wasm_pinned, another session's cookie on every request
 
 Counting runs only while the measured requests are sent, one at a time on one
 keep-alive connection, after a warm-up. Only user-space instructions are
 counted: the kernel's share, the same for every variant, is left out, so the
 ratios overstate a filter's share of Envoy's CPU time.
+
+The filter issues, and the pinned variants send, the cookie format of
+--cookie-format: sealed (v3, the default) or signed (v2). The verified-cookie
+cache answers every measured request, so this is the pinned path's cost on a
+cache hit; the cost of one open or check on a miss is measured without a proxy
+by filter/examples/pinned_path.rs.
 
 With --by-function, the native variants also report the instructions spent
 in the module's hooks (inclusive: what Envoy's callbacks cost the module
@@ -46,7 +55,7 @@ import bench as harness  # noqa: E402  (tests/bench/bench.py)
 
 START_TIMEOUT = 300  # Envoy starts slowly under valgrind
 WARMUP_REQUESTS = 250
-VARIANTS = ("router", "envoy_cookie", "native_pinned", "native_new", "wasm_pinned")
+VARIANTS = ("router", "envoy_cookie", "native_pinned", "native_new", "native_miss", "wasm_pinned", "wasm_miss")
 
 
 def filters(variant: str) -> list:
@@ -56,8 +65,11 @@ def filters(variant: str) -> list:
         "envoy_cookie": [harness.stateful_session_cookie(), harness.ROUTER],
         "native_pinned": [harness.native_filter(config), harness.ROUTER],
         "native_new": [harness.native_filter(config), harness.ROUTER],
+        "native_miss": [harness.native_filter(config), harness.ROUTER],
         "wasm_pinned": [harness.wasm_filter("session_affinity", harness.WASM_DIR / harness.WASM["filter"], config),
                         harness.stateful_session_header(), harness.ROUTER],
+        "wasm_miss": [harness.wasm_filter("session_affinity", harness.WASM_DIR / harness.WASM["filter"], config),
+                      harness.stateful_session_header(), harness.ROUTER],
     }[variant]
 
 
@@ -148,14 +160,17 @@ def ready(admin: int) -> bool:
 
 def send(connection: http.client.HTTPConnection, requests: int, headers: dict, variant: str,
          upstreams: harness.Upstreams) -> None:
-    pinned = upstreams.instance_of(upstreams.hosts[1])
+    host = upstreams.hosts[1]
+    pinned = upstreams.instance_of(host)
     for _ in range(requests):
+        if variant.endswith("miss"):  # a session this worker has not seen
+            headers = {"cookie": f"{harness.COOKIE}={harness.sign_cookie(harness.new_sid(), host, pinned)}"}
         connection.request("GET", "/bench", headers=headers)
         response = connection.getresponse()
         response.read()
         if response.status != 200:
             sys.exit(f"bench: {variant}: status {response.status}")
-        if variant.endswith("pinned") and response.getheader("x-served-by") != pinned:
+        if variant.endswith(("pinned", "miss")) and response.getheader("x-served-by") != pinned:
             sys.exit(f"bench: {variant}: served by {response.getheader('x-served-by')}, not the pinned {pinned}")
 
 
@@ -185,7 +200,10 @@ def main() -> None:
     parser.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=list(VARIANTS),
                         help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--by-function", action="store_true", help="also break the native variants down by function")
+    parser.add_argument("--cookie-format", choices=("sealed", "signed"), default="sealed",
+                        help="the cookie the filter issues and the pinned variants send (default sealed)")
     args = parser.parse_args()
+    harness.COOKIE_FORMAT = args.cookie_format
     if not shutil.which("valgrind") or not (harness.NATIVE_DIR / harness.NATIVE_SO).is_file():
         sys.exit("bench: needs valgrind and the modules (filter/build)")
     if "router" not in args.variants:

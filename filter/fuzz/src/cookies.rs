@@ -1,12 +1,14 @@
 //! Cookie values as a client could send them: built from fields by
-//! `cookie::encode`, or assembled by hand and signed (so fields `encode`
-//! refuses still get past the signature), then edited byte by byte.
+//! `cookie::encode` or `cookie::seal`, or assembled by hand and signed or
+//! sealed (so fields `encode` refuses still get past the tag), then edited
+//! byte by byte.
 
 use arbitrary::Arbitrary;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use session_affinity::cookie::{self, NewClaims};
+use session_affinity::cookie::{self, Claims, NewClaims, Rejection, PAD};
+use session_affinity::keys::KeyRing;
 
 use crate::{cluster_tags, KeyPick, Num, Text, INSTANCES, SIDS, UPSTREAMS};
 
@@ -117,43 +119,89 @@ impl CookieSpec {
     }
 
     pub fn build(&self, now_s: u64) -> Built {
-        let mut encoded = None;
-        if let (Build::Encode, true) = (self.build, self.kid == self.signer) {
-            let numbers = (self.since.value(now_s), self.iat.value(now_s), self.exp.value(now_s), self.flags.value(now_s));
-            if let (Some(since), Some(iat), Some(exp), Some(flags)) = numbers {
-                let claims = NewClaims {
-                    sid: self.sid(),
-                    cluster: self.cluster(),
-                    upstream: self.upstream(),
-                    instance: self.instance(),
-                    since,
-                    iat,
-                    exp,
-                    flags: flags as u8,
-                };
-                encoded = cookie::encode(&claims, &self.signer.ring());
-            }
-        }
+        let encoded = self.encoded(now_s, |claims| cookie::encode(claims, &self.signer.ring()));
         let is_encoded = encoded.is_some();
         let value = encoded.unwrap_or_else(|| {
-            let message = format!(
-                "2|{}|{}|{}|{}|{}|{}|{}|{}|{}|",
-                self.sid(),
-                self.cluster(),
-                self.upstream(),
-                self.instance(),
-                self.since.text(now_s),
-                self.iat.text(now_s),
-                self.exp.text(now_s),
-                self.kid.id(),
-                self.flags.text(now_s)
-            );
+            let (since, iat, exp) = (self.since.text(now_s), self.iat.text(now_s), self.exp.text(now_s));
+            let message = format!("2|{}|{since}|{iat}|{exp}|{}|{}|", self.pin_text(), self.kid.id(), self.flags.text(now_s));
             sign_message(&message, self.signer)
         });
         let bytes = apply_edits(&value, &self.edits);
         let edited = bytes != value.as_bytes();
         Built { bytes, encoded: is_encoded, edited }
     }
+
+    /// As [`CookieSpec::build`], sealed (version 3) with `fresh` random bytes.
+    pub fn build_sealed(&self, now_s: u64, fresh: &[u8]) -> Built {
+        let encoded = self.encoded(now_s, |claims| cookie::seal(claims, &self.signer.ring(), fresh));
+        let is_encoded = encoded.is_some();
+        let value = encoded.unwrap_or_else(|| {
+            let (age, ttl) = (self.iat.minus(&self.since, now_s), self.exp.minus(&self.iat, now_s));
+            let text = format!("{}|{}|{age}|{ttl}|{}", self.pin_text(), self.iat.text(now_s), self.flags.text(now_s));
+            seal_text(&text, self.kid.id(), self.signer, fresh)
+        });
+        let bytes = apply_edits(&value, &self.edits);
+        let edited = bytes != value.as_bytes();
+        Built { bytes, encoded: is_encoded, edited }
+    }
+
+    /// `sid|cluster|upstream|instance` as written by hand.
+    fn pin_text(&self) -> String {
+        format!("{}|{}|{}|{}", self.sid(), self.cluster(), self.upstream(), self.instance())
+    }
+
+    /// What decoding the unedited built cookie at `now` must answer: accepted
+    /// inside its window, `Expired` after it, `Malformed` when issued too far
+    /// ahead (or not before it expires).
+    pub fn window_outcome(&self, now: u64, now_s: u64) -> Result<(), Rejection> {
+        let value = |n: &Num| n.value(now_s).unwrap_or(0);
+        let (iat, exp) = (value(&self.iat), value(&self.exp));
+        if now >= exp {
+            Err(Rejection::Expired)
+        } else if iat > now.saturating_add(300) || iat >= exp {
+            Err(Rejection::Malformed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The claims the spec makes, as decoded: sid, cluster, upstream, instance, since, iat, exp.
+    pub fn made(&self, now_s: u64) -> (&str, &str, &str, &str, u64, u64, u64) {
+        let value = |n: &Num| n.value(now_s).unwrap_or(0);
+        (self.sid(), self.cluster(), self.upstream(), self.instance(), value(&self.since), value(&self.iat), value(&self.exp))
+    }
+
+    /// What `make` gives for the spec's claims, when the build is `Encode`,
+    /// the named key signs and every number is one.
+    fn encoded(&self, now_s: u64, make: impl Fn(&NewClaims<'_>) -> Option<String>) -> Option<String> {
+        if !matches!(self.build, Build::Encode) || self.kid != self.signer {
+            return None;
+        }
+        let numbers = (self.since.value(now_s), self.iat.value(now_s), self.exp.value(now_s), self.flags.value(now_s));
+        let (Some(since), Some(iat), Some(exp), Some(flags)) = numbers else { return None };
+        let claims = NewClaims {
+            sid: self.sid(),
+            cluster: self.cluster(),
+            upstream: self.upstream(),
+            instance: self.instance(),
+            since,
+            iat,
+            exp,
+            flags: flags as u8,
+        };
+        make(&claims)
+    }
+}
+
+/// A version 3 value naming `kid`, sealing `text` (padded with '|' as the
+/// filter pads) under `key`.
+pub fn seal_text(text: &str, kid: &str, key: KeyPick, fresh: &[u8]) -> String {
+    let aad = format!("3|{kid}|");
+    let mut body = text.as_bytes().to_vec();
+    body.resize(body.len().div_ceil(PAD).max(1) * PAD, b'|');
+    let Some((nonce, tag)) = key.ring().seal(aad.as_bytes(), fresh, &mut body) else { return aad };
+    let sealed: Vec<u8> = nonce.iter().chain(&body).chain(&tag).copied().collect();
+    aad + &URL_SAFE_NO_PAD.encode(sealed)
 }
 
 /// `message` followed by its base64url tag under `key`.
@@ -168,4 +216,88 @@ pub fn sign_message(message: &str, key: KeyPick) -> String {
 /// Whether a decimal field is written the way `to_string` writes it.
 pub fn is_canonical_number(text: &str) -> bool {
     text.parse::<u64>().is_ok_and(|n| n.to_string() == text)
+}
+
+/// Every field of decoded claims, to compare two decodings.
+pub type Fields = (String, String, String, String, u64, u64, u64, String, u8);
+
+pub fn fields(c: &Claims) -> Fields {
+    (c.sid().into(), c.cluster().into(), c.upstream().into(), c.instance().into(), c.since, c.iat, c.exp, c.kid().into(), c.flags)
+}
+
+/// The first seven fields of decoded claims, as [`CookieSpec::made`] gives them.
+pub fn decoded(c: &Claims) -> (&str, &str, &str, &str, u64, u64, u64) {
+    (c.sid(), c.cluster(), c.upstream(), c.instance(), c.since, c.iat, c.exp)
+}
+
+/// The claims of `c`, to encode them again.
+pub fn new_claims(c: &Claims) -> NewClaims<'_> {
+    NewClaims {
+        sid: c.sid(),
+        cluster: c.cluster(),
+        upstream: c.upstream(),
+        instance: c.instance(),
+        since: c.since,
+        iat: c.iat,
+        exp: c.exp,
+        flags: c.flags,
+    }
+}
+
+/// Whether a decoding was accepted, or why not.
+pub fn outcome<T>(r: &Result<T, Rejection>) -> Result<(), Rejection> {
+    r.as_ref().map(|_| ()).map_err(|e| *e)
+}
+
+/// A built cookie decoded by the structure-aware targets, after the checks
+/// they share.
+pub struct Checked {
+    pub text: String,
+    /// Decoded at `now` under the ring after a rotation (k1 signs, k0 verifies).
+    pub result: Result<Claims, Rejection>,
+    /// The cookie does not come unedited from the key it names.
+    pub forged: bool,
+    /// The signer of accepted claims (k1 or k0).
+    pub signer: KeyPick,
+}
+
+/// Decodes `built` (made from `spec`) at `now` and checks: unedited
+/// `encode`/`seal` output decodes under its own key exactly inside its window,
+/// to the claims it was made from, and `round_trip` holds for them (given the
+/// claims, the key's ring and the text); the rotated ring answers the same;
+/// nothing forged is accepted or called merely expired; accepted claims are in
+/// their window and name a known key.
+pub fn check_built(spec: &CookieSpec, built: &Built, now: u64, round_trip: impl Fn(&Claims, &KeyRing, &str)) -> Checked {
+    let text = String::from_utf8_lossy(&built.bytes).into_owned();
+    let lossless = text.as_bytes() == built.bytes.as_slice();
+    let result = cookie::decode(text.as_str(), &crate::ring_rotated(), now);
+    if built.encoded && !built.edited {
+        let own = spec.signer.ring();
+        let expected = spec.window_outcome(now, crate::NOW_S);
+        let own_result = cookie::decode(text.as_str(), &own, now);
+        assert_eq!(outcome(&own_result), expected, "{text:?} at {now}");
+        if let Ok(claims) = &own_result {
+            assert_eq!(decoded(claims), spec.made(crate::NOW_S));
+            round_trip(claims, &own, &text);
+        }
+        if spec.signer != KeyPick::Unknown {
+            // Known to the rotated ring, whichever of its keys signed.
+            assert_eq!(outcome(&result), expected, "rotation: {text:?}");
+        }
+    }
+    let forged = spec.kid != spec.signer || built.edited || !lossless;
+    match &result {
+        Ok(claims) => {
+            assert!(!forged, "accepted a forged or edited cookie {text:?} (built {:?})", built.bytes);
+            assert!(matches!(claims.kid(), "k1" | "k0"));
+            assert!(now < claims.exp && claims.since <= claims.iat && claims.iat < claims.exp && claims.iat <= now.saturating_add(300));
+        }
+        Err(Rejection::Expired) => assert!(!forged, "a forged or edited cookie was reported as merely expired: {text:?}"),
+        Err(_) => {}
+    }
+    let signer = match &result {
+        Ok(claims) if claims.kid() == "k0" => KeyPick::K0,
+        _ => KeyPick::K1,
+    };
+    Checked { text, result, forged, signer }
 }

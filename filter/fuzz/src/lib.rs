@@ -12,7 +12,10 @@ use arbitrary::Arbitrary;
 use serde::{Deserialize, Serialize};
 use session_affinity::keys::{KeyRing, Secret};
 
-pub use cookies::{apply_edits, is_canonical_number, sign_message, Build, Built, CookieSpec, Edit};
+pub use cookies::{
+    apply_edits, check_built, decoded, fields, is_canonical_number, new_claims, outcome, seal_text, sign_message, Build, Built, Checked,
+    CookieSpec, Edit, Fields,
+};
 pub use input::{allowed, read, show};
 
 /// The time most inputs are evaluated at (unix seconds); seeds are valid then.
@@ -138,6 +141,15 @@ impl Num {
         match self {
             Num::Raw(s) => s.clone(),
             other => other.value(now_s).unwrap_or(0).to_string(),
+        }
+    }
+    /// This number less `other` as a sealed cookie writes it (wrapping, so a
+    /// negative difference is a huge number); raw text as written.
+    pub fn minus(&self, other: &Num, now_s: u64) -> String {
+        match (self, self.value(now_s), other.value(now_s)) {
+            (Num::Raw(s), _, _) => s.clone(),
+            (_, Some(a), Some(b)) => a.wrapping_sub(b).to_string(),
+            _ => self.text(now_s),
         }
     }
 }

@@ -16,6 +16,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
 use crate::headers::InternalHeaders;
+use crate::cookie::Format;
 use crate::keys::{KeyRing, Secret};
 pub use json_path::json_path_at;
 use raw::{AuthConfig, CookieConfig, RawConfig, RawKey, SkipConfig, StoreConfig};
@@ -50,6 +51,8 @@ pub struct CookieSettings {
     pub ttl_secs: u64,
     pub max_lifetime_secs: u64,
     pub refresh_after: f64,
+    /// The version new cookies are issued in.
+    pub format: Format,
     /// "; Path=/; HttpOnly; SameSite=Lax" and so on, without Max-Age.
     pub attributes: String,
 }
@@ -219,6 +222,7 @@ fn compile_cookie(c: &CookieConfig) -> Result<CookieSettings, ConfigError> {
         ttl_secs: ttl.as_secs(),
         max_lifetime_secs: max_lifetime.as_secs(),
         refresh_after: c.refresh_after,
+        format: c.format,
         attributes,
     })
 }
@@ -521,6 +525,7 @@ mod tests {
             (r#"{"keys":[{"id":"k1"}]}"#.to_string(), "keys[0]: give exactly one of \"secret\" or \"secret_env\""),
             (r#"{"keys":[{"id":"bad id","secret":"0123456789abcdef0123456789abcdef"}]}"#.to_string(), "keys[0].id: must be 1 to 32"),
             (format!(r#"{{"keys":[{KEY}],"cookie":{{"same_site":"sideways"}}}}"#), "cookie.same_site: unknown variant `sideways`"),
+            (format!(r#"{{"keys":[{KEY}],"cookie":{{"format":"plain"}}}}"#), "cookie.format: unknown variant `plain`, expected `sealed` or `signed`"),
             (format!(r#"{{"keys":[{KEY}],"cookie":{{"ttl":"10 minutes"}}}}"#), "cookie.ttl: `10 minutes` is not a duration"),
             (format!(r#"{{"keys":[{KEY}],"cookie":{{"ttl":"10s"}}}}"#), "cookie.ttl: must be between 1m and 400d"),
             (format!(r#"{{"keys":[{KEY}],"cookie":{{"ttl":"8d"}}}}"#), "cookie.max_lifetime: must be at least cookie.ttl"),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+use crate::cookie::Format;
 use crate::keys::Secret;
 
 #[derive(Debug, Deserialize)]
@@ -41,6 +42,8 @@ pub struct CookieConfig {
     pub secure: bool,
     pub http_only: bool,
     pub same_site: SameSite,
+    /// What a client can read: "sealed" (nothing about pods) or "signed".
+    pub format: Format,
 }
 
 impl Default for CookieConfig {
@@ -55,6 +58,7 @@ impl Default for CookieConfig {
             secure: true,
             http_only: true,
             same_site: SameSite::Lax,
+            format: Format::Sealed,
         }
     }
 }

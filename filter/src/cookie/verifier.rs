@@ -77,7 +77,7 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{claims, cookie, ring, NOW};
+    use super::super::tests::{claims, cookie, ring, sealed, NOW};
     use super::super::NewClaims;
     use super::*;
 
@@ -93,6 +93,20 @@ mod tests {
         let forged = value.replacen("10.0.0.7", "10.0.0.8", 1);
         assert_eq!(cache.decode(forged.as_bytes(), &keys, NOW), Err(Rejection::BadSignature));
         assert_eq!(cache.decode(b"garbage", &keys, NOW), Err(Rejection::Malformed));
+    }
+
+    #[test]
+    fn sealed_cookies_are_opened_once_then_served_from_the_cache() {
+        let keys = ring(&["k1"]);
+        let cache = VerifiedCookies::default();
+        let value = sealed(&keys, &claims());
+        let first = cache.decode(value.as_bytes(), &keys, NOW).unwrap();
+        assert_eq!(Ok(&first), decode(value.as_str(), &keys, NOW).as_ref());
+        let slot = &cache.slots.borrow()[slot_of(value.as_bytes())];
+        assert_eq!(slot.as_ref().map(|(_, c)| c.value()), Some(value.as_str()));
+        assert_eq!(cache.decode(value.as_bytes(), &keys, NOW), Ok(first));
+        assert_eq!(cache.decode(value.as_bytes(), &keys, NOW + 3600), Err(Rejection::Expired));
+        assert_eq!(cache.decode(value.as_bytes(), &ring(&["k2"]), NOW), Err(Rejection::UnknownKey));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! What the filter writes to clients: cookies (signed, refreshed, moving or
 //! expired) and its two local replies, the 307 replay and the 503 retry-later.
 
+use super::Worker;
 use crate::config::Config;
 use crate::cookie::{self, Claims, NewClaims, FLAG_MOVING};
-use crate::host::HttpHost;
+use crate::host::{HttpHost, WorkerHost};
 
 /// A moving cookie only has to carry the very next request.
 const MOVING_TTL_SECS: u64 = 60;
@@ -29,12 +30,16 @@ impl<'a> Pin<'a> {
 /// Renders cookies and local replies under one configuration.
 pub struct Issuer<'a> {
     pub config: &'a Config,
+    /// Draws the random bytes each sealed cookie needs.
+    pub worker: &'a Worker,
+    pub context_id: u32,
 }
 
 impl Issuer<'_> {
-    /// A `Set-Cookie` value pinning `pin`, valid from `now`; `None` when the
+    /// A `Set-Cookie` value pinning `pin`, valid from now; `None` when the
     /// session is past its absolute lifetime or a field cannot be encoded.
-    pub fn set_cookie(&self, pin: Pin<'_>, now: u64, flags: u8) -> Option<String> {
+    pub fn set_cookie(&self, host: &mut impl WorkerHost, pin: Pin<'_>, flags: u8) -> Option<String> {
+        let now = host.now_ms() / 1000;
         let c = &self.config.cookie;
         let end_of_life = pin.since.saturating_add(c.max_lifetime_secs);
         let mut exp = now.saturating_add(c.ttl_secs).min(end_of_life);
@@ -55,7 +60,8 @@ impl Issuer<'_> {
             exp,
             flags,
         };
-        let value = cookie::encode(&claims, &self.config.keys)?;
+        let fresh = self.worker.unguessable(host, self.config, self.context_id);
+        let value = cookie::issue(&claims, &self.config.keys, c.format, &fresh)?;
         Some(self.render(&value, exp - now))
     }
 
@@ -78,12 +84,12 @@ impl Issuer<'_> {
     }
 
     /// Whether a cookie should be re-issued on this response: signed with an
-    /// older key, past `refresh_after` of its life, or (with a store) old
-    /// enough that the store entry needs its idle timer reset; or the first
-    /// return of a new session's cookie.
+    /// older key or in the other format, past `refresh_after` of its life, or
+    /// (with a store) old enough that the store entry needs its idle timer
+    /// reset; or the first return of a new session's cookie.
     pub fn needs_refresh(&self, claims: &Claims, now: u64) -> bool {
-        if Some(claims.kid()) != self.config.keys.signing_id() || claims.is_new() {
-            // A new session's cookie came back: its store entry may now live.
+        // A new session's cookie that came back: its store entry may now live.
+        if Some(claims.kid()) != self.config.keys.signing_id() || claims.format() != self.config.cookie.format || claims.is_new() {
             return true;
         }
         let age = now.saturating_sub(claims.iat);

@@ -172,7 +172,7 @@ impl Flow {
     }
 
     fn issuer(&self) -> Issuer<'_> {
-        Issuer { config: &self.config }
+        Issuer { config: &self.config, worker: &self.worker, context_id: self.context_id }
     }
 
     fn held(&self) -> Held {
@@ -526,7 +526,7 @@ impl Flow {
         } else {
             owner.and_then(|o| {
                 let pin = issue::Pin { sid: op.sid(), cluster: self.request.cluster.as_str(), upstream: o.upstream, instance: o.instance, since };
-                self.issuer().set_cookie(pin, now, 0)
+                self.issuer().set_cookie(host, pin, 0)
             })
         };
         self.issuer().retry_later(host, "session belongs to another host; its change was not kept; retry\n", set_cookie.as_deref());

@@ -153,7 +153,7 @@ impl Flow {
     }
 
     fn pin_flagged(&self, host: &mut impl HttpHost, pin: Pin<'_>, flags: u8) {
-        match self.issuer().set_cookie(pin, host.now_ms() / 1000, flags) {
+        match self.issuer().set_cookie(host, pin, flags) {
             Some(set_cookie) => host.add_response_header("set-cookie", &set_cookie),
             None => info!("[{}] no cookie for upstream {:?} instance {:?} (unusable, or the session is past its lifetime)", self.context_id, pin.upstream, pin.instance),
         }
@@ -163,7 +163,7 @@ impl Flow {
     /// client's replay takes the failover path on any proxy replica.
     pub(super) fn replay_moving(&mut self, host: &mut impl HttpHost, claims: &Claims) -> Action {
         self.stream = Stream::Done;
-        let Some(set_cookie) = self.issuer().set_cookie(Pin::of(claims), host.now_ms() / 1000, FLAG_MOVING) else {
+        let Some(set_cookie) = self.issuer().set_cookie(host, Pin::of(claims), FLAG_MOVING) else {
             return Action::Continue;
         };
         self.issuer().replay(host, &self.request.path, &set_cookie);

@@ -74,7 +74,7 @@ impl Bed {
             exp: NOW + 3600,
             flags,
         };
-        cookie::encode(&claims, &self.config.keys).unwrap()
+        cookie::issue(&claims, &self.config.keys, self.config.cookie.format, &[0; 16]).unwrap()
     }
 
     /// A request carrying a cookie pinned to `upstream`/`instance`.

@@ -109,7 +109,7 @@ fn bad_cookies_start_a_new_session_and_count_their_reason() {
     let cases = [
         ("garbage".to_string(), Counter::RejectedMalformed),
         (good[..good.len() - 3].to_string(), Counter::RejectedMalformed),
-        (good.replace("10.0.0.1", "10.0.0.9"), Counter::RejectedBadSignature),
+        (tampered(&good), Counter::RejectedBadSignature),
         (foreign, Counter::RejectedUnknownKey),
         (expired, Counter::RejectedExpired),
     ];
@@ -121,6 +121,13 @@ fn bad_cookies_start_a_new_session_and_count_their_reason() {
         assert_eq!(host.routed_to, None);
         assert_eq!(bed.count(counter), before + 1, "{value}");
     }
+}
+
+/// `value` with one character of its sealed part changed.
+fn tampered(value: &str) -> String {
+    let at = value.len() / 2;
+    let swap = if value.get(at..=at) == Some("A") { "B" } else { "A" };
+    format!("{}{swap}{}", &value[..at], &value[at + 1..])
 }
 
 #[test]
@@ -391,5 +398,44 @@ fn internal_names_in_request_trailers_never_reach_the_app() {
             .collect();
         assert_eq!(f.on_request_trailers(&mut host), Action::Continue);
         assert_eq!(host.request_trailers, [("x-checksum".to_string(), "forged".to_string())], "cookie: {cookie:?}");
+    }
+}
+
+#[test]
+fn issued_cookies_are_sealed_with_a_nonce_from_the_hosts_randomness() {
+    let bed = Bed::new(config(""));
+    let signed = Bed::new(config(r#","cookie":{"name":"sa","format":"signed"}"#)).cookie(B1, "pod-a", 0);
+    let mut values = Vec::new();
+    for earlier_draws in [0, 0, 1] {
+        let mut host = bed.proxy(&[("cookie", &format!("{COOKIE}={signed}"))]);
+        for _ in 0..earlier_draws {
+            crate::host::WorkerHost::random(&mut host);
+        }
+        let mut f = bed.flow();
+        f.on_request_headers(&mut host);
+        host.respond(B1, &[("x-instance-id", "pod-a")]);
+        f.on_response_headers(&mut host);
+        let value = set_cookie(&host).unwrap();
+        assert!(value.starts_with("3|k1|") && !value.contains("10.0.0") && !value.contains("pod-a"), "{value}");
+        values.push(value);
+    }
+    assert_eq!(values[0], values[1], "the same claims and random bytes");
+    assert_ne!(values[0], values[2], "the same claims, other random bytes");
+}
+
+#[test]
+fn a_cookie_in_the_other_format_is_accepted_and_re_issued_in_the_configured_one() {
+    let signed = config(r#","cookie":{"name":"sa","format":"signed"}"#);
+    for (from, to) in [(config(""), Bed::new(signed.clone())), (signed, Bed::new(config("")))] {
+        let old = Bed::new(from).cookie(B1, "pod-a", 0);
+        let mut host = to.proxy(&[("cookie", &format!("{COOKIE}={old}"))]);
+        let mut f = to.flow();
+        f.on_request_headers(&mut host);
+        assert_eq!(host.routed_to.as_deref(), Some(B1), "{old}");
+        host.respond(B1, &[("x-instance-id", "pod-a")]);
+        f.on_response_headers(&mut host);
+        let claims = issued(&to, &host);
+        assert_eq!((claims.format(), claims.sid(), claims.upstream(), claims.since), (to.config.cookie.format, SID, B1, NOW - 100));
+        assert_eq!(to.count(Counter::CookiesRefreshed), 1);
     }
 }

@@ -13,9 +13,7 @@ final class RestoreRefused extends Exception {
         /** Validly signed, but for another session id or another web app. */
         OTHER_SESSION(Counter.RESTORES_REFUSED_OTHER_SESSION),
         /** The session was idle longer than its max inactive interval. */
-        EXPIRED(Counter.RESTORES_REFUSED_EXPIRED),
-        /** An attribute holds a class outside the allow-list (or one this app cannot load). */
-        CLASS_NOT_ALLOWED(Counter.RESTORES_REFUSED_CLASS);
+        EXPIRED(Counter.RESTORES_REFUSED_EXPIRED);
 
         final Counter counter;
 

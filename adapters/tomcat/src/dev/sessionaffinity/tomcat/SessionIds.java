@@ -10,7 +10,8 @@ import org.apache.catalina.SessionIdGenerator;
  * Session ids in the proxy's format: 22 base64url characters from 16 random
  * bytes. The valve installs this generator on the context's Manager, so an id
  * Tomcat picks itself (changeSessionId() at login) is one the proxy accepts as
- * the session's new id.
+ * the session's new id, and a session the app makes on a new session's first
+ * request gets the id the proxy chose.
  *
  * <p>Ids never carry a jvmRoute suffix: the proxy does the routing.
  */
@@ -21,7 +22,19 @@ public final class SessionIds implements SessionIdGenerator {
     private static final SecureRandom RANDOM = new SecureRandom();
     private static final Base64.Encoder BASE64URL = Base64.getUrlEncoder().withoutPadding();
 
+    /** The proxy's id for a new session, while its first request runs on this thread. */
+    private static final ThreadLocal<String> OFFERED = new ThreadLocal<>();
+
     private volatile String jvmRoute;
+
+    /** The next session made on this thread (by getSession(true)) gets id; once. */
+    static void offer(String id) {
+        OFFERED.set(id);
+    }
+
+    static void withdraw() {
+        OFFERED.remove();
+    }
 
     /** True if id has the proxy's session id format. */
     public static boolean isSessionId(String id) {
@@ -42,12 +55,17 @@ public final class SessionIds implements SessionIdGenerator {
 
     @Override
     public String generateSessionId() {
+        String offered = OFFERED.get();
+        if (offered != null) {
+            OFFERED.remove();
+            return offered;
+        }
         return newSessionId();
     }
 
     @Override
     public String generateSessionId(String route) {
-        return newSessionId();
+        return generateSessionId();
     }
 
     /** Kept because the Manager sets it; ids never include it. */

@@ -23,8 +23,10 @@ import dev.sessionaffinity.tomcat.RestoreRefused.Reason;
  * <pre>
  * base64url( 0x01 || encoding || data || HMAC-SHA256(key, 0x01 || encoding || data) )
  * encoding = 0: data is the body; 1: data is deflate(body), used when that is smaller
- * body = sessionId, context (UTF), creationTime, lastAccessedTime (long),
+ * body = sessionId, binding (UTF), creationTime, lastAccessedTime (long),
  *        maxInactiveInterval (int), attributes (int length + bytes)
+ * binding = the virtual host's name, the context path, and "#" appId if one is set
+ * lastAccessedTime = when the state was issued (the valve writes each one fresh)
  * </pre>
  *
  * <p>Small bodies are stored as they are: setting up a deflate stream costs

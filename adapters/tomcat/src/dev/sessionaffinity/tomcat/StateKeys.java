@@ -16,6 +16,9 @@ import javax.crypto.spec.SecretKeySpec;
 /**
  * The HMAC-SHA256 keys that sign session state. The first key signs; every key
  * verifies, so a key can be rotated without refusing the states already stored.
+ * A key written {@code verify:KEY} only verifies: rotation is two-phase, so no
+ * pod ever meets a state signed with a key it does not have yet (add the new
+ * key verify-only and roll; make it the signing key and roll; drop the old).
  *
  * <p>Keys come from a file (a mounted Kubernetes Secret) or an environment
  * variable: one or more keys separated by whitespace or commas, each at least
@@ -28,11 +31,15 @@ final class StateKeys {
     static final int MAC_LENGTH = 32;
     private static final String ALGORITHM = "HmacSHA256";
 
+    static final String VERIFY_ONLY = "verify:";
+
     /** One initialized Mac per key, cloned for each use (a Mac is not thread-safe). */
     private final List<Mac> prototypes;
+    private final Mac signer;
 
-    private StateKeys(List<Mac> prototypes) {
+    private StateKeys(List<Mac> prototypes, Mac signer) {
         this.prototypes = prototypes;
+        this.signer = signer;
     }
 
     /**
@@ -59,28 +66,38 @@ final class StateKeys {
         return parse(text, "environment variable " + keyEnvironment);
     }
 
-    /** Keys separated by whitespace or commas; the first one signs. */
+    /** Keys separated by whitespace or commas; the first one not marked verify: signs. */
     static StateKeys parse(String text, String source) {
         List<Mac> macs = new ArrayList<>();
-        for (String key : text.trim().split("[\\s,]+")) {
-            if (key.isEmpty()) {
+        Mac signer = null;
+        for (String token : text.trim().split("[\\s,]+")) {
+            if (token.isEmpty()) {
                 continue;
             }
+            boolean verifyOnly = token.startsWith(VERIFY_ONLY);
+            String key = verifyOnly ? token.substring(VERIFY_ONLY.length()) : token;
             if (key.length() < MIN_KEY_LENGTH) {
                 throw new IllegalArgumentException(source + ": key " + (macs.size() + 1) + " has " + key.length()
                         + " characters; use at least " + MIN_KEY_LENGTH + " random characters");
             }
-            macs.add(mac(key.getBytes(StandardCharsets.UTF_8)));
+            Mac mac = mac(key.getBytes(StandardCharsets.UTF_8));
+            macs.add(mac);
+            if (signer == null && !verifyOnly) {
+                signer = mac;
+            }
         }
         if (macs.isEmpty()) {
             throw new IllegalArgumentException(source + ": holds no key");
         }
-        return new StateKeys(List.copyOf(macs));
+        if (signer == null) {
+            throw new IllegalArgumentException(source + ": holds no signing key (every key is marked " + VERIFY_ONLY + ")");
+        }
+        return new StateKeys(List.copyOf(macs), signer);
     }
 
     /** HMAC-SHA256 of data[0, length) with the signing key. */
     byte[] sign(byte[] data, int length) {
-        return compute(prototypes.get(0), data, length);
+        return compute(signer, data, length);
     }
 
     /** True if mac is the HMAC of data[0, length) under any key (constant-time compare). */

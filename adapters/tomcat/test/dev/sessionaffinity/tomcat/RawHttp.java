@@ -20,12 +20,14 @@ final class RawHttp {
         /** Lower-cased names. */
         final Map<String, String> headers;
         final String body;
+        final byte[] bodyBytes;
         final Map<String, String> trailers;
 
-        Reply(int status, Map<String, String> headers, String body, Map<String, String> trailers) {
+        Reply(int status, Map<String, String> headers, byte[] body, Map<String, String> trailers) {
             this.status = status;
             this.headers = headers;
-            this.body = body;
+            this.bodyBytes = body;
+            this.body = new String(body, StandardCharsets.UTF_8);
             this.trailers = trailers;
         }
 
@@ -70,7 +72,7 @@ final class RawHttp {
         } else {
             body.write(in.readAllBytes());
         }
-        return new Reply(status, headers, body.toString(StandardCharsets.UTF_8), trailers);
+        return new Reply(status, headers, body.toByteArray(), trailers);
     }
 
     private static Map<String, String> fields(InputStream in) throws IOException {

@@ -1,6 +1,7 @@
 package dev.sessionaffinity.tomcat;
 
 import static org.junit.Assert.assertArrayEquals;
+import static org.junit.Assert.assertEquals;
 import static org.junit.Assert.assertFalse;
 import static org.junit.Assert.assertThrows;
 import static org.junit.Assert.assertTrue;
@@ -25,6 +26,17 @@ public class StateKeysTest {
         assertTrue(rotated.verify(DATA, DATA.length, old.sign(DATA, DATA.length)));
         assertTrue(rotated.verify(DATA, DATA.length, rotated.sign(DATA, DATA.length)));
         assertFalse(old.verify(DATA, DATA.length, rotated.sign(DATA, DATA.length)));
+    }
+
+    @Test
+    public void aVerifyOnlyKeyVerifiesButNeverSigns() {
+        StateKeys phase1 = StateKeys.parse(KEY_1 + " verify:" + KEY_2, "test");
+        StateKeys phase2 = StateKeys.parse(KEY_2 + " " + KEY_1, "test");
+        assertArrayEquals(StateKeys.parse(KEY_1, "t").sign(DATA, DATA.length), phase1.sign(DATA, DATA.length));
+        assertTrue(phase1.verify(DATA, DATA.length, phase2.sign(DATA, DATA.length)));
+        IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
+                () -> StateKeys.parse("verify:" + KEY_1, "keyFile /k"));
+        assertEquals("keyFile /k: holds no signing key (every key is marked verify:)", e.getMessage());
     }
 
     @Test

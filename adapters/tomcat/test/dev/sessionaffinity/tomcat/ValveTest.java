@@ -1,5 +1,6 @@
 package dev.sessionaffinity.tomcat;
 
+import static org.junit.Assert.assertArrayEquals;
 import static org.junit.Assert.assertEquals;
 import static org.junit.Assert.assertFalse;
 import static org.junit.Assert.assertNotEquals;
@@ -11,8 +12,18 @@ import static org.junit.Assert.assertTrue;
 import java.io.File;
 import java.io.IOException;
 import java.nio.file.Files;
+import java.util.ArrayList;
+import java.util.List;
 import java.util.Map;
+import java.util.Random;
+import java.util.concurrent.CountDownLatch;
+import java.util.concurrent.CyclicBarrier;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.Future;
+import java.util.concurrent.TimeUnit;
 import java.util.TreeMap;
+import java.util.regex.Pattern;
 
 import org.apache.catalina.LifecycleException;
 import org.junit.AfterClass;
@@ -28,6 +39,7 @@ import dev.sessionaffinity.demo.Cart;
 public class ValveTest {
 
     private static final String STATE = "x-session-state";
+    private static final Pattern ALLOWED = Attributes.allowList(EmbeddedTomcat.DEMO_CLASSES);
     private static File keyFile;
     private static EmbeddedTomcat a;
     private static EmbeddedTomcat b;
@@ -114,7 +126,10 @@ public class ValveTest {
         String sid = SessionIds.newSessionId();
         RawHttp.Reply created = a.send("GET", "/cart", session(sid, "x-session-new", "1"));
         assertTrue(created.body, created.body.contains("\"session\":\"" + sid + "\""));
-        assertNull("Tomcat sets no cookie of its own", created.header("set-cookie"));
+        assertTrue("new on its first request", created.body.contains("\"new\":true"));
+        String cookie = created.header("set-cookie");
+        assertTrue("Tomcat's own cookie, if any, carries the proxy's id", cookie == null || cookie.startsWith("JSESSIONID=" + sid + ";"));
+        assertTrue(a.send("GET", "/cart", session(sid)).body.contains("\"new\":false"));
         RawHttp.Reply added = a.send("POST", "/cart/add?item=apple", session(sid));
         assertNotNull(added.header(STATE));
         assertNull("reading changes nothing", a.send("GET", "/cart", session(sid)).header(STATE));
@@ -124,6 +139,88 @@ public class ValveTest {
         assertNotEquals(added.header(STATE), again.header(STATE));
         assertNull(again.header("transfer-encoding"));
         assertNotNull("Content-Length framing is kept", again.header("content-length"));
+    }
+
+    @Test
+    public void aNewSessionIsMadeOnlyWhenTheAppAsksForOne() throws IOException {
+        String sid = SessionIds.newSessionId();
+        long created = a.valve.counter(Counter.SESSIONS_CREATED);
+        RawHttp.Reply probe = a.send("GET", "/healthz", session(sid, "x-session-new", "1"));
+        assertEquals(200, probe.status);
+        assertNull("no session was made", a.context.getManager().findSession(sid));
+        assertEquals("1", probe.header("x-session-end"));
+        assertNull(probe.header(STATE));
+        assertEquals(created, a.valve.counter(Counter.SESSIONS_CREATED));
+        RawHttp.Reply cart = a.send("GET", "/cart", session(sid, "x-session-new", "1"));
+        assertTrue(cart.body, cart.body.contains("\"session\":\"" + sid + "\"") && cart.body.contains("\"new\":true"));
+        assertNull(cart.header("x-session-end"));
+        assertNotNull("a new session's state goes to the store", cart.header(STATE));
+        assertEquals(created + 1, a.valve.counter(Counter.SESSIONS_CREATED));
+        assertNotNull(a.context.getManager().findSession(sid));
+    }
+
+    @Test
+    public void aRequestThatNeverGetsTheSessionSerializesNothing() throws Exception {
+        String sid = newSessionWithApple(a);
+        long untouched = a.valve.counter(Counter.REQUESTS_UNTOUCHED);
+        RawHttp.Reply probe = a.send("GET", "/healthz", session(sid));
+        assertEquals(200, probe.status);
+        assertNull(probe.header(STATE));
+        assertEquals(untouched + 1, a.valve.counter(Counter.REQUESTS_UNTOUCHED));
+        assertNotNull("a request that changes it still sends", a.send("POST", "/cart/add?item=fig", session(sid)).header(STATE));
+        assertEquals(untouched + 1, a.valve.counter(Counter.REQUESTS_UNTOUCHED));
+    }
+
+    @Test
+    public void connectorLimitsTooSmallForMaxStateBytesAreNamedAtStart() throws Exception {
+        java.util.logging.Logger logger = java.util.logging.Logger.getLogger(SessionAffinityValve.class.getName());
+        List<String> warnings = new java.util.concurrent.CopyOnWriteArrayList<>();
+        java.util.logging.Handler handler = new java.util.logging.Handler() {
+            @Override
+            public void publish(java.util.logging.LogRecord record) {
+                warnings.add(record.getMessage());
+            }
+
+            @Override
+            public void flush() {
+            }
+
+            @Override
+            public void close() {
+            }
+        };
+        logger.addHandler(handler);
+        try (EmbeddedTomcat small = new EmbeddedTomcat(keyFile, valve -> { },
+                Map.of("maxHttpRequestHeaderSize", "4096", "maxHttpResponseHeaderSize", "4096"))) {
+            assertEquals(200, small.send("GET", "/healthz", Map.of()).status);
+            assertTrue(warnings.toString(), warnings.stream().anyMatch(w -> w.contains("set maxHttpRequestHeaderSize=\"8192\"")));
+            assertTrue(warnings.toString(), warnings.stream().anyMatch(w -> w.contains("set maxHttpResponseHeaderSize=\"8192\"")));
+        } finally {
+            logger.removeHandler(handler);
+        }
+    }
+
+    @Test
+    public void aContainerLoginStaysLoggedInAfterAMove() throws Exception {
+        try (EmbeddedTomcat from = new EmbeddedTomcat(keyFile, valve -> { }, Map.of(), true);
+                EmbeddedTomcat to = new EmbeddedTomcat(keyFile, valve -> { }, Map.of(), true)) {
+            String sid = SessionIds.newSessionId();
+            from.send("GET", "/cart", session(sid, "x-session-new", "1"));
+            String basic = "Basic " + java.util.Base64.getEncoder().encodeToString(
+                    ("ann:" + EmbeddedTomcat.PASSWORD).getBytes(java.nio.charset.StandardCharsets.UTF_8));
+            RawHttp.Reply added = from.send("POST", "/cart/add?item=apple", session(sid, "authorization", basic));
+            assertEquals(added.toString(), 200, added.status);
+            sid = added.header("x-session-rotate"); // Tomcat changes the session id on authentication
+            assertTrue(added.toString(), SessionIds.isSessionId(sid));
+            assertEquals("the login is cached in the session", 200, from.send("POST", "/cart/add?item=fig", session(sid)).status);
+            String state = from.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+            RawHttp.Reply moved = to.send("POST", "/cart/add?item=plum", session(sid, STATE, state));
+            assertEquals("no new login after the move: " + moved, 200, moved.status);
+            assertTrue(moved.body, moved.body.contains("\"items\":{\"apple\":1,\"fig\":1,\"pear\":1,\"plum\":1}"));
+            assertFalse("the login is not a session attribute", moved.body.contains("Login"));
+            assertEquals("a stranger still needs to log in", 401,
+                    to.send("POST", "/cart/add?item=kiwi", session(SessionIds.newSessionId(), "x-session-new", "1")).status);
+        }
     }
 
     @Test
@@ -155,6 +252,132 @@ public class ValveTest {
     }
 
     @Test
+    public void concurrentRequestsCarryingOneStateShareOneRestoredSession() throws Exception {
+        int rounds = 20;
+        int parallel = 6;
+        ExecutorService pool = Executors.newFixedThreadPool(parallel);
+        try {
+            for (int round = 0; round < rounds; round++) {
+                String sid = newSessionWithApple(a);
+                String state = a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+                long restored = b.valve.counter(Counter.SESSIONS_RESTORED);
+                CyclicBarrier start = new CyclicBarrier(parallel);
+                List<Future<RawHttp.Reply>> replies = new ArrayList<>();
+                for (int i = 0; i < parallel; i++) {
+                    replies.add(pool.submit(() -> {
+                        start.await(10, TimeUnit.SECONDS);
+                        return b.send("POST", "/cart/add?item=fig", session(sid, STATE, state));
+                    }));
+                }
+                for (Future<RawHttp.Reply> reply : replies) {
+                    assertEquals("round " + round, 200, reply.get(30, TimeUnit.SECONDS).status);
+                }
+                assertEquals("round " + round + ": restored once", restored + 1, b.valve.counter(Counter.SESSIONS_RESTORED));
+                String cart = b.send("GET", "/cart", session(sid)).body;
+                assertTrue("round " + round + ": every request's change in the one session: " + cart,
+                        cart.contains("\"fig\":" + parallel));
+            }
+        } finally {
+            pool.shutdownNow();
+        }
+    }
+
+    @Test
+    public void aStaleLocalCopyReplacedByARestoreIsDestroyedLikeAnExpiry() throws Exception {
+        String sid = newSessionWithApple(a);
+        String state = a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+        restoredOnB(sid, state);
+        String fromB = b.send("POST", "/cart/add?item=fig", session(sid)).header(STATE);
+        int destroyed = a.sessionsDestroyed.get();
+        assertTrue(a.send("GET", "/cart", session(sid, STATE, fromB)).body.contains("\"fig\":1"));
+        assertEquals("sessionDestroyed for the stale copy", destroyed + 1, a.sessionsDestroyed.get());
+    }
+
+    @Test
+    public void afterOverlappingRequestsTheNextResponseResendsTheState() throws Exception {
+        String sid = newSessionWithApple(a);
+        a.entered = new CountDownLatch(1);
+        a.release = new CountDownLatch(1);
+        ExecutorService pool = Executors.newSingleThreadExecutor();
+        try {
+            Future<RawHttp.Reply> slow = pool.submit(() -> a.send("GET", "/cart?hold=1", session(sid)));
+            assertTrue(a.entered.await(10, TimeUnit.SECONDS));
+            assertNotNull(a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE));
+            a.release.countDown();
+            assertEquals(200, slow.get(30, TimeUnit.SECONDS).status);
+        } finally {
+            a.release.countDown();
+            pool.shutdownNow();
+        }
+        String resent = a.send("GET", "/cart", session(sid)).header(STATE);
+        assertNotNull("the first request after the overlap resends the unchanged state", resent);
+        assertTrue(restoredOnB(sid, resent).contains("\"items\":{\"apple\":1,\"pear\":1}"));
+        assertNull("then only changes are sent again", a.send("GET", "/cart", session(sid)).header(STATE));
+    }
+
+    /** Two-phase rotation from KEY_1 to KEY_2 with pods of every phase serving at once. */
+    @Test
+    public void keyRotationInTwoPhasesNeverRefusesARestore() throws Exception {
+        File phase1 = File.createTempFile("state-key", ".txt");
+        File phase2 = File.createTempFile("state-key", ".txt");
+        Files.writeString(phase1.toPath(), StateKeysTest.KEY_1 + " verify:" + StateKeysTest.KEY_2);
+        Files.writeString(phase2.toPath(), StateKeysTest.KEY_2 + "\n" + StateKeysTest.KEY_1);
+        try (EmbeddedTomcat verifying = new EmbeddedTomcat(phase1, valve -> { }, Map.of());
+                EmbeddedTomcat signing = new EmbeddedTomcat(phase2, valve -> { }, Map.of())) {
+            // Phase 1 (old pods A and B next to pods with the new key verify-only), then phase 2 (next to pods signing with it).
+            List<List<EmbeddedTomcat>> rolls = List.of(List.of(a, verifying), List.of(verifying, signing));
+            for (List<EmbeddedTomcat> pods : rolls) {
+                for (EmbeddedTomcat from : pods) {
+                    for (EmbeddedTomcat to : pods) {
+                        String sid = newSessionWithApple(from);
+                        String state = from.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+                        RawHttp.Reply moved = to.send("GET", "/cart", session(sid, STATE, state));
+                        assertEquals(moved.toString(), 200, moved.status);
+                        assertTrue(moved.body, moved.body.contains("\"items\":{\"apple\":1,\"pear\":1}"));
+                    }
+                }
+            }
+        } finally {
+            Files.delete(phase1.toPath());
+            Files.delete(phase2.toPath());
+        }
+    }
+
+    @Test
+    public void onlyTheProxysAddressesMaySpeakTheContractAndStatesAreBoundToTheirApp() throws Exception {
+        String sid = newSessionWithApple(a);
+        String state = a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
+        try (EmbeddedTomcat behindAProxy = new EmbeddedTomcat(keyFile, valve -> valve.setInternalProxies("10\\.9\\.9\\.9"), Map.of());
+                EmbeddedTomcat otherApp = new EmbeddedTomcat(keyFile, valve -> valve.setAppId("billing"), Map.of())) {
+            // The test's requests come from 127.0.0.1, which is not the proxy here.
+            RawHttp.Reply picked = behindAProxy.send("GET", "/cart", session(SessionIds.newSessionId(), "x-session-new", "1"));
+            assertEquals(200, picked.status);
+            assertTrue("Tomcat's own session, not the sender's id", picked.body.contains("\"new\":true")
+                    && picked.header("set-cookie").startsWith("JSESSIONID="));
+            assertNull(picked.header("x-session-end"));
+            RawHttp.Reply replayed = behindAProxy.send("GET", "/cart", session(sid, STATE, state));
+            assertFalse("a replayed state is ignored", replayed.body.contains("apple"));
+            assertEquals(0, behindAProxy.valve.counter(Counter.SESSIONS_RESTORED));
+            assertEquals(2, behindAProxy.valve.counter(Counter.UNTRUSTED_SENDERS));
+            long other = otherApp.valve.counter(Counter.RESTORES_REFUSED_OTHER_SESSION);
+            expectUnknown(otherApp, session(sid, STATE, state));
+            assertEquals("signed for another app id", other + 1, otherApp.valve.counter(Counter.RESTORES_REFUSED_OTHER_SESSION));
+        }
+    }
+
+    @Test
+    public void aStateOlderThanMaxStateAgeIsRefused() throws Exception {
+        String sid = SessionIds.newSessionId();
+        long issued = System.currentTimeMillis() - 600_000;
+        String state = codec.encode(new SessionState(sid, "localhost", issued, issued, 3600, Attributes.none()));
+        try (EmbeddedTomcat capped = new EmbeddedTomcat(keyFile, valve -> valve.setMaxStateAgeSeconds(300), Map.of())) {
+            expectUnknown(capped, session(sid, STATE, state));
+            assertEquals(1, capped.valve.counter(Counter.RESTORES_REFUSED_EXPIRED));
+        }
+        assertEquals("within the session's timeout, no cap: restored", 200, b.send("GET", "/cart", session(sid, STATE, state)).status);
+    }
+
+    @Test
     public void aTamperedStateIsRefusedAndCounted() throws Exception {
         String sid = newSessionWithApple(a);
         String state = a.send("POST", "/cart/add?item=pear", session(sid)).header(STATE);
@@ -170,15 +393,19 @@ public class ValveTest {
     }
 
     @Test
-    public void aStateHoldingAClassOutsideTheAllowListIsRefused() throws Exception {
+    public void anAttributeHoldingAClassOutsideTheAllowListIsLeftOutOfTheRestoredSession() throws Exception {
         String sid = SessionIds.newSessionId();
         long now = System.currentTimeMillis();
-        byte[] attributes = Attributes.write(new TreeMap<>(Map.of("x", new AttributesTest.Gadget()))).bytes;
-        String state = codec.encode(new SessionState(sid, "", now, now, 1800, attributes));
+        Cart cart = new Cart();
+        cart.add("apple", 1);
+        // As written by a pod whose allow-list lets the gadget in.
+        byte[] attributes = Attributes.write(new TreeMap<>(Map.of("x", new AttributesTest.Gadget(), "cart", cart)),
+                Pattern.compile(".*")).bytes;
+        String state = codec.encode(new SessionState(sid, "localhost", now, now, 1800, attributes));
         AttributesTest.Gadget.ran = false;
-        long before = b.valve.counter(Counter.RESTORES_REFUSED_CLASS);
-        expectUnknown(b, session(sid, "x-session-state", state));
-        assertEquals(before + 1, b.valve.counter(Counter.RESTORES_REFUSED_CLASS));
+        long before = b.valve.counter(Counter.ATTRIBUTES_NOT_RESTORED);
+        assertTrue(restoredOnB(sid, state).contains("\"items\":{\"apple\":1}"));
+        assertEquals(before + 1, b.valve.counter(Counter.ATTRIBUTES_NOT_RESTORED));
         assertFalse(AttributesTest.Gadget.ran);
     }
 
@@ -186,7 +413,7 @@ public class ValveTest {
     public void anExpiredStateIsRefusedAsEnded() throws Exception {
         String sid = SessionIds.newSessionId();
         long idle = System.currentTimeMillis() - 120_000;
-        String state = codec.encode(new SessionState(sid, "", idle - 1000, idle, 60, Attributes.none()));
+        String state = codec.encode(new SessionState(sid, "localhost", idle - 1000, idle, 60, Attributes.none()));
         long before = b.valve.counter(Counter.RESTORES_REFUSED_EXPIRED);
         RawHttp.Reply reply = expectUnknown(b, session(sid, "x-session-state", state));
         assertEquals("1", reply.header("x-session-end"));
@@ -209,8 +436,8 @@ public class ValveTest {
         long now = System.currentTimeMillis();
         Cart cart = new Cart();
         cart.add("apple", 1);
-        byte[] attributes = Attributes.write(new TreeMap<>(Map.of("cart", cart))).bytes;
-        String state = codec.encode(new SessionState(sid, "", now - 7_200_000, now - 60_000, 1800, attributes));
+        byte[] attributes = Attributes.write(new TreeMap<>(Map.of("cart", cart)), ALLOWED).bytes;
+        String state = codec.encode(new SessionState(sid, "localhost", now - 7_200_000, now - 60_000, 1800, attributes));
         assertEquals(200, b.send("GET", "/healthz", session(sid, "x-session-state", state)).status);
         RawHttp.Reply next = b.send("GET", "/cart", session(sid));
         assertEquals(next.toString(), 200, next.status);
@@ -223,11 +450,11 @@ public class ValveTest {
         long then = System.currentTimeMillis() - 300_000;
         Cart cart = new Cart();
         cart.add("apple", 2);
-        byte[] attributes = Attributes.write(new TreeMap<>(Map.of("cart", cart))).bytes;
-        String state = codec.encode(new SessionState(sid, "", then, then, 1800, attributes));
+        byte[] attributes = Attributes.write(new TreeMap<>(Map.of("cart", cart)), ALLOWED).bytes;
+        String state = codec.encode(new SessionState(sid, "localhost", then, then, 1800, attributes));
         RawHttp.Reply reply = b.send("GET", "/cart", session(sid, "x-session-state", state));
         assertEquals(200, reply.status);
-        SessionState refreshed = codec.decode(reply.header(STATE), sid, "", System.currentTimeMillis());
+        SessionState refreshed = codec.decode(reply.header(STATE), sid, "localhost", System.currentTimeMillis());
         assertTrue(refreshed.lastAccessedTime > then + 290_000);
         assertEquals(then, refreshed.creationTime);
     }
@@ -248,7 +475,7 @@ public class ValveTest {
         String newSid = login.header("x-session-rotate");
         assertTrue(login.toString(), SessionIds.isSessionId(newSid));
         assertNotEquals(sid, newSid);
-        SessionState state = codec.decode(login.header(STATE), newSid, "", System.currentTimeMillis());
+        SessionState state = codec.decode(login.header(STATE), newSid, "localhost", System.currentTimeMillis());
         assertEquals(newSid, state.sessionId);
         expectUnknown(a, session(sid));
         RawHttp.Reply after = a.send("GET", "/cart", session(newSid));
@@ -264,7 +491,7 @@ public class ValveTest {
         String newSid = login.header("x-session-rotate");
         assertTrue(login.toString(), SessionIds.isSessionId(newSid) && !newSid.equals(sid));
         assertNull("the session goes on under a new id: no end", login.header("x-session-end"));
-        assertEquals(newSid, codec.decode(login.header(STATE), newSid, "", System.currentTimeMillis()).sessionId);
+        assertEquals(newSid, codec.decode(login.header(STATE), newSid, "localhost", System.currentTimeMillis()).sessionId);
         expectUnknown(a, session(sid));
         assertTrue(a.send("GET", "/cart", session(newSid)).body.contains("\"user\":\"bob\""));
     }
@@ -310,7 +537,7 @@ public class ValveTest {
         assertEquals(deferred + 1, a.valve.counter(Counter.CHANGES_DEFERRED));
         String state = a.send("GET", "/cart", session(sid)).header(STATE);
         assertNotNull("the next response sends the change", state);
-        assertTrue(codec.decode(state, sid, "", System.currentTimeMillis()).attributes.length > 0);
+        assertTrue(codec.decode(state, sid, "localhost", System.currentTimeMillis()).attributes.length > 0);
     }
 
     @Test
@@ -333,10 +560,10 @@ public class ValveTest {
         assertEquals(before + 1, a.valve.counter(Counter.STATES_OVERSIZED));
         String state = reply.header(STATE);
         assertTrue(state.length() <= a.valve.getMaxStateBytes());
-        assertEquals(Attributes.none().length, codec.decode(state, sid, "", System.currentTimeMillis()).attributes.length);
+        assertEquals(Attributes.none().length, codec.decode(state, sid, "localhost", System.currentTimeMillis()).attributes.length);
         RawHttp.Reply smaller = a.send("POST", "/big?kb=0", session(sid));
         assertTrue("back under the cap, the attributes travel again",
-                codec.decode(smaller.header(STATE), sid, "", System.currentTimeMillis()).attributes.length > 100);
+                codec.decode(smaller.header(STATE), sid, "localhost", System.currentTimeMillis()).attributes.length > 100);
     }
 
     @Test
@@ -352,6 +579,76 @@ public class ValveTest {
             assertNotNull(reply.toString(), state);
             assertTrue(state.length() > 2048 && state.length() < tight.valve.getMaxStateBytes());
         }
+    }
+
+    @Test
+    public void aLoginWhoseStateHasNoRoomInTheHeadersStillRotatesAtOnce() throws Exception {
+        try (EmbeddedTomcat tight = new EmbeddedTomcat(keyFile, valve -> { }, Map.of("maxHttpResponseHeaderSize", "2048"))) {
+            String sid = SessionIds.newSessionId();
+            tight.send("GET", "/cart", session(sid, "x-session-new", "1"));
+            tight.send("POST", "/big?kb=2", session(sid));
+            long rotated = tight.valve.counter(Counter.SESSIONS_ROTATED);
+            RawHttp.Reply login = tight.send("POST", "/login?user=ann", session(sid));
+            assertEquals(login.toString(), 200, login.status);
+            String newSid = login.header("x-session-rotate");
+            assertTrue(login.toString(), SessionIds.isSessionId(newSid) && !newSid.equals(sid));
+            assertEquals(rotated + 1, tight.valve.counter(Counter.SESSIONS_ROTATED));
+            long now = System.currentTimeMillis();
+            assertEquals("the header state: the new id, no attributes", Attributes.none().length,
+                    codec.decode(login.header(STATE), newSid, "localhost", now).attributes.length);
+            assertTrue("the full state follows in the trailer",
+                    codec.decode(login.trailers.get(STATE), newSid, "localhost", now).attributes.length > 2048);
+            String moved = restoredOnB(newSid, login.trailers.get(STATE));
+            assertTrue(moved, moved.contains("\"user\":\"ann\"") && moved.contains("\"report_bytes\":2048"));
+        }
+    }
+
+    /** The README's settings for big sessions: a 64 KiB serialized session moves between two Tomcats in headers. */
+    @Test
+    public void a64KiBSessionMovesWithTheDocumentedSettings() throws Exception {
+        Map<String, String> connector = Map.of("maxHttpRequestHeaderSize", "131072", "maxHttpResponseHeaderSize", "131072");
+        try (EmbeddedTomcat from = new EmbeddedTomcat(keyFile, valve -> valve.setMaxStateBytes(98304), connector);
+                EmbeddedTomcat to = new EmbeddedTomcat(keyFile, valve -> valve.setMaxStateBytes(98304), connector)) {
+            String sid = SessionIds.newSessionId();
+            from.send("GET", "/cart", session(sid, "x-session-new", "1"));
+            RawHttp.Reply big = from.send("POST", "/big?kb=64", session(sid));
+            String state = big.header(STATE);
+            assertNotNull("in a header: " + big, state);
+            assertTrue(state.length() + " characters", state.length() > 64 * 1024 * 4 / 3 && state.length() <= 98304);
+            RawHttp.Reply moved = to.send("GET", "/cart", session(sid, STATE, state));
+            assertEquals(moved.toString(), 200, moved.status);
+            assertTrue(moved.body, moved.body.contains("\"report_bytes\":65536"));
+        }
+    }
+
+    @Test
+    public void aFileSentWithSendfileIsNeverFramedForATrailer() throws Exception {
+        // A restored state of about 2.8 KB, due for refresh, on a connector whose headers cannot hold it.
+        try (EmbeddedTomcat tight = new EmbeddedTomcat(keyFile, valve -> { }, Map.of("maxHttpResponseHeaderSize", "2048"))) {
+            byte[] file = randomBytes(64 * 1024); // over DefaultServlet's 48 KiB sendfile threshold
+            tight.addFile("big.bin", file);
+            String sid = SessionIds.newSessionId();
+            long then = System.currentTimeMillis() - 300_000;
+            byte[] attributes = Attributes.write(new TreeMap<>(Map.of("report", randomBytes(2048))), ALLOWED).bytes;
+            String state = codec.encode(new SessionState(sid, "localhost", then, then, 1800, attributes));
+            long inTrailers = tight.valve.counter(Counter.STATES_SENT_IN_TRAILERS);
+            long deferred = tight.valve.counter(Counter.CHANGES_DEFERRED);
+            RawHttp.Reply reply = tight.send("GET", "/files/big.bin", session(sid, STATE, state));
+            assertEquals(200, reply.status);
+            assertNull(reply.header("transfer-encoding"));
+            assertEquals(String.valueOf(file.length), reply.header("content-length"));
+            assertArrayEquals(file, reply.bodyBytes);
+            assertEquals(inTrailers, tight.valve.counter(Counter.STATES_SENT_IN_TRAILERS));
+            assertEquals(deferred + 1, tight.valve.counter(Counter.CHANGES_DEFERRED));
+            RawHttp.Reply next = tight.send("GET", "/cart", session(sid));
+            assertNotNull("the session's next response carries the state", next.trailers.get(STATE));
+        }
+    }
+
+    private static byte[] randomBytes(int length) {
+        byte[] bytes = new byte[length];
+        new Random(length).nextBytes(bytes);
+        return bytes;
     }
 
     @Test

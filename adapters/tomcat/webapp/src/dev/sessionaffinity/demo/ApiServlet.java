@@ -3,9 +3,15 @@ package dev.sessionaffinity.demo;
 import java.io.IOException;
 import java.lang.management.ManagementFactory;
 import java.security.SecureRandom;
+import java.util.EnumSet;
 import java.util.LinkedHashMap;
+import java.util.List;
 import java.util.Map;
+import java.util.PriorityQueue;
 import java.util.Set;
+import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.CopyOnWriteArrayList;
+import java.util.concurrent.atomic.AtomicInteger;
 
 import jakarta.servlet.AsyncContext;
 import jakarta.servlet.http.HttpServlet;
@@ -35,6 +41,9 @@ import javax.management.ObjectName;
  *                    (then=logout: commit the response, then invalidate the session)
  * POST /async        item: add to the cart from another thread (startAsync)
  * POST /ttl          seconds: the session's max inactive interval
+ * POST /saved        store attributes shaped like a real app's (see saved()), and one the
+ *                    valve's allow-list refuses (a PriorityQueue)
+ * GET  /saved        those attributes as JSON
  * GET  /counters     the SessionAffinityValve's JMX counters
  * GET  /healthz      200 while the app is up
  * </pre>
@@ -43,6 +52,9 @@ public final class ApiServlet extends HttpServlet {
 
     private static final long serialVersionUID = 1L;
     private static final SecureRandom RANDOM = new SecureRandom();
+
+    /** An app enum, for the enum set in the session. */
+    enum Role { USER, BUYER, ADMIN }
 
     @Override
     protected void doGet(HttpServletRequest request, HttpServletResponse response) throws IOException {
@@ -55,6 +67,9 @@ public final class ApiServlet extends HttpServlet {
                 break;
             case "/cart":
                 send(response, view(request, request.getSession()));
+                break;
+            case "/saved":
+                send(response, savedView(request, request.getSession()));
                 break;
             default:
                 response.sendError(404);
@@ -90,6 +105,10 @@ public final class ApiServlet extends HttpServlet {
             case "/ttl":
                 session.setMaxInactiveInterval(Integer.parseInt(request.getParameter("seconds")));
                 break;
+            case "/saved":
+                saved(session);
+                send(response, savedView(request, session));
+                return;
             default:
                 response.sendError(404);
                 return;
@@ -104,6 +123,44 @@ public final class ApiServlet extends HttpServlet {
             session.setAttribute("cart", cart);
         }
         return cart;
+    }
+
+    /**
+     * What real apps keep in sessions: a Spring-Security-like saved request
+     * (case-insensitive TreeMaps, a Date, an app class), JDK concurrent types,
+     * an enum set; and a PriorityQueue, outside the valve's allow-list.
+     */
+    private static void saved(HttpSession session) {
+        session.setAttribute("SPRING_SECURITY_SAVED_REQUEST", new SavedRequest("/account?tab=orders",
+                Map.of("Accept", List.of("text/html"), "User-Agent", List.of("demo")), Map.of("tab", new String[] {"orders"})));
+        session.setAttribute("visits", new ConcurrentHashMap<>(Map.of("/account", 2)));
+        session.setAttribute("hits", new AtomicInteger(7));
+        session.setAttribute("roles", EnumSet.of(Role.USER, Role.BUYER));
+        session.setAttribute("listeners", new CopyOnWriteArrayList<>(List.of("audit")));
+        session.setAttribute("queue", new PriorityQueue<>(List.of(3, 1, 2)));
+    }
+
+    private static Map<String, Object> savedView(HttpServletRequest request, HttpSession session) {
+        Map<String, Object> view = new LinkedHashMap<>();
+        view.put("served_by", servedBy(request));
+        view.put("session", session.getId());
+        SavedRequest saved = (SavedRequest) session.getAttribute("SPRING_SECURITY_SAVED_REQUEST");
+        if (saved != null) { // looked up in other cases: only the restored comparators find them
+            view.put("saved_accept", String.join(",", saved.headers.get("ACCEPT")));
+            view.put("saved_tab", saved.parameters.get("TAB")[0]);
+            view.put("saved_redirect", saved.redirectUrl);
+            view.put("saved_at", saved.savedAt.getTime());
+        }
+        Object visits = session.getAttribute("visits");
+        view.put("visits", visits == null ? null : ((Map<?, ?>) visits).get("/account"));
+        Object hits = session.getAttribute("hits");
+        view.put("hits", hits == null ? null : ((AtomicInteger) hits).get());
+        Object roles = session.getAttribute("roles");
+        view.put("roles", roles == null ? null : roles.toString());
+        Object listeners = session.getAttribute("listeners");
+        view.put("listeners", listeners == null ? null : listeners.toString());
+        view.put("queue", session.getAttribute("queue") != null);
+        return view;
     }
 
     /** A new session id against session fixation, the Servlet 3.1 way or the older one. */
@@ -176,6 +233,7 @@ public final class ApiServlet extends HttpServlet {
         byte[] report = (byte[]) session.getAttribute("report");
         view.put("report_bytes", report == null ? 0 : report.length);
         view.put("max_inactive", session.getMaxInactiveInterval());
+        view.put("new", session.isNew());
         return view;
     }
 

@@ -15,12 +15,12 @@ public final class Cart implements Serializable {
 
     private final Map<String, Line> lines = new LinkedHashMap<>();
 
-    /** Adds quantity of item, changing the nested line in place if it exists. */
-    public void add(String item, int quantity) {
+    /** Adds quantity of item, changing the nested line in place if it exists (requests may run at once). */
+    public synchronized void add(String item, int quantity) {
         lines.computeIfAbsent(item, Line::new).quantity += quantity;
     }
 
-    public Map<String, Integer> items() {
+    public synchronized Map<String, Integer> items() {
         Map<String, Integer> items = new LinkedHashMap<>();
         lines.forEach((item, line) -> items.put(item, line.quantity));
         return items;
