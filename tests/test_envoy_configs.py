@@ -110,3 +110,26 @@ def test_a_bad_secret_from_the_environment_is_refused_without_echoing_it(case, w
            f"the error names {field}", f"a line with {field!r}", output[-2000:])
     expect(value not in output and value.encode("unicode_escape").decode() not in output,
            "the value is not in Envoy's output", "absent", "it appears")
+
+
+# A secret pasted where the name of its environment variable belongs.
+PASTED_SECRET = "Zm9vYmFyLXBhc3RlZC1zZWNyZXQtdmFsdWUtMDEyMzQ1Njc4OQ=="
+PASTED = {
+    "secret_env": ("keys[0].secret_env", lambda c: c["keys"].insert(0, {"id": "env", "secret_env": PASTED_SECRET})),
+    "password_env": ("store.auth.password_env", lambda c: c["store"]["auth"].update(password_env=PASTED_SECRET)),
+}
+
+
+@pytest.mark.parametrize("case", PASTED)
+def test_a_secret_pasted_as_a_variable_name_is_refused_without_echoing_it(case, wasm, tmp_path):
+    field, change = PASTED[case]
+    bootstrap = tb.render_bootstrap(tb.PortPlan(), 10000, 9901, _with(change))
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    result = validate(path)
+    output = result.stdout + result.stderr
+    expect(result.returncode != 0, f"envoy --mode validate with a secret in {case}", "a non-zero exit",
+           f"exit 0\n{output[-2000:]}")
+    expect(any(field in line and "must name an environment variable" in line for line in output.splitlines()),
+           f"the error names {field} and says what to fix", f"a line with {field!r}", output[-2000:])
+    expect(PASTED_SECRET not in output, "the pasted secret is not in Envoy's output", "absent", "it appears")

@@ -17,12 +17,15 @@ attacker would against the real Envoy, store and backends.
 
 from __future__ import annotations
 
+import socket
+import struct
 import sys
+import threading
 import time
 
 import requests
 
-from harness import Client, Counters, expect, expect_equal, tb
+from harness import Client, Counters, expect, expect_equal, tb, verify_cookie
 from harness import Paused, User, describe, in_parallel, json_body, settle_load_balancer, with_config
 
 APP_ROOT = tb.REPO / "tests" / "apps"
@@ -82,8 +85,172 @@ def test_no_spelling_of_an_internal_header_reaches_a_cgi_style_app(own_testbed, 
             expect_equal(leaked, {}, f"client values the app saw (cookie {'yes' if cookie else 'no'}); all: {received}")
             expect(received.get("HTTP_X_SESSION_ID", "") not in ("victim", "victim2"), "the session id is the filter's",
                    "the filter's id", received.get("HTTP_X_SESSION_ID"))
+            # The app echoes the filter's session id (and new flag) back: the client never sees them.
+            leaked = sorted(h for h in reply.headers if h.lower() in INTERNAL_RESPONSE_HEADERS)
+            expect_equal(leaked, [], f"internal headers an echoing app sent back (cookie {'yes' if cookie else 'no'})")
     finally:
         app.stop()
+
+
+class Recorder:
+    """A bare HTTP/1.1 upstream that keeps each request's raw bytes (chunked
+    trailers included, which no stock test app shows) and answers with
+    `answers` in turn (the last one again and again)."""
+
+    OK = b"HTTP/1.1 200 OK\r\nx-instance-id: recorder\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+
+    def __init__(self, answers: list[bytes] | None = None):
+        self.answers = list(answers or [self.OK])
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.requests: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @staticmethod
+    def complete(data: bytes) -> bool:
+        head, found, rest = data.partition(b"\r\n\r\n")
+        if not found:
+            return False
+        if b"transfer-encoding: chunked" in head.lower():
+            return rest.endswith(b"\r\n\r\n") and (rest.startswith(b"0\r\n") or b"\r\n0\r\n" in rest)
+        return True
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while not self.complete(data):
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    self.requests.append(data)
+                    conn.sendall(self.answers[0] if len(self.answers) == 1 else self.answers.pop(0))
+                except OSError:
+                    pass
+
+    def close(self):
+        self.server.close()
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def hpack_literal(name: str, value: str) -> bytes:
+    """A header as an HPACK literal without indexing, no Huffman (short strings only)."""
+    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+
+def h2_post_with_trailers(port: int, path: str, trailers: dict[str, str]):
+    """An HTTP/2 (prior knowledge) POST with a body and request trailers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b""))
+        # Acknowledge the server's SETTINGS before the request.
+        buffer = b""
+        while True:
+            while len(buffer) < 9:
+                buffer += sock.recv(65536)
+            length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+            while len(buffer) < 9 + length:
+                buffer += sock.recv(65536)
+            buffer = buffer[9 + length:]
+            if kind == 4 and not flags & 1:
+                sock.sendall(h2_frame(4, 1, 0, b""))
+                break
+        headers = b"".join(hpack_literal(n, v) for n, v in
+                           [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "127.0.0.1")])
+        trailer_block = b"".join(hpack_literal(n, v) for n, v in trailers.items())
+        sock.sendall(h2_frame(1, 0x4, 1, headers) + h2_frame(0, 0, 1, b"body")
+                     + h2_frame(1, 0x5, 1, trailer_block))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if not sock.recv(65536):
+                    break
+            except OSError:
+                break
+
+
+def enable_upstream_trailers(cluster: str):
+    def patch(bootstrap: dict):
+        for c in bootstrap["static_resources"]["clusters"]:
+            if c["name"] == cluster:
+                c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}}}}
+    return patch
+
+
+def test_request_trailers_carry_no_internal_header_to_the_app(own_testbed):
+    """An HTTP/2 client's request trailers reach an HTTP/1.1 app as chunked
+    trailers: none of the internal names does."""
+    bed = own_testbed
+    recorder = Recorder()
+    try:
+        bed.bootstrap_patches += [extra_route("/trailers/", "recorder", [recorder.port]),
+                                  enable_upstream_trailers("recorder")]
+        bed.envoy.restart()
+        forged = {"x-session-state": "forged", "x-session-id": "victim", "x-session-new": "1",
+                  "x-instance-id": "forged", "x-session-route": "MTI3LjAuMC4xOjE=", "x-checksum": "kept"}
+        h2_post_with_trailers(bed.envoy.listener, "/trailers/x", forged)
+        tb.wait_until(lambda: recorder.requests, 10, "the request at the app")
+        raw = recorder.requests[0].decode("latin-1").lower()
+        trailer_part = raw.rsplit("\r\n0\r\n", 1)[-1]
+        expect("x-checksum: kept" in trailer_part, "the app got the client's trailers (the check can see them)",
+               "x-checksum: kept", trailer_part)
+        leaked = [name for name in forged if name != "x-checksum" and f"{name}: " in trailer_part]
+        expect_equal(leaked, [], f"internal names in the request trailers the app got: {trailer_part!r}")
+    finally:
+        recorder.close()
+
+
+def test_a_rotation_to_an_id_in_use_never_hands_that_session_over(own_testbed):
+    """An app (here a bare responder on its own route) renames a session to
+    the id of another user's stored session, on a new session and on a
+    pinned one: the store refuses, and the client gets no cookie naming
+    that id (the cookie is dropped), never one that routes to the victim."""
+    bed = own_testbed
+    victim = User("victim")
+    for _ in range(2):
+        victim.send(bed.envoy.url)
+    victim_sid = verify_cookie(victim.cookie, bed.envoy.filter_config).sid
+    rotate = (b"HTTP/1.1 200 OK\r\nx-instance-id: rotator\r\nx-session-rotate: " + victim_sid.encode()
+              + b"\r\nx-session-state: stolen\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+    plain = Recorder.OK.replace(b"x-instance-id: recorder", b"x-instance-id: rotator")
+    # A new session renamed at once; then a session that is pinned first.
+    rotator = Recorder([rotate, plain, rotate])
+    try:
+        bed.bootstrap_patches.append(extra_route("/rot/", "rotator", [rotator.port]))
+        bed.envoy.restart()
+        named = []
+        for attempt in ("new session", "pinned session"):
+            user = User(attempt)
+            if attempt == "pinned session":
+                first = user.send(bed.envoy.url, "/rot/x")
+                expect(first.status_code == 200 and user.cookie, "a session on the responder's route", "200, a cookie",
+                       describe(first))
+            reply = user.send(bed.envoy.url, "/rot/x")
+            for hop in [*reply.history, reply]:
+                for value in hop.headers.get("set-cookie", "").split(","):
+                    cookie = value.strip().split(";")[0].partition("=")[2]
+                    if cookie and verify_cookie(cookie, bed.envoy.filter_config).sid == victim_sid:
+                        named.append(f"{attempt}: {hop.status_code} {value.strip()[:80]}")
+            expect(user.cookie is None, f"{attempt}: the cookie is dropped", "no cookie", user.cookie)
+        expect_equal(named, [], "cookies issued for the victim's session id")
+    finally:
+        rotator.close()
+    expect_equal(drive_count(victim, bed.envoy.url), 3, "the victim's session carries on")
+
+
+def drive_count(user: User, url: str) -> int:
+    return (json_body(user.send(url)) or {}).get("count")
 
 
 def test_a_cookie_on_another_clusters_route_marks_nothing(own_testbed):

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 import cookie_signer
-from harness import Counters, expect, expect_equal, keyring, tb, verify_cookie
+from harness import Counters, expect, expect_equal, keyring, settle_load_balancer, tb, verify_cookie
 from harness import User, json_body, describe, stored, with_config
 
 
@@ -96,6 +98,81 @@ def test_logout_is_never_undone_even_by_a_kept_cookie(own_testbed):
         reply = holder_of(kept, f"thief-via-{envoy.name}").send(envoy.url)
         expect_fresh_session(reply, sid, f"the kept cookie through {envoy.name} after the kill")
     expect_tombstone(bed, sid, "after the failovers")
+
+
+LOGOUT_ROUNDS = 20
+LOGOUT_DEADLINE = 300.0
+
+
+def kept_cookie_after_the_kill(bed, kept: str, sid: str, name: str) -> tuple[bool, list[str]]:
+    """Sends a cookie kept from before a logout, its host just killed. Returns
+    whether it brought the old session back, and the errors on the way (the
+    request is sent again after an error, at most three times)."""
+    errors = []
+    for attempt in range(3):
+        reply = holder_of(kept, f"{name}-{attempt}").send(bed.envoy.url)
+        body = json_body(reply)
+        if reply.status_code == 200 and body:
+            return body["session"] == sid or body["count"] != 1, errors
+        errors.append(describe(reply))
+    return False, errors
+
+
+@pytest.mark.stores
+def test_a_logout_is_durable_before_its_answer_over_repeated_kills(own_testbed):
+    """Logout, then at once kill the host and send the cookie from before the
+    logout, round after round, in async write mode: the logout's answer
+    leaves only once the tombstone stands, so no failover restores it."""
+    bed = own_testbed
+    bed.envoy.restart(with_config(bed.envoy.filter_config, store={"write": "async"}))
+    settle_load_balancer(bed.envoy)
+    counters = Counters(bed.envoy)
+    undone, errors = [], []
+    deadline = time.monotonic() + LOGOUT_DEADLINE
+    for round_number in range(LOGOUT_ROUNDS):
+        expect(time.monotonic() < deadline, f"{LOGOUT_ROUNDS} rounds within {LOGOUT_DEADLINE:g}s",
+               LOGOUT_ROUNDS, round_number)
+        user = User(f"user{round_number}")
+        body = session_on(bed, user, 2)
+        sid, kept = body["session"], user.cookie
+        reply = user.send(bed.envoy.url, "/logout", method="POST")
+        expect(reply.status_code == 200 and (json_body(reply) or {}).get("ended") and user.cookie is None,
+               f"round {round_number}: logout", "200, ended, cookie dropped", describe(reply))
+        index = bed.backends.index(bed.backend_named(body["backend"]))
+        bed.kill_backend(index)
+        restored, round_errors = kept_cookie_after_the_kill(bed, kept, sid, f"thief{round_number}")
+        if restored:
+            undone.append(round_number)
+        errors += [f"round {round_number}: {e}" for e in round_errors]
+        bed.start_backend(index)
+        bed.envoy.wait_host_health(bed.backends[index].address, healthy=True, timeout=15)
+    print(f"{LOGOUT_ROUNDS} rounds: undone {undone}, errors {len(errors)}, counters {counters.deltas()}")
+    expect_equal(undone, [], f"rounds whose logout a failover undid (errors on the way: {errors})")
+    counters.expect({"sessions.ended_unconfirmed": 0})
+
+
+def test_an_end_the_store_cannot_confirm_is_still_never_undone_on_this_proxy(own_testbed):
+    """webdis is down while the app ends a session: the client still gets the
+    app's answer with the cookie dropped, the end is counted, and after the
+    store is back and the host dies, the kept cookie restores nothing
+    through any worker of this proxy (the store still has the old state)."""
+    bed = own_testbed
+    user = User("user")
+    body = session_on(bed, user, 3)
+    sid, kept = body["session"], user.cookie
+    counters = Counters(bed.envoy)
+    bed.stop_webdis()
+    reply = user.send(bed.envoy.url, "/logout", method="POST")
+    bed.start_webdis()
+    expect(reply.status_code == 200 and (json_body(reply) or {}).get("ended") and user.cookie is None,
+           "logout while the store is down", "200, ended, cookie dropped", describe(reply))
+    counters.expect({"sessions.ended": 1, "sessions.ended_unconfirmed": 1})
+    expect(record(bed, sid).get("ended") is None, "the store never got the tombstone", "the old entry", record(bed, sid))
+    kill_home(bed, body)
+    # New connections, so both workers (concurrency 2) see the cookie.
+    for attempt in range(6):
+        expect_fresh_session(holder_of(kept, f"thief{attempt}").send(bed.envoy.url), sid,
+                             f"the kept cookie after the kill, attempt {attempt}")
 
 
 def test_a_session_the_app_expired_is_ended_not_restored(own_testbed):

@@ -304,6 +304,40 @@ def test_tomcat_logout_is_never_resurrected_after_a_kill(bed):
                "empty cart, new session", after)
 
 
+TOMCAT_LOGOUT_ROUNDS = 20
+TOMCAT_LOGOUT_DEADLINE = 420.0
+
+
+def test_tomcat_logout_then_kill_never_undoes_the_logout_over_many_rounds(bed):
+    """invalidate() answers x-session-end: the logout's response leaves only
+    once the store has the tombstone, so the Tomcat's death right after it
+    never brings the cart back, round after round."""
+    undone, errors = [], []
+    deadline = time.monotonic() + TOMCAT_LOGOUT_DEADLINE
+    for round_number in range(TOMCAT_LOGOUT_ROUNDS):
+        expect(time.monotonic() < deadline, f"{TOMCAT_LOGOUT_ROUNDS} rounds within {TOMCAT_LOGOUT_DEADLINE:g}s",
+               TOMCAT_LOGOUT_ROUNDS, round_number)
+        shopper, view = shop(bed, "apple")
+        before_logout = shopper.copy(f"old cookie {round_number}")
+        owner = serving(bed, shopper.last)
+        logout = shopper.send("POST", "/logout")
+        expect_equal(logout.status_code, 200, f"round {round_number}: logout ({describe(logout)})")
+        bed.kill_backend(owner)
+        reply = before_logout.send("GET", "/cart")
+        try:
+            after = reply.json()
+        except ValueError:
+            after = None
+        if reply.status_code != 200 or not isinstance(after, dict):
+            errors.append(f"round {round_number}: {describe(reply)}")
+        elif after["items"] or after["session"] == view["session"]:
+            undone.append(round_number)
+        bed.start_backend(owner)
+        bed.envoy.wait_host_health(bed.tomcats[owner].address, healthy=True, timeout=30)
+    print(f"{TOMCAT_LOGOUT_ROUNDS} rounds: undone {undone}, errors {errors}")
+    expect_equal(undone, [], f"rounds whose logout a failover undid (errors: {errors})")
+
+
 def test_tomcat_logout_on_a_committed_response_is_not_resurrected_after_a_kill(bed):
     shopper, _ = shop(bed, "apple")
     shopper.json("POST", "/login?user=ann")

@@ -19,7 +19,7 @@ Contract (header names are the filter's defaults):
            x-session-rotate the session's new id, after a login
 
 Routes: GET|POST / (and any other app path) count one request of the session;
-POST /login?user=NAME counts, remembers the user and moves the session to a new
+POST /login?user=NAME (or a form body user=NAME) counts, remembers the user and moves the session to a new
 id; POST /logout ends the session; POST /slow?ms=N counts, then waits N ms (to
 kill a backend mid-request); GET /healthz; GET /stats (what this process saw);
 GET /static/... returns a small file-like body.
@@ -187,7 +187,10 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/logout" and self.command == "POST":
             self._logout()
         elif url.path == "/login" and self.command == "POST":
-            self._count(delay_ms=0, user=parse_qs(url.query).get("user", ["user"])[0], rotate=True)
+            # The name may come as a form body too (a long one fits no URL).
+            form = parse_qs(body.decode("utf-8", "replace"))
+            user = (form.get("user") or parse_qs(url.query).get("user") or ["user"])[0]
+            self._count(delay_ms=0, user=user, rotate=True)
         else:
             self._count(delay_ms=0)
 

@@ -2,10 +2,16 @@
 //!
 //! A store that hangs would otherwise hold every state-writing response for
 //! the full store timeout. After `failures` consecutive failed calls (errors,
-//! timeouts, answers to other calls) the breaker opens: store calls fail at
+//! timeouts) the breaker opens: store calls fail at
 //! once for `cooldown`, so writes go unprotected (counted) and failovers follow
 //! the outage policy without waiting. Then one call at a time may probe; its
 //! success closes the breaker, its failure opens it again.
+//!
+//! Only an unreachable store may open it: a failed call counts only when
+//! the store has answered no call since that call went out. So one client's
+//! call that the store cannot serve (a payload it chokes on) while it
+//! answers everyone else never opens the breaker for all. An answer to
+//! another call (late, mismatched) still proves the store is there.
 //!
 //! The state is one small shared-data entry per store cluster, so all workers
 //! see one breaker. Updates use compare-and-swap and fail open: a lost race
@@ -21,6 +27,10 @@
 use crate::host::SharedData;
 
 const CAS_TRIES: usize = 4;
+/// The time of the store's last answer is written at most this often (a
+/// shared-data write per answer otherwise); a failure is judged against a
+/// time at most this old, which can only make it count.
+pub const ANSWERED_GRANULARITY_MS: u64 = 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -65,26 +75,26 @@ impl<'a> Breaker<'a> {
         Breaker { key: format!("session_affinity.breaker.{cluster}"), shared, failures, cooldown_ms, probe_ms }
     }
 
-    fn read(&self) -> (State, Option<u32>) {
+    fn read(&self) -> (Shared, Option<u32>) {
         let (value, cas) = self.shared.get(&self.key);
-        (value.as_deref().and_then(parse).unwrap_or(State::Closed { failures: 0 }), cas)
+        (value.as_deref().and_then(parse).unwrap_or(Shared { state: State::Closed { failures: 0 }, answered_ms: 0 }), cas)
     }
 
     /// Moves from the state read to `next(state)` with compare-and-swap;
     /// returns the state it moved from, or None when every race was lost.
-    fn update(&self, next: impl Fn(State) -> Option<State>) -> Option<(State, State)> {
+    fn update(&self, next: impl Fn(Shared) -> Option<Shared>) -> Option<(State, State)> {
         for _ in 0..CAS_TRIES {
-            let (state, cas) = self.read();
-            let Some(new) = next(state) else { return Some((state, state)) };
-            if new == state || self.shared.set(&self.key, serialize(new).as_bytes(), cas) {
-                return Some((state, new));
+            let (shared, cas) = self.read();
+            let Some(new) = next(shared) else { return Some((shared.state, shared.state)) };
+            if new == shared || self.shared.set(&self.key, serialize(new).as_bytes(), cas) {
+                return Some((shared.state, new.state));
             }
         }
         None
     }
 
     pub fn admit(&self, now_ms: u64) -> Admit {
-        let (state, _) = self.read();
+        let (Shared { state, .. }, _) = self.read();
         let due = match state {
             State::Closed { .. } => return Admit::Call,
             State::Open { until_ms } | State::Probing { until_ms } => until_ms <= now_ms,
@@ -93,8 +103,8 @@ impl<'a> Breaker<'a> {
             return Admit::Reject;
         }
         let probe = State::Probing { until_ms: now_ms.saturating_add(self.probe_ms) };
-        let took = self.update(|current| match current {
-            State::Open { until_ms } | State::Probing { until_ms } if until_ms <= now_ms => Some(probe),
+        let took = self.update(|current| match current.state {
+            State::Open { until_ms } | State::Probing { until_ms } if until_ms <= now_ms => Some(Shared { state: probe, ..current }),
             _ => None,
         });
         match took {
@@ -103,44 +113,75 @@ impl<'a> Breaker<'a> {
         }
     }
 
-    /// Records a call's outcome.
-    pub fn record(&self, success: bool, now_ms: u64) -> Transition {
+    /// Records that the store answered a call (its answer may still be
+    /// unusable for that call: the store is there).
+    pub fn answered(&self, now_ms: u64) -> Transition {
+        let moved = self.update(|shared| match shared.state {
+            State::Closed { failures: 0 } if now_ms < shared.answered_ms.saturating_add(ANSWERED_GRANULARITY_MS) => None,
+            _ => Some(Shared { state: State::Closed { failures: 0 }, answered_ms: now_ms.max(shared.answered_ms) }),
+        });
+        match moved {
+            Some((State::Open { .. } | State::Probing { .. }, State::Closed { .. })) => Transition::Closed,
+            _ => Transition::None,
+        }
+    }
+
+    /// Records that a call sent at `sent_ms` got no usable answer (an error,
+    /// a timeout). It counts only if the store answered no call since.
+    pub fn failed(&self, sent_ms: u64, now_ms: u64) -> Transition {
         let open = State::Open { until_ms: now_ms.saturating_add(self.cooldown_ms) };
         let limit = self.failures;
-        let moved = self.update(|state| match (state, success) {
-            (State::Closed { failures: 0 }, true) => None,
-            (_, true) => Some(State::Closed { failures: 0 }),
-            (State::Closed { failures }, false) if failures.saturating_add(1) >= limit => Some(open),
-            (State::Closed { failures }, false) => Some(State::Closed { failures: failures + 1 }),
-            (State::Probing { .. }, false) => Some(open),
-            (State::Open { .. }, false) => None,
+        let moved = self.update(|shared| {
+            if shared.answered_ms >= sent_ms && shared.answered_ms > 0 {
+                return None; // the store answered since: this call's own trouble
+            }
+            let state = match shared.state {
+                State::Closed { failures } if failures.saturating_add(1) >= limit => open,
+                State::Closed { failures } => State::Closed { failures: failures + 1 },
+                State::Probing { .. } => open,
+                State::Open { .. } => return None,
+            };
+            Some(Shared { state, ..shared })
         });
         match moved {
             Some((State::Closed { .. }, State::Open { .. })) => Transition::Opened,
-            Some((State::Open { .. } | State::Probing { .. }, State::Closed { .. })) => Transition::Closed,
             _ => Transition::None,
         }
     }
 }
 
-fn serialize(state: State) -> String {
-    match state {
-        State::Closed { failures } => format!("closed {failures}"),
-        State::Open { until_ms } => format!("open {until_ms}"),
-        State::Probing { until_ms } => format!("probing {until_ms}"),
+/// What the shared-data entry holds: the state, and when the store last answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shared {
+    state: State,
+    answered_ms: u64,
+}
+
+fn serialize(shared: Shared) -> String {
+    let answered = shared.answered_ms;
+    match shared.state {
+        State::Closed { failures } => format!("closed {failures} {answered}"),
+        State::Open { until_ms } => format!("open {until_ms} {answered}"),
+        State::Probing { until_ms } => format!("probing {until_ms} {answered}"),
     }
 }
 
-fn parse(bytes: &[u8]) -> Option<State> {
+fn parse(bytes: &[u8]) -> Option<Shared> {
     let text = std::str::from_utf8(bytes).ok()?;
-    let (kind, number) = text.split_once(' ')?;
-    let number: u64 = number.parse().ok()?;
-    match kind {
-        "closed" => Some(State::Closed { failures: u32::try_from(number).ok()? }),
-        "open" => Some(State::Open { until_ms: number }),
-        "probing" => Some(State::Probing { until_ms: number }),
-        _ => None,
+    let mut words = text.split(' ');
+    let kind = words.next()?;
+    let number: u64 = words.next()?.parse().ok()?;
+    let answered_ms: u64 = words.next()?.parse().ok()?;
+    if words.next().is_some() {
+        return None;
     }
+    let state = match kind {
+        "closed" => State::Closed { failures: u32::try_from(number).ok()? },
+        "open" => State::Open { until_ms: number },
+        "probing" => State::Probing { until_ms: number },
+        _ => return None,
+    };
+    Some(Shared { state, answered_ms })
 }
 
 #[cfg(test)]
@@ -156,12 +197,12 @@ mod tests {
     fn opens_after_consecutive_failures_and_rejects_until_the_cooldown() {
         let shared = FakeShared::default();
         let b = breaker(&shared);
-        assert_eq!(b.record(false, 0), Transition::None);
-        assert_eq!(b.record(true, 0), Transition::None, "a success resets the count");
-        assert_eq!(b.record(false, 0), Transition::None);
-        assert_eq!(b.record(false, 0), Transition::None);
+        assert_eq!(b.failed(0, 0), Transition::None);
+        assert_eq!(b.answered(0), Transition::None, "a success resets the count");
+        assert_eq!(b.failed(0, 0), Transition::None);
+        assert_eq!(b.failed(0, 0), Transition::None);
         assert_eq!(b.admit(0), Admit::Call);
-        assert_eq!(b.record(false, 100), Transition::Opened);
+        assert_eq!(b.failed(100, 100), Transition::Opened);
         assert_eq!(b.admit(101), Admit::Reject);
         assert_eq!(b.admit(5099), Admit::Reject);
     }
@@ -171,14 +212,14 @@ mod tests {
         let shared = FakeShared::default();
         let b = breaker(&shared);
         for _ in 0..3 {
-            b.record(false, 0);
+            b.failed(0, 0);
         }
         assert_eq!(b.admit(5000), Admit::Probe);
         assert_eq!(b.admit(5001), Admit::Reject, "only one probe");
-        assert_eq!(b.record(false, 5002), Transition::None, "a failed probe reopens it");
+        assert_eq!(b.failed(5002, 5002), Transition::None, "a failed probe reopens it");
         assert_eq!(b.admit(5003), Admit::Reject);
         assert_eq!(b.admit(10_002), Admit::Probe);
-        assert_eq!(b.record(true, 10_003), Transition::Closed);
+        assert_eq!(b.answered(10_003), Transition::Closed);
         assert_eq!(b.admit(10_004), Admit::Call);
     }
 
@@ -187,7 +228,7 @@ mod tests {
         let shared = FakeShared::default();
         let b = breaker(&shared);
         for _ in 0..3 {
-            b.record(false, 0);
+            b.failed(0, 0);
         }
         assert_eq!(b.admit(5000), Admit::Probe);
         assert_eq!(b.admit(5999), Admit::Reject);
@@ -198,14 +239,43 @@ mod tests {
     fn workers_share_one_breaker_and_garbage_reads_as_closed() {
         let shared = FakeShared::default();
         for _ in 0..3 {
-            breaker(&shared).record(false, 0);
+            breaker(&shared).failed(0, 0);
         }
         assert_eq!(Breaker::new(&shared, "store", 3, 5000, 1000).admit(1), Admit::Reject);
         assert_eq!(Breaker::new(&shared, "other", 3, 5000, 1000).admit(1), Admit::Call, "per cluster");
         shared.set("session_affinity.breaker.store", b"\xffnonsense", None);
         assert_eq!(breaker(&shared).admit(1), Admit::Call);
         for state in [State::Closed { failures: 2 }, State::Open { until_ms: 9 }, State::Probing { until_ms: 7 }] {
-            assert_eq!(parse(serialize(state).as_bytes()), Some(state));
+            let shared = Shared { state, answered_ms: 5 };
+            assert_eq!(parse(serialize(shared).as_bytes()), Some(shared));
         }
+    }
+
+    #[test]
+    fn a_failure_counts_only_when_the_store_answered_nothing_since_the_call_went_out() {
+        let shared = FakeShared::default();
+        let b = breaker(&shared);
+        for sent in [100, 101, 102] {
+            // Another call's answer came after these calls went out: the
+            // store is there, whatever made these fail.
+            b.answered(1_000);
+            assert_eq!(b.failed(sent, 1_500), Transition::None);
+        }
+        assert_eq!(b.admit(1_501), Admit::Call);
+        for sent in [2_000, 2_001] {
+            assert_eq!(b.failed(sent, 2_600), Transition::None);
+        }
+        assert_eq!(b.failed(2_002, 2_600), Transition::Opened, "nothing answered since: the store is out");
+    }
+
+    #[test]
+    fn answers_are_recorded_at_most_once_per_granularity_while_closed() {
+        let shared = FakeShared::default();
+        let b = breaker(&shared);
+        b.answered(1_000);
+        b.answered(1_000 + ANSWERED_GRANULARITY_MS - 1);
+        assert_eq!(b.read().0.answered_ms, 1_000);
+        b.answered(1_000 + ANSWERED_GRANULARITY_MS);
+        assert_eq!(b.read().0.answered_ms, 1_000 + ANSWERED_GRANULARITY_MS);
     }
 }

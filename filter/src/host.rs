@@ -51,6 +51,8 @@ pub trait HttpHost: WorkerHost {
     fn response_headers(&mut self) -> HeaderMap;
     fn add_response_header(&mut self, name: &str, value: &str);
     fn remove_response_header(&mut self, name: &str);
+    fn request_trailers(&mut self) -> HeaderMap;
+    fn remove_request_trailer(&mut self, name: &str);
     fn response_trailers(&mut self) -> HeaderMap;
     fn remove_response_trailer(&mut self, name: &str);
     /// Envoy's `upstream.address` ("ip:port"), if a host was picked.

@@ -13,7 +13,7 @@
 //! 4. [`store`] (typed operations; the webdis and etcd dialects);
 //! 5. [`host`] (what the core needs from a proxy), then [`gone`] (the shared
 //!    table of gone hosts), [`breaker`] (the store's circuit breaker),
-//!    [`metrics`];
+//!    [`ended`] (sessions ended without the store's word), [`metrics`];
 //! 6. [`flow`] (every decision, per request);
 //! 7. the shells that connect the core to a proxy: `shell::wasm` (proxy-wasm),
 //!    and the native Envoy module in `filter/native` (its own crate).
@@ -35,6 +35,7 @@
 pub mod breaker;
 pub mod config;
 pub mod cookie;
+pub mod ended;
 pub mod flow;
 pub mod gone;
 pub mod headers;

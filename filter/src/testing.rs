@@ -54,6 +54,7 @@ pub struct FakeProxy {
     pub request: Vec<(String, String)>,
     pub response: Vec<(String, String)>,
     pub trailers: Vec<(String, String)>,
+    pub request_trailers: Vec<(String, String)>,
     /// The upstream `route_to` chose, if any.
     pub routed_to: Option<String>,
     /// Request headers the flow added although the request had them (the
@@ -209,6 +210,12 @@ impl HttpHost for FakeProxy {
     }
     fn remove_response_header(&mut self, name: &str) {
         self.response.retain(|(k, _)| k != name);
+    }
+    fn request_trailers(&mut self) -> HeaderMap {
+        to_map(&self.request_trailers)
+    }
+    fn remove_request_trailer(&mut self, name: &str) {
+        self.request_trailers.retain(|(k, _)| k != name);
     }
     fn response_trailers(&mut self) -> HeaderMap {
         to_map(&self.trailers)

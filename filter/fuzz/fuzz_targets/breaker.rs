@@ -8,7 +8,9 @@
 //!   other is until an outcome is recorded or the probe's time is up;
 //! - once opened, no call is admitted until the cooldown has passed (or a
 //!   late success closed it);
-//! - from closed, the `failures`-th consecutive failure opens it, not earlier;
+//! - from closed, the `failures`-th consecutive failure opens it, not earlier,
+//!   counting only failures of calls sent after the store's last answer
+//!   (as recorded: at most once per granularity while closed);
 //! - a closed breaker admits every call.
 //!
 //! Lost races and foreign writes make the state unknown to these checks
@@ -19,7 +21,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use sa_fuzz::{ensure, rel, NOW_MS};
 use serde::{Deserialize, Serialize};
-use session_affinity::breaker::{Admit, Breaker, Transition};
+use session_affinity::breaker::{Admit, Breaker, Transition, ANSWERED_GRANULARITY_MS};
 use session_affinity::testing::FakeShared;
 
 const KEY: &str = "session_affinity.breaker.store";
@@ -40,6 +42,9 @@ enum Step {
     Record {
         worker: u8,
         success: bool,
+        /// How long before now the call went out.
+        #[serde(default)]
+        sent_ago: u16,
     },
     Clock(i32),
     LoseRaces(bool),
@@ -80,6 +85,9 @@ fuzz_target!(|data: &[u8]| {
     let breakers: Vec<Breaker<'_>> = (0..WORKERS).map(|_| Breaker::new(&shared, "store", failures, cooldown_ms, probe_ms)).collect();
     let mut now = NOW_MS;
     let mut known = Known::Closed(0);
+    // When the store last answered, as the breaker recorded it.
+    let mut answered_ms = 0u64;
+    let mut answered_exact = true;
     for step in input.steps.iter().take(64) {
         match step {
             Step::Admit(worker) => {
@@ -102,10 +110,33 @@ fuzz_target!(|data: &[u8]| {
                     known = Known::Probe(now);
                 }
             }
-            Step::Record { worker, success } => {
-                let transition = breakers[usize::from(*worker) % WORKERS].record(*success, now);
+            Step::Record { worker, success, sent_ago } => {
+                let breaker = &breakers[usize::from(*worker) % WORKERS];
+                let sent = now.saturating_sub(u64::from(*sent_ago));
+                let transition = if *success { breaker.answered(now) } else { breaker.failed(sent, now) };
                 if shared.lose_races.get() {
                     known = Known::Unknown;
+                    continue;
+                }
+                if *success {
+                    let surely_written = now >= answered_ms.saturating_add(ANSWERED_GRANULARITY_MS);
+                    if surely_written {
+                        answered_exact = true;
+                    } else if known == Known::Unknown {
+                        // Whether this answer was written depends on a state the checks do not know.
+                        answered_exact = false;
+                    }
+                    if surely_written || known != Known::Closed(0) {
+                        answered_ms = answered_ms.max(now);
+                    }
+                }
+                let answered_since = !*success && answered_ms > 0 && answered_ms >= sent;
+                if answered_since && !answered_exact {
+                    known = Known::Unknown;
+                    continue;
+                }
+                if answered_since && known != Known::Unknown {
+                    ensure!(transition == Transition::None, "answered-since", "a failure of a call sent at {sent}, after an answer at {answered_ms}: {transition:?}");
                     continue;
                 }
                 known = match (known, success) {
@@ -132,15 +163,17 @@ fuzz_target!(|data: &[u8]| {
             Step::LoseRaces(lose) => shared.lose_races.set(*lose),
             Step::Write(written) => {
                 let text = match written {
-                    Written::Closed(n) => format!("closed {n}").into_bytes(),
-                    Written::Open(ms) => format!("open {}", rel(now, i64::from(*ms))).into_bytes(),
-                    Written::Probing(ms) => format!("probing {}", rel(now, i64::from(*ms))).into_bytes(),
+                    Written::Closed(n) => format!("closed {n} 0").into_bytes(),
+                    Written::Open(ms) => format!("open {} 0", rel(now, i64::from(*ms))).into_bytes(),
+                    Written::Probing(ms) => format!("probing {} 0", rel(now, i64::from(*ms))).into_bytes(),
                     Written::Garbage(bytes) => bytes.clone(),
                 };
                 let mut data = shared.data.borrow_mut();
                 let cas = data.get(KEY).map_or(1, |(_, c)| c.wrapping_add(1));
                 data.insert(KEY.to_string(), (text, cas));
                 known = Known::Unknown;
+                answered_ms = 0;
+                answered_exact = true;
             }
         }
     }

@@ -23,7 +23,7 @@ use sa_fuzz::{Text, INSTANCES, SIDS, UPSTREAMS};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use session_affinity::config::{millis, Config};
-use session_affinity::store::{Client, Dialect, Exchange, Memory, Next, Op, Progress, Reply, Step, StoreError, Webdis};
+use session_affinity::store::{is_local_overflow, Client, Dialect, Exchange, Memory, Next, Op, Progress, Reply, Step, StoreError, Webdis};
 use session_affinity::testing::webdis_reply;
 
 const PREFIXES: &[&str] = &["sa:", "", "%x:", "a.b", "{tag}"];
@@ -297,6 +297,7 @@ fuzz_target!(|data: &[u8]| {
     let answered = client.reply(&call, status, &body, elapsed, &mut Memory::default(), elapsed);
     let expected = match status {
         Some(504) => Err(StoreError::Timeout),
+        Some(503) if is_local_overflow(&body) => Err(StoreError::Busy),
         None if elapsed >= millis(store.timeout) => Err(StoreError::Timeout),
         None => Err(StoreError::Unavailable(0)),
         Some(status) => webdis_answer(&Webdis::new(&store.key_prefix, None), &op, nonce, status, &body),

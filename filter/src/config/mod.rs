@@ -27,6 +27,8 @@ pub use raw::{DialectName, HeaderNames, OutagePolicy, SameSite, WriteMode};
 pub const MIN_SECRET_LEN: usize = 32;
 /// Longest cookie lifetime browsers honour (RFC 6265bis caps Max-Age at 400 days).
 const MAX_COOKIE_TTL: Duration = Duration::from_secs(400 * 24 * 3600);
+/// The largest `store.max_state_bytes` accepted (Envoy caps request headers at 8 MiB; far below it).
+const MAX_STATE_LIMIT: usize = 1 << 20;
 
 /// The validated, compiled configuration the filter runs with. Immutable:
 /// what changes per worker (caches, the gone table) lives in `flow::Worker`.
@@ -68,6 +70,9 @@ pub struct StoreSettings {
     pub retry_after_secs: u64,
     pub lease_ms: u64,
     pub idle_ttl_ms: u64,
+    pub max_state_bytes: usize,
+    pub new_session_ttl_ms: u64,
+    pub new_session_writes_per_second: u32,
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
 }
@@ -232,6 +237,12 @@ fn secret_from(
 ) -> Result<Secret, ConfigError> {
     match (inline, var) {
         (Some(secret), None) => Ok(secret.clone()),
+        // Not a variable name: likely the secret itself, pasted in the wrong
+        // field. Say so without echoing it.
+        (None, Some(var)) if !is_env_name(var) => Err(error(
+            env_field,
+            "must name an environment variable (letters, digits and '_', not starting with a digit, at most 128); it looks like a value: put secrets in the environment, never in the config",
+        )),
         (None, Some(var)) => env(var).map(|value| Secret(value.into_bytes())).ok_or_else(|| {
             error(env_field, format!("environment variable {var} is not set for the VM; list it in vm_config.environment_variables.host_env_keys (the native module reads Envoy's own environment)"))
         }),
@@ -240,6 +251,14 @@ fn secret_from(
             Err(error(parent, format!("give exactly one of \"{short_inline}\" or \"{short_env}\"")))
         }
     }
+}
+
+/// A POSIX-style environment variable name.
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= 128
+        && bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 fn last_part(field: &str) -> &str {
@@ -311,6 +330,15 @@ fn compile_store(s: &StoreConfig, cookie: &CookieSettings, env: &dyn Fn(&str) ->
     if idle_ttl < s.lease.0.saturating_mul(2) {
         return Err(error("store.idle_ttl", "must be at least twice store.lease"));
     }
+    if !(256..=MAX_STATE_LIMIT).contains(&s.max_state_bytes) {
+        return Err(error("store.max_state_bytes", "must be between 256 and 1048576 (a restore carries the state in a request header: keep it under Envoy's max_request_headers_kb)"));
+    }
+    if s.new_session_ttl.0 < Duration::from_secs(1) || s.new_session_ttl.0 > idle_ttl {
+        return Err(error("store.new_session_ttl", "must be between 1s and store.idle_ttl (long enough for a client's second request)"));
+    }
+    if !(1..=1_000_000).contains(&s.new_session_writes_per_second) {
+        return Err(error("store.new_session_writes_per_second", "must be between 1 and 1000000 (per worker)"));
+    }
     let dialect = compile_dialect(s, env)?;
     let breaker = &s.breaker;
     if !(1..=100).contains(&breaker.failures) {
@@ -330,6 +358,9 @@ fn compile_store(s: &StoreConfig, cookie: &CookieSettings, env: &dyn Fn(&str) ->
         retry_after_secs: s.retry_after.0.as_secs(),
         lease_ms: millis(s.lease.0),
         idle_ttl_ms: millis(idle_ttl),
+        max_state_bytes: s.max_state_bytes,
+        new_session_ttl_ms: millis(s.new_session_ttl.0),
+        new_session_writes_per_second: s.new_session_writes_per_second,
         breaker_failures: breaker.failures,
         breaker_cooldown_ms: millis(breaker.cooldown.0),
     })
@@ -489,6 +520,8 @@ mod tests {
             (r#"{"keys":[{"id":"k1","secret_env":"SHORT"}]}"#.to_string(), "keys[0].secret_env: must be at least 32 bytes"),
             (format!(r#"{{"keys":[{KEY},{KEY}]}}"#), "keys[1].id: is listed twice"),
             (r#"{"keys":[{"id":"k1","secret_env":"MISSING"}]}"#.to_string(), "keys[0].secret_env: environment variable MISSING is not set"),
+            (r#"{"keys":[{"id":"k1","secret_env":"c2VjcmV0LXBhc3RlZC1oZXJl+/="}]}"#.to_string(), "keys[0].secret_env: must name an environment variable"),
+            (r#"{"keys":[{"id":"k1","secret_env":""}]}"#.to_string(), "keys[0].secret_env: must name an environment variable"),
             (r#"{"keys":[{"id":"k1"}]}"#.to_string(), "keys[0]: give exactly one of \"secret\" or \"secret_env\""),
             (r#"{"keys":[{"id":"bad id","secret":"0123456789abcdef0123456789abcdef"}]}"#.to_string(), "keys[0].id: must be 1 to 32"),
             (format!(r#"{{"keys":[{KEY}],"cookie":{{"same_site":"sideways"}}}}"#), "cookie.same_site: unknown variant `sideways`"),
@@ -514,7 +547,10 @@ mod tests {
             (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","auth":{{"username":"a:b","password":"p"}}}}}}"#), "store.auth.username: must be a non-empty name"),
             (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","auth":{{"username":"a"}}}}}}"#), "store.auth: give exactly one of \"password\" or \"password_env\""),
             (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","auth":{{"username":"a","password_env":"NOPE"}}}}}}"#), "store.auth.password_env: environment variable NOPE is not set"),
+            (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","auth":{{"username":"a","password_env":"hunter2 pasted"}}}}}}"#), "store.auth.password_env: must name an environment variable"),
             (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","breaker":{{"failures":0}}}}}}"#), "store.breaker.failures: must be between 1 and 100"),
+            (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","new_session_ttl":"31m"}}}}"#), "store.new_session_ttl: must be between 1s and store.idle_ttl"),
+            (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","max_state_bytes":100}}}}"#), "store.max_state_bytes: must be between 256 and 1048576"),
             (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","etcd":{{}}}}}}"#), "store.etcd: is only for store.dialect \"etcd\""),
             (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","dialect":"etcd","etcd":{{"lease_bucket":"2h"}}}}}}"#), "store.etcd.lease_bucket: must be between 1s and 1h"),
             (format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","dialect":"etcd","etcd":{{"bucket":"1m"}}}}}}"#), "store.etcd.bucket: unknown field `bucket`, expected `lease_bucket`"),
@@ -538,6 +574,15 @@ mod tests {
         assert!(message.contains("must be a string") && !message.contains("12345"), "{message}");
         let message = error_of(r#"{"keys":[{"id":"k1","secret_env":"SHORT"}]}"#);
         assert!(!message.contains("short-secret-value"), "{message}");
+        // A secret pasted where a variable name belongs is not echoed either.
+        let pasted = "Zm9vYmFyLXNlY3JldC1wYXN0ZWQtaW4td3JvbmctZmllbGQ=";
+        for json in [
+            format!(r#"{{"keys":[{{"id":"k1","secret_env":"{pasted}"}}]}}"#),
+            format!(r#"{{"keys":[{KEY}],"store":{{"cluster":"s","auth":{{"username":"u","password_env":"{pasted}"}}}}}}"#),
+        ] {
+            let message = error_of(&json);
+            assert!(message.contains("must name an environment variable") && !message.contains(pasted), "{message}");
+        }
         let config = parse(&format!(
             r#"{{"keys":[{{"id":"k1","secret":"{secret}"}}],"store":{{"cluster":"s","auth":{{"username":"u","password_env":"STORE_PASSWORD"}}}}}}"#
         ))

@@ -229,6 +229,17 @@ pub struct StoreConfig {
     /// How long a session's entry lives after its last write.
     #[serde(default = "default_idle_ttl")]
     pub idle_ttl: TypedDuration,
+    /// The largest state (the app's `x-session-state` value, in bytes) the
+    /// filter stores; a larger one is not stored (counted, logged).
+    #[serde(default = "default_max_state_bytes")]
+    pub max_state_bytes: usize,
+    /// How long a new session's entry lives until its cookie comes back.
+    #[serde(default = "default_new_session_ttl")]
+    pub new_session_ttl: TypedDuration,
+    /// New sessions' first writes a worker sends per second at most; beyond
+    /// it a new session's state waits for its next change.
+    #[serde(default = "default_new_session_writes_per_second")]
+    pub new_session_writes_per_second: u32,
     #[serde(default)]
     pub auth: Option<AuthConfig>,
     #[serde(default)]
@@ -264,6 +275,18 @@ fn default_lease() -> TypedDuration {
 }
 fn default_idle_ttl() -> TypedDuration {
     TypedDuration(Duration::from_secs(30 * 60))
+}
+/// Half of Envoy's default request header limit (60 KiB): a restore carries
+/// the state in a request header next to the client's own.
+pub const DEFAULT_MAX_STATE_BYTES: usize = 32 * 1024;
+fn default_new_session_ttl() -> TypedDuration {
+    TypedDuration(Duration::from_secs(60))
+}
+fn default_new_session_writes_per_second() -> u32 {
+    500
+}
+fn default_max_state_bytes() -> usize {
+    DEFAULT_MAX_STATE_BYTES
 }
 
 /// The etcd dialect's own settings.

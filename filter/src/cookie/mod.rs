@@ -64,6 +64,9 @@ const MAX_SEALED_LEN: usize = MAX_COOKIE_LEN / 4 * 3;
 /// only the one that saw the failure, sends the replayed request down the
 /// failover path.
 pub const FLAG_MOVING: u8 = 1;
+/// The cookie of a session that has not come back yet: its store entry
+/// lives only `store.new_session_ttl` until it does.
+pub const FLAG_NEW: u8 = 2;
 
 /// Which cookie version the filter issues (`cookie.format`). Both versions
 /// are accepted under a known key; one in the other format is re-issued.
@@ -159,6 +162,9 @@ impl Claims {
     }
     pub fn is_moving(&self) -> bool {
         self.flags & FLAG_MOVING != 0
+    }
+    pub fn is_new(&self) -> bool {
+        self.flags & FLAG_NEW != 0
     }
     pub fn owner(&self) -> Owner<'_> {
         Owner { upstream: self.upstream(), instance: self.instance() }

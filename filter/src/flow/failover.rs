@@ -68,9 +68,9 @@ impl Flow {
             self.start_new_session(host);
             return Action::Continue;
         }
-        if self.worker.has_ended(from.sid(), host.now_ms()) {
-            // Its tombstone may not have reached the store yet: never restore it.
-            info!("[{}] a failover of a session this worker ended; starting a new one", self.context_id);
+        if self.worker.has_ended(&*host, from.sid(), host.now_ms()) {
+            // Its tombstone may not have reached the store: never restore it.
+            info!("[{}] a failover of a session this proxy ended; starting a new one", self.context_id);
             self.start_new_session(host);
             return Action::Continue;
         }
@@ -122,7 +122,7 @@ impl Flow {
             Err(error) => return self.store_outage(host, &format!("{error:?}")),
         };
         match reply {
-            Reply::Acquired { .. } if self.worker.has_ended(failover.from.sid(), host.now_ms()) => {
+            Reply::Acquired { .. } if self.worker.has_ended(&*host, failover.from.sid(), host.now_ms()) => {
                 // Ended here while the store was asked.
                 self.release(host, &failover);
                 self.start_new_session(host);
@@ -234,9 +234,8 @@ impl Flow {
             return self.replay_as_new(host);
         }
         if response.end {
-            self.end_session(host, &failover.from, lease);
             host.add_response_header("set-cookie", &self.issuer().expired_cookie());
-            return Action::Continue;
+            return self.end_held(host, failover.from.sid().to_string(), failover.from.owner().to_string(), lease);
         }
         self.count(if restored { Counter::FailoversRestored } else { Counter::FailoversFresh });
         let to = Owner { upstream: &upstream, instance };

@@ -85,9 +85,11 @@ impl Issuer<'_> {
 
     /// Whether a cookie should be re-issued on this response: signed with an
     /// older key or in the other format, past `refresh_after` of its life, or
-    /// (with a store) old enough that the store entry needs its idle timer reset.
+    /// (with a store) old enough that the store entry needs its idle timer
+    /// reset; or the first return of a new session's cookie.
     pub fn needs_refresh(&self, claims: &Claims, now: u64) -> bool {
-        if Some(claims.kid()) != self.config.keys.signing_id() || claims.format() != self.config.cookie.format {
+        // A new session's cookie that came back: its store entry may now live.
+        if Some(claims.kid()) != self.config.keys.signing_id() || claims.format() != self.config.cookie.format || claims.is_new() {
             return true;
         }
         let age = now.saturating_sub(claims.iat);

@@ -47,6 +47,11 @@ const RETRY_ON_UNREACHED: &str = "connect-failure,refused-stream,reset-before-re
 const RETRY_ON_UNREACHED_SAFE: &str = "connect-failure,refused-stream,reset,retriable-headers";
 const MAX_RETRIES: &str = "3";
 
+/// Whether an operation ends a session id (an end, or a rotation away from it).
+fn ends_a_session(op: &Op) -> bool {
+    matches!(op, Op::End { .. } | Op::Rotate { .. })
+}
+
 /// Facts about the request that the response phase needs.
 #[derive(Debug, Default)]
 struct Request {
@@ -57,6 +62,9 @@ struct Request {
     /// Kept for a 307 back to the same URL (Envoy has checked it is ASCII).
     path: String,
     cluster: ClusterTag,
+    /// The response started a new session: a store refusal then means its
+    /// id (the app's choice) belongs to another session.
+    new_session: bool,
 }
 
 #[derive(Debug)]
@@ -200,6 +208,7 @@ impl Flow {
             safe_method: view.safe_method,
             path: String::new(),
             cluster: ClusterTag::default(),
+            new_session: false,
         };
         if config.skips(view.path) {
             self.count(Counter::SessionsSkipped);
@@ -282,7 +291,7 @@ impl Flow {
         }
         let config = Rc::clone(&self.config);
         let headers = host.response_headers();
-        let response = ResponseView::read(&headers, &config);
+        let mut response = ResponseView::read(&headers, &config);
         for name in response.internal() {
             if let Ok(name) = std::str::from_utf8(name) {
                 host.remove_response_header(name);
@@ -291,11 +300,31 @@ impl Flow {
         if response.state_sent && response.state.is_none() {
             warn!("[{}] the app sent session state that is not a valid header value; not stored", self.context_id);
         }
+        self.cap_state(host, &mut response);
         match std::mem::replace(&mut self.stream, Stream::Done) {
             Stream::Idle | Stream::Done | Stream::Served(_) | Stream::Unmanaged => Action::Continue,
             Stream::New { sid } => self.new_session_response(host, &response, sid),
             Stream::Pinned { claims, reissue } => self.pinned_response(host, &response, claims, reissue),
             Stream::Failover(failover) => self.failover_response(host, &response, failover),
+        }
+    }
+
+    /// A client's request trailers reach the app like headers (an HTTP/2
+    /// client's trailers become HTTP/1.1 chunked trailers): every spelling of
+    /// an internal name goes, as from the headers. A request held for the
+    /// store stays held.
+    pub fn on_request_trailers(&mut self, host: &mut impl HttpHost) -> Action {
+        let trailers = host.request_trailers();
+        let internal: Vec<&[u8]> = trailers.iter().map(|(name, _)| name).filter(|name| self.config.internal.matches(name)).collect();
+        for name in internal {
+            if let Ok(name) = std::str::from_utf8(name) {
+                host.remove_request_trailer(name);
+            }
+        }
+        if self.holds_request_body() {
+            Action::Pause
+        } else {
+            Action::Continue
         }
     }
 
@@ -305,7 +334,7 @@ impl Flow {
     pub fn on_response_trailers(&mut self, host: &mut impl HttpHost) -> Action {
         let config = Rc::clone(&self.config);
         let trailers = host.response_trailers();
-        let trailer = ResponseView::read(&trailers, &config);
+        let mut trailer = ResponseView::read(&trailers, &config);
         for name in trailer.internal() {
             if let Ok(name) = std::str::from_utf8(name) {
                 host.remove_response_trailer(name);
@@ -316,12 +345,12 @@ impl Flow {
         };
         if trailer.end {
             // Too late to drop the cookie; the app's next "unknown" will.
-            self.end_served(host, &served);
-            return Action::Continue;
+            return self.end_held(host, served.sid().to_string(), served.owner(), None);
         }
         if trailer.state_sent && trailer.state.is_none() {
             warn!("[{}] the app sent a session state trailer that is not a valid header value; not stored", self.context_id);
         }
+        self.cap_state(host, &mut trailer);
         let Some(state) = trailer.state else { return Action::Continue };
         let op = served.write(state, self.store_ttl(served.since(), host.now_ms()));
         self.stream = Stream::Served(served);
@@ -333,6 +362,16 @@ impl Flow {
         self.store_change(host, op)
     }
 
+    /// Drops a state over `store.max_state_bytes` (counted, logged): one
+    /// session's size must not cost the store, or anyone else, anything.
+    fn cap_state(&self, host: &mut impl HttpHost, response: &mut ResponseView<'_>) {
+        let Some(store) = &self.config.store else { return };
+        if let Some(len) = response.state.map(str::len).filter(|&len| len > store.max_state_bytes) {
+            self.worker.oversize(host.now_ms(), len, store.max_state_bytes);
+            response.state = None;
+        }
+    }
+
     /// Sends the change that waited for the one just answered, if any.
     fn send_deferred(&mut self, host: &mut impl HttpHost) -> Action {
         match self.deferred.take() {
@@ -342,15 +381,18 @@ impl Flow {
     }
 
     /// Sends an operation that changes the session to the store: held in sync
-    /// mode (the response waits for the answer), detached in async mode.
+    /// mode (the response waits for the answer), detached in async mode. An
+    /// end or a rotation is always held: the client must not learn of it
+    /// before a tombstone stands.
     fn store_change(&mut self, host: &mut impl HttpHost, op: Op) -> Action {
-        let sync = self.config.store.as_ref().is_some_and(|s| s.write == WriteMode::Sync);
+        let sync = self.config.store.as_ref().is_some_and(|s| s.write == WriteMode::Sync) || ends_a_session(&op);
         if !sync {
             if !self.worker.send_later(host, &self.config, self.context_id, op) {
                 self.worker.unprotected(host.now_ms());
             }
             return Action::Continue;
         }
+        let failed = op.clone();
         match self.worker.call_store(host, &self.config, self.context_id, op) {
             Some(sent) => {
                 self.pending = Some(Pending::sent(sent, Held::Response));
@@ -358,15 +400,33 @@ impl Flow {
             }
             None => {
                 self.worker.unprotected(host.now_ms());
+                self.end_not_confirmed(host, &failed);
                 Action::Continue
             }
         }
     }
 
+    /// The store did not confirm an end or a rotation (it failed, was out, or
+    /// refused it): every worker of this proxy treats the old id as ended for
+    /// as long as its tombstone would have stood, and it is counted.
+    fn end_not_confirmed(&self, host: &mut impl HttpHost, op: &Op) {
+        let (Op::End { sid, tombstone_ms, .. } | Op::Rotate { sid, tombstone_ms, .. }) = op else { return };
+        self.count(Counter::SessionsEndedUnconfirmed);
+        warn!("[{}] the store did not confirm the end of session {sid}; this proxy treats it as ended", self.context_id);
+        let now_ms = host.now_ms();
+        self.worker.remember_ended(&*host, sid, now_ms.saturating_add(*tombstone_ms), now_ms);
+    }
+
     /// The store's entry TTL for a session started at `since` (unix seconds):
     /// its idle TTL, never past the session's absolute lifetime.
     fn store_ttl(&self, since: u64, now_ms: u64) -> u64 {
-        let idle = self.config.store.as_ref().map_or(0, |s| s.idle_ttl_ms);
+        let idle = match &self.config.store {
+            // Until its cookie comes back, a new session's entry is short-lived:
+            // a flood of one-request sessions expires (and is evicted) first.
+            Some(s) if self.request.new_session => s.new_session_ttl_ms,
+            Some(s) => s.idle_ttl_ms,
+            None => 0,
+        };
         let end_of_life_ms = since.saturating_add(self.config.cookie.max_lifetime_secs).saturating_mul(1000);
         idle.min(end_of_life_ms.saturating_sub(now_ms)).max(1)
     }
@@ -414,6 +474,12 @@ impl Flow {
 
     /// The answer to a held change of the session (write, commit, end, rotate).
     fn on_change_reply(&mut self, host: &mut impl HttpHost, op: &Op, reply: Result<Reply, StoreError>) -> Action {
+        if !matches!(reply, Ok(Reply::Stored | Reply::Ended)) {
+            self.end_not_confirmed(host, op);
+        }
+        if let Op::Rotate { new_sid, to, .. } = op {
+            self.rotation_answered(host, new_sid, to, &reply);
+        }
         match reply {
             Ok(Reply::Stored) => self.send_deferred(host),
             Ok(Reply::Conflict { owner }) => {
@@ -456,10 +522,15 @@ impl Flow {
             Stream::Served(served) => served.since(),
             _ => now,
         };
-        let set_cookie = owner.and_then(|o| {
-            let pin = issue::Pin { sid: op.sid(), cluster: self.request.cluster.as_str(), upstream: o.upstream, instance: o.instance, since };
-            self.issuer().set_cookie(host, pin, 0)
-        });
+        let set_cookie = if self.request.new_session {
+            // Never a cookie for someone else's session: the client starts over.
+            Some(self.issuer().expired_cookie())
+        } else {
+            owner.and_then(|o| {
+                let pin = issue::Pin { sid: op.sid(), cluster: self.request.cluster.as_str(), upstream: o.upstream, instance: o.instance, since };
+                self.issuer().set_cookie(host, pin, 0)
+            })
+        };
         self.issuer().retry_later(host, "session belongs to another host; its change was not kept; retry\n", set_cookie.as_deref());
         self.stream = Stream::Done;
         Action::Pause

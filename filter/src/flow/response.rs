@@ -52,7 +52,7 @@ pub struct ResponseView<'a> {
 }
 
 /// How many of the header names are response headers the client must not see.
-const INTERNAL_RESPONSE_HEADERS: usize = 7;
+const INTERNAL_RESPONSE_HEADERS: usize = 9;
 
 impl<'a> ResponseView<'a> {
     pub fn read(headers: &'a HeaderMap, config: &Config) -> ResponseView<'a> {
@@ -78,7 +78,9 @@ impl<'a> ResponseView<'a> {
                 view.rotate = Some(text().filter(|s| is_sid(s)).unwrap_or(""));
             } else if name == h.unreached.as_bytes() {
                 view.unreached = text();
-            } else if name != h.route.as_bytes() {
+            } else if name != h.route.as_bytes() && name != h.session_id.as_bytes() && name != h.session_new.as_bytes() {
+                // The app echoing the filter's request headers back must not
+                // show them to the client either.
                 continue;
             }
             if !view.internal().contains(&name) {

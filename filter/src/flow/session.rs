@@ -16,17 +16,17 @@
 //!   to that instance and move the owner, fenced;
 //! - otherwise the app served it: end, rotate, or store new state as it asks.
 
-use log::info;
+use log::{info, warn};
 
 use super::issue::Pin;
 use super::response::{Reach, ResponseView};
 use super::{Flow, Served, Stream};
-use crate::cookie::{Claims, FLAG_MOVING};
+use crate::cookie::{Claims, FLAG_MOVING, FLAG_NEW};
 use crate::gone::{Change, Sighting};
 use crate::host::{Action, HttpHost};
 use crate::ids::{Owner, SessionId};
 use crate::metrics::Counter;
-use crate::store::Op;
+use crate::store::{Op, Reply, StoreError};
 
 /// A pinned host that Envoy does not know (503 UH), that this worker never
 /// saw answer, and that some proxy pinned or refreshed a cookie for less than
@@ -47,9 +47,11 @@ impl Flow {
         // An app that rotates the id at once (a login form's first request)
         // names the id the session lives under.
         let sid = response.rotate.filter(|s| !s.is_empty()).unwrap_or(sid.as_str()).to_string();
+        self.request.new_session = true;
         self.count(Counter::SessionsCreated);
         let since = self.request.started_ms / 1000;
-        self.pin(host, &sid, &upstream, instance, since);
+        let flags = if self.config.store.is_some() { FLAG_NEW } else { 0 };
+        self.pin_flagged(host, Pin { sid: &sid, cluster: self.request.cluster.as_str(), upstream: &upstream, instance, since }, flags);
         let owner = Owner { upstream: &upstream, instance }.to_string();
         self.write_state(host, Served::At { sid, owner, since }, response.state)
     }
@@ -127,9 +129,8 @@ impl Flow {
     fn pinned_session_continues(&mut self, host: &mut impl HttpHost, response: &ResponseView<'_>, claims: Claims, reissue: bool) -> Action {
         self.host_answered(host, claims.upstream(), response.instance.unwrap_or(""));
         if response.end {
-            self.end_session(host, &claims, None);
             host.add_response_header("set-cookie", &self.issuer().expired_cookie());
-            return Action::Continue;
+            return self.end_held(host, claims.sid().to_string(), claims.owner().to_string(), None);
         }
         if let Some(new_sid) = response.rotate {
             return self.rotate(host, &claims, claims.owner(), new_sid, None, response.state);
@@ -171,10 +172,13 @@ impl Flow {
 
     /// Sets the cookie pinning `sid` to `upstream` and `instance`.
     pub(super) fn pin(&self, host: &mut impl HttpHost, sid: &str, upstream: &str, instance: &str, since: u64) {
-        let pin = Pin { sid, cluster: self.request.cluster.as_str(), upstream, instance, since };
-        match self.issuer().set_cookie(host, pin, 0) {
+        self.pin_flagged(host, Pin { sid, cluster: self.request.cluster.as_str(), upstream, instance, since }, 0);
+    }
+
+    fn pin_flagged(&self, host: &mut impl HttpHost, pin: Pin<'_>, flags: u8) {
+        match self.issuer().set_cookie(host, pin, flags) {
             Some(set_cookie) => host.add_response_header("set-cookie", &set_cookie),
-            None => info!("[{}] no cookie for upstream {upstream:?} instance {instance:?} (unusable, or the session is past its lifetime)", self.context_id),
+            None => info!("[{}] no cookie for upstream {:?} instance {:?} (unusable, or the session is past its lifetime)", self.context_id, pin.upstream, pin.instance),
         }
     }
 
@@ -202,6 +206,8 @@ impl Flow {
     /// remembers the session for a state that may come as a trailer.
     pub(super) fn write_state(&mut self, host: &mut impl HttpHost, served: Served, state: Option<&str>) -> Action {
         let write = match (state, &self.config.store) {
+            // A flood of new sessions costs the store a bounded rate.
+            (Some(_), Some(store)) if self.request.new_session && !self.worker.new_session_write_allowed(host.now_ms(), store.new_session_writes_per_second) => None,
             (Some(state), Some(_)) => Some(served.write(state, self.store_ttl(served.since(), host.now_ms()))),
             _ => None,
         };
@@ -238,27 +244,37 @@ impl Flow {
         self.worker.send_later(host, &self.config, self.context_id, op);
     }
 
-    /// The app ended the session: its stored copy becomes a tombstone (fenced
-    /// on the owner, or on `lease` during a failover), so no failover on any
-    /// replica can bring it back.
+    /// The app ended the session on a request that is replayed (no response
+    /// to hold): its stored copy becomes a tombstone (fenced on the owner, or
+    /// on `lease` during a failover), sent by the worker; until the store
+    /// has it, every worker of this proxy knows the session ended.
     pub(super) fn end_session(&mut self, host: &mut impl HttpHost, claims: &Claims, lease: Option<String>) {
-        self.end(host, claims.sid().to_string(), claims.owner().to_string(), lease);
-    }
-
-    /// The app ended a session it already answered for (in a trailer).
-    pub(super) fn end_served(&mut self, host: &mut impl HttpHost, served: &Served) {
-        self.end(host, served.sid().to_string(), served.owner(), None);
-    }
-
-    fn end(&mut self, host: &mut impl HttpHost, sid: String, owner: String, lease: Option<String>) {
         self.count(Counter::SessionsEnded);
         self.stream = Stream::Done;
         let Some(store) = &self.config.store else { return };
-        self.worker.remember_ended(&sid, host.now_ms().saturating_add(store.idle_ttl_ms));
-        let op = Op::End { sid, owner, lease, tombstone_ms: store.idle_ttl_ms };
+        let (sid, now_ms) = (claims.sid().to_string(), host.now_ms());
+        self.worker.remember_ended(&*host, &sid, now_ms.saturating_add(store.idle_ttl_ms), now_ms);
+        let op = Op::End { sid, owner: claims.owner().to_string(), lease, tombstone_ms: store.idle_ttl_ms };
         if !self.worker.send_later(host, &self.config, self.context_id, op) {
-            self.worker.unprotected(host.now_ms());
+            self.worker.unprotected(now_ms);
         }
+    }
+
+    /// The app ended the session in this response: the response waits until
+    /// the store holds the tombstone (fenced on `owner`, or on `lease` during
+    /// a failover), whatever `store.write` says, so no failover anywhere
+    /// restores the session once the client knows it ended. If the store
+    /// cannot say so, the response still goes ([`Flow::end_not_confirmed`]).
+    pub(super) fn end_held(&mut self, host: &mut impl HttpHost, sid: String, owner: String, lease: Option<String>) -> Action {
+        self.count(Counter::SessionsEnded);
+        self.stream = Stream::Done;
+        let Some(store) = &self.config.store else { return Action::Continue };
+        // While the tombstone is on its way, a failover this proxy already
+        // began must not restore the session either.
+        let now_ms = host.now_ms();
+        self.worker.remember_ended(&*host, &sid, now_ms.saturating_add(store.lease_ms), now_ms);
+        let op = Op::End { sid, owner, lease, tombstone_ms: store.idle_ttl_ms };
+        self.store_change(host, op)
     }
 
     /// The app moved the session to `new_sid` (a login): move the stored
@@ -270,20 +286,51 @@ impl Flow {
             return self.write_state(host, Served::Cookie(claims.clone()), state);
         }
         self.count(Counter::SessionsRotated);
-        self.pin(host, new_sid, to.upstream, to.instance, claims.since);
-        let to = to.to_string();
-        self.stream = Stream::Served(Served::At { sid: new_sid.to_string(), owner: to.clone(), since: claims.since });
-        let Some(store) = &self.config.store else { return Action::Continue };
+        let Some(store) = &self.config.store else {
+            self.pin(host, new_sid, to.upstream, to.instance, claims.since);
+            return Action::Continue;
+        };
+        let owner = to.to_string();
+        self.stream = Stream::Served(Served::At { sid: new_sid.to_string(), owner: owner.clone(), since: claims.since });
         let op = Op::Rotate {
             sid: claims.sid().to_string(),
             new_sid: new_sid.to_string(),
             from: claims.owner().to_string(),
             lease,
-            to,
+            to: owner,
             state: state.map(str::to_string),
             ttl_ms: self.store_ttl(claims.since, host.now_ms()),
             tombstone_ms: store.idle_ttl_ms,
         };
-        self.store_change(host, op)
+        // The cookie for the new id waits for the store's answer: an id
+        // already in use must not be handed over ([`Flow::rotation_answered`]).
+        let action = self.store_change(host, op);
+        if action == Action::Continue {
+            self.pin(host, new_sid, to.upstream, to.instance, claims.since);
+        }
+        action
+    }
+
+    /// The store answered a held rotation to `new_sid` (owned by `to`): pin
+    /// the cookie to it, unless that id belongs to another session (the
+    /// cookie is dropped: the client starts over) or the session ended.
+    pub(super) fn rotation_answered(&mut self, host: &mut impl HttpHost, new_sid: &str, to: &str, reply: &Result<Reply, StoreError>) {
+        match reply {
+            Ok(Reply::Taken) => {
+                warn!("[{}] the app rotated a session to an id already in use; the cookie is dropped", self.context_id);
+                host.add_response_header("set-cookie", &self.issuer().expired_cookie());
+                self.stream = Stream::Done;
+            }
+            Ok(Reply::Ended) => {}
+            _ => {
+                let since = match &self.stream {
+                    Stream::Served(served) => served.since(),
+                    _ => self.request.started_ms / 1000,
+                };
+                if let Some(owner) = Owner::parse(to) {
+                    self.pin(host, new_sid, owner.upstream, owner.instance, since);
+                }
+            }
+        }
     }
 }

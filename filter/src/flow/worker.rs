@@ -4,7 +4,6 @@
 //! read, so the breaker, the counters and the reply checks apply to all.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -19,12 +18,10 @@ use crate::metrics::{Counter, Metrics};
 use crate::store::{Client, Memory, Op, Progress, Reply, StoreCall, StoreError, MAX_CALLS};
 
 /// Worker calls queued or in flight at most; beyond it the oldest are
-/// forgotten (a store that never answers cannot grow this).
+/// forgotten, counted (a store that never answers cannot grow this).
 const MAX_DETACHED: usize = 1024;
 /// One "state changes are not protected" line per worker per this interval.
 const UNPROTECTED_LOG_INTERVAL_MS: u64 = 10_000;
-/// Sessions a worker remembers it ended at most; beyond it the oldest go.
-const MAX_ENDED: usize = 1024;
 
 #[derive(Debug, Default)]
 pub struct Worker {
@@ -40,10 +37,6 @@ pub struct Worker {
     queued: RefCell<Vec<StoreCall>>,
     /// The worker's calls in flight: (token, call, start time).
     detached: RefCell<Vec<(u64, StoreCall, u64)>>,
-    /// Sessions this worker ended, with when their tombstone expires: no
-    /// failover here restores them while the tombstone is still queued, in
-    /// flight, or lost to a failing store.
-    ended: RefCell<VecDeque<(String, u64)>>,
     /// The worker's calls that failed and go out again at a time: (due, call).
     retrying: RefCell<Vec<(u64, StoreCall)>>,
     /// What store calls taught the worker (etcd's token and leases).
@@ -52,6 +45,9 @@ pub struct Worker {
     ids_made: Cell<u64>,
     unprotected: Cell<u64>,
     unprotected_logged_ms: Cell<u64>,
+    oversize_logged_ms: Cell<u64>,
+    /// New sessions' first writes in the current second: (second, count).
+    new_session_writes: Cell<(u64, u32)>,
 }
 
 /// A store call that went out.
@@ -134,7 +130,7 @@ impl Worker {
         let Some(token) = host.dispatch(&call) else {
             self.count(Counter::StoreErrors);
             if let Some(store) = &config.store {
-                Worker::breaker(&*host, store).record(false, now);
+                Worker::breaker(&*host, store).failed(now, now);
             }
             return None;
         };
@@ -159,7 +155,8 @@ impl Worker {
             Some(older) => *older = call,
             None => {
                 if queued.len() >= MAX_DETACHED {
-                    queued.remove(0);
+                    let dropped = queued.remove(0);
+                    self.dropped(&dropped.op);
                 }
                 queued.push(call);
             }
@@ -197,7 +194,7 @@ impl Worker {
             let Some(token) = host.dispatch(&call) else {
                 self.count(Counter::StoreErrors);
                 if let Some(store) = &config.store {
-                    Worker::breaker(&*host, store).record(false, now);
+                    Worker::breaker(&*host, store).failed(now, now);
                 }
                 if is_state_change(&call.op) {
                     self.unprotected(now);
@@ -230,7 +227,8 @@ impl Worker {
     fn track(&self, sent: Sent) {
         if let Ok(mut calls) = self.detached.try_borrow_mut() {
             if calls.len() >= MAX_DETACHED {
-                calls.remove(0);
+                let (_, dropped, _) = calls.remove(0);
+                self.dropped(&dropped.op);
             }
             calls.push((sent.token, sent.call, sent.started_ms));
         }
@@ -261,7 +259,13 @@ impl Worker {
                 Err(error)
             }
         };
-        if Worker::breaker(&*host, store).record(result.is_ok(), now_ms) == Transition::Opened {
+        let breaker = Worker::breaker(&*host, store);
+        let transition = match &result {
+            Err(StoreError::Busy) => Transition::None,
+            Err(error) if !store_answered(error) => breaker.failed(sent.started_ms, now_ms),
+            _ => breaker.answered(now_ms),
+        };
+        if transition == Transition::Opened {
             self.count(Counter::StoreBreakerOpened);
             warn!("session store {:?} failing ({:?}); store calls fail at once for {} ms", store.cluster, result.as_ref().err(), store.breaker_cooldown_ms);
         }
@@ -282,7 +286,7 @@ impl Worker {
             Some(token) => Answer::Waiting(Box::new(Sent { token, call, started_ms: now_ms })),
             None => {
                 self.count(Counter::StoreErrors);
-                Worker::breaker(&*host, store).record(false, now_ms);
+                Worker::breaker(&*host, store).failed(now_ms, now_ms);
                 Answer::Reply(Err(StoreError::Unavailable(0)))
             }
         }
@@ -300,6 +304,7 @@ impl Worker {
                 warn!("store answer not understood: {what}");
             }
             StoreError::Unavailable(_) => self.count(Counter::StoreErrors),
+            StoreError::Busy => self.count(Counter::StoreBusy),
         }
     }
 
@@ -324,7 +329,8 @@ impl Worker {
             Answer::Later { call, due_ms } => {
                 if let Ok(mut retrying) = self.retrying.try_borrow_mut() {
                     if retrying.len() >= MAX_DETACHED {
-                        retrying.remove(0);
+                        let (_, dropped) = retrying.remove(0);
+                        self.dropped(&dropped.op);
                     }
                     retrying.push((due_ms, *call));
                 }
@@ -342,19 +348,51 @@ impl Worker {
         }
     }
 
-    /// Remembers that this worker ended session `sid`, until `until_ms`.
-    pub fn remember_ended(&self, sid: &str, until_ms: u64) {
-        if let Ok(mut ended) = self.ended.try_borrow_mut() {
-            if ended.len() >= MAX_ENDED {
-                ended.pop_front();
-            }
-            ended.push_back((sid.to_string(), until_ms));
+    /// Lists `sid` as ended for every worker of this proxy until `until_ms`:
+    /// its tombstone is not known to stand in the store.
+    pub fn remember_ended(&self, shared: &dyn SharedData, sid: &str, until_ms: u64, now_ms: u64) {
+        if !crate::ended::remember(shared, sid, until_ms, now_ms) {
+            warn!("could not list session {sid} as ended for the other workers (shared data busy)");
         }
     }
 
-    /// Whether this worker ended session `sid` (and its tombstone still stands).
-    pub fn has_ended(&self, sid: &str, now_ms: u64) -> bool {
-        self.ended.try_borrow().is_ok_and(|ended| ended.iter().any(|(s, until)| s == sid && *until > now_ms))
+    /// Whether this proxy ended session `sid` without the store's word (and
+    /// a tombstone would still stand).
+    pub fn has_ended(&self, shared: &dyn SharedData, sid: &str, now_ms: u64) -> bool {
+        crate::ended::has_ended(shared, sid, now_ms)
+    }
+
+    /// Counts a worker call forgotten because the worker's queue was full
+    /// (the store is far behind); a change it carried is not protected.
+    fn dropped(&self, op: &Op) {
+        self.count(Counter::StoreCallsDropped);
+        if is_state_change(op) {
+            self.count(Counter::StoreWritesUnprotected);
+        }
+    }
+
+    /// Whether a new session's first write may go out now, within
+    /// `per_second` per worker (counted when it may not).
+    pub fn new_session_write_allowed(&self, now_ms: u64, per_second: u32) -> bool {
+        let second = now_ms / 1000;
+        let (at, used) = self.new_session_writes.get();
+        let used = if at == second { used } else { 0 };
+        if used >= per_second {
+            self.count(Counter::StoreNewSessionsDeferred);
+            return false;
+        }
+        self.new_session_writes.set((second, used + 1));
+        true
+    }
+
+    /// Counts a state too large to store, and says so in the log at most
+    /// once per interval.
+    pub fn oversize(&self, now_ms: u64, len: usize, limit: usize) {
+        self.count(Counter::StoreStatesOversize);
+        if self.oversize_logged_ms.get() == 0 || now_ms >= self.oversize_logged_ms.get().saturating_add(UNPROTECTED_LOG_INTERVAL_MS) {
+            warn!("session state of {len} bytes not stored: over store.max_state_bytes ({limit}); a failover restores that session's last state that fit");
+            self.oversize_logged_ms.set(now_ms.max(1));
+        }
     }
 
     /// Counts a state change the store did not take, and says so in the log
@@ -369,6 +407,17 @@ impl Worker {
         } else {
             self.unprotected.set(pending);
         }
+    }
+}
+
+/// Whether a failed call still got an answer from the store itself (an
+/// unusable one, a refusal): the store is there. Timeouts, lost connections
+/// and Envoy's 5xx (no healthy store, a reset) say it may not be.
+fn store_answered(error: &StoreError) -> bool {
+    match error {
+        StoreError::Mismatch(_) | StoreError::Protocol(_) => true,
+        StoreError::Unavailable(status) => (400..500).contains(status),
+        StoreError::Timeout | StoreError::Busy => false,
     }
 }
 

@@ -299,6 +299,10 @@ impl HttpContext for Filter {
         hold_body(self.run(|flow, _| flow.holds_request_body(), false))
     }
 
+    fn on_http_request_trailers(&mut self, _: usize) -> ProxyAction {
+        proxy_action(self.run(|flow, proxy| flow.on_request_trailers(proxy), Action::Continue))
+    }
+
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> ProxyAction {
         proxy_action(self.run(|flow, proxy| flow.on_response_headers(proxy), Action::Continue))
     }
@@ -424,6 +428,14 @@ impl HttpHost for Proxy {
 
     fn remove_response_header(&mut self, name: &str) {
         let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, name);
+    }
+
+    fn request_trailers(&mut self) -> HeaderMap {
+        header_map(MapType::HttpRequestTrailers)
+    }
+
+    fn remove_request_trailer(&mut self, name: &str) {
+        let _ = hostcalls::remove_map_value(MapType::HttpRequestTrailers, name);
     }
 
     fn response_trailers(&mut self) -> HeaderMap {

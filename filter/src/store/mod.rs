@@ -117,6 +117,9 @@ pub enum StoreError {
     Unavailable(u32),
     /// No answer within the timeout.
     Timeout,
+    /// Envoy refused the call itself: the store cluster's connection or
+    /// request limits were full. The store may be fine: not its failure.
+    Busy,
     /// An answer the dialect could not understand (names what was wrong).
     Protocol(String),
     /// An answer to some other call (nonce or session id differ).
@@ -273,6 +276,7 @@ impl<'a> Client<'a> {
         let next_step = match status {
             // Envoy answers a call that ran out of time with its own 504.
             Some(504) => Err(StoreError::Timeout),
+            Some(503) if is_local_overflow(body) => Err(StoreError::Busy),
             None if timed_out => Err(StoreError::Timeout),
             None => Err(StoreError::Unavailable(0)),
             Some(status) => self.speak(|d| d.reply(Exchange { op: &call.op, step: &call.step, nonce: &call.nonce, now_ms }, status, body, memory)),
@@ -291,6 +295,16 @@ impl<'a> Client<'a> {
             Err(error) => Err(error),
         }
     }
+}
+
+/// The end of the body of Envoy's own 503 for a call over the cluster's
+/// `circuit_breakers` (no store ever answers with it).
+const OVERFLOW_BODY: &[u8] = b"reset reason: overflow";
+
+/// Whether a 503's body is Envoy's local answer to a call over the store
+/// cluster's limits.
+pub fn is_local_overflow(body: &[u8]) -> bool {
+    body.ends_with(OVERFLOW_BODY)
 }
 
 /// Visible ASCII, space and tab: what may travel in a header value unchanged.

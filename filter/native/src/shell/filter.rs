@@ -92,6 +92,13 @@ impl HttpFilter for SessionFilter {
         body_status(self.holds(Flow::holds_response_body))
     }
 
+    fn on_request_trailers(&mut self, stream: &mut Stream<'_>) -> TrailersStatus {
+        match self.run(stream, |flow, host| flow.on_request_trailers(host)) {
+            Some(Action::Pause) => TrailersStatus::StopIteration,
+            Some(Action::Continue) | None => TrailersStatus::Continue,
+        }
+    }
+
     fn on_response_trailers(&mut self, stream: &mut Stream<'_>) -> TrailersStatus {
         match self.run(stream, |flow, host| flow.on_response_trailers(host)) {
             Some(Action::Pause) => TrailersStatus::StopIteration,

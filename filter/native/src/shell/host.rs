@@ -155,6 +155,14 @@ impl HttpHost for StreamHost<'_, '_> {
         self.caller.remove_header(filter::HeaderMap::ResponseHeaders, name);
     }
 
+    fn request_trailers(&mut self) -> HeaderMap {
+        self.header_map(filter::HeaderMap::RequestTrailers)
+    }
+
+    fn remove_request_trailer(&mut self, name: &str) {
+        self.caller.remove_header(filter::HeaderMap::RequestTrailers, name);
+    }
+
     fn response_trailers(&mut self) -> HeaderMap {
         self.header_map(filter::HeaderMap::ResponseTrailers)
     }

@@ -8,14 +8,51 @@ fn expires_the_cookie(value: &str) -> bool {
 
 #[test]
 fn the_app_ending_a_session_tombstones_it_and_drops_the_cookie() {
+    for mode in ["sync", "async"] {
+        let bed = Bed::new(with_store(mode));
+        let (mut f, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-end", "1")]);
+        assert_eq!(action, Action::Pause, "{mode}: the response waits for the tombstone");
+        assert_eq!(host.ops(), [&Op::End { sid: SID.into(), owner: owner(B1, "pod-a"), lease: None, tombstone_ms: 30 * 60_000 }]);
+        assert!(host.resp_all("set-cookie").iter().any(|v| expires_the_cookie(v)));
+        assert_eq!(host.resp("x-session-end"), None);
+        reply(&mut f, &mut host, Reply::Stored);
+        assert_eq!(host.resumed_response, 1);
+        assert_eq!((bed.count(Counter::SessionsEnded), bed.count(Counter::SessionsEndedUnconfirmed)), (1, 0));
+    }
+}
+
+#[test]
+fn an_end_the_store_cannot_confirm_still_answers_and_no_worker_restores_the_session() {
+    for mode in ["sync", "async"] {
+        let bed = Bed::new(with_store(mode));
+        let (mut f, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-end", "1")]);
+        f.on_store_response(&mut host, 1, None, b"");
+        assert_eq!(host.resumed_response, 1, "{mode}: the app's answer still goes");
+        assert!(host.resp_all("set-cookie").iter().any(|v| expires_the_cookie(v)));
+        assert_eq!(bed.count(Counter::SessionsEndedUnconfirmed), 1);
+        // Another worker of the proxy (same shared data), long after the
+        // failover lease, within store.idle_ttl.
+        let other = Bed { config: Rc::clone(&bed.config), worker: Rc::default(), shared: Rc::clone(&bed.shared) };
+        let mut later = moving(&other);
+        later.now_ms = NOW_MS + 29 * 60_000;
+        assert_eq!(other.flow().on_request_headers(&mut later), Action::Continue);
+        assert!(later.calls.is_empty(), "the store is not asked for its state");
+        assert_eq!((later.req("x-session-new"), later.req("x-session-state")), (Some("1"), None));
+    }
+}
+
+#[test]
+fn a_new_session_the_app_ends_at_once_costs_no_store_call_and_pins_nothing() {
     let bed = Bed::new(with_store("sync"));
-    let (_, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-end", "1")]);
-    assert_eq!(action, Action::Continue, "the response need not wait for the tombstone");
+    let mut host = bed.proxy(&[]);
+    let mut f = bed.flow();
+    f.on_request_headers(&mut host);
+    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-end", "1")]);
+    assert_eq!(f.on_response_headers(&mut host), Action::Continue);
     send_queued(&bed, &mut host);
-    assert_eq!(host.ops(), [&Op::End { sid: SID.into(), owner: owner(B1, "pod-a"), lease: None, tombstone_ms: 30 * 60_000 }]);
-    assert!(host.resp_all("set-cookie").iter().any(|v| expires_the_cookie(v)));
-    assert_eq!(host.resp("x-session-end"), None);
-    assert_eq!(bed.count(Counter::SessionsEnded), 1);
+    assert!(host.calls.is_empty());
+    assert_eq!(set_cookie(&host), None);
+    assert_eq!(bed.count(Counter::SessionsEnded), 0);
 }
 
 #[test]
@@ -83,12 +120,42 @@ fn rotation_moves_the_stored_session_to_the_apps_new_id_and_reissues_the_cookie(
             tombstone_ms: 30 * 60_000,
         }]
     );
-    let claims = issued(&bed, &host);
-    assert_eq!((claims.sid(), claims.since), (new_sid, NOW - 100), "a new id, the same session lifetime");
+    assert_eq!(set_cookie(&host), None, "the cookie waits for the store");
     assert_eq!(host.resp("x-session-rotate"), None);
     reply(&mut f, &mut host, Reply::Stored);
+    let claims = issued(&bed, &host);
+    assert_eq!((claims.sid(), claims.since), (new_sid, NOW - 100), "a new id, the same session lifetime");
     assert_eq!(bed.count(Counter::SessionsRotated), 1);
 }
+
+#[test]
+fn a_rotation_to_an_id_in_use_drops_the_cookie_instead_of_handing_that_session_over() {
+    let bed = Bed::new(with_store("async"));
+    let taken = "BBBBBBBBBBBBBBBBBBBBBB";
+    let (mut f, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-rotate", taken)]);
+    assert_eq!(action, Action::Pause, "a rotation waits for the store in every mode");
+    reply(&mut f, &mut host, Reply::Taken);
+    let cookies = host.resp_all("set-cookie");
+    assert!(cookies.iter().all(|v| expires_the_cookie(v)) && !cookies.is_empty(), "{cookies:?}");
+    assert_eq!(host.resumed_response, 1);
+}
+
+#[test]
+fn a_new_session_under_an_id_in_use_gets_no_cookie_for_it() {
+    let bed = Bed::new(with_store("sync"));
+    let taken = "BBBBBBBBBBBBBBBBBBBBBB";
+    let mut host = bed.proxy(&[]);
+    let mut f = bed.flow();
+    f.on_request_headers(&mut host);
+    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-rotate", taken), ("x-session-state", "s")]);
+    assert_eq!(f.on_response_headers(&mut host), Action::Pause);
+    reply(&mut f, &mut host, Reply::Conflict { owner: Some(owner(B2, "pod-b")) });
+    let (status, headers) = host.local_reply.clone().unwrap();
+    assert_eq!(status, 503);
+    let cookies: Vec<_> = headers.iter().filter(|(k, _)| k == "set-cookie").map(|(_, v)| v.clone()).collect();
+    assert!(cookies.iter().all(|v| expires_the_cookie(v)) && !cookies.is_empty(), "never pinned to the victim's host: {cookies:?}");
+}
+
 
 #[test]
 fn a_rotation_without_a_valid_new_id_is_ignored() {
@@ -148,8 +215,8 @@ fn moving(bed: &Bed) -> FakeProxy {
 #[test]
 fn a_session_ended_here_is_not_restored_while_its_tombstone_is_on_its_way() {
     let bed = Bed::new(with_store("sync"));
-    bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-end", "1")]);
-    // The tombstone still waits in the worker's queue (or the store failed it).
+    let (_, _, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-end", "1")]);
+    assert_eq!(action, Action::Pause, "the tombstone is still on its way");
     let mut host = moving(&bed);
     assert_eq!(bed.flow().on_request_headers(&mut host), Action::Continue);
     assert!(host.calls.is_empty(), "the store is not asked for its state");
@@ -167,12 +234,8 @@ fn a_session_ended_while_its_failover_asks_the_store_is_not_restored() {
     reply(&mut f, &mut host, Reply::Acquired { state: Some("s".into()) });
     assert_eq!(host.resumed_request, 1);
     assert_eq!((host.req("x-session-new"), host.req("x-session-state")), (Some("1"), None));
-    // The lease goes back once the tombstone is out.
     send_queued(&bed, &mut host);
-    let (token, status, body) = host.answer(&Reply::Stored);
-    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
-    send_queued(&bed, &mut host);
-    assert!(matches!(host.ops()[..], [Op::Begin { .. }, Op::End { .. }, Op::Release { .. }]), "{:?}", host.ops());
+    assert!(matches!(host.ops()[..], [Op::Begin { .. }, Op::Release { .. }]), "the lease goes back: {:?}", host.ops());
 }
 
 #[test]
@@ -254,9 +317,10 @@ fn an_end_sent_as_a_trailer_tombstones_the_session() {
     let bed = Bed::new(with_store("sync"));
     let (mut f, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a")]);
     host.trailers = vec![("x-session-end".into(), "1".into()), ("x-session-state".into(), "ignored".into())];
-    assert_eq!(f.on_response_trailers(&mut host), Action::Continue);
+    assert_eq!(f.on_response_trailers(&mut host), Action::Pause, "the end of the response waits for the tombstone");
     assert!(host.trailers.is_empty(), "both internal trailers are stripped");
-    send_queued(&bed, &mut host);
     assert!(matches!(host.ops()[..], [Op::End { sid, .. }] if sid == SID));
+    reply(&mut f, &mut host, Reply::Stored);
+    assert_eq!(host.resumed_response, 1);
     assert_eq!(bed.count(Counter::SessionsEnded), 1);
 }

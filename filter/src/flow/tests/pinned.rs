@@ -37,11 +37,13 @@ fn the_pinned_path_routes_to_the_pinned_host_and_makes_no_store_call() {
     assert_eq!(host.routed_to.as_deref(), Some(B1));
     assert_eq!(host.req("x-session-id"), Some(SID));
     assert_eq!(host.req("x-envoy-retry-on"), None, "a retry would ignore the override");
-    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-route", "echo")]);
+    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-route", "echo"), ("x-session-id", SID), ("x-session-new", "1")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Continue);
     assert!(host.calls.is_empty());
     assert_eq!(host.resp("set-cookie"), None, "young cookies are not re-issued");
-    assert_eq!(host.resp("x-session-route"), None, "the echoed routing header stays internal");
+    for name in ["x-session-route", "x-session-id", "x-session-new"] {
+        assert_eq!(host.resp(name), None, "the echoed {name} stays internal");
+    }
     assert_eq!(bed.count(Counter::SessionsPinned), 1);
 }
 
@@ -429,6 +431,25 @@ fn without_a_csprng_ids_are_still_unguessable_and_distinct() {
         host.no_random = true;
         bed.flow().on_request_headers(&mut host);
         assert!(ids.insert(host.req("x-session-id").unwrap().to_string()));
+    }
+}
+
+#[test]
+fn internal_names_in_request_trailers_never_reach_the_app() {
+    let bed = Bed::new(with_store("sync"));
+    for cookie in [None, Some(format!("{COOKIE}={}", bed.cookie(B1, "pod-a", 0)))] {
+        let mut host = match &cookie {
+            Some(c) => bed.proxy(&[("cookie", c)]),
+            None => bed.proxy(&[]),
+        };
+        let mut f = bed.flow();
+        f.on_request_headers(&mut host);
+        host.request_trailers = ["x-session-state", "X-Session-Id", "x_session_new", "x-instance-id", "x-session-route", "x-checksum"]
+            .iter()
+            .map(|name| (name.to_string(), "forged".to_string()))
+            .collect();
+        assert_eq!(f.on_request_trailers(&mut host), Action::Continue);
+        assert_eq!(host.request_trailers, [("x-checksum".to_string(), "forged".to_string())], "cookie: {cookie:?}");
     }
 }
 

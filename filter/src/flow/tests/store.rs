@@ -237,3 +237,51 @@ fn a_detached_etcd_call_that_failed_goes_out_again_from_the_workers_tick() {
     assert_eq!((host.calls.len(), host.calls[1].retries), (2, 1));
     assert!(!bed.worker.has_queued());
 }
+
+#[test]
+fn a_new_sessions_entry_is_short_lived_until_its_cookie_comes_back() {
+    let bed = Bed::new(with_store("sync"));
+    let mut host = bed.proxy(&[]);
+    let mut f = bed.flow();
+    f.on_request_headers(&mut host);
+    host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+    assert_eq!(f.on_response_headers(&mut host), Action::Pause);
+    assert!(matches!(host.ops()[..], [Op::Write { ttl_ms: 60_000, .. }]), "store.new_session_ttl: {:?}", host.ops());
+    let first = issued(&bed, &host);
+    assert!(first.is_new());
+    // The cookie comes back: re-issued without the flag, and the entry now lives store.idle_ttl.
+    let value = format!("{COOKIE}={}", set_cookie(&host).unwrap());
+    let mut back = bed.proxy(&[("cookie", &value)]);
+    let mut g = bed.flow();
+    g.on_request_headers(&mut back);
+    back.respond(B1, &[("x-instance-id", "pod-a")]);
+    g.on_response_headers(&mut back);
+    send_queued(&bed, &mut back);
+    assert!(matches!(back.ops()[..], [Op::Touch { ttl_ms: 1_800_000, .. }]), "{:?}", back.ops());
+    assert!(!issued(&bed, &back).is_new());
+}
+
+#[test]
+fn worker_calls_beyond_the_queue_bound_are_counted_when_forgotten() {
+    let bed = Bed::new(with_store("async"));
+    let store = bed.config.store.as_ref().unwrap();
+    for i in 0..1_025 {
+        let op = Op::Write { sid: format!("sid{i}"), from: owner(B1, "pod-a"), to: owner(B1, "pod-a"), state: Some("s".into()), ttl_ms: 1 };
+        bed.worker.enqueue(crate::store::Client::new(store).call(op, format!("n{i}"), &crate::store::Memory::default(), NOW_MS));
+    }
+    assert_eq!((bed.count(Counter::StoreCallsDropped), bed.count(Counter::StoreWritesUnprotected)), (1, 1));
+}
+
+#[test]
+fn new_sessions_first_writes_are_bounded_per_worker_per_second() {
+    let bed = Bed::new(config(r#","store":{"cluster":"store","write":"async","new_session_writes_per_second":2}"#));
+    for _ in 0..3 {
+        let mut host = bed.proxy(&[]);
+        let mut f = bed.flow();
+        f.on_request_headers(&mut host);
+        host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
+        f.on_response_headers(&mut host);
+        assert!(set_cookie(&host).is_some(), "every new session gets its cookie");
+    }
+    assert_eq!((bed.count(Counter::StoreWrites), bed.count(Counter::StoreNewSessionsDeferred)), (2, 1));
+}

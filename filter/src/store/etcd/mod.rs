@@ -227,7 +227,7 @@ impl Dialect for Etcd<'_> {
     /// Elsewhere in the cluster, or a moment later, the call may succeed
     /// (a member without quorum, a leader election, a member that is down).
     fn retries(&self, error: &StoreError) -> bool {
-        matches!(error, StoreError::Timeout | StoreError::Unavailable(_))
+        matches!(error, StoreError::Timeout | StoreError::Unavailable(_) | StoreError::Busy)
     }
 }
 
