@@ -66,14 +66,18 @@ BAD_CONFIGS = {
 }
 
 
+def validate_changed(change, path):
+    """`envoy --mode validate` of the testbed bootstrap with its plugin config
+    changed; returns the result and everything Envoy printed."""
+    path.write_text(yaml.safe_dump(tb.render_bootstrap(tb.PortPlan(), 10000, 9901, _with(change))))
+    result = validate(path)
+    return result, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("case", BAD_CONFIGS)
 def test_bad_plugin_config_is_refused_naming_the_field(case, wasm, tmp_path):
     change, field = BAD_CONFIGS[case]
-    bootstrap = tb.render_bootstrap(tb.PortPlan(), 10000, 9901, _with(change))
-    path = tmp_path / f"{case}.yaml"
-    path.write_text(yaml.safe_dump(bootstrap))
-    result = validate(path)
-    output = result.stdout + result.stderr
+    result, output = validate_changed(change, tmp_path / f"{case}.yaml")
     filter_lines = [line for line in output.splitlines() if "wasm log" in line and "invalid config" in line]
     expect(result.returncode != 0, f"envoy --mode validate with a bad config ({case})", "a non-zero exit",
            f"exit 0\n{output[-2000:]}")
@@ -123,11 +127,7 @@ PASTED = {
 @pytest.mark.parametrize("case", PASTED)
 def test_a_secret_pasted_as_a_variable_name_is_refused_without_echoing_it(case, wasm, tmp_path):
     field, change = PASTED[case]
-    bootstrap = tb.render_bootstrap(tb.PortPlan(), 10000, 9901, _with(change))
-    path = tmp_path / f"{case}.yaml"
-    path.write_text(yaml.safe_dump(bootstrap))
-    result = validate(path)
-    output = result.stdout + result.stderr
+    result, output = validate_changed(change, tmp_path / f"{case}.yaml")
     expect(result.returncode != 0, f"envoy --mode validate with a secret in {case}", "a non-zero exit",
            f"exit 0\n{output[-2000:]}")
     expect(any(field in line and "must name an environment variable" in line for line in output.splitlines()),
