@@ -270,6 +270,49 @@ def test_tomcat_oversized_state_is_a_warning_not_a_500(bed):
                  "after a failover an oversized session starts empty (never an older copy)")
 
 
+# The adapter README's settings for a 64 KiB serialized session: the valve's
+# maxStateBytes, Tomcat's header limits, Envoy's header limits on the listener
+# and the app cluster, and the filter's store.max_state_bytes.
+BIG_VALVE = {"maxStateBytes": "98304"}
+BIG_CONNECTOR = {"maxHttpRequestHeaderSize": "131072", "maxHttpResponseHeaderSize": "131072"}
+
+
+def with_big_headers(bootstrap: dict):
+    """Envoy's request and response header limits at 128 KiB, as the adapter README says."""
+    for listener in bootstrap["static_resources"]["listeners"]:
+        if listener["name"] == "app":
+            listener["filter_chains"][0]["filters"][0]["typed_config"]["max_request_headers_kb"] = 128
+    for cluster in bootstrap["static_resources"]["clusters"]:
+        if cluster["name"] == "app":
+            options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            options.setdefault("common_http_protocol_options", {})["max_response_headers_kb"] = 128
+
+
+def test_tomcat_a_64_kib_session_survives_a_kill_with_the_documented_settings(wasm, tmp_path):
+    """64 KiB of incompressible attributes go through the store (webdis) and
+    come back on another Tomcat after a SIGKILL, with the README's settings."""
+    require_tool("java")
+    tomcats.build()
+    config = tb.default_filter_config()
+    config["store"]["max_state_bytes"] = 131072
+    bed = tomcats.TomcatTestbed(tb.PortPlan.free(), tmp_path, valve=tomcats.demo_valve(**BIG_VALVE),
+                                connector=BIG_CONNECTOR, filter_config=config)
+    bed.bootstrap_patches.append(with_big_headers)
+    with bed:
+        shopper, _ = shop(bed, "apple")
+        reply = shopper.send("POST", "/big?kb=64")
+        expect_equal(reply.status_code, 200, f"a 64 KiB session answers ({describe(reply)})")
+        tomcat = bed.tomcats[serving(bed, reply)]
+        expect_equal(counters(tomcat).get("statesOversized", 0), 0, "no state over maxStateBytes")
+        tb.wait_until(lambda: bed.envoy.filter_counters().get("store.writes", 0) >= 2, 10.0, "the big state stored")
+        kill_serving(bed, reply)
+        after = shopper.json("GET", "/cart")
+        expect_equal((after["items"], after["report_bytes"]), ({"apple": 1}, 64 * 1024),
+                     "every attribute back on another Tomcat, the 64 KiB one too")
+        counters_now = bed.envoy.filter_counters()
+        expect_equal(counters_now.get("store.states_oversize", 0), 0, "no state over store.max_state_bytes")
+
+
 def test_tomcat_cookieless_probes_make_no_sessions(bed):
     """A probe that never asks for a session (no getSession()) gets no Tomcat
     session, no cookie and no store write; the first getSession() makes one

@@ -230,12 +230,12 @@ class TomcatTestbed(tb.Testbed):
     same ports, each with the valve and the demo app."""
 
     def __init__(self, ports: tb.PortPlan, workdir: Path, valve: dict[str, str] | None = None, line: str = "10",
-                 **kwargs):
+                 connector: dict[str, str] | None = None, **kwargs):
         super().__init__(ports, workdir, **kwargs)
         build(say=self.say)
         # In mesh mode (--mesh) each Tomcat listens on its app port, behind its sidecar.
         self.tomcats = [Tomcat(b.name, b.app_port or b.port, self.workdir / f"tomcat-{b.name}", valve or demo_valve(),
-                               line=line) for b in self.backends]
+                               connector=connector, line=line) for b in self.backends]
         for backend, tomcat in zip(self.backends, self.tomcats):
             backend.process = tomcat.process
 
