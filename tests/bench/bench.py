@@ -1698,7 +1698,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="sessions for the failover latency figures (default 200)")
     ap.add_argument("--failover-parts", type=lambda s: [x for x in s.split(",") if x],
                     help="comma-separated subset of the failover measurements (known_gone, known_gone_etcd, "
-                         "found_mid_request, kill_under_load, store_footprint, store_footprint_etcd)")
+                         "found_mid_request, kill_under_load, store_footprint, store_footprint_etcd, storm, "
+                         "storm_etcd, and native_ before known_gone, kill_under_load, storm, storm_etcd)")
+    ap.add_argument("--storm-sessions", type=int, default=1000,
+                    help="sessions on the pod that dies in the storm measurements (default 1000)")
     ap.add_argument("--noise-limit", type=float, default=0.03,
                     help="largest share of Envoy's CPU other programs may take during a run "
                          "(twice that on the load CPU) before the run is repeated; 1 disables "

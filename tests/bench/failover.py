@@ -30,6 +30,15 @@ kill_under_load
     killed mid-run. A session lost state if the count the backend returns ever
     fails to increase by one. Must be 0.
 
+storm, storm_etcd, native_storm, native_storm_etcd
+    One backend holding --storm-sessions sessions (1,000 by default) dies
+    (SIGKILL); then every one of those sessions sends its next request at once
+    (64 clients in parallel, each on a new connection, following redirects).
+    Reported: the time from the kill until every session was served again,
+    p50/p99 of a failover request (redirects included), the most redirects
+    one session took, store calls per failover, errors and lost states (both
+    must be 0).
+
 store_footprint (webdis and etcd)
     New sessions through the filter for two seconds (wrk, no cookie: each
     request is a new session whose state the filter writes): store calls per
@@ -54,6 +63,7 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bench as b
@@ -221,9 +231,11 @@ def count_of(data: dict) -> int | None:
 
 
 def cookie_host(cookie: str | None) -> str | None:
-    """The host a cookie pins (2|sid|cluster tag|host|instance|...)."""
-    parts = (cookie or "").split("|")
-    return parts[3] if len(parts) >= 10 and parts[0] == "2" else None
+    """The host a cookie pins (sealed cookies are opened with the bench's key)."""
+    try:
+        return b.cookie_signer.parse(cookie or "", {b.KID: b.SECRET}).host
+    except ValueError:
+        return None
 
 
 def new_sessions(env: b.Envoy, want: int, host: str | None, max_tries: int) -> list[Client]:
@@ -309,6 +321,44 @@ def measure_known_gone(bench: b.Bench, sessions: int, native: bool = False, stor
         reference_pinned=latency_summary(ref),
         counters={k.removeprefix("session_affinity."): v
                   for k, v in counters.items() if v})
+
+
+def measure_storm(bench: b.Bench, sessions: int, native: bool = False, store: str = "webdis",
+                  parallel: int = 64) -> dict:
+    tag = f"storm-{store}" + "-native" * native
+    backends = Backends(bench, tag)
+    backends.start_all()
+    env = filter_envoy(bench, tag, backends.hosts, gone_ttl="10m", native=native, store=store)
+    env.wait_ready()
+    victim = backends.hosts[0]
+    clients = new_sessions(env, sessions, victim, max_tries=sessions * 8)
+    for c in clients:
+        c.close()  # a thousand idle kept-alive connections are not what a storm looks like
+    calls_before = store_calls(env)
+    t0 = time.perf_counter()
+    backends.kill(victim)
+    with ThreadPoolExecutor(parallel) as pool:
+        results = list(pool.map(timed_first_request, clients))
+    all_served_s = time.perf_counter() - t0
+    calls = store_calls(env) - calls_before
+    for c in clients:
+        c.close()
+    statuses: dict[int, int] = {}
+    for _, status, _, _ in results:
+        statuses[status] = statuses.get(status, 0) + 1
+    time.sleep(1.5)  # wasm workers flush counters about once a second
+    counters = env.stats()
+    bench.procs.stop(env.proc)  # type: ignore[arg-type]
+    for port in list(backends.procs):
+        bench.procs.stop(backends.procs.pop(port))  # type: ignore[arg-type]
+    return latency_summary(
+        [ms for ms, *_ in results], store=store, sessions=sessions, parallel=parallel,
+        all_served_s=round(all_served_s, 3), statuses=statuses,
+        errors=sum(n for status, n in statuses.items() if status != 200),
+        lost_state=sum(1 for *_, kept in results if not kept),
+        most_redirects=max((redirects for _, _, redirects, _ in results), default=0),
+        store_calls_per_failover=round(calls / max(1, sessions), 3),
+        counters={k.removeprefix("session_affinity."): v for k, v in counters.items() if v})
 
 
 def measure_found_mid_request(bench: b.Bench, sessions: int, gone_ttl_s: float = 1.0) -> dict:
@@ -436,6 +486,7 @@ def measure_store_footprint(bench: b.Bench, store: str, seconds: float = 2.0) ->
 
 
 def run(bench: b.Bench, sessions: int) -> dict:
+    storm = bench.args.storm_sessions
     script = Path(os.environ.get("SA_BENCH_DEMO_BACKEND", str(DEMO_BACKEND)))
     if not script.exists():
         return {"error": f"demo backend {script} is missing"}
@@ -452,10 +503,14 @@ def run(bench: b.Bench, sessions: int) -> dict:
              ("found_mid_request", lambda: measure_found_mid_request(bench, max(3, sessions // 10))),
              ("kill_under_load", lambda: measure_kill_under_load(bench)),
              ("store_footprint", lambda: measure_store_footprint(bench, "webdis")),
-             ("store_footprint_etcd", lambda: measure_store_footprint(bench, "etcd"))]
+             ("store_footprint_etcd", lambda: measure_store_footprint(bench, "etcd")),
+             ("storm", lambda: measure_storm(bench, storm)),
+             ("storm_etcd", lambda: measure_storm(bench, storm, store="etcd"))]
     if (b.NATIVE_DIR / b.NATIVE_SO).exists():
         steps += [("native_known_gone", lambda: measure_known_gone(bench, sessions, native=True)),
-                  ("native_kill_under_load", lambda: measure_kill_under_load(bench, native=True))]
+                  ("native_kill_under_load", lambda: measure_kill_under_load(bench, native=True)),
+                  ("native_storm", lambda: measure_storm(bench, storm, native=True)),
+                  ("native_storm_etcd", lambda: measure_storm(bench, storm, native=True, store="etcd"))]
     steps = [step for step in steps if not bench.args.failover_parts or step[0] in bench.args.failover_parts]
     if any(key.endswith("_etcd") for key, _ in steps):
         if shutil.which("etcd"):
