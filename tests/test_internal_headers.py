@@ -8,7 +8,7 @@ import base64
 import json
 from collections import Counter as Tally
 
-from harness import expect, expect_equal
+from harness import expect, expect_equal, verify_cookie
 
 
 def route_header(address: str) -> str:
@@ -26,8 +26,9 @@ def test_client_session_id_is_replaced(client):
     expect(body["session"] != "attacker-chosen-session", "the app sees the filter's session id",
            "a fresh id", body["session"])
     expect_equal(body["received"].get("x-session-new"), "1", "it is a new session")
-    expect(reply.cookie and f"|{body['session']}|" in reply.cookie, "the cookie carries the filter's id",
-           body["session"], reply.cookie)
+    expect(reply.cookie, "a cookie for the new session", "Set-Cookie", reply.describe())
+    expect_equal(verify_cookie(reply.cookie, client.envoy.filter_config).sid, body["session"],
+                 "the cookie carries the filter's id")
 
 
 def test_client_session_id_cannot_switch_session(client):
