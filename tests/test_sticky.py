@@ -20,7 +20,8 @@ def test_first_request_gets_a_signed_cookie(client, testbed, filter_config):
     expect_equal(len(claims.sid), 22, "session id length (16 random bytes, base64url)")
     expect(abs(claims.iat - now) < 60, "iat is now", now, claims.iat)
     expect_equal(claims.exp - claims.iat, 3600, "lifetime (cookie.ttl 1h)")
-    expect_equal(claims.flags, 0, "flags")
+    expect_equal(claims.flags, 2, "flags: a new session's (its store entry lives store.new_session_ttl until the "
+                 "cookie comes back)")
     expect_equal(body["session"], claims.sid, "session id the backend saw")
     expect_equal(body["received"].get("x-session-new"), "1", "x-session-new on the first request")
     expect_equal(body["count"], 1, "count")
@@ -30,6 +31,9 @@ def test_first_request_gets_a_signed_cookie(client, testbed, filter_config):
     for header in ("x-session-state", "x-session-unknown"):
         expect(header not in reply.headers, f"{header} is stripped from the response", "absent",
                reply.headers.get(header))
+    back = client.get(cookie=reply.cookie)
+    expect(back.cookie, "the cookie's first return re-issues it", "Set-Cookie", back.describe())
+    expect_equal(verify_cookie(back.cookie, filter_config).flags, 0, "flags once the cookie came back")
 
 
 def test_hundred_requests_stay_on_one_backend(client):
