@@ -662,8 +662,13 @@ def envoy_config(*, listen_port: int, admin_port: int, upstream_hosts: list[str]
                                     "unhealthy_threshold": 1, "healthy_threshold": 1,
                                     "no_traffic_interval": hc_interval,
                                     "http_health_check": {"path": "/healthz"}}],
+                 # As envoy/testbed.yaml: host changes reach the worker at once,
+                 # no panic balancing onto dead hosts, and a storm of failovers
+                 # may all retry (Envoy's default allows 3 retries in flight).
                  "common_lb_config": {"override_host_status": {
-                     "statuses": ["UNKNOWN", "HEALTHY", "DEGRADED", "DRAINING"]}}},
+                     "statuses": ["UNKNOWN", "HEALTHY", "DEGRADED", "DRAINING"]},
+                     "healthy_panic_threshold": {"value": 0}, "update_merge_window": "0s"},
+                 "circuit_breakers": {"thresholds": [{"max_retries": 1024}]}},
                 {"name": "session_store", "type": "STATIC", "connect_timeout": "1s",
                  "load_assignment": {"cluster_name": "session_store", "endpoints": [
                      {"lb_endpoints": [endpoint(h) for h in store_hosts]}]}},
