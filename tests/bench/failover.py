@@ -277,6 +277,17 @@ def timed_first_request(c: Client) -> tuple[float, int, int, bool]:
     return ms, status, redirects, kept
 
 
+def finish(bench: b.Bench, env: b.Envoy, backends: Backends) -> dict:
+    """Stops the Envoy and the backends of one measurement; returns the Envoy's
+    counters, read after the wasm workers flushed them (about once a second)."""
+    time.sleep(1.5)
+    counters = env.stats()
+    bench.procs.stop(env.proc)  # type: ignore[arg-type]
+    for port in list(backends.procs):
+        bench.procs.stop(backends.procs.pop(port))  # type: ignore[arg-type]
+    return counters
+
+
 def measure_known_gone(bench: b.Bench, sessions: int, native: bool = False, store: str = "webdis") -> dict:
     backends = Backends(bench, f"known-{store}" + "-native" * native)
     backends.start_all()
@@ -308,11 +319,7 @@ def measure_known_gone(bench: b.Bench, sessions: int, native: bool = False, stor
     calls = store_calls(env) - calls_before
     for c in clients:
         c.close()
-    time.sleep(1.5)  # wasm workers flush counters about once a second
-    counters = env.stats()
-    bench.procs.stop(env.proc)  # type: ignore[arg-type]
-    for port in list(backends.procs):
-        bench.procs.stop(backends.procs.pop(port))  # type: ignore[arg-type]
+    counters = finish(bench, env, backends)
     return latency_summary(
         ms, all_ms=[round(x, 3) for x in ms], statuses=statuses, redirected=redirected, lost_state=lost, store=store,
         store_calls_per_failover=round(calls / max(1, len(clients) - 1), 3),
@@ -346,11 +353,7 @@ def measure_storm(bench: b.Bench, sessions: int, native: bool = False, store: st
     statuses: dict[int, int] = {}
     for _, status, _, _ in results:
         statuses[status] = statuses.get(status, 0) + 1
-    time.sleep(1.5)  # wasm workers flush counters about once a second
-    counters = env.stats()
-    bench.procs.stop(env.proc)  # type: ignore[arg-type]
-    for port in list(backends.procs):
-        bench.procs.stop(backends.procs.pop(port))  # type: ignore[arg-type]
+    counters = finish(bench, env, backends)
     return latency_summary(
         [ms for ms, *_ in results], store=store, sessions=sessions, parallel=parallel,
         all_served_s=round(all_served_s, 3), statuses=statuses,
