@@ -13,7 +13,7 @@
 //! compare-and-swap with a bounded number of tries: a lost race is reported,
 //! never waited on.
 
-use crate::host::SharedData;
+use crate::host::{update_shared, SharedData};
 
 /// Buckets, by a hash of the session id.
 const BUCKETS: u64 = 16;
@@ -48,21 +48,15 @@ pub fn remember(shared: &dyn SharedData, sid: &str, until_ms: u64, now_ms: u64) 
     if !listable(sid) {
         return false;
     }
-    let key = key(sid);
-    for _ in 0..CAS_TRIES {
-        let (value, cas) = shared.get(&key);
-        let mut kept: Vec<(&str, u64)> = entries(value.as_deref()).into_iter().filter(|&(s, until)| until > now_ms && s != sid).collect();
+    update_shared(shared, &key(sid), CAS_TRIES, |value| {
+        let mut kept: Vec<(&str, u64)> = entries(value).into_iter().filter(|&(s, until)| until > now_ms && s != sid).collect();
         while kept.len() >= PER_BUCKET {
             let Some(first) = kept.iter().enumerate().min_by_key(|(_, (_, until))| *until).map(|(i, _)| i) else { break };
             kept.swap_remove(first);
         }
         kept.push((sid, until_ms));
-        let text: String = kept.iter().map(|(s, until)| format!("{s} {until}\n")).collect();
-        if shared.set(&key, text.as_bytes(), cas) {
-            return true;
-        }
-    }
-    false
+        Some(kept.iter().map(|(s, until)| format!("{s} {until}\n")).collect::<String>().into_bytes())
+    })
 }
 
 /// Whether `sid` is listed as ended at `now_ms`.

@@ -16,7 +16,7 @@
 
 use std::collections::HashSet;
 
-use crate::host::SharedData;
+use crate::host::{update_shared, SharedData};
 use crate::ids::{is_instance, is_upstream};
 
 /// The shared-data key holding the table.
@@ -207,21 +207,18 @@ impl SeenHosts {
             self.0.clear();
         }
         self.0.insert(upstream.to_string());
-        for _ in 0..CAS_TRIES {
-            let (value, cas) = shared.get(SEEN_KEY);
-            let text = value.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default();
-            let mut lines: Vec<&str> = text.lines().collect();
+        // A lost race only leaves the host unseen by the other workers.
+        update_shared(shared, SEEN_KEY, CAS_TRIES, |value| {
+            let mut lines: Vec<&str> = value.and_then(|v| std::str::from_utf8(v).ok()).unwrap_or("").lines().collect();
             if lines.contains(&upstream) {
-                return;
+                return None;
             }
             if lines.len() >= MAX_SEEN {
                 lines.drain(..MAX_SEEN / 2);
             }
             lines.push(upstream);
-            if shared.set(SEEN_KEY, lines.join("\n").as_bytes(), cas) {
-                return;
-            }
-        }
+            Some(lines.join("\n").into_bytes())
+        });
     }
 
     /// Whether any worker of this proxy saw `upstream` answer.

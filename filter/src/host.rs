@@ -22,6 +22,21 @@ pub trait SharedData {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
 }
 
+/// Rewrites shared entry `key` from its current value with compare-and-swap,
+/// at most `tries` times (a lost race is retried, never waited on). `next`
+/// gives the new value, or None when the current one needs no change. False
+/// when every race was lost.
+pub fn update_shared(shared: &dyn SharedData, key: &str, tries: usize, next: impl Fn(Option<&[u8]>) -> Option<Vec<u8>>) -> bool {
+    for _ in 0..tries {
+        let (value, cas) = shared.get(key);
+        let Some(new) = next(value.as_deref()) else { return true };
+        if shared.set(key, &new, cas) {
+            return true;
+        }
+    }
+    false
+}
+
 /// What a worker's own context can do (and every stream too): shared data,
 /// store calls, the clock, randomness.
 pub trait WorkerHost: SharedData {

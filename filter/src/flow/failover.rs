@@ -68,7 +68,7 @@ impl Flow {
             self.start_new_session(host);
             return Action::Continue;
         }
-        if self.worker.has_ended(&*host, from.sid(), host.now_ms()) {
+        if crate::ended::has_ended(&*host, from.sid(), host.now_ms()) {
             // Its tombstone may not have reached the store: never restore it.
             info!("[{}] a failover of a session this proxy ended; starting a new one", self.context_id);
             self.start_new_session(host);
@@ -122,7 +122,7 @@ impl Flow {
             Err(error) => return self.store_outage(host, &format!("{error:?}")),
         };
         match reply {
-            Reply::Acquired { .. } if self.worker.has_ended(&*host, failover.from.sid(), host.now_ms()) => {
+            Reply::Acquired { .. } if crate::ended::has_ended(&*host, failover.from.sid(), host.now_ms()) => {
                 // Ended here while the store was asked.
                 self.release(host, &failover);
                 self.start_new_session(host);

@@ -356,12 +356,6 @@ impl Worker {
         }
     }
 
-    /// Whether this proxy ended session `sid` without the store's word (and
-    /// a tombstone would still stand).
-    pub fn has_ended(&self, shared: &dyn SharedData, sid: &str, now_ms: u64) -> bool {
-        crate::ended::has_ended(shared, sid, now_ms)
-    }
-
     /// Counts a worker call forgotten because the worker's queue was full
     /// (the store is far behind); a change it carried is not protected.
     fn dropped(&self, op: &Op) {
