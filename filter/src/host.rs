@@ -80,7 +80,7 @@ pub trait HttpHost: WorkerHost {
     fn set_timer(&mut self, after_ms: u64) -> bool;
     /// Asks for the calls the worker queued to be sent soon from a context
     /// that outlives the stream (the wasm shell: the worker's root context,
-    /// which runs `Worker::send_queued`; the native module: Envoy's main thread).
+    /// which runs `Worker::on_tick`; the native module: Envoy's main thread).
     fn wake_worker(&mut self);
     fn resume_request(&mut self);
     fn resume_response(&mut self);

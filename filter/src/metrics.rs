@@ -6,7 +6,7 @@
 //! hook (Envoy's native counters cost an atomic add).
 //!
 //! Names are `session_affinity.<area>.<event>`, areas `sessions`, `cookies`,
-//! `failovers`, `store` and `gone` (Envoy shows them as
+//! `failovers`, `store`, `gone` and `internal` (Envoy shows them as
 //! `wasmcustom.session_affinity.…`, Prometheus as `session_affinity_…`).
 
 use std::cell::{Cell, RefCell};
@@ -80,6 +80,7 @@ counters! {
     StoreBreakerRejected => "store.breaker_rejected": "store calls failed at once by the open breaker",
     GoneMarked => "gone.marked": "hosts or instances marked gone",
     GoneCleared => "gone.cleared": "gone marks forgotten because the host answered again",
+    InternalErrors => "internal.errors": "work skipped because the filter found its own state in use (a bug: please report it)",
 }
 
 impl Counter {
@@ -166,7 +167,7 @@ mod tests {
             assert_eq!(*c as usize, i, "{}", c.name());
             assert!(names.insert(c.name()), "{} twice", c.name());
             let area = c.name().split('.').nth(1).unwrap();
-            assert!(["sessions", "cookies", "failovers", "store", "gone"].contains(&area), "{}", c.name());
+            assert!(["sessions", "cookies", "failovers", "store", "gone", "internal"].contains(&area), "{}", c.name());
         }
     }
 

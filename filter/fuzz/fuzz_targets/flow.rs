@@ -11,7 +11,7 @@
 //! instance id, state, unknown, end, rotate, unreached; trailers), body
 //! chunks, store answers (typed replies as webdis renders them, echoing the
 //! call or another one; errors, garbage, no answer), stray answers, timers
-//! firing, the worker's tick (`send_queued`, the gone table refresh) and
+//! firing, the worker's tick (`on_tick`, the gone table refresh) and
 //! answers to the worker's calls, clock jumps, no CSPRNG, calls that cannot
 //! start, lost CAS races, and garbage in shared data. At the end every call
 //! times out and every timer fires, as they would.
@@ -478,7 +478,7 @@ impl World {
         self.root.no_random = self.no_random;
         self.root.no_store = self.store_down;
         let before = self.root.calls.len();
-        self.worker.send_queued(&mut self.root, &self.config);
+        self.worker.on_tick(&mut self.root, &self.config);
         self.worker.gone.borrow_mut().refresh(&self.root);
         for call in &self.root.calls[before..] {
             self.check_call(call);
@@ -497,7 +497,7 @@ impl World {
         let (status, body) = self.answer_body(&call, answer);
         let token = u64::try_from(i + 1).unwrap();
         let now_ms = self.now_ms;
-        self.worker.on_detached_reply(&mut self.root, &self.config, token, status, &body, now_ms);
+        self.worker.on_reply(&mut self.root, &self.config, token, status, &body, now_ms);
     }
 
     fn put(&self, key: &str, bytes: Vec<u8>) {

@@ -10,8 +10,11 @@
 //! - [`failover`]: the failover state machine (store lease, polls, restore,
 //!   commit);
 //! - [`issue`]: cookies and the filter's local replies;
-//! - [`worker`]: what the streams of one worker share, and every store call.
+//! - [`worker`]: what the streams of one worker share, and every store call;
+//! - [`background`]: the worker's own work: calls that outlive their stream,
+//!   and the tick cadence.
 
+pub mod background;
 pub mod failover;
 mod issue;
 pub mod request;

@@ -1,7 +1,7 @@
 //! What every stream of one worker shares: counters, the local copy of the
-//! gone table, the verified-cookie cache, and the store calls that outlive
-//! their stream. Also the one place store calls are made and their answers
-//! read, so the breaker, the counters and the reply checks apply to all.
+//! gone table, the verified-cookie cache, and the background work
+//! (`background.rs`). Also the one place store calls are made and their
+//! answers read, so the breaker, the counters and the reply checks apply to all.
 
 use std::cell::{Cell, RefCell};
 
@@ -13,13 +13,11 @@ use crate::breaker::{Admit, Breaker, Transition};
 use crate::config::{Config, StoreSettings};
 use crate::cookie::{cluster_tag, ClusterTag, VerifiedCookies};
 use crate::gone::{GoneTable, SeenHosts};
+use super::background::Background;
 use crate::host::{HttpHost, SharedData, WorkerHost};
 use crate::metrics::{Counter, Metrics};
 use crate::store::{Client, Memory, Op, Progress, Reply, StoreCall, StoreError, MAX_CALLS};
 
-/// Worker calls queued or in flight at most; beyond it the oldest are
-/// forgotten, counted (a store that never answers cannot grow this).
-const MAX_DETACHED: usize = 1024;
 /// One "state changes are not protected" line per worker per this interval.
 const UNPROTECTED_LOG_INTERVAL_MS: u64 = 10_000;
 
@@ -32,15 +30,13 @@ pub struct Worker {
     /// The last cluster name seen and its tag (hashing it per request would
     /// cost a SHA-256 block on the hot path).
     cluster: RefCell<Option<(String, ClusterTag)>>,
-    /// Store calls that must outlive their stream, queued until the worker
-    /// sends them from its own context ([`Worker::send_queued`]).
-    queued: RefCell<Vec<StoreCall>>,
-    /// The worker's calls in flight: (token, call, start time).
-    detached: RefCell<Vec<(u64, StoreCall, u64)>>,
-    /// The worker's calls that failed and go out again at a time: (due, call).
-    retrying: RefCell<Vec<(u64, StoreCall)>>,
+    /// The store calls that outlive their stream (`background.rs`).
+    background: RefCell<Background>,
     /// What store calls taught the worker (etcd's token and leases).
     store_memory: RefCell<Memory>,
+    /// The shared-data generation the gone table was last read at, when the
+    /// host numbers its writes ([`Worker::refresh_gone`]).
+    gone_read_at: Cell<Option<u64>>,
     /// Feeds the keyed fallback for unguessable ids when the host has no CSPRNG.
     ids_made: Cell<u64>,
     unprotected: Cell<u64>,
@@ -72,6 +68,23 @@ pub enum Answer {
 impl Worker {
     pub fn count(&self, counter: Counter) {
         self.metrics.incr(counter);
+    }
+
+    /// Re-reads the proxy's gone table into this worker's copy: every time
+    /// (wasm: once per idle tick), or, when the host numbers its shared-data
+    /// writes (`generation`), only if any were made since the last read
+    /// (native: at every request, an atomic load).
+    pub fn refresh_gone(&self, shared: &dyn SharedData, generation: Option<u64>) {
+        if generation.is_some() && self.gone_read_at.get() == generation {
+            return;
+        }
+        let Ok(mut gone) = self.gone.try_borrow_mut() else {
+            debug_assert!(false, "gone table borrowed during a refresh");
+            self.count(Counter::InternalErrors);
+            return;
+        };
+        gone.refresh(shared);
+        self.gone_read_at.set(generation);
     }
 
     /// The tag of the route's cluster.
@@ -110,7 +123,7 @@ impl Worker {
     }
 
     /// The call for `op`, unless the breaker is open (counted).
-    fn make_call(&self, host: &mut impl WorkerHost, config: &Config, context_id: u32, op: Op) -> Option<StoreCall> {
+    pub(super) fn make_call(&self, host: &mut impl WorkerHost, config: &Config, context_id: u32, op: Op) -> Option<StoreCall> {
         let store = config.store.as_ref()?;
         if Worker::breaker(&*host, store).admit(host.now_ms()) == Admit::Reject {
             self.count(Counter::StoreBreakerRejected);
@@ -127,111 +140,34 @@ impl Worker {
     pub fn call_store(&self, host: &mut impl HttpHost, config: &Config, context_id: u32, op: Op) -> Option<Sent> {
         let call = self.make_call(host, config, context_id, op)?;
         let now = host.now_ms();
-        let Some(token) = host.dispatch(&call) else {
-            self.count(Counter::StoreErrors);
-            if let Some(store) = &config.store {
-                Worker::breaker(&*host, store).failed(now, now);
-            }
-            return None;
-        };
+        let token = self.dispatch(host, config, &call)?;
         Some(Sent { token, call, started_ms: now })
     }
 
-    /// Queues `op` for the worker to send: the call outlives the stream, and
-    /// its answer is counted by the worker. False when the breaker is open.
-    pub fn send_later(&self, host: &mut impl HttpHost, config: &Config, context_id: u32, op: Op) -> bool {
-        let Some(call) = self.make_call(host, config, context_id, op) else { return false };
-        self.enqueue(call);
-        host.wake_worker();
-        true
-    }
-
-    /// Queues a call for [`Worker::send_queued`]. A session's state writes go
-    /// out one at a time, and a newer one replaces a queued older one, so they
-    /// land in order.
-    pub fn enqueue(&self, call: StoreCall) {
-        let Ok(mut queued) = self.queued.try_borrow_mut() else { return };
-        match queued.iter_mut().find(|q| is_write(&q.op) && is_write(&call.op) && q.op.sid() == call.op.sid()) {
-            Some(older) => *older = call,
-            None => {
-                if queued.len() >= MAX_DETACHED {
-                    let dropped = queued.remove(0);
-                    self.dropped(&dropped.op);
-                }
-                queued.push(call);
+    /// Starts a call; a call that cannot start is a store failure (counted,
+    /// and the breaker hears of it).
+    pub(super) fn dispatch(&self, host: &mut impl WorkerHost, config: &Config, call: &StoreCall) -> Option<u64> {
+        let token = host.dispatch(call);
+        if token.is_none() {
+            self.count(Counter::StoreErrors);
+            if let Some(store) = &config.store {
+                let now = host.now_ms();
+                Worker::breaker(&*host, store).failed(now, now);
             }
         }
+        token
     }
 
-    /// Takes the queued calls: [`Worker::send_queued`] does, and so does a
-    /// shell whose workers hand their calls to one long-lived sender (each
-    /// call goes to that sender's [`Worker::enqueue`]).
-    pub fn take_queued(&self) -> Vec<StoreCall> {
-        self.queued.try_borrow_mut().map(|mut q| std::mem::take(&mut *q)).unwrap_or_default()
-    }
-
-    /// Whether calls wait to be sent.
-    pub fn has_queued(&self) -> bool {
-        self.queued.try_borrow().is_ok_and(|q| !q.is_empty()) || self.retrying.try_borrow().is_ok_and(|r| !r.is_empty())
-    }
-
-    /// Sends the queued calls, from the worker's own context (so their answers
-    /// come to the worker, and no stream's end cancels them).
-    pub fn send_queued(&self, host: &mut impl WorkerHost, config: &Config) {
-        self.send_retries(host, config);
-        for call in self.take_queued() {
-            let sid = call.op.sid();
-            let busy = self.detached.try_borrow().is_ok_and(|d| d.iter().any(|(_, c, _)| c.op.sid() == sid))
-                || self.retrying.try_borrow().is_ok_and(|r| r.iter().any(|(_, c)| c.op.sid() == sid));
-            if busy {
-                // The session's previous call is still out: this one waits its turn.
-                if let Ok(mut queued) = self.queued.try_borrow_mut() {
-                    queued.push(call);
-                }
-                continue;
-            }
-            let now = host.now_ms();
-            let Some(token) = host.dispatch(&call) else {
-                self.count(Counter::StoreErrors);
-                if let Some(store) = &config.store {
-                    Worker::breaker(&*host, store).failed(now, now);
-                }
-                if is_state_change(&call.op) {
-                    self.unprotected(now);
-                }
-                continue;
-            };
-            self.track(Sent { token, call, started_ms: now });
-        }
-    }
-
-    /// Sends the worker's retries that are due.
-    fn send_retries(&self, host: &mut impl WorkerHost, config: &Config) {
-        let now = host.now_ms();
-        let due: Vec<(u64, StoreCall)> = match self.retrying.try_borrow_mut() {
-            Ok(mut retrying) => {
-                let (due, later) = std::mem::take(&mut *retrying).into_iter().partition(|(at, _)| *at <= now);
-                *retrying = later;
-                due
-            }
-            Err(_) => Vec::new(),
+    /// Runs `f` on the background lists. The borrow cannot conflict: no
+    /// caller calls out while it holds it. Were it to, the work is skipped
+    /// and counted as an internal error.
+    pub(super) fn background<R>(&self, f: impl FnOnce(&mut Background) -> R) -> Option<R> {
+        let Ok(mut background) = self.background.try_borrow_mut() else {
+            debug_assert!(false, "background lists borrowed twice");
+            self.count(Counter::InternalErrors);
+            return None;
         };
-        for (_, call) in due {
-            let op = call.op.clone();
-            let answer = self.resend(host, config, call);
-            self.detached_answer(&op, answer, now);
-        }
-    }
-
-    /// Remembers a worker call in flight.
-    fn track(&self, sent: Sent) {
-        if let Ok(mut calls) = self.detached.try_borrow_mut() {
-            if calls.len() >= MAX_DETACHED {
-                let (_, dropped, _) = calls.remove(0);
-                self.dropped(&dropped.op);
-            }
-            calls.push((sent.token, sent.call, sent.started_ms));
-        }
+        Some(f(&mut background))
     }
 
     /// Reads the answer to a call, counting failures and feeding the breaker
@@ -248,7 +184,7 @@ impl Worker {
         };
         let result = match progress {
             Ok(Progress::Done(reply)) => Ok(reply),
-            Ok(Progress::Call(call)) => return self.send_next(host, store, call, now_ms),
+            Ok(Progress::Call(call)) => return self.send_next(host, config, call, now_ms),
             Ok(Progress::Retry { call, error, pause_ms }) => {
                 self.count_failure(&error);
                 info!("store {} call failed ({error:?}); trying again in {pause_ms} ms, call {} of at most {MAX_CALLS}", call.op.name(), call.calls);
@@ -274,21 +210,15 @@ impl Worker {
 
     /// Sends a call that failed before, again.
     pub fn resend(&self, host: &mut impl WorkerHost, config: &Config, call: StoreCall) -> Answer {
-        match &config.store {
-            Some(store) => self.send_next(host, store, call, host.now_ms()),
-            None => Answer::Reply(Err(StoreError::Unavailable(0))),
-        }
+        let now = host.now_ms();
+        self.send_next(host, config, call, now)
     }
 
     /// Sends an operation's next call.
-    fn send_next(&self, host: &mut impl WorkerHost, store: &StoreSettings, call: StoreCall, now_ms: u64) -> Answer {
-        match host.dispatch(&call) {
+    fn send_next(&self, host: &mut impl WorkerHost, config: &Config, call: StoreCall, now_ms: u64) -> Answer {
+        match self.dispatch(host, config, &call) {
             Some(token) => Answer::Waiting(Box::new(Sent { token, call, started_ms: now_ms })),
-            None => {
-                self.count(Counter::StoreErrors);
-                Worker::breaker(&*host, store).failed(now_ms, now_ms);
-                Answer::Reply(Err(StoreError::Unavailable(0)))
-            }
+            None => Answer::Reply(Err(StoreError::Unavailable(0))),
         }
     }
 
@@ -308,60 +238,11 @@ impl Worker {
         }
     }
 
-    /// The answer to a detached call (the stream may be gone): counted, never acted on.
-    pub fn on_detached_reply(&self, host: &mut impl WorkerHost, config: &Config, token: u64, status: Option<u32>, body: &[u8], now_ms: u64) {
-        let found = self.detached.try_borrow_mut().ok().and_then(|mut calls| {
-            let at = calls.iter().position(|(t, _, _)| *t == token)?;
-            Some(calls.remove(at))
-        });
-        let Some((_, call, started_ms)) = found else { return };
-        let sent = Sent { token, call, started_ms };
-        let answer = self.store_reply(host, config, &sent, status, body, now_ms);
-        self.detached_answer(&sent.call.op, answer, now_ms);
-    }
-
-    /// What the worker does with what a detached call led to: wait for the
-    /// next call, retry later, or count the outcome.
-    fn detached_answer(&self, op: &Op, answer: Answer, now_ms: u64) {
-        let result = match answer {
-            Answer::Reply(result) => result,
-            Answer::Waiting(next) => return self.track(*next),
-            Answer::Later { call, due_ms } => {
-                if let Ok(mut retrying) = self.retrying.try_borrow_mut() {
-                    if retrying.len() >= MAX_DETACHED {
-                        let (_, dropped) = retrying.remove(0);
-                        self.dropped(&dropped.op);
-                    }
-                    retrying.push((due_ms, *call));
-                }
-                return;
-            }
-        };
-        match result {
-            Ok(Reply::Conflict { owner }) if matches!(op, Op::Write { .. } | Op::Commit { .. }) => {
-                self.count(Counter::StoreWritesRejected);
-                warn!("store refused a {} from a host that does not own the session (owner {owner:?})", op.name());
-            }
-            Ok(_) => {}
-            Err(_) if is_state_change(op) => self.unprotected(now_ms),
-            Err(_) => {}
-        }
-    }
-
     /// Lists `sid` as ended for every worker of this proxy until `until_ms`:
     /// its tombstone is not known to stand in the store.
     pub fn remember_ended(&self, shared: &dyn SharedData, sid: &str, until_ms: u64, now_ms: u64) {
         if !crate::ended::remember(shared, sid, until_ms, now_ms) {
             warn!("could not list session {sid} as ended for the other workers (shared data busy)");
-        }
-    }
-
-    /// Counts a worker call forgotten because the worker's queue was full
-    /// (the store is far behind); a change it carried is not protected.
-    fn dropped(&self, op: &Op) {
-        self.count(Counter::StoreCallsDropped);
-        if is_state_change(op) {
-            self.count(Counter::StoreWritesUnprotected);
         }
     }
 
@@ -413,10 +294,6 @@ fn store_answered(error: &StoreError) -> bool {
         StoreError::Unavailable(status) => (400..500).contains(status),
         StoreError::Timeout | StoreError::Busy => false,
     }
-}
-
-fn is_write(op: &Op) -> bool {
-    matches!(op, Op::Write { .. })
 }
 
 /// Whether an operation carries a change of the session that a failed call loses.

@@ -9,8 +9,9 @@
 //! Call routing: the SDK hands an HTTP call's answer to the context that was
 //! running when the call was made, not to the one the host names. So calls
 //! that must outlive their stream are queued in the worker and sent from the
-//! root's tick (their answers come to the root), and a stream's calls made
-//! from the root (after a timer) are routed back to the stream here.
+//! root's tick (`Worker::on_tick`; their answers come to the root, which
+//! hands them to `Worker::on_reply`), and a stream's calls made from the
+//! root (after a timer) are routed back to the stream here.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -25,6 +26,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action as ProxyAction, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::config::Config;
+use crate::flow::background::{BUSY_TICK_MS, IDLE_TICK_MS};
 use crate::flow::{Flow, Worker};
 use crate::headers::HeaderMap;
 use crate::host::{Action, HttpHost, SharedData, WorkerHost};
@@ -48,9 +50,9 @@ proxy_wasm::main! {{
 }}
 
 /// How often each worker flushes its counters and re-reads the gone table.
-const TICK: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(IDLE_TICK_MS);
 /// The tick while the worker has work waiting (queued calls, stream timers).
-const FAST_TICK: Duration = Duration::from_millis(10);
+const FAST_TICK: Duration = Duration::from_millis(BUSY_TICK_MS);
 
 /// What a stream waits for from the root: a timer (due time) or the answer
 /// to a call the root made for it (token).
@@ -111,7 +113,7 @@ impl Context for Root {
         if streams.is_empty() {
             let mut proxy = Proxy::new(self.context_id, &config, &self.waiters);
             let now_ms = proxy.now_ms();
-            self.worker.on_detached_reply(&mut proxy, &config, token.into(), status, &body, now_ms);
+            self.worker.on_reply(&mut proxy, &config, token.into(), status, &body, now_ms);
             return;
         }
         self.run_for_streams(&config, streams, |flow, proxy| flow.on_store_response(proxy, token.into(), status, &body));
@@ -159,16 +161,16 @@ impl RootContext for Root {
         let Some(config) = self.config.clone() else { return };
         let mut proxy = Proxy::new(self.context_id, &config, &self.waiters);
         let now_ms = proxy.now_ms();
-        self.worker.send_queued(&mut proxy, &config);
+        let busy = self.worker.on_tick(&mut proxy, &config).is_some();
         let due = self.waiters.take(|wait| matches!(wait, Wait::Timer(at) if at <= now_ms));
         self.run_for_streams(&config, due, |flow, proxy| flow.on_timer(proxy));
         // Once a second, whatever the tick (a tick may come a little early).
-        if now_ms.saturating_add(crate::config::millis(FAST_TICK)) >= self.last_flush_ms.saturating_add(crate::config::millis(TICK)) {
+        if now_ms.saturating_add(BUSY_TICK_MS) >= self.last_flush_ms.saturating_add(IDLE_TICK_MS) {
             self.last_flush_ms = now_ms;
             self.flush_metrics();
-            self.worker.gone.borrow_mut().refresh(&proxy);
+            self.worker.refresh_gone(&proxy, None);
         }
-        let fast = self.worker.has_queued() || !self.waiters.is_empty();
+        let fast = busy || !self.waiters.is_empty();
         if fast != self.fast && hostcalls::set_tick_period(if fast { FAST_TICK } else { TICK }).is_ok() {
             self.fast = fast;
         }

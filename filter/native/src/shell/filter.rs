@@ -42,10 +42,7 @@ impl SessionFilter {
         let mut host = StreamHost::new(stream);
         let result = callback(flow, &mut host);
         if host.wake {
-            let calls = thread.worker.take_queued();
-            if !calls.is_empty() {
-                self.shared.hand_over(calls);
-            }
+            self.shared.hand_over(&thread.worker);
         }
         self.shared.metrics.flush(&thread.worker, host.stream());
         Some(result)

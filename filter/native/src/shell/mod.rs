@@ -14,8 +14,9 @@
 //!   queue to the configuration, which sends each call as a configuration
 //!   callout. The ABI has no per-worker context that outlives a stream, and a
 //!   configuration callout must not be started off the main thread (Envoy
-//!   keeps them in an unsynchronised map of the shared configuration). Their
-//!   answers come back to the main thread's `Worker`, which counts them.
+//!   keeps them in an unsynchronised map of the shared configuration). The
+//!   main thread's `Worker` runs them as the wasm root does: `on_tick` when
+//!   woken (and again when it asks), `on_reply` for their answers.
 //! - [`shared_data`] is the gone table's and the breaker's process-wide store.
 
 mod filter;
@@ -30,6 +31,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use session_affinity::config::Config;
+use session_affinity::flow::background::push_bounded;
+use session_affinity::flow::Worker;
 use session_affinity::host::WorkerHost;
 use session_affinity::store::StoreCall;
 
@@ -40,14 +43,8 @@ pub use filter::SessionFilter;
 use host::Host;
 use metrics::MetricIds;
 
-/// The configuration event that sends the calls streams handed over.
-const SEND_DETACHED: u64 = 1;
-/// Calls handed over and not yet taken by the main thread, at most (the
-/// core's own bound on a worker's queue); beyond it the oldest are dropped.
-const MAX_HANDED_OVER: usize = 1024;
-/// How often the main thread looks again while its calls wait: a retry's
-/// pause, or a session's call queued behind one still out.
-const RESEND_POLL: Duration = Duration::from_millis(20);
+/// The configuration event that runs the main thread's `Worker::on_tick`.
+const TICK_EVENT: u64 = 1;
 
 /// One `filter_config` of the module.
 pub struct SessionAffinity {
@@ -62,8 +59,8 @@ pub struct Shared {
     /// Calls streams handed over for the main thread to send.
     handed_over: Mutex<Vec<StoreCall>>,
     scheduler: ConfigScheduler,
-    /// A [`RESEND_POLL`] event is due.
-    resend_set: AtomicBool,
+    /// A timed [`TICK_EVENT`] is due (the core asked to tick again).
+    tick_set: AtomicBool,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -75,17 +72,20 @@ impl Shared {
         Config::parse(&self.json, &env_var).map_err(|e| e.to_string())
     }
 
-    /// Hands calls over to the main thread, which sends them.
-    fn hand_over(&self, calls: Vec<StoreCall>) {
-        let mut handed = self.handed_over.lock().unwrap_or_else(PoisonError::into_inner);
-        handed.extend(calls);
-        let dropped = handed.len().saturating_sub(MAX_HANDED_OVER);
-        handed.drain(..dropped);
-        drop(handed);
-        if dropped > 0 {
-            log::warn!("session-affinity-native: the main thread is not taking store calls; {dropped} dropped");
+    /// Hands a worker thread's queued calls to the main thread, which sends
+    /// them; calls beyond the core's bound are dropped, counted by `worker`.
+    fn hand_over(&self, worker: &Worker) {
+        let calls = worker.take_queued();
+        if calls.is_empty() {
+            return;
         }
-        self.scheduler.commit(SEND_DETACHED);
+        let mut handed = self.handed_over.lock().unwrap_or_else(PoisonError::into_inner);
+        let dropped: Vec<StoreCall> = calls.into_iter().filter_map(|call| push_bounded(&mut handed, call)).collect();
+        drop(handed);
+        for call in &dropped {
+            worker.dropped(&call.op);
+        }
+        self.scheduler.commit(TICK_EVENT);
     }
 
     fn take_handed_over(&self) -> Vec<StoreCall> {
@@ -108,7 +108,7 @@ impl FilterConfig for SessionAffinity {
         );
         let metrics = MetricIds::define(context)?;
         let scheduler = context.scheduler().ok_or("Envoy gave no configuration scheduler")?;
-        let shared = Shared { json: config.to_vec(), metrics, handed_over: Mutex::default(), scheduler, resend_set: AtomicBool::new(false) };
+        let shared = Shared { json: config.to_vec(), metrics, handed_over: Mutex::default(), scheduler, tick_set: AtomicBool::new(false) };
         Ok(SessionAffinity { shared: Arc::new(shared) })
     }
 
@@ -118,15 +118,15 @@ impl FilterConfig for SessionAffinity {
 
     /// Sends what streams handed over, from the main thread's `Worker`.
     fn on_scheduled(&self, config: &mut ConfigHandle<'_>, event_id: u64) {
-        if event_id != SEND_DETACHED {
+        if event_id != TICK_EVENT {
             return;
         }
-        self.shared.resend_set.store(false, Ordering::Relaxed);
+        self.shared.tick_set.store(false, Ordering::Relaxed);
         let Some(main) = threads::this_thread(&self.shared) else { return };
         for call in self.shared.take_handed_over() {
             main.worker.enqueue(call);
         }
-        self.send_queued(&main, config);
+        self.tick(&main, config);
     }
 
     /// The answer to a call sent for a stream that may be gone: counted.
@@ -140,19 +140,22 @@ impl FilterConfig for SessionAffinity {
         let (status, body) = answer(response);
         let mut host = Host::new(config);
         let now = host.now_ms();
-        main.worker.on_detached_reply(&mut host, &main.config, callout.0, status, &body, now);
+        main.worker.on_reply(&mut host, &main.config, callout.0, status, &body, now);
         // A session's next call waited for this answer.
-        self.send_queued(&main, config);
+        self.tick(&main, config);
     }
 }
 
 impl SessionAffinity {
-    fn send_queued(&self, main: &threads::ThreadState, config: &mut ConfigHandle<'_>) {
-        main.worker.send_queued(&mut Host::new(config), &main.config);
+    /// The main thread's `Worker::on_tick`, and its next tick when it asks.
+    fn tick(&self, main: &threads::ThreadState, config: &mut ConfigHandle<'_>) {
+        let next = main.worker.on_tick(&mut Host::new(config), &main.config);
         self.shared.metrics.flush(&main.worker, config);
-        if main.worker.has_queued() && !self.shared.resend_set.swap(true, Ordering::Relaxed) {
-            let shared = Arc::clone(&self.shared);
-            timer::schedule(RESEND_POLL, move || shared.scheduler.commit(SEND_DETACHED));
+        if let Some(after_ms) = next {
+            if !self.shared.tick_set.swap(true, Ordering::Relaxed) {
+                let shared = Arc::clone(&self.shared);
+                timer::schedule(Duration::from_millis(after_ms), move || shared.scheduler.commit(TICK_EVENT));
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 //! A worker thread's state is used only by that thread's streams, so it needs
 //! no lock: it lives in a thread local, found by the configuration it belongs
 //! to. Envoy's main thread has one too: the sender of the calls that outlive
-//! their stream (`super::Shared::send_detached`).
+//! their stream (`super::SessionAffinity::tick`).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -21,8 +21,6 @@ use super::Shared;
 pub struct ThreadState {
     pub config: Rc<Config>,
     pub worker: Rc<Worker>,
-    /// The shared-data generation the gone table was last read at.
-    gone_read_at: Cell<Option<u64>>,
     /// Numbers this thread's streams for the core's logs.
     streams: Cell<u32>,
 }
@@ -38,14 +36,7 @@ impl ThreadState {
     /// Re-reads the process's gone table if any worker wrote shared data
     /// since this thread last read it (an atomic load otherwise).
     pub fn refresh_gone(&self) {
-        let generation = ProcessShared.generation();
-        if self.gone_read_at.get() == Some(generation) {
-            return;
-        }
-        if let Ok(mut gone) = self.worker.gone.try_borrow_mut() {
-            gone.refresh(&ProcessShared);
-            self.gone_read_at.set(Some(generation));
-        }
+        self.worker.refresh_gone(&ProcessShared, Some(ProcessShared.generation()));
     }
 }
 
@@ -72,7 +63,6 @@ pub fn this_thread(shared: &Arc<Shared>) -> Option<Rc<ThreadState>> {
         let state = Rc::new(ThreadState {
             config: Rc::new(config),
             worker: Rc::default(),
-            gone_read_at: Cell::new(None),
             streams: Cell::new(0),
         });
         slots.push(Slot { owner: Arc::downgrade(shared), state: Rc::clone(&state) });

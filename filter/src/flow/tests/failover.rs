@@ -192,7 +192,7 @@ fn a_failover_that_found_no_live_host_releases_its_lease_and_replays() {
     assert_eq!(f.on_response_headers(&mut host), Action::Pause);
     assert_eq!(host.calls.len(), 1, "the release is the worker's, not the stream's");
     assert_eq!(host.worker_wakes, 1);
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
     assert_eq!(host.ops()[1], &Op::Release { sid: SID.into(), lease });
     assert_eq!(host.local_reply.as_ref().map(|r| r.0), Some(307));
     assert!(issued(&bed, &host).is_moving());
@@ -203,7 +203,7 @@ fn stored_state_that_is_not_a_header_value_releases_the_lease_and_is_an_outage()
     let bed = Bed::new(with_store("sync"));
     let (mut f, mut host) = failover_request(&bed);
     reply(&mut f, &mut host, Reply::Acquired { state: Some("a\r\nb".into()) });
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
     assert!(matches!(host.ops()[1], Op::Release { .. }));
     assert_eq!(host.req("x-session-state"), None);
     assert_eq!(host.req("x-session-new"), Some("1"));
@@ -216,7 +216,7 @@ fn a_state_the_live_app_refuses_starts_a_new_session() {
     reply(&mut f, &mut host, Reply::Acquired { state: Some("tampered".into()) });
     host.respond(B2, &[(":status", "409"), ("x-instance-id", "pod-b"), ("x-session-unknown", "1")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Pause);
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
     assert!(matches!(host.ops()[1], Op::Release { .. }));
     let (status, headers) = host.local_reply.clone().unwrap();
     assert_eq!(status, 307);

@@ -49,7 +49,7 @@ fn a_new_session_the_app_ends_at_once_costs_no_store_call_and_pins_nothing() {
     f.on_request_headers(&mut host);
     host.respond(B1, &[("x-instance-id", "pod-a"), ("x-session-end", "1")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Continue);
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
     assert!(host.calls.is_empty());
     assert_eq!(set_cookie(&host), None);
     assert_eq!(bed.count(Counter::SessionsEnded), 0);
@@ -63,7 +63,7 @@ fn unknown_from_the_very_instance_the_cookie_names_means_ended_not_lost() {
     f.on_request_headers(&mut host);
     host.respond(B1, &[(":status", "409"), ("x-instance-id", "pod-a"), ("x-session-unknown", "1")]);
     assert_eq!(f.on_response_headers(&mut host), Action::Pause);
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
     assert!(matches!(host.ops()[..], [Op::End { .. }]), "the stored copy is deleted");
     let (status, headers) = host.local_reply.clone().unwrap();
     assert_eq!(status, 307, "the app did nothing: the request is repeated as a new session");
@@ -188,7 +188,7 @@ fn ending_a_session_during_its_failover_is_fenced_on_the_lease() {
     reply(&mut f, &mut host, Reply::Acquired { state: Some("s".into()) });
     host.respond(B2, &[("x-instance-id", "pod-b"), ("x-session-end", "1")]);
     f.on_response_headers(&mut host);
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
     assert_eq!(host.ops()[1], &Op::End { sid: SID.into(), owner: owner(B1, "pod-a"), lease: Some(lease), tombstone_ms: 30 * 60_000 });
     assert!(host.resp_all("set-cookie").iter().any(|v| expires_the_cookie(v)));
 }
@@ -234,7 +234,7 @@ fn a_session_ended_while_its_failover_asks_the_store_is_not_restored() {
     reply(&mut f, &mut host, Reply::Acquired { state: Some("s".into()) });
     assert_eq!(host.resumed_request, 1);
     assert_eq!((host.req("x-session-new"), host.req("x-session-state")), (Some("1"), None));
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
     assert!(matches!(host.ops()[..], [Op::Begin { .. }, Op::Release { .. }]), "the lease goes back: {:?}", host.ops());
 }
 

@@ -96,9 +96,10 @@ impl Bed {
     }
 }
 
-/// The calls the worker queued for later go out (as its tick would send them).
-fn send_queued(bed: &Bed, host: &mut FakeProxy) {
-    bed.worker.send_queued(host, &bed.config);
+/// The calls the worker queued for later go out (as its tick would send
+/// them); returns when the worker wants to tick again.
+fn tick(bed: &Bed, host: &mut FakeProxy) -> Option<u64> {
+    bed.worker.on_tick(host, &bed.config)
 }
 
 /// The store answers the flow's latest call.

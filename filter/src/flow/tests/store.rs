@@ -1,6 +1,7 @@
 //! State writes, their fencing, and a store that fails.
 
 use super::*;
+use crate::flow::background::BUSY_TICK_MS;
 
 #[test]
 fn pinned_state_writes_are_fenced_on_the_owner_and_held_in_sync_mode() {
@@ -37,10 +38,10 @@ fn async_writes_are_detached_and_their_refusals_counted_on_the_worker() {
     assert!(!f.holds_response_body());
     assert!(host.calls.is_empty(), "the worker sends it, so it outlives the stream");
     drop(f);
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
     assert!(matches!(host.ops()[..], [Op::Write { .. }]));
     let (token, status, body) = host.answer(&Reply::Conflict { owner: Some(owner(B2, "pod-b")) });
-    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
+    bed.worker.on_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
     assert_eq!(bed.count(Counter::StoreWritesRejected), 1);
 }
 
@@ -106,15 +107,15 @@ fn async_writes_of_one_session_land_in_order() {
     let (_, mut second, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
     second.calls.clear();
     // Both queued before the worker's tick: only the newer state goes out.
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
     assert!(matches!(host.ops()[..], [Op::Write { state: Some(s), .. }] if s == "s2"));
     // A third waits while the second is in flight, then follows it.
     let (_, _, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s3")]);
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
     assert_eq!(host.calls.len(), 1, "s3 waits for s2's answer");
     let (token, status, body) = host.answer(&Reply::Stored);
-    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
-    send_queued(&bed, &mut host);
+    bed.worker.on_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
+    tick(&bed, &mut host);
     assert!(matches!(host.ops()[..], [_, Op::Write { state: Some(s), .. }] if s == "s3"));
 }
 
@@ -215,11 +216,11 @@ fn a_detached_etcd_write_follows_its_calls_from_the_worker() {
     let (f, mut host, action) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
     assert_eq!(action, Action::Continue);
     drop(f);
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
     let (token, status, body) = etcd_answer(&host, "/v3/lease/grant", None);
-    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
+    bed.worker.on_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
     let (token, status, body) = etcd_answer(&host, "/v3/kv/txn", Some(&Reply::Conflict { owner: Some(owner(B2, "pod-b")) }));
-    bed.worker.on_detached_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
+    bed.worker.on_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
     assert_eq!((bed.count(Counter::StoreWritesRejected), bed.count(Counter::StoreErrors)), (1, 0));
 }
 
@@ -227,15 +228,13 @@ fn a_detached_etcd_write_follows_its_calls_from_the_worker() {
 fn a_detached_etcd_call_that_failed_goes_out_again_from_the_workers_tick() {
     let bed = Bed::new(config(r#","store":{"cluster":"store","dialect":"etcd","write":"async"}"#));
     let (_, mut host, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s1")]);
-    send_queued(&bed, &mut host);
-    bed.worker.on_detached_reply(&mut host, &bed.config, 1, None, b"", NOW_MS);
-    assert!(bed.worker.has_queued(), "the retry keeps the worker's tick fast");
-    send_queued(&bed, &mut host);
+    tick(&bed, &mut host);
+    bed.worker.on_reply(&mut host, &bed.config, 1, None, b"", NOW_MS);
+    assert_eq!(tick(&bed, &mut host), Some(BUSY_TICK_MS), "the retry keeps the worker's tick fast");
     assert_eq!(host.calls.len(), 1, "not before its pause is over");
     host.now_ms += crate::store::FIRST_RETRY_PAUSE_MS;
-    send_queued(&bed, &mut host);
+    assert_eq!(tick(&bed, &mut host), None, "nothing waits any more");
     assert_eq!((host.calls.len(), host.calls[1].retries), (2, 1));
-    assert!(!bed.worker.has_queued());
 }
 
 #[test]
@@ -256,7 +255,7 @@ fn a_new_sessions_entry_is_short_lived_until_its_cookie_comes_back() {
     g.on_request_headers(&mut back);
     back.respond(B1, &[("x-instance-id", "pod-a")]);
     g.on_response_headers(&mut back);
-    send_queued(&bed, &mut back);
+    tick(&bed, &mut back);
     assert!(matches!(back.ops()[..], [Op::Touch { ttl_ms: 1_800_000, .. }]), "{:?}", back.ops());
     assert!(!issued(&bed, &back).is_new());
 }
