@@ -11,7 +11,8 @@
 //!    per-worker cache of verified cookies);
 //! 3. [`config`] (JSON in, immutable settings out);
 //! 4. [`store`] (typed operations; the webdis and etcd dialects);
-//! 5. [`host`] (what the core needs from a proxy), then [`gone`] (the shared
+//! 5. [`host`] (what the core needs from a proxy), [`exclusive`] (state that
+//!    is borrowed without conflicts), then [`gone`] (the shared
 //!    table of gone hosts), [`breaker`] (the store's circuit breaker),
 //!    [`ended`] (sessions ended without the store's word), [`metrics`];
 //! 6. [`flow`] (every decision, per request);
@@ -36,6 +37,7 @@ pub mod breaker;
 pub mod config;
 pub mod cookie;
 pub mod ended;
+pub mod exclusive;
 pub mod flow;
 pub mod gone;
 pub mod headers;

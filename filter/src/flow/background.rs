@@ -66,7 +66,7 @@ impl Worker {
             }
             None => push_bounded(&mut b.queued, call),
         });
-        if let Some(dropped) = dropped.flatten() {
+        if let Some(dropped) = dropped {
             self.dropped(&dropped.op);
         }
     }
@@ -74,7 +74,7 @@ impl Worker {
     /// Takes the queued calls, for a shell whose workers hand their calls to
     /// one long-lived sender (each goes to that sender's [`Worker::enqueue`]).
     pub fn take_queued(&self) -> Vec<StoreCall> {
-        self.background(|b| std::mem::take(&mut b.queued)).unwrap_or_default()
+        self.background(|b| std::mem::take(&mut b.queued))
     }
 
     /// Sends the due retries and the queued calls, from the worker's own
@@ -95,7 +95,7 @@ impl Worker {
                     Some(call)
                 }
             });
-            let Some(Some(call)) = ready else { continue };
+            let Some(call) = ready else { continue };
             let now = host.now_ms();
             match self.dispatch(host, config, &call) {
                 Some(token) => self.track(Sent { token, call, started_ms: now }),
@@ -103,7 +103,7 @@ impl Worker {
                 None => {}
             }
         }
-        let waiting = self.background(|b| !b.queued.is_empty() || !b.retrying.is_empty()).unwrap_or(false);
+        let waiting = self.background(|b| !b.queued.is_empty() || !b.retrying.is_empty());
         waiting.then_some(BUSY_TICK_MS)
     }
 
@@ -114,7 +114,7 @@ impl Worker {
             let at = b.in_flight.iter().position(|s| s.token == token)?;
             Some(b.in_flight.remove(at))
         });
-        let Some(Some(sent)) = found else { return };
+        let Some(sent) = found else { return };
         let answer = self.store_reply(host, config, &sent, status, body, now_ms);
         self.background_answer(&sent.call.op, answer, now_ms);
     }
@@ -127,7 +127,7 @@ impl Worker {
             b.retrying = later;
             due
         });
-        for (_, call) in due.unwrap_or_default() {
+        for (_, call) in due {
             let op = call.op.clone();
             let answer = self.resend(host, config, call);
             self.background_answer(&op, answer, now);
@@ -136,7 +136,7 @@ impl Worker {
 
     /// Remembers a background call in flight.
     fn track(&self, sent: Sent) {
-        if let Some(Some(dropped)) = self.background(|b| push_bounded(&mut b.in_flight, sent)) {
+        if let Some(dropped) = self.background(|b| push_bounded(&mut b.in_flight, sent)) {
             self.dropped(&dropped.call.op);
         }
     }
@@ -148,7 +148,7 @@ impl Worker {
             Answer::Reply(result) => result,
             Answer::Waiting(next) => return self.track(*next),
             Answer::Later { call, due_ms } => {
-                if let Some(Some((_, dropped))) = self.background(|b| push_bounded(&mut b.retrying, (due_ms, *call))) {
+                if let Some((_, dropped)) = self.background(|b| push_bounded(&mut b.retrying, (due_ms, *call))) {
                     self.dropped(&dropped.op);
                 }
                 return;
@@ -177,4 +177,18 @@ impl Worker {
 
 fn is_write(op: &Op) -> bool {
     matches!(op, Op::Write { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_list_drops_its_oldest_item() {
+        let mut held: Vec<usize> = (0..MAX_HELD).collect();
+        assert_eq!(push_bounded(&mut held, MAX_HELD), Some(0));
+        assert_eq!((held.len(), held.first(), held.last()), (MAX_HELD, Some(&1), Some(&MAX_HELD)));
+        let mut short = vec![1];
+        assert_eq!(push_bounded(&mut short, 2), None);
+    }
 }

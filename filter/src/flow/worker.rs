@@ -12,6 +12,7 @@ use log::{info, warn};
 use crate::breaker::{Admit, Breaker, Transition};
 use crate::config::{Config, StoreSettings};
 use crate::cookie::{cluster_tag, ClusterTag, VerifiedCookies};
+use crate::exclusive::Exclusive;
 use crate::gone::{GoneTable, SeenHosts};
 use super::background::Background;
 use crate::host::{HttpHost, SharedData, WorkerHost};
@@ -31,9 +32,9 @@ pub struct Worker {
     /// cost a SHA-256 block on the hot path).
     cluster: RefCell<Option<(String, ClusterTag)>>,
     /// The store calls that outlive their stream (`background.rs`).
-    background: RefCell<Background>,
+    background: Exclusive<Background>,
     /// What store calls taught the worker (etcd's token and leases).
-    store_memory: RefCell<Memory>,
+    store_memory: Exclusive<Memory>,
     /// The shared-data generation the gone table was last read at, when the
     /// host numbers its writes ([`Worker::refresh_gone`]).
     gone_read_at: Cell<Option<u64>>,
@@ -130,8 +131,8 @@ impl Worker {
             return None;
         }
         let nonce = URL_SAFE_NO_PAD.encode(self.unguessable(host, config, context_id).get(..12).unwrap_or_default());
-        let memory = self.store_memory.try_borrow().ok()?;
-        Some(Client::new(store).call(op, nonce, &memory, host.now_ms()))
+        let now = host.now_ms();
+        Some(self.store_memory.with(|memory| Client::new(store).call(op, nonce, memory, now)))
     }
 
     /// Sends `op` to the store for this stream, which gets the answer
@@ -158,16 +159,9 @@ impl Worker {
         token
     }
 
-    /// Runs `f` on the background lists. The borrow cannot conflict: no
-    /// caller calls out while it holds it. Were it to, the work is skipped
-    /// and counted as an internal error.
-    pub(super) fn background<R>(&self, f: impl FnOnce(&mut Background) -> R) -> Option<R> {
-        let Ok(mut background) = self.background.try_borrow_mut() else {
-            debug_assert!(false, "background lists borrowed twice");
-            self.count(Counter::InternalErrors);
-            return None;
-        };
-        Some(f(&mut background))
+    /// Runs `f` on the background lists (`f` must not call the worker).
+    pub(super) fn background<R>(&self, f: impl FnOnce(&mut Background) -> R) -> R {
+        self.background.with(f)
     }
 
     /// Reads the answer to a call, counting failures and feeding the breaker
@@ -178,10 +172,7 @@ impl Worker {
         let Some(store) = &config.store else { return Answer::Reply(Err(StoreError::Unavailable(0))) };
         let elapsed = now_ms.saturating_sub(sent.started_ms);
         self.metrics.store_latency(elapsed);
-        let progress = match self.store_memory.try_borrow_mut() {
-            Ok(mut memory) => Client::new(store).reply(&sent.call, status, body, elapsed, &mut memory, now_ms),
-            Err(_) => Err(StoreError::Protocol("store memory in use".into())),
-        };
+        let progress = self.store_memory.with(|memory| Client::new(store).reply(&sent.call, status, body, elapsed, memory, now_ms));
         let result = match progress {
             Ok(Progress::Done(reply)) => Ok(reply),
             Ok(Progress::Call(call)) => return self.send_next(host, config, call, now_ms),

@@ -26,6 +26,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action as ProxyAction, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::config::Config;
+use crate::exclusive::Exclusive;
 use crate::flow::background::{BUSY_TICK_MS, IDLE_TICK_MS};
 use crate::flow::{Flow, Worker};
 use crate::headers::HeaderMap;
@@ -68,26 +69,26 @@ type StreamFlow = Weak<RefCell<Flow>>;
 /// Streams waiting on the root: (what, stream context id, its flow).
 #[derive(Default)]
 struct Waiters {
-    waiting: RefCell<Vec<(Wait, u32, StreamFlow)>>,
+    waiting: Exclusive<Vec<(Wait, u32, StreamFlow)>>,
 }
 
 impl Waiters {
     fn add(&self, wait: Wait, context_id: u32, flow: &Rc<RefCell<Flow>>) {
-        if let Ok(mut waiting) = self.waiting.try_borrow_mut() {
-            waiting.push((wait, context_id, Rc::downgrade(flow)));
-        }
+        self.waiting.with(|waiting| waiting.push((wait, context_id, Rc::downgrade(flow))));
     }
 
     /// Takes the waiters `pick` selects.
     fn take(&self, pick: impl Fn(Wait) -> bool) -> Vec<(u32, StreamFlow)> {
-        let Ok(mut waiting) = self.waiting.try_borrow_mut() else { return Vec::new() };
-        let (picked, rest): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(wait, _, _)| pick(*wait));
-        *waiting = rest;
+        let picked = self.waiting.with(|waiting| {
+            let (picked, rest): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(wait, _, _)| pick(*wait));
+            *waiting = rest;
+            picked
+        });
         picked.into_iter().map(|(_, id, flow)| (id, flow)).collect()
     }
 
     fn is_empty(&self) -> bool {
-        self.waiting.try_borrow().map(|w| w.is_empty()).unwrap_or(false)
+        self.waiting.with(|waiting| waiting.is_empty())
     }
 }
 

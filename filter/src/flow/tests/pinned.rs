@@ -491,3 +491,21 @@ fn a_cookie_in_the_other_format_is_accepted_and_re_issued_in_the_configured_one(
         assert_eq!(to.count(Counter::CookiesRefreshed), 1);
     }
 }
+
+#[test]
+fn a_worker_rereads_the_gone_table_each_time_or_when_the_hosts_generation_moves() {
+    let bed = Bed::new(config(""));
+    let other = Worker::default();
+    other.gone.borrow_mut().mark(&*bed.shared, B1, Sighting::down(""), NOW_MS, 30_000);
+    bed.worker.refresh_gone(&*bed.shared, Some(1));
+    assert!(bed.worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS + 1));
+    other.gone.borrow_mut().mark(&*bed.shared, B2, Sighting::down(""), NOW_MS, 30_000);
+    bed.worker.refresh_gone(&*bed.shared, Some(1));
+    assert!(!bed.worker.gone.borrow().is_gone(B2, "pod-b", NOW_MS + 1), "no write since generation 1: not re-read");
+    bed.worker.refresh_gone(&*bed.shared, Some(2));
+    assert!(bed.worker.gone.borrow().is_gone(B2, "pod-b", NOW_MS + 1));
+    let host = FakeProxy::new(&[], NOW_MS);
+    other.gone.borrow_mut().mark(&*host.shared, B1, Sighting::down(""), NOW_MS, 30_000);
+    bed.worker.refresh_gone(&*host.shared, None);
+    assert!(!bed.worker.gone.borrow().is_gone(B2, "pod-b", NOW_MS + 1), "no generation: read every time");
+}

@@ -107,15 +107,15 @@ fn async_writes_of_one_session_land_in_order() {
     let (_, mut second, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s2")]);
     second.calls.clear();
     // Both queued before the worker's tick: only the newer state goes out.
-    tick(&bed, &mut host);
+    assert_eq!(tick(&bed, &mut host), None, "nothing else waits: the tick idles");
     assert!(matches!(host.ops()[..], [Op::Write { state: Some(s), .. }] if s == "s2"));
     // A third waits while the second is in flight, then follows it.
     let (_, _, _) = bed.answer_pinned(&[("x-instance-id", "pod-a"), ("x-session-state", "s3")]);
-    tick(&bed, &mut host);
+    assert_eq!(tick(&bed, &mut host), Some(BUSY_TICK_MS), "s3 waits: the worker ticks fast");
     assert_eq!(host.calls.len(), 1, "s3 waits for s2's answer");
     let (token, status, body) = host.answer(&Reply::Stored);
     bed.worker.on_reply(&mut host, &bed.config, token, status, &body, NOW_MS);
-    tick(&bed, &mut host);
+    assert_eq!(tick(&bed, &mut host), None);
     assert!(matches!(host.ops()[..], [_, Op::Write { state: Some(s), .. }] if s == "s3"));
 }
 
