@@ -1,6 +1,6 @@
 //! Sessions this proxy ended without the store's word that their tombstone
 //! stands: the store failed or was out when the app ended them, or the end
-//! went out detached (a request replayed as a new session).
+//! went out in the background (a request replayed as a new session).
 //!
 //! Every worker of the process sees the same table (shared data: every VM of
 //! the wasm build, every thread of the native one), and a failover of a

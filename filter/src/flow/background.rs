@@ -48,7 +48,7 @@ pub fn push_bounded<T>(held: &mut Vec<T>, item: T) -> Option<T> {
 impl Worker {
     /// Queues `op` for the worker to send: the call outlives the stream, and
     /// its answer is counted by the worker. False when the breaker is open.
-    pub fn send_later(&self, host: &mut impl HttpHost, config: &Config, context_id: u32, op: Op) -> bool {
+    pub fn send_in_background(&self, host: &mut impl HttpHost, config: &Config, context_id: u32, op: Op) -> bool {
         let Some(call) = self.make_call(host, config, context_id, op) else { return false };
         self.enqueue(call);
         host.wake_worker();

@@ -191,7 +191,7 @@ impl Flow {
     /// Fire and forget: the lease also expires by itself.
     fn release(&self, host: &mut impl HttpHost, failover: &Failover) {
         let op = Op::Release { sid: failover.from.sid().to_string(), lease: failover.lease.clone() };
-        self.worker.send_later(host, &self.config, self.context_id, op);
+        self.worker.send_in_background(host, &self.config, self.context_id, op);
     }
 
     /// The answer to the request sent with the restored state.

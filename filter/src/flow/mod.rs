@@ -384,13 +384,13 @@ impl Flow {
     }
 
     /// Sends an operation that changes the session to the store: held in sync
-    /// mode (the response waits for the answer), detached in async mode. An
+    /// mode (the response waits for the answer), in the background in async mode. An
     /// end or a rotation is always held: the client must not learn of it
     /// before a tombstone stands.
     fn store_change(&mut self, host: &mut impl HttpHost, op: Op) -> Action {
         let sync = self.config.store.as_ref().is_some_and(|s| s.write == WriteMode::Sync) || ends_a_session(&op);
         if !sync {
-            if !self.worker.send_later(host, &self.config, self.context_id, op) {
+            if !self.worker.send_in_background(host, &self.config, self.context_id, op) {
                 self.worker.unprotected(host.now_ms());
             }
             return Action::Continue;

@@ -63,7 +63,7 @@ impl Flow {
             // yet, which a cookie issued moments ago makes likely: then retry.
             Reach::NoHealthyHost => {
                 let age = (self.request.started_ms / 1000).saturating_sub(claims.iat);
-                if age < UNSEEN_HOST_GRACE_SECS && !self.worker.seen.borrow().has_seen(&*host, claims.upstream()) {
+                if age < UNSEEN_HOST_GRACE_SECS && !self.worker.seen.with(|seen| seen.has_seen(&*host, claims.upstream())) {
                     info!("[{}] upstream {} is unknown here and was pinned {age}s ago; not moving the session", self.context_id, claims.upstream());
                     self.count(Counter::FailoversDeferred);
                     self.stream = Stream::Done;
@@ -155,9 +155,7 @@ impl Flow {
     /// The app at `upstream` answered as `instance`: whatever marked it gone
     /// before this request was sent is over.
     pub(super) fn host_answered(&self, host: &mut impl HttpHost, upstream: &str, instance: &str) {
-        if let Ok(mut seen) = self.worker.seen.try_borrow_mut() {
-            seen.saw(&*host, upstream);
-        }
+        self.worker.seen.with(|seen| seen.saw(&*host, upstream));
         if !self.worker.gone.borrow().mentions(upstream) {
             return; // the usual case: nothing to forget, no clock read
         }
@@ -241,7 +239,7 @@ impl Flow {
         }
         let ttl_ms = self.store_ttl(claims.since, host.now_ms());
         let op = Op::Touch { sid: claims.sid().to_string(), owner: claims.owner().to_string(), ttl_ms };
-        self.worker.send_later(host, &self.config, self.context_id, op);
+        self.worker.send_in_background(host, &self.config, self.context_id, op);
     }
 
     /// The app ended the session on a request that is replayed (no response
@@ -255,7 +253,7 @@ impl Flow {
         let (sid, now_ms) = (claims.sid().to_string(), host.now_ms());
         self.worker.remember_ended(&*host, &sid, now_ms.saturating_add(store.idle_ttl_ms), now_ms);
         let op = Op::End { sid, owner: claims.owner().to_string(), lease, tombstone_ms: store.idle_ttl_ms };
-        if !self.worker.send_later(host, &self.config, self.context_id, op) {
+        if !self.worker.send_in_background(host, &self.config, self.context_id, op) {
             self.worker.unprotected(now_ms);
         }
     }

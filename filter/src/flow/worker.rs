@@ -26,7 +26,7 @@ const UNPROTECTED_LOG_INTERVAL_MS: u64 = 10_000;
 pub struct Worker {
     pub metrics: Metrics,
     pub gone: RefCell<GoneTable>,
-    pub seen: RefCell<SeenHosts>,
+    pub seen: Exclusive<SeenHosts>,
     pub verified: VerifiedCookies,
     /// The last cluster name seen and its tag (hashing it per request would
     /// cost a SHA-256 block on the hot path).

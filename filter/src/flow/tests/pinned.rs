@@ -268,7 +268,7 @@ fn no_healthy_host(bed: &Bed, age: u64) -> (FakeProxy, Action) {
 #[test]
 fn a_503_uh_moves_only_its_own_session_and_marks_nothing() {
     let bed = Bed::new(config(""));
-    bed.worker.seen.borrow_mut().saw(&*bed.shared, B1);
+    bed.worker.seen.with(|seen| seen.saw(&*bed.shared, B1));
     let (host, action) = no_healthy_host(&bed, 1);
     assert_eq!((action, host.local_reply.as_ref().map(|r| r.0)), (Action::Pause, Some(307)));
     assert!(issued(&bed, &host).is_moving());
