@@ -185,6 +185,7 @@ def stack(request, engine):
     expect_equal(busy, [], "testbed ports already in use on 127.0.0.1 (another testbed running?)")
     tb.ensure_wasm()
     if request.param == "tomcat":
+        require_tool("javac")  # adapters/tomcat/build: the valve jar and the demo app the Tomcats mount
         tomcats.build()
     s = Stack(engine, APPS[request.param])
     s.run("build", timeout=BUILD_TIMEOUT)
@@ -243,6 +244,7 @@ def run_scenario(stack: Stack):
     for round_ in range(KILL_ROUNDS + 1):
         stack.wait_ready_to_kill(backend)
         stack.docker("kill", stack.container(backend))
+        stack.docker("wait", stack.container(backend))  # stopped, so the `start` below starts it again
         answered, got, redirects = add(client)
         count += 1
         redirects_per_kill.append(redirects)
