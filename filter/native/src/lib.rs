@@ -10,11 +10,10 @@
 //! - [`filter`]: the traits a filter implements and the plain types it uses.
 //! - [`shell`]: the session-affinity core behind those traits.
 //! - [`timer`]: running a stream's code later, on its own worker.
-//! - [`envoy_log`]: the `log` crate's records go to Envoy's logger.
 //!
 //! The demo filter that proves each callback in the real Envoy is its own
-//! crate (`filter/native/demo`), built from these `abi`, `filter`, `timer`
-//! and `envoy_log` sources.
+//! crate (`filter/native/demo`), built from these `abi`, `filter` and `timer`
+//! sources.
 //!
 //! Every hook catches panics and lets the request through: a panic that
 //! crossed into Envoy would take the whole proxy down. That needs unwinding,
@@ -29,8 +28,6 @@ compile_error!(
 
 #[cfg(target_os = "linux")]
 mod abi;
-#[cfg(target_os = "linux")]
-mod envoy_log;
 #[cfg(target_os = "linux")]
 mod filter;
 #[cfg(target_os = "linux")]

@@ -15,9 +15,6 @@ mod abi;
 #[cfg(target_os = "linux")]
 mod demo;
 #[cfg(target_os = "linux")]
-#[path = "../../src/envoy_log.rs"]
-mod envoy_log;
-#[cfg(target_os = "linux")]
 #[path = "../../src/filter.rs"]
 mod filter;
 #[cfg(target_os = "linux")]
