@@ -21,7 +21,7 @@ mod txn;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use super::{Dialect, Exchange, Next, Op, Reply, Request, Step, StoreError};
+use super::{Dialect, Exchange, Memory, Next, Op, Reply, Request, Step, StoreError};
 use crate::keys::Secret;
 pub use ops::Copied;
 use ops::{tree, Keys, TOMBSTONE};
@@ -30,39 +30,6 @@ use txn::{walk, Answer, Leaf};
 /// Keys are written only with a lease that has at least this long to live,
 /// so a lease never ends under a call in flight.
 const MIN_LIFE_MS: u64 = 10_000;
-/// Leases a worker keeps: buckets in use only move forward, so the oldest go.
-const MAX_LEASES: usize = 64;
-
-/// What a worker remembers between store calls: etcd's auth token and the
-/// shared leases it granted.
-#[derive(Debug, Default)]
-pub struct Memory {
-    token: Option<Secret>,
-    /// (bucket, lease id), oldest bucket first.
-    leases: Vec<(u64, u64)>,
-}
-
-impl Memory {
-    fn lease(&self, bucket: u64) -> Option<u64> {
-        self.leases.iter().find(|(b, _)| *b == bucket).map(|(_, id)| *id)
-    }
-
-    /// Keeps lease `id` for `bucket`, forgetting buckets that ended
-    /// (`current` is the bucket now is in).
-    fn remember(&mut self, bucket: u64, id: u64, current: u64) {
-        self.leases.retain(|(b, _)| *b != bucket && *b > current);
-        if self.leases.len() >= MAX_LEASES {
-            self.leases.remove(0);
-        }
-        let at = self.leases.partition_point(|(b, _)| *b < bucket);
-        self.leases.insert(at, (bucket, id));
-    }
-
-    fn forget(&mut self, lease: u64) {
-        self.leases.retain(|(_, id)| *id != lease);
-    }
-}
-
 pub struct Etcd<'a> {
     prefix: &'a str,
     bucket_ms: u64,
