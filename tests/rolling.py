@@ -119,7 +119,9 @@ def browse(app: App, user: User, url: str, count: int, outcome: Outcome, loss: l
             got = app.progress(body)
             step = 1 if method == "POST" or app.get_counts else 0
             if got not in ((count + step, count + step + 1) if uncertain else (count + step,)):
-                outcome.problems.append(f"{user.name}: count {got} after {count} ({method}): session lost or skipped")
+                before = " | ".join(describe(r) for r in user.replies[-3:-1])
+                outcome.problems.append(f"{user.name}: count {got} after {count} ({method}): session lost or skipped: "
+                                        f"{describe(reply)}; the replies before: {before}")
                 return
             count, uncertain = got, False
         time.sleep(random.uniform(0.01, 0.05))
@@ -175,6 +177,9 @@ def run(bed: "tb.Testbed", sessions: int, losses: int, app: App = DEMO, say=lamb
     stuck = [t for t in threads if t.is_alive()]
     if stuck:
         outcome.problems.append(f"{len(stuck)} sessions still running after stop")
+    if outcome.problems:
+        counters = {k: v for k, v in bed.envoy.filter_counters().items() if v and not k.startswith("sessions.pinned")}
+        outcome.problems.append(f"the filter's counters: {counters}")
     return outcome
 
 

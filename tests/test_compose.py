@@ -1,7 +1,9 @@
 """The docker-compose testbed, checked without a Docker engine: it parses,
 pins every image, waits on health, runs the same testbed.yaml and .wasm as
 the native testbed, fails `up` when the module is missing, has its own
-project name, and its Envoy health check passes against a real Envoy."""
+project name, and its Envoy health check passes against a real Envoy. The
+Tomcat variant mounts what adapters/tomcat/build makes, in place of the
+demo backends."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import yaml
 from harness import REPO, expect, expect_equal, require_tool, tb
 
 COMPOSE = REPO / "envoy" / "docker-compose.yaml"
+TOMCAT = REPO / "envoy" / "docker-compose.tomcat.yaml"
+LOCAL = [COMPOSE.parent / "docker-compose.local.yaml"]
+TOMCAT_LOCAL = [TOMCAT, COMPOSE.parent / "docker-compose.tomcat-local.yaml"]
 PINNED = re.compile(r"^[\w./-]+:v?\d+\.\d+[\w.-]*$")
 
 
@@ -23,8 +28,8 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE.parent / "docker-compose.local.yaml"]],
-                         ids=["official-images", "local-images"])
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, *LOCAL], [COMPOSE, TOMCAT], [COMPOSE, *LOCAL, *TOMCAT_LOCAL]],
+                         ids=["official-images", "local-images", "tomcat-official-images", "tomcat-local-images"])
 def test_docker_compose_config_accepts_it(files):
     docker_compose = require_tool("docker-compose")
     result = subprocess.run([docker_compose, *(a for f in files for a in ("-f", str(f))), "config", "-q"],
@@ -50,8 +55,9 @@ def test_services_wait_on_health(compose):
         expect_equal(service.get("network_mode"), "host", f"network_mode of {name}")
         for dependency, rule in service.get("depends_on", {}).items():
             expect_equal(rule, {"condition": "service_healthy"}, f"{name} waits for {dependency}")
-    expect_equal(sorted(services["envoy"]["depends_on"]), sorted(["webdis", "backend-a", "backend-b", "backend-c"]),
-                 "what Envoy waits for")
+    # Not the apps: Envoy's health checks find them, and the Tomcat variant
+    # swaps them out (a dependency on a service it disables fails `up`).
+    expect_equal(sorted(services["envoy"]["depends_on"]), ["webdis"], "what Envoy waits for")
 
 
 def mount(volume) -> tuple[str, str]:
@@ -131,3 +137,32 @@ def test_envoy_runs_the_testbed_config_and_module(compose):
     wasm_path = tb.find_wasm_filter(tb.load_bootstrap())["vm_config"]["code"]["local"]["filename"]
     wasm_target = str(PurePosixPath(envoy["working_dir"]) / wasm_path)
     expect_equal(mounts.get(wasm_target), f"../{wasm_path}", f"what is mounted at {wasm_target}")
+
+
+def test_tomcat_variant_mounts_the_adapter_in_place_of_the_demo_backends():
+    """Three Tomcats on the demo backends' ports (which it disables), each
+    with the valve jar, the demo app and the conf files mounted as a user
+    would install them; the jar and the app in the long syntax, so `up`
+    fails when adapters/tomcat/build has not run."""
+    services = yaml.safe_load(TOMCAT.read_text())["services"]
+    for name in ("backend-a", "backend-b", "backend-c"):
+        expect_equal(services[name], {"profiles": ["demo-app"]}, f"{name} in the Tomcat variant")
+    for name, port in (("tomcat-a", 18081), ("tomcat-b", 18082), ("tomcat-c", 18083)):
+        tomcat = services[name]
+        expect_equal((tomcat["image"], tomcat["network_mode"]), ("tomcat:10.1", "host"), f"{name}: image, network")
+        expect_equal(tomcat["environment"]["CATALINA_OPTS"], f"-Dhttp.port={port}", f"{name}: its port")
+        expect(f"/dev/tcp/127.0.0.1/{port}" in tomcat["healthcheck"]["test"][3], f"{name}: health check",
+               f"asks 127.0.0.1:{port}/healthz", tomcat["healthcheck"]["test"])
+        mounts = {target: volume for volume in tomcat["volumes"] for _, target in [mount(volume)]}
+        for target, source in (("/usr/local/tomcat/lib/session-affinity-tomcat.jar",
+                                "../adapters/tomcat/build-out/session-affinity-tomcat.jar"),
+                               ("/usr/local/tomcat/webapps/ROOT", "../adapters/tomcat/build-out/demo")):
+            expect_equal(mounts.get(target), {"type": "bind", "source": source, "target": target, "read_only": True},
+                         f"{name}: the mount at {target}")
+        for conf in ("server.xml", "context.xml"):
+            expect_equal(mount(mounts[f"/usr/local/tomcat/conf/{conf}"]), (f"./tomcat/{conf}", f"/usr/local/tomcat/conf/{conf}"),
+                         f"{name}: conf/{conf}")
+    context = (REPO / "envoy" / "tomcat" / "context.xml").read_text()
+    expect('className="dev.sessionaffinity.tomcat.SessionAffinityValve"' in context
+           and 'allowedClasses="dev\\.sessionaffinity\\.demo\\..*"' in context,
+           "tomcat/context.xml", "the valve, the demo app's classes allowed", context)

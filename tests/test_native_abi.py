@@ -1,12 +1,12 @@
 """The native module (filter/native) against the real Envoy 1.40.
 
 First the binding itself, in both builds of the library (the session-affinity
-filter, and the demo filter of the `demo` feature): every callback it imports
+filter, and the demo filter of filter/native/demo): every callback it imports
 exists in this Envoy, every hook it exports is one Envoy looks up, and Envoy
 says the ABI version matched. A module built for another Envoy fails these
 with a message that says what to rebind. Then the example config for users
 and the filter's config errors, through `envoy --mode validate`. Then the demo
-filter (filter/native/src/demo.rs) in a running Envoy with three Python
+filter (filter/native/demo/src/demo.rs) in a running Envoy with three Python
 backends, one test per callback or hook it uses. The session-affinity filter
 itself runs the e2e suite (`pytest tests --module native`).
 """
@@ -33,11 +33,10 @@ NATIVE = REPO / "filter" / "native"
 DEMO_CONFIG = NATIVE / "demo" / "envoy.yaml"
 EXAMPLE_CONFIG = NATIVE / "example" / "envoy.yaml"
 BACKEND = NATIVE / "demo" / "backend.py"
-# The demo build has its own target directory: the same library name with
-# other features would otherwise replace the filter's build.
-DEMO_TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "native-demo"
-MODULE_DIR = DEMO_TARGET / "native"
-MODULE = MODULE_DIR / "libsession_affinity_native.so"
+# The demo is its own crate (filter/native/demo) with its own library name,
+# built next to the filter's module.
+MODULE_DIR = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "native"
+MODULE = MODULE_DIR / "libsession_affinity_native_demo.so"
 BUILD_TIMEOUT = 900
 REQUEST_TIMEOUT = 10.0
 
@@ -117,8 +116,7 @@ def module_so() -> Path:
     if cargo_bin.is_dir():  # the rustup toolchain, not Debian's rustc-web
         env["PATH"] = f"{cargo_bin}:{env['PATH']}"
     build = subprocess.run(
-        ["cargo", "build", "--profile", "native", "-p", "session-affinity-native", "--features", "demo",
-         "--target-dir", str(DEMO_TARGET)],
+        ["cargo", "build", "--profile", "native", "-p", "session-affinity-native-demo"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
     )
     assert build.returncode == 0, f"building the native module failed:\n{build.stderr[-4000:]}"

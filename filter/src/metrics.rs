@@ -57,7 +57,7 @@ counters! {
     RejectedAmbiguous => "cookies.rejected.ambiguous": "requests with valid cookies for different sessions (none trusted)",
     FailoversKnown => "failovers.known": "failovers of sessions whose host this proxy already knew gone",
     FailoversReplayed => "failovers.replayed": "requests found their host gone and were replayed (307)",
-    FailoversReset => "failovers.reset": "safe requests whose upstream connection was lost, replayed (307)",
+    FailoversReset => "failovers.reset": "safe requests whose upstream connection was lost, or that the app server answered with an error around its app (no instance id), replayed (307)",
     FailoversRestart => "failovers.restart": "failovers because the app restarted at the same address",
     FailoversRestored => "failovers.restored": "failovers that restored stored state",
     FailoversJoined => "failovers.joined": "failovers that found the session already moved by another proxy",

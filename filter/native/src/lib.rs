@@ -10,9 +10,10 @@
 //! - [`filter`]: the traits a filter implements and the plain types it uses.
 //! - [`shell`]: the session-affinity core behind those traits.
 //! - [`timer`]: running a stream's code later, on its own worker.
-//! - [`envoy_log`]: the `log` crate's records go to Envoy's logger.
-//! - [`demo`] (feature `demo`, in place of the shell): a demo filter that
-//!   proves each callback in the real Envoy.
+//!
+//! The demo filter that proves each callback in the real Envoy is its own
+//! crate (`filter/native/demo`), built from these `abi`, `filter` and `timer`
+//! sources.
 //!
 //! Every hook catches panics and lets the request through: a panic that
 //! crossed into Envoy would take the whole proxy down. That needs unwinding,
@@ -27,13 +28,9 @@ compile_error!(
 
 #[cfg(target_os = "linux")]
 mod abi;
-#[cfg(all(target_os = "linux", feature = "demo"))]
-mod demo;
-#[cfg(target_os = "linux")]
-mod envoy_log;
 #[cfg(target_os = "linux")]
 mod filter;
-#[cfg(all(target_os = "linux", not(feature = "demo")))]
+#[cfg(target_os = "linux")]
 mod shell;
 #[cfg(target_os = "linux")]
 mod timer;
@@ -44,7 +41,5 @@ pub use abi::{ConfigContext, ConfigHandle, ConfigScheduler, Scheduler, Stream};
 pub use filter::*;
 
 /// The filter configuration that Envoy's `filter_config` creates.
-#[cfg(all(target_os = "linux", not(feature = "demo")))]
+#[cfg(target_os = "linux")]
 type Module = shell::SessionAffinity;
-#[cfg(all(target_os = "linux", feature = "demo"))]
-type Module = demo::DemoConfig;

@@ -219,6 +219,12 @@ impl Flow {
             self.release(host, &failover);
             return Action::Continue;
         };
+        if response.is_app_server_error(failover.from.instance()) && host.response_flags() == 0 {
+            // No app took the session: its error stands, and the session stays
+            // where the store has it (the cookie still says moving).
+            self.release(host, &failover);
+            return Action::Continue;
+        }
         let instance = response.instance.unwrap_or("");
         self.host_answered(host, &upstream, instance);
         let lease = Some(failover.lease.clone());

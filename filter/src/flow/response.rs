@@ -97,6 +97,15 @@ impl<'a> ResponseView<'a> {
         self.internal.get(..self.internal_count).unwrap_or_default()
     }
 
+    /// An error with no instance id, to a session pinned to an instance: the
+    /// app speaks the contract and marks every answer of its own, so this one
+    /// came from around it, from the app server (Tomcat answers 400 or 404
+    /// for the moments its connector outlives its stopping web app). A
+    /// sidecar's mark says more, and wins.
+    pub fn is_app_server_error(&self, pinned_instance: &str) -> bool {
+        self.status >= 400 && self.instance.is_none() && self.unreached.is_none() && !pinned_instance.is_empty()
+    }
+
     /// Whether the request reached an app. `flags` reads Envoy's response
     /// flags (a host call), only for a 503.
     pub fn reach(&self, flags: impl FnOnce() -> u64) -> Reach {

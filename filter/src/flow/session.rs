@@ -4,9 +4,11 @@
 //! The rules for a pinned request's answer:
 //! - no app was reached (503 UH/UF, or a sidecar's "unreached"): the host is
 //!   gone; mark it and replay the request (307) down the failover path;
-//! - the connection broke before an answer (503 UC/UR): replay a safe method
-//!   the same way, without marking the host (the replay finds out); pass the
-//!   error on for any other method, which an app may have processed;
+//! - the connection broke before an answer (503 UC/UR), or the app server
+//!   answered an error around an app that marks its answers (no instance
+//!   id): replay a safe method the same way, without marking the host (the
+//!   replay finds out); pass the error on for any other method, which an app
+//!   may have processed;
 //! - "unknown session" from the very instance the cookie names: the app ended
 //!   it (logout, its own expiry). Ended is not lost: delete the stored copy,
 //!   drop the cookie, replay as a new session;
@@ -85,6 +87,12 @@ impl Flow {
             }
             Reach::ConnectionLost => return Action::Continue,
             Reach::Served => {}
+        }
+        // Not the app's answer, and not Envoy's own (no flags): replay a safe
+        // method like a lost connection; the failover path finds a live app.
+        if self.request.safe_method && response.is_app_server_error(claims.instance()) && host.response_flags() == 0 {
+            self.count(Counter::FailoversReset);
+            return self.replay_moving(host, &claims);
         }
         let instance = response.instance.unwrap_or("");
         let instance_changed = !claims.instance().is_empty() && !instance.is_empty() && instance != claims.instance();

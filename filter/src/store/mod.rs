@@ -29,12 +29,14 @@
 //! another impossible by construction, whatever the transport does.
 
 mod etcd;
+mod memory;
 mod webdis;
 
 use std::time::Duration;
 
 use crate::config::{DialectSettings, StoreSettings};
-pub use etcd::{Copied, Etcd, Memory};
+pub use etcd::{Copied, Etcd};
+pub use memory::Memory;
 pub use webdis::Webdis;
 
 /// The most calls one operation may take: a login, a lease grant and a read

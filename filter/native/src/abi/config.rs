@@ -1,15 +1,15 @@
 //! Filter configurations: created on Envoy's main thread, where their own
 //! events (scheduled work, callouts that belong to no stream) also run.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
 use std::time::Duration;
 
+use super::callout::{callout_outcome, callout_started, completion_views, Deferred};
 use super::ffi::*;
-use super::hooks::{callout_outcome, completion_views, Completion};
 use crate::filter::{CalloutError, CalloutId, Counter, FilterConfig, Histogram, MetricError};
 use crate::Module;
 
@@ -57,9 +57,9 @@ impl ConfigContext<'_> {
         let result = unsafe { define(self.envoy, RawBuffer::of(name.as_bytes()), ptr::null_mut(), 0, &mut id) };
         match result {
             METRICS_SUCCESS => Ok(id),
-            1 => Err(MetricError::NotFound),
-            2 => Err(MetricError::InvalidLabels),
-            3 => Err(MetricError::Frozen),
+            METRICS_METRIC_NOT_FOUND => Err(MetricError::NotFound),
+            METRICS_INVALID_LABELS => Err(MetricError::InvalidLabels),
+            METRICS_FROZEN => Err(MetricError::Frozen),
             other => Err(MetricError::Other(other)),
         }
     }
@@ -200,25 +200,13 @@ impl ConfigHandle<'_> {
     }
 }
 
-/// The id of a started callout, or why it did not start.
-pub(super) fn callout_started(result: u32, id: u64) -> Result<CalloutId, CalloutError> {
-    match result {
-        CALLOUT_INIT_SUCCESS => Ok(CalloutId(id)),
-        1 => Err(CalloutError::MissingRequiredHeaders),
-        2 => Err(CalloutError::ClusterNotFound),
-        3 => Err(CalloutError::DuplicateCalloutId),
-        4 => Err(CalloutError::CannotCreateRequest),
-        other => Err(CalloutError::Other(other)),
-    }
-}
-
 /// The main thread's hook state. Configuration hooks run only there, one at a
 /// time, except that a callout may complete inside `http_callout` itself:
 /// that completion is kept and delivered once the running hook returns.
 #[derive(Default)]
 struct MainThread {
     busy: Cell<bool>,
-    deferred: RefCell<Vec<Completion>>,
+    deferred: Deferred,
 }
 
 thread_local! {
@@ -240,27 +228,16 @@ fn run_config_hook(envoy: EnvoyConfigPtr, config: ModulePtr, hook: impl FnOnce(&
         if catch_unwind(AssertUnwindSafe(|| hook(module, &mut handle))).is_err() {
             log::error!("session-affinity-native: a configuration event panicked; it is dropped");
         }
-        loop {
-            let deferred = std::mem::take(&mut *main.deferred.borrow_mut());
-            if deferred.is_empty() {
-                break;
-            }
-            for done in deferred {
-                let outcome = catch_unwind(AssertUnwindSafe(|| {
-                    let (headers, body) = done.views();
-                    module.on_callout_done(
-                        &mut handle,
-                        CalloutId(done.id),
-                        callout_outcome(done.result, headers, body),
-                    );
-                }));
-                if outcome.is_err() {
+        main.deferred.deliver(
+            || true,
+            |id, outcome| {
+                if catch_unwind(AssertUnwindSafe(|| module.on_callout_done(&mut handle, id, outcome))).is_err() {
                     log::error!(
                         "session-affinity-native: a configuration callout hook panicked; its answer is dropped"
                     );
                 }
-            }
-        }
+            },
+        );
         main.busy.set(false);
     });
 }
@@ -287,14 +264,14 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
     body_chunks_size: usize,
 ) {
     // SAFETY: the arrays and every view in them live for this call.
-    let (headers, body) = unsafe { completion_views(headers, headers_size, body_chunks, body_chunks_size) };
+    let response = unsafe { completion_views(headers, headers_size, body_chunks, body_chunks_size) };
     if MAIN.with(|main| main.busy.get()) {
         // Completed inside `http_callout`: kept until the running hook returns.
         log::debug!("session-affinity-native: configuration callout {callout_id} completed inside http_callout");
-        MAIN.with(|main| main.deferred.borrow_mut().push(Completion::copy(callout_id, result, &headers, &body)));
+        MAIN.with(|main| main.deferred.push(callout_id, result, &response));
         return;
     }
     run_config_hook(envoy, config, |module, handle| {
-        module.on_callout_done(handle, CalloutId(callout_id), callout_outcome(result, headers, body));
+        module.on_callout_done(handle, CalloutId(callout_id), callout_outcome(result, response));
     });
 }

@@ -48,20 +48,48 @@ impl RawHeader {
     }
 }
 
-// C enums (`int`-sized); only the values this crate uses.
+// C enums (`int`-sized), named as in abi.h; only the types this crate uses.
+
+// `envoy_dynamic_module_type_on_http_filter_request_headers_status` (and response).
 pub const HEADERS_CONTINUE: u32 = 0;
 pub const HEADERS_STOP_ITERATION: u32 = 1;
 pub const HEADERS_STOP_ALL_ITERATION_AND_BUFFER: u32 = 3;
+// `..._on_http_filter_request_body_status` (and response).
 pub const BODY_CONTINUE: u32 = 0;
 pub const BODY_STOP_ITERATION_AND_BUFFER: u32 = 1;
+// `..._on_http_filter_request_trailers_status` (and response).
 pub const TRAILERS_CONTINUE: u32 = 0;
 pub const TRAILERS_STOP_ITERATION: u32 = 1;
+// `envoy_dynamic_module_type_attribute_id`.
 pub const ATTRIBUTE_RESPONSE_CODE: u32 = 15;
 pub const ATTRIBUTE_RESPONSE_FLAGS: u32 = 17;
 pub const ATTRIBUTE_UPSTREAM_ADDRESS: u32 = 41;
+// `envoy_dynamic_module_type_http_header_type`.
+pub const HEADER_TYPE_REQUEST_HEADER: u32 = 0;
+pub const HEADER_TYPE_REQUEST_TRAILER: u32 = 1;
+pub const HEADER_TYPE_RESPONSE_HEADER: u32 = 2;
+pub const HEADER_TYPE_RESPONSE_TRAILER: u32 = 3;
+// `envoy_dynamic_module_type_http_callout_init_result`.
 pub const CALLOUT_INIT_SUCCESS: u32 = 0;
+pub const CALLOUT_INIT_MISSING_REQUIRED_HEADERS: u32 = 1;
+pub const CALLOUT_INIT_CLUSTER_NOT_FOUND: u32 = 2;
+pub const CALLOUT_INIT_DUPLICATE_CALLOUT_ID: u32 = 3;
+pub const CALLOUT_INIT_CANNOT_CREATE_REQUEST: u32 = 4;
+// `envoy_dynamic_module_type_http_callout_result`.
 pub const CALLOUT_SUCCESS: u32 = 0;
+pub const CALLOUT_RESET: u32 = 1;
+pub const CALLOUT_EXCEED_RESPONSE_BUFFER_LIMIT: u32 = 2;
+// `envoy_dynamic_module_type_metrics_result`.
 pub const METRICS_SUCCESS: u32 = 0;
+pub const METRICS_METRIC_NOT_FOUND: u32 = 1;
+pub const METRICS_INVALID_LABELS: u32 = 2;
+pub const METRICS_FROZEN: u32 = 3;
+// `envoy_dynamic_module_type_log_level`.
+pub const LOG_LEVEL_TRACE: u32 = 0;
+pub const LOG_LEVEL_DEBUG: u32 = 1;
+pub const LOG_LEVEL_INFO: u32 = 2;
+pub const LOG_LEVEL_WARN: u32 = 3;
+pub const LOG_LEVEL_ERROR: u32 = 4;
 
 extern "C" {
     pub fn envoy_dynamic_module_callback_log(level: u32, message: RawBuffer);

@@ -1,14 +1,13 @@
 //! The event hooks of one HTTP stream, and the slot that keeps the filter's
 //! borrows and destruction sound when Envoy re-enters them.
 
-use std::cell::{Cell, RefCell, UnsafeCell};
+use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use super::callout::{callout_outcome, completion_views};
 use super::ffi::*;
-use super::stream::{AfterHook, Stream};
-use crate::filter::{
-    BodyStatus, CalloutFailure, CalloutId, CalloutResponse, FilterConfig, HeadersStatus, HttpFilter, TrailersStatus,
-};
+use super::stream::{AfterHook, SlotState, Stream};
+use crate::filter::{BodyStatus, CalloutId, FilterConfig, HeadersStatus, HttpFilter, TrailersStatus};
 use crate::Module;
 
 type Filter = <Module as FilterConfig>::Filter;
@@ -20,69 +19,6 @@ struct Slot {
     state: SlotState,
     /// `None` if creating the filter or one of its hooks panicked.
     filter: UnsafeCell<Option<Filter>>,
-}
-
-#[derive(Default)]
-pub(super) struct SlotState {
-    /// The filter is mutably borrowed by a running hook.
-    pub(super) busy: Cell<bool>,
-    /// Hook frames on the stack that use this slot.
-    pub(super) frames: Cell<u32>,
-    /// Envoy destroyed the filter while a frame was running: the last frame frees it.
-    pub(super) destroyed: Cell<bool>,
-    /// The filter stopped the request (or response) and has not continued it,
-    /// so failing open means continuing it.
-    pub(super) decoding_stopped: Cell<bool>,
-    pub(super) encoding_stopped: Cell<bool>,
-    /// Callouts that Envoy completed while the filter was busy (inside
-    /// `http_callout` itself), delivered once it is free.
-    pub(super) inline_callouts: RefCell<Vec<Completion>>,
-}
-
-/// A callout response as views: its headers and its body chunks.
-pub(super) type ResponseViews<'a> = (Vec<(&'a [u8], &'a [u8])>, Vec<&'a [u8]>);
-
-/// A callout's completion, copied to be delivered after the hook that was
-/// running when Envoy reported it.
-pub(super) struct Completion {
-    pub(super) id: u64,
-    pub(super) result: u32,
-    headers: Vec<(Vec<u8>, Vec<u8>)>,
-    body: Vec<Vec<u8>>,
-}
-
-impl Completion {
-    pub(super) fn copy(id: u64, result: u32, headers: &[(&[u8], &[u8])], body: &[&[u8]]) -> Completion {
-        Completion {
-            id,
-            result,
-            headers: headers.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
-            body: body.iter().map(|chunk| chunk.to_vec()).collect(),
-        }
-    }
-
-    pub(super) fn views(&self) -> ResponseViews<'_> {
-        (self.headers.iter().map(|(k, v)| (&k[..], &v[..])).collect(), self.body.iter().map(|c| &c[..]).collect())
-    }
-}
-
-/// Views of a callout's response headers and body chunks.
-///
-/// # Safety
-/// Both arrays (null when empty) and every view in them live for `'a`.
-pub(super) unsafe fn completion_views<'a>(
-    headers: *const RawHeader,
-    headers_size: usize,
-    body_chunks: *const RawBuffer,
-    body_chunks_size: usize,
-) -> ResponseViews<'a> {
-    // SAFETY: by the contract above.
-    let (headers, body_chunks) = unsafe { (array(headers, headers_size), array(body_chunks, body_chunks_size)) };
-    // SAFETY: as above, for each header's name and value.
-    let headers = headers.iter().map(|header| unsafe { header_parts(header) }).collect();
-    // SAFETY: as above, for each body chunk.
-    let body = body_chunks.iter().map(|chunk| unsafe { bytes(*chunk) }).collect();
-    (headers, body)
 }
 
 /// # Safety
@@ -231,18 +167,12 @@ fn run<S: HookStatus>(
         }
         Direction::Neither => {}
     }
-    loop {
-        let inline = std::mem::take(&mut *state.inline_callouts.borrow_mut());
-        if inline.is_empty() || state.destroyed.get() {
-            break;
-        }
-        for done in inline {
-            let (headers, body) = done.views();
-            with_filter(slot, &mut stream, |filter, stream| {
-                filter.on_callout_done(stream, CalloutId(done.id), callout_outcome(done.result, headers, body));
-            });
-        }
-    }
+    state.deferred.deliver(
+        || !state.destroyed.get(),
+        |id, outcome| {
+            with_filter(slot, &mut stream, |filter, stream| filter.on_callout_done(stream, id, outcome));
+        },
+    );
     stream.perform_after_hook();
     state.frames.set(state.frames.get() - 1);
     if state.frames.get() == 0 && state.destroyed.get() {
@@ -285,19 +215,6 @@ fn with_filter<R>(
     };
     state.busy.set(false);
     result
-}
-
-pub(super) fn callout_outcome<'a>(
-    result: u32,
-    headers: Vec<(&'a [u8], &'a [u8])>,
-    body: Vec<&'a [u8]>,
-) -> Result<CalloutResponse<'a>, CalloutFailure> {
-    match result {
-        CALLOUT_SUCCESS => Ok(CalloutResponse::new(headers, body)),
-        1 => Err(CalloutFailure::Reset),
-        2 => Err(CalloutFailure::ResponseTooLarge),
-        other => Err(CalloutFailure::Other(other)),
-    }
 }
 
 // ------------------------------------------------------- stream hooks --
@@ -381,19 +298,19 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     body_chunks_size: usize,
 ) {
     // SAFETY: the arrays (null when empty) and every view in them live for this call.
-    let (headers, body) = unsafe { completion_views(headers, headers_size, body_chunks, body_chunks_size) };
+    let response = unsafe { completion_views(headers, headers_size, body_chunks, body_chunks_size) };
 
     // SAFETY: `module` is this hook's argument from Envoy.
     if let Some(slot) = unsafe { slot(module) } {
         if slot.state.busy.get() {
-            // Completed inside `http_callout`: keep a copy for when the filter is free.
+            // Completed inside `http_callout`: kept for when the filter is free.
             log::debug!("session-affinity-native: callout {callout_id} completed inside http_callout");
-            slot.state.inline_callouts.borrow_mut().push(Completion::copy(callout_id, result, &headers, &body));
+            slot.state.deferred.push(callout_id, result, &response);
             return;
         }
     }
     run(envoy, module, Direction::Neither, |f, s| {
-        f.on_callout_done(s, CalloutId(callout_id), callout_outcome(result, headers, body))
+        f.on_callout_done(s, CalloutId(callout_id), callout_outcome(result, response))
     })
 }
 

@@ -1,11 +1,13 @@
 //! The binding to Envoy's dynamic-module C ABI (`abi.h` of Envoy 1.40, ABI
 //! version v0.2.0), and the only module with `unsafe`.
 //!
-//! It holds three things: the raw declarations of the callbacks this crate
-//! uses, the event hooks Envoy calls (`#[no_mangle]`), and the safe handles
-//! the rest of the crate uses instead ([`Stream`], [`ConfigContext`],
-//! [`Scheduler`]). tests/test_native_abi.py checks every imported symbol
-//! against the `envoy` binary and exercises each callback in it.
+//! It holds the raw declarations of the callbacks this crate uses (ffi.rs),
+//! the event hooks Envoy calls (`#[no_mangle]`), the safe handles the rest of
+//! the crate uses instead ([`Stream`], [`ConfigContext`], [`Scheduler`]),
+//! callouts as both of their owners see them (callout.rs), and the `log`
+//! crate's logger that writes to Envoy's (logger.rs).
+//! tests/test_native_abi.py checks every imported symbol against the `envoy`
+//! binary and exercises each callback in it.
 //!
 //! The rules that make the handles safe:
 //! - A [`Stream`] exists only while a hook runs, so the Envoy filter it points
@@ -25,9 +27,11 @@
 //!   behaviour.
 #![allow(unsafe_code)]
 
+mod callout;
 mod config;
 mod ffi;
 mod hooks;
+mod logger;
 mod stream;
 
 use std::ffi::{c_char, CStr};
@@ -35,36 +39,12 @@ use std::ffi::{c_char, CStr};
 pub use config::{ConfigContext, ConfigHandle, ConfigScheduler};
 pub use stream::{Scheduler, Stream};
 
-use ffi::{envoy_dynamic_module_callback_log, envoy_dynamic_module_callback_log_enabled, RawBuffer};
-
 /// The ABI version this binding implements, returned from program init.
 /// Envoy logs "Dynamic module ABI version v0.2.0 matched." when it is its own.
 pub const ABI_VERSION: &CStr = c"v0.2.0";
 
-fn level_of(level: log::Level) -> u32 {
-    match level {
-        log::Level::Trace => 0,
-        log::Level::Debug => 1,
-        log::Level::Info => 2,
-        log::Level::Warn => 3,
-        log::Level::Error => 4,
-    }
-}
-
-/// Whether Envoy's `dynamic_modules` logger would print at `level`.
-pub fn log_enabled(level: log::Level) -> bool {
-    // SAFETY: a plain value in, a bool out; callable from any thread.
-    unsafe { envoy_dynamic_module_callback_log_enabled(level_of(level)) }
-}
-
-/// Writes a line to Envoy's `dynamic_modules` logger.
-pub fn log_message(level: log::Level, message: &str) {
-    // SAFETY: Envoy copies the message during the call; callable from any thread.
-    unsafe { envoy_dynamic_module_callback_log(level_of(level), RawBuffer::of(message.as_bytes())) }
-}
-
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
-    crate::envoy_log::install();
+    logger::install();
     ABI_VERSION.as_ptr()
 }

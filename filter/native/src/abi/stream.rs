@@ -1,13 +1,13 @@
 //! The handles a filter uses during a hook: the stream, and its scheduler.
 
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::ptr::{self, NonNull};
 use std::time::Duration;
 
-use super::config::callout_started;
+use super::callout::{callout_started, Deferred};
 use super::ffi::*;
-use super::hooks::SlotState;
 use crate::filter::{CalloutError, CalloutId, Counter, HeaderMap, Histogram, LocalResponse};
 
 /// The current HTTP stream, lent to a filter for the duration of one hook.
@@ -15,6 +15,24 @@ pub struct Stream<'a> {
     pub(super) envoy: EnvoyFilterPtr,
     pub(super) state: &'a SlotState,
     pub(super) after: AfterHook,
+}
+
+/// A stream's hook bookkeeping, kept in its slot (hooks.rs) beside the
+/// filter so that re-entered and destroying hooks stay sound.
+#[derive(Default)]
+pub(super) struct SlotState {
+    /// The filter is mutably borrowed by a running hook.
+    pub(super) busy: Cell<bool>,
+    /// Hook frames on the stack that use this slot.
+    pub(super) frames: Cell<u32>,
+    /// Envoy destroyed the filter while a frame was running: the last frame frees it.
+    pub(super) destroyed: Cell<bool>,
+    /// The filter stopped the request (or response) and has not continued it,
+    /// so failing open means continuing it.
+    pub(super) decoding_stopped: Cell<bool>,
+    pub(super) encoding_stopped: Cell<bool>,
+    /// Callouts that Envoy completed while the filter was busy.
+    pub(super) deferred: Deferred,
 }
 
 /// A header map's entries as Envoy lent them, valid while the [`Stream`] is
@@ -44,10 +62,10 @@ pub(super) struct AfterHook {
 
 fn header_map(map: HeaderMap) -> u32 {
     match map {
-        HeaderMap::RequestHeaders => 0,
-        HeaderMap::RequestTrailers => 1,
-        HeaderMap::ResponseHeaders => 2,
-        HeaderMap::ResponseTrailers => 3,
+        HeaderMap::RequestHeaders => HEADER_TYPE_REQUEST_HEADER,
+        HeaderMap::RequestTrailers => HEADER_TYPE_REQUEST_TRAILER,
+        HeaderMap::ResponseHeaders => HEADER_TYPE_RESPONSE_HEADER,
+        HeaderMap::ResponseTrailers => HEADER_TYPE_RESPONSE_TRAILER,
     }
 }
 
@@ -231,7 +249,7 @@ impl Stream<'_> {
         let mut raw: Vec<RawHeader> = headers.iter().map(|(k, v)| RawHeader::of(k.as_bytes(), v)).collect();
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let mut id = 0;
-        let inline_before = self.state.inline_callouts.borrow().len();
+        let mark = self.state.deferred.mark();
         // SAFETY: see the impl. Envoy may complete the callout before returning; that
         // re-enters on_http_filter_http_callout_done, which finds the filter busy and
         // keeps the result for later.
@@ -248,8 +266,7 @@ impl Stream<'_> {
         };
         let started = callout_started(result, id);
         if started.is_err() {
-            // A callout that did not start has no completion to deliver.
-            self.state.inline_callouts.borrow_mut().truncate(inline_before);
+            self.state.deferred.forget_since(mark);
         }
         started
     }

@@ -5,7 +5,7 @@
 //! A worker thread's state is used only by that thread's streams, so it needs
 //! no lock: it lives in a thread local, found by the configuration it belongs
 //! to. Envoy's main thread has one too: the sender of the calls that outlive
-//! their stream (`super::SessionAffinity::tick`).
+//! their stream (`super::SessionAffinity::tick`, fed by `super::Shared::hand_over`).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;

@@ -199,6 +199,19 @@ fn a_failover_that_found_no_live_host_releases_its_lease_and_replays() {
 }
 
 #[test]
+fn an_app_server_error_without_an_instance_id_moves_nothing_and_stands() {
+    let bed = Bed::new(with_store("sync"));
+    let (mut f, mut host) = failover_request(&bed);
+    reply(&mut f, &mut host, Reply::Acquired { state: Some("st".into()) });
+    host.respond(B2, &[(":status", "400")]);
+    assert_eq!(f.on_response_headers(&mut host), Action::Continue, "the error goes to the client");
+    tick(&bed, &mut host);
+    assert!(matches!(host.ops()[1], Op::Release { .. }), "no commit: no app took the session");
+    assert!(host.local_reply.is_none());
+    assert_eq!(set_cookie(&host), None, "the cookie still says moving");
+}
+
+#[test]
 fn stored_state_that_is_not_a_header_value_releases_the_lease_and_is_an_outage() {
     let bed = Bed::new(with_store("sync"));
     let (mut f, mut host) = failover_request(&bed);

@@ -356,6 +356,38 @@ fn a_lost_connection_replays_a_get_without_marking_the_host_and_never_a_post() {
 }
 
 #[test]
+fn an_app_server_error_around_an_app_that_marks_its_answers_replays_a_get_only() {
+    for status in ["400", "404", "503"] {
+        let bed = Bed::new(config(""));
+        let (_, host, action) = bed.answer_pinned(&[(":status", status)]);
+        assert_eq!((action, host.local_reply.as_ref().map(|r| r.0)), (Action::Pause, Some(307)), "{status}");
+        assert!(issued(&bed, &host).is_moving(), "{status}");
+        assert!(!bed.worker.gone.borrow().is_gone(B1, "pod-a", NOW_MS + 1), "{status}: the replay finds out");
+        assert_eq!(bed.count(Counter::FailoversReset), 1, "{status}");
+    }
+    let bed = Bed::new(config(""));
+    let mut host = bed.pinned(B1, "pod-a", &[(":method", "POST")]);
+    let mut f = bed.flow();
+    f.on_request_headers(&mut host);
+    host.respond(B1, &[(":status", "404")]);
+    assert_eq!(f.on_response_headers(&mut host), Action::Continue);
+    assert!(host.local_reply.is_none(), "a POST the app may have seen is never replayed");
+    // Envoy's own reply (flags set), a sidecar's, or an app without instance ids: its answer stands.
+    for (instance, headers, flags) in [("pod-a", &[(":status", "504")][..], FLAG_UC), ("pod-a", &[(":status", "404"), ("x-session-unreached", "NR")][..], 0),
+                                       ("", &[(":status", "404")][..], 0)] {
+        let bed = Bed::new(config(""));
+        let mut host = bed.pinned(B1, instance, &[]);
+        let mut f = bed.flow();
+        f.on_request_headers(&mut host);
+        host.respond(B1, headers);
+        host.flags = flags;
+        let action = f.on_response_headers(&mut host);
+        assert_eq!((action, host.local_reply.as_ref().map(|r| r.0)), (Action::Continue, None), "{instance:?} {headers:?}");
+        assert_eq!(bed.count(Counter::FailoversReset), 0, "{instance:?} {headers:?}");
+    }
+}
+
+#[test]
 fn an_app_error_that_is_not_uh_or_uf_is_never_replayed() {
     let bed = Bed::new(config(""));
     for status in ["500", "502", "503", "504"] {

@@ -21,48 +21,15 @@ mod txn;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use super::{Dialect, Exchange, Next, Op, Reply, Request, Step, StoreError};
+use super::{Dialect, Exchange, Memory, Next, Op, Reply, Request, Step, StoreError};
 use crate::keys::Secret;
 pub use ops::Copied;
 use ops::{tree, Keys, TOMBSTONE};
-use txn::{walk, Answer, Leaf};
+use txn::{walk, Body, Leaf};
 
 /// Keys are written only with a lease that has at least this long to live,
 /// so a lease never ends under a call in flight.
 const MIN_LIFE_MS: u64 = 10_000;
-/// Leases a worker keeps: buckets in use only move forward, so the oldest go.
-const MAX_LEASES: usize = 64;
-
-/// What a worker remembers between store calls: etcd's auth token and the
-/// shared leases it granted.
-#[derive(Debug, Default)]
-pub struct Memory {
-    token: Option<Secret>,
-    /// (bucket, lease id), oldest bucket first.
-    leases: Vec<(u64, u64)>,
-}
-
-impl Memory {
-    fn lease(&self, bucket: u64) -> Option<u64> {
-        self.leases.iter().find(|(b, _)| *b == bucket).map(|(_, id)| *id)
-    }
-
-    /// Keeps lease `id` for `bucket`, forgetting buckets that ended
-    /// (`current` is the bucket now is in).
-    fn remember(&mut self, bucket: u64, id: u64, current: u64) {
-        self.leases.retain(|(b, _)| *b != bucket && *b > current);
-        if self.leases.len() >= MAX_LEASES {
-            self.leases.remove(0);
-        }
-        let at = self.leases.partition_point(|(b, _)| *b < bucket);
-        self.leases.insert(at, (bucket, id));
-    }
-
-    fn forget(&mut self, lease: u64) {
-        self.leases.retain(|(_, id)| *id != lease);
-    }
-}
-
 pub struct Etcd<'a> {
     prefix: &'a str,
     bucket_ms: u64,
@@ -114,7 +81,7 @@ impl<'a> Etcd<'a> {
     /// What a txn's answer means, once it is known to answer this call.
     fn txn_reply(&self, op: &Op, nonce: &str, copied: Option<&Copied>, body: &[u8], now_ms: u64) -> Result<Reply, StoreError> {
         let k = self.keys(op.sid());
-        let reply: Answer = serde_json::from_slice(body).map_err(|_| StoreError::Protocol(format!("a {} got an answer that is not a txn's", op.name())))?;
+        let reply: Body = serde_json::from_slice(body).map_err(|_| StoreError::Protocol(format!("a {} got an answer that is not a txn's", op.name())))?;
         check_echo(op, &k.call, nonce, &reply)?;
         let mut reads = Vec::new();
         let tree = tree(op, &k, &self.new_keys(op), nonce, now_ms, copied);
@@ -138,7 +105,7 @@ impl<'a> Etcd<'a> {
     /// A call etcd did not serve: a token to renew, a lease to grant again,
     /// or an error.
     fn refused(&self, op: &Op, step: &Step, status: u32, body: &[u8], memory: &mut Memory, now_ms: u64) -> Result<Next, StoreError> {
-        let message = serde_json::from_slice::<Answer>(body).map(|e| e.error).unwrap_or_default();
+        let message = serde_json::from_slice::<Body>(body).map(|e| e.error).unwrap_or_default();
         let token_refused = status == 401 || (status == 400 && ["user name is empty", "auth store is old", "invalid auth token"].iter().any(|m| message.contains(m)));
         match step {
             Step::Login if status == 400 => Err(StoreError::Protocol("etcd refused store.auth's user name or password".into())),
@@ -162,7 +129,7 @@ impl<'a> Etcd<'a> {
 
 /// The answer's last read is of this session's call key, and finds this
 /// call's nonce: else it answers some other call.
-fn check_echo(op: &Op, call_key: &str, nonce: &str, reply: &Answer) -> Result<(), StoreError> {
+fn check_echo(op: &Op, call_key: &str, nonce: &str, reply: &Body) -> Result<(), StoreError> {
     let echo = reply.responses.last().and_then(|last| last.response_range.as_ref());
     let echo = echo.and_then(|range| range.value_of(call_key).ok().flatten()).map(|found| found.value);
     match echo {
@@ -200,7 +167,7 @@ impl Dialect for Etcd<'_> {
             return self.refused(op, step, status, body, memory, now_ms);
         }
         let unreadable = |what: &str| StoreError::Protocol(format!("etcd {what} answer not understood"));
-        let answer = || serde_json::from_slice::<Answer>(body);
+        let answer = || serde_json::from_slice::<Body>(body);
         match step {
             Step::Login => {
                 // The answer holds the token: it goes nowhere but the memory.

@@ -256,27 +256,3 @@ fn keys_expire_with_the_bucket_that_covers_their_ttl() {
     assert!(bucket_end(&release) > NOW_MS + MIN_LIFE_MS);
     assert!(ops::stamp(999) < ops::stamp(1000), "lease ends compare as times");
 }
-
-#[test]
-fn a_worker_keeps_a_bounded_set_of_current_leases() {
-    let mut memory = Memory::default();
-    memory.remember(10, 1, 5);
-    memory.remember(12, 2, 5);
-    memory.remember(11, 3, 5);
-    assert_eq!(memory.leases, [(10, 1), (11, 3), (12, 2)]);
-    memory.remember(13, 4, 11);
-    assert_eq!(memory.leases, [(12, 2), (13, 4)], "buckets that ended are forgotten");
-    for bucket in 100..100 + MAX_LEASES as u64 + 5 {
-        memory.remember(bucket, bucket, 11);
-    }
-    assert_eq!(memory.leases.len(), MAX_LEASES);
-    assert_eq!(memory.lease(104 + MAX_LEASES as u64), Some(104 + MAX_LEASES as u64));
-    memory.forget(104 + MAX_LEASES as u64);
-    assert_eq!(memory.lease(104 + MAX_LEASES as u64), None);
-}
-
-#[test]
-fn the_token_never_shows_in_debug_output() {
-    let memory = Memory { token: Some(Secret(b"secret-token".to_vec())), leases: vec![] };
-    assert!(!format!("{memory:?}").contains("secret-token"));
-}

@@ -182,7 +182,7 @@ impl Do {
 /// fields. One type for all keeps the module small.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-pub struct Answer {
+pub struct Body {
     pub succeeded: bool,
     pub responses: Vec<Response>,
     pub kvs: Vec<KeyValue>,
@@ -197,10 +197,10 @@ pub struct Answer {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct Response {
-    pub response_range: Option<Answer>,
+    pub response_range: Option<Body>,
     pub response_put: Option<IgnoredAny>,
     pub response_delete_range: Option<IgnoredAny>,
-    pub response_txn: Option<Answer>,
+    pub response_txn: Option<Body>,
 }
 
 /// Keys and values in base64, numbers as decimal strings.
@@ -219,7 +219,7 @@ pub struct Found {
     pub mod_revision: u64,
 }
 
-impl Answer {
+impl Body {
     /// A range's value of `key`, if it exists; an answer about any other key is refused.
     pub fn value_of(&self, wanted: &str) -> Result<Option<Found>, String> {
         let Some(kv) = self.kvs.first() else { return Ok(None) };
@@ -239,7 +239,7 @@ pub type Reads = Vec<(String, Option<Found>)>;
 
 /// Walks `reply` along `txn`: the leaf of the deepest branch taken; adds
 /// what every range on the way read to `reads`.
-pub fn walk(txn: &Txn, reply: &Answer, reads: &mut Reads) -> Result<Leaf, String> {
+pub fn walk(txn: &Txn, reply: &Body, reads: &mut Reads) -> Result<Leaf, String> {
     let branch = if reply.succeeded { &txn.success } else { &txn.failure };
     if branch.ops.len() != reply.responses.len() {
         return Err(format!("{} answers to {} operations", reply.responses.len(), branch.ops.len()));
@@ -332,7 +332,7 @@ mod tests {
     }
 
     fn walked(reply: &str) -> Result<(Leaf, Reads), String> {
-        let reply: Answer = serde_json::from_str(reply).unwrap();
+        let reply: Body = serde_json::from_str(reply).unwrap();
         let mut reads = Vec::new();
         walk(&sample(), &reply, &mut reads).map(|leaf| (leaf, reads))
     }

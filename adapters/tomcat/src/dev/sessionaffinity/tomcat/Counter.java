@@ -5,6 +5,7 @@ enum Counter {
     SESSIONS_CREATED("sessionsCreated", "Sessions created on the proxy's x-session-new"),
     SESSIONS_RESTORED("sessionsRestored", "Sessions recreated from an x-session-state the proxy sent"),
     SESSIONS_UNKNOWN("sessionsUnknown", "Requests for a session not known here, answered unknown without running the app"),
+    STOPPING_ANSWERS("stoppingAnswers", "Session requests answered 503 \"unreached\" while the context stopped, so the proxy moved them"),
     SESSIONS_ENDED("sessionsEnded", "Sessions the app ended (invalidate, logout), announced with x-session-end"),
     SESSIONS_ROTATED("sessionsRotated", "Session id changes (changeSessionId, login), announced with x-session-rotate"),
     REQUESTS_UNTOUCHED("requestsUntouched", "Requests of a session that never asked for it (getSession): nothing serialized"),

@@ -77,6 +77,9 @@ public final class SessionAffinityValve extends ValveBase {
     private static final String RESTORED_NOTE = SessionAffinityValve.class.getName() + ".restoredFrom";
     private static final String OVERLAP_NOTE = SessionAffinityValve.class.getName() + ".overlap";
     private static final int MIN_STATE_BYTES = 512;
+    /** Envoy's response flags in the stopping answer: the app was not reached (UF), or may have been (UC). */
+    private static final String UNREACHED_BEFORE_THE_APP = "UF";
+    private static final String UNREACHED_AFTER_THE_APP = "UC";
     /** Room left for the status line and framing when checking that a state fits the response headers. */
     private static final int HEADER_SLACK = 512;
     private static final int DEFAULT_MAX_RESPONSE_HEADER = 8192;
@@ -110,12 +113,19 @@ public final class SessionAffinityValve extends ValveBase {
     private String sessionEndHeader = "x-session-end";
     private String sessionRotateHeader = "x-session-rotate";
     private String instanceIdHeader = "x-instance-id";
+    private String sessionUnreachedHeader = "x-session-unreached";
 
     // Set up by startInternal().
     private final Counters counters = new Counters();
     private final Set<String> warnedAttributes = ConcurrentHashMap.newKeySet();
     private final AtomicBoolean warnedNoRoom = new AtomicBoolean();
-    private final LifecycleListener idsListener = this::useProxySessionIds;
+    private final LifecycleListener contextListener = this::onContextEvent;
+    /**
+     * The context is stopping: its Manager expires every session, so a
+     * session that disappears now was not ended by the app, and must not be
+     * announced as ended (the proxy would tombstone it).
+     */
+    private volatile boolean stopping;
     /** Striped locks: one restore of a session id at a time. */
     private final Object[] restoreLocks = new Object[64];
     private volatile String instanceId;
@@ -171,7 +181,7 @@ public final class SessionAffinityValve extends ValveBase {
         binding = getContainer().getParent().getName() + contextPath + (appId.isEmpty() ? "" : "#" + appId);
         instanceId = SessionIds.randomToken(12);
         countersName = registerCounters();
-        getContainer().addLifecycleListener(idsListener);
+        getContainer().addLifecycleListener(contextListener);
         checkConnectors();
         String version = SessionAffinityValve.class.getPackage().getImplementationVersion();
         log.info("SessionAffinityValve " + (version == null ? "(unpackaged)" : version) + " for '" + contextPath
@@ -212,7 +222,7 @@ public final class SessionAffinityValve extends ValveBase {
 
     @Override
     protected void stopInternal() throws LifecycleException {
-        getContainer().removeLifecycleListener(idsListener);
+        getContainer().removeLifecycleListener(contextListener);
         super.stopInternal();
         if (countersName != null) {
             try {
@@ -268,6 +278,10 @@ public final class SessionAffinityValve extends ValveBase {
             plain(request, response);
             return;
         }
+        if (stopping) {
+            answerStopping(response, UNREACHED_BEFORE_THE_APP);
+            return;
+        }
         Manager manager = request.getContext().getManager();
         Exchange exchange = resolve(request, response, sid, manager);
         if (exchange == null) {
@@ -316,12 +330,16 @@ public final class SessionAffinityValve extends ValveBase {
     }
 
     /**
-     * Ids that Tomcat itself picks (changeSessionId at login, a new session)
-     * must be in the proxy's format: installed once the context, and so its
-     * Manager, has started.
+     * Once the context, and so its Manager, has started, ids that Tomcat
+     * itself picks (changeSessionId at login, a new session) must be in the
+     * proxy's format. Before it stops, the valve notes that sessions are
+     * about to vanish through no act of the app.
      */
-    private void useProxySessionIds(LifecycleEvent event) {
-        if (Lifecycle.AFTER_START_EVENT.equals(event.getType())) {
+    private void onContextEvent(LifecycleEvent event) {
+        if (Lifecycle.BEFORE_STOP_EVENT.equals(event.getType())) {
+            stopping = true;
+        } else if (Lifecycle.AFTER_START_EVENT.equals(event.getType())) {
+            stopping = false;
             Manager manager = ((Context) event.getLifecycle()).getManager();
             if (manager != null && !(manager.getSessionIdGenerator() instanceof SessionIds)) {
                 manager.setSessionIdGenerator(new SessionIds());
@@ -428,6 +446,11 @@ public final class SessionAffinityValve extends ValveBase {
     }
 
     private void answerUnknown(Response response, boolean ended) throws IOException {
+        if (stopping) {
+            // The Manager is expiring every session: not known here now says nothing about the session.
+            answerStopping(response, UNREACHED_BEFORE_THE_APP);
+            return;
+        }
         response.setStatus(409);
         response.setHeader(sessionUnknownHeader, "1");
         if (ended) {
@@ -438,11 +461,35 @@ public final class SessionAffinityValve extends ValveBase {
         response.getWriter().write("This session is not known here.\n");
     }
 
+    /**
+     * The context is stopping: answer as a proxy does for an app it could not
+     * reach (503, the contract's "unreached" header with Envoy's response flag,
+     * no instance id), so the filter moves the session with its stored state.
+     * UF: the app never ran, any method may be replayed; UC: it may have run.
+     */
+    private void answerStopping(Response response, String flag) throws IOException {
+        counters.add(Counter.STOPPING_ANSWERS);
+        response.reset();
+        response.setStatus(503);
+        response.setHeader(sessionUnreachedHeader, flag);
+        response.setHeader("Connection", "close");
+        response.setHeader("Cache-Control", "no-store");
+        response.setContentType("text/plain;charset=UTF-8");
+        response.getWriter().write("This server is stopping.\n");
+    }
+
     // ---------------------------------------------------------- after the app
 
     /** Announces what the request changed: in headers if possible, else in the trailer, else later. */
-    private void finish(Exchange exchange, Response response) {
+    private void finish(Exchange exchange, Response response) throws IOException {
         Announcement announcement = announce(exchange);
+        if (stopping && announcement.ended && exchange.session != null) {
+            // The Manager expired the session under the request: it was not ended, only this server is.
+            if (!response.isCommitted()) {
+                answerStopping(response, UNREACHED_AFTER_THE_APP);
+            }
+            return;
+        }
         boolean trailerIsOurs = response.getTrailerFields() == exchange;
         if (!response.isCommitted()) {
             response.setHeader(instanceIdHeader, instanceId); // again, in case the app reset the response
@@ -780,8 +827,8 @@ public final class SessionAffinityValve extends ValveBase {
         @Override
         public Map<String, String> get() {
             Announcement announcement = atEnd ? announce(this) : trailer;
-            if (announcement == null || announcement.isEmpty()) {
-                return null;
+            if (announcement == null || announcement.isEmpty() || stopping && announcement.ended && session != null) {
+                return null; // nothing, or a session that only the stopping context expired
             }
             if (!announcement.trailerCanCarry()) {
                 counters.add(Counter.CHANGES_DEFERRED);
@@ -932,6 +979,10 @@ public final class SessionAffinityValve extends ValveBase {
 
     public void setSessionEndHeader(String name) {
         this.sessionEndHeader = name;
+    }
+
+    public void setSessionUnreachedHeader(String name) {
+        this.sessionUnreachedHeader = name;
     }
 
     public void setSessionRotateHeader(String name) {
