@@ -4,7 +4,7 @@ what was expected next to what was received, counter probes that cope with
 the filter flushing metrics once a second, the store's record of a session,
 and processes paused with SIGSTOP.
 
-Fixtures live in conftest.py; the processes themselves in envoy/testbed.py.
+Fixtures live in conftest.py; the processes themselves in envoy/rig.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, wait as wait_futures
 from dataclasses import dataclass, field
@@ -25,12 +24,11 @@ from pathlib import Path
 import pytest
 import requests
 
+import rig as tb  # envoy/rig, the testbed's parts (pytest.ini puts envoy/ on the path)
+
+import cookie_signer
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "envoy"))
-
-import testbed as tb  # noqa: E402  (envoy/testbed.py, after the path is set)
-
-import cookie_signer  # noqa: E402
 
 # The wasm build's workers flush their counters once a second.
 FLUSH_PERIOD = 1.0

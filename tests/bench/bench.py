@@ -61,7 +61,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "envoy"))
-from testbed import free_ports  # noqa: E402  (ports below the ephemeral range)
+from rig import free_ports  # noqa: E402  (ports below the ephemeral range)
 sys.path.insert(0, str(ROOT / "tests"))
 import cookie_signer  # noqa: E402  (tests/cookie_signer.py)
 BENCH = ROOT / "tests" / "bench"
@@ -520,7 +520,7 @@ class Store:
 
 
 class EtcdStore:
-    """A three-member etcd cluster on free ports (envoy/etcd_cluster.py),
+    """A three-member etcd cluster on free ports (envoy/rig/etcd.py),
     pinned like the other store; no auth, like the webdis store here."""
 
     def __init__(self, procs: Procs, cpu: int | None):
@@ -531,8 +531,7 @@ class EtcdStore:
     def start(self) -> None:
         if self.cluster is not None:
             return
-        sys.path.insert(0, str(ROOT / "envoy"))
-        from etcd_cluster import EtcdCluster
+        from rig.etcd import EtcdCluster
         ports = [free_port() for _ in range(6)]
         workdir = self.procs.workdir / "etcd"
         workdir.mkdir(exist_ok=True)
