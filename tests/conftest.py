@@ -23,7 +23,7 @@ import os
 
 import pytest
 
-from harness import Client, require_tool, tb
+from harness import User, require_tool, tb
 
 TESTBED_FIXTURES = {"module", "shared_testbed", "testbed", "own_testbed"}
 
@@ -136,7 +136,7 @@ def own_testbed(module, tmp_path, topology, store):
 
 @pytest.fixture
 def client(testbed):
-    return Client(testbed.envoy)
+    return User(envoy=testbed.envoy, jar=False)
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""Helpers shared by the e2e tests: an HTTP client with explicit cookies,
-browser-like users (a cookie jar, redirects followed), assertions that print
+"""Helpers shared by the e2e tests: one client model (User: browser-like with
+a cookie jar, or sending exactly the cookies a test names), assertions that print
 what was expected next to what was received, counter probes that cope with
 the filter flushing metrics once a second, the store's record of a session,
 and processes paused with SIGSTOP.
 
-Fixtures live in conftest.py; the processes themselves in envoy/testbed.py.
+Fixtures live in conftest.py; the processes themselves in envoy/rig.
 """
 
 from __future__ import annotations
@@ -16,21 +16,19 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, wait as wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 import requests
 
+import rig as tb  # envoy/rig, the testbed's parts (pytest.ini puts envoy/ on the path)
+
+import cookie_signer
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "envoy"))
-
-import testbed as tb  # noqa: E402  (envoy/testbed.py, after the path is set)
-
-import cookie_signer  # noqa: E402
 
 # The wasm build's workers flush their counters once a second.
 FLUSH_PERIOD = 1.0
@@ -117,35 +115,6 @@ class Reply:
         return f"{self.status} headers={dict(self.headers)} body={self.response.text[:300]!r}"
 
 
-class Client:
-    """HTTP to one Envoy listener. No cookie jar: every test says what it sends."""
-
-    def __init__(self, envoy: "tb.Envoy"):
-        self.envoy = envoy
-        self.cookie_name = envoy.filter_config.get("cookie", {}).get("name", "sa")
-        self.session = requests.Session()
-        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-
-    def request(self, path: str = "/", cookie: str | None = None, headers: dict | None = None,
-                method: str = "GET", data: bytes | None = None, timeout: float = 10.0) -> Reply:
-        sent = dict(headers or {})
-        if cookie is not None:
-            sent["cookie"] = f"{self.cookie_name}={cookie}"
-        response = self.session.request(method, f"{self.envoy.url}{path}", headers=sent, data=data,
-                                        timeout=timeout, allow_redirects=False)
-        return Reply(response, self.cookie_name)
-
-    def get(self, path: str = "/", cookie: str | None = None, headers: dict | None = None) -> Reply:
-        return self.request(path, cookie, headers)
-
-    def new_session(self, path: str = "/") -> Reply:
-        """A request without a cookie; fails unless it set a cookie."""
-        reply = self.get(path)
-        expect(reply.status == 200 and reply.cookie, f"GET {path} without a cookie starts a session",
-               "200 with a Set-Cookie", reply.describe())
-        return reply
-
-
 def keyring(filter_config: dict) -> dict[str, str]:
     """Key id to secret, from a plugin config (inline secrets only)."""
     return {key["id"]: key["secret"] for key in filter_config["keys"]}
@@ -205,30 +174,71 @@ def with_config(base: dict, **sections) -> dict:
 
 # -------------------------------------------------------------------- clients
 
+# The filter's default cookie.name (a plugin JSON without a cookie section).
+DEFAULT_COOKIE = "sa"
+
+
 @dataclass
 class User:
-    """One browser-like client: its own cookie jar and connection, follows redirects."""
+    """One client of the filter, with its own connection.
 
-    name: str
+    Browser-like by default: a cookie jar, redirects followed (`send`, to any
+    Envoy's URL). With `jar=False` it keeps no cookies and every request says
+    exactly what it sends (`request`, `get`, `new_session`: to `envoy`, no
+    redirects, a Reply). The cookie is the one `envoy`'s plugin JSON names.
+    """
+
+    name: str = "client"
+    envoy: tb.Envoy | None = None
+    jar: bool = True
+    cookie_name: str = DEFAULT_COOKIE
     http: requests.Session = field(default_factory=requests.Session)
     replies: list = field(default_factory=list)
 
+    def __post_init__(self):
+        if self.envoy is not None:
+            self.cookie_name = self.envoy.filter_config.get("cookie", {}).get("name", DEFAULT_COOKIE)
+        if not self.jar:
+            self.http.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
     def send(self, url: str, path: str = "/", method: str = "GET", data: bytes | None = None,
              timeout: float = REQUEST_TIMEOUT) -> requests.Response:
+        """Like a browser: the jar's cookies sent, redirects followed; the reply is kept in `replies`."""
         reply = self.http.request(method, url + path, data=data, timeout=timeout)
         self.replies.append(reply)
         return reply
 
+    def request(self, path: str = "/", cookie: str | None = None, headers: dict | None = None,
+                method: str = "GET", data: bytes | None = None, timeout: float = REQUEST_TIMEOUT) -> Reply:
+        """One request to `envoy` with exactly these headers (and this cookie value), no redirects."""
+        sent = dict(headers or {})
+        if cookie is not None:
+            sent["cookie"] = f"{self.cookie_name}={cookie}"
+        response = self.http.request(method, f"{self.envoy.url}{path}", headers=sent, data=data,
+                                     timeout=timeout, allow_redirects=False)
+        return Reply(response, self.cookie_name)
+
+    def get(self, path: str = "/", cookie: str | None = None, headers: dict | None = None) -> Reply:
+        return self.request(path, cookie, headers)
+
+    def new_session(self, path: str = "/") -> Reply:
+        """A request without a cookie; fails unless it set a cookie."""
+        reply = self.get(path)
+        expect(reply.status == 200 and reply.cookie, f"GET {path} without a cookie starts a session",
+               "200 with a Set-Cookie", reply.describe())
+        return reply
+
     @property
     def cookie(self) -> str | None:
-        values = [c.value for c in self.http.cookies if c.name == "sa"]
+        """The session cookie in the jar, if any."""
+        values = [c.value for c in self.http.cookies if c.name == self.cookie_name]
         if len(values) > 1:
-            raise AssertionError(f"{self.name} holds {len(values)} cookies named sa: {values}")
+            raise AssertionError(f"{self.name} holds {len(values)} cookies named {self.cookie_name}: {values}")
         return values[0] if values else None
 
     def with_cookie(self, name: str) -> "User":
         """Another client holding a copy of this one's cookies (same session)."""
-        other = User(name)
+        other = replace(self, name=name, http=requests.Session(), replies=[])
         other.http.cookies.update(self.http.cookies)
         return other
 

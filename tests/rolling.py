@@ -32,7 +32,7 @@ from typing import Callable
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "envoy")]
 
 from harness import User, describe, json_body, start_sessions, tb  # noqa: E402
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from harness import User, describe, expect, json_body, start_sessions
-from testbed import wait_until
+from rig import wait_until
 
 
 def without_draining_overrides(bootstrap: dict):

@@ -41,7 +41,7 @@ def test_the_testbed_config_is_found():
 def test_shipped_envoy_config_validates(path, wasm, tmp_path):
     cwd = REPO
     if "filename: mesh/" in path.read_text():
-        # envoy/sidecar.yaml names the certificates envoy/mesh.py makes, relative to where it runs.
+        # envoy/sidecar.yaml names the certificates envoy/rig/mesh.py makes, relative to where it runs.
         tb.mesh_mode.make_certificates(tmp_path / "mesh")
         cwd = tmp_path
     result = validate(path, cwd=cwd)

@@ -1,7 +1,7 @@
 """Sessions survive the loss of their pod: failover end to end.
 
 Real Envoy with the built filter, Redis behind webdis as the session store and
-the demo backends, all on 127.0.0.1 (tests/conftest.py, envoy/testbed.py).
+the demo backends, all on 127.0.0.1 (tests/conftest.py, envoy/rig).
 Clients are `requests.Session`s with a cookie jar that follow redirects like
 a browser: a 307 is replayed with the same method and body.
 

@@ -25,7 +25,7 @@ import time
 
 import requests
 
-from harness import Client, Counters, expect, expect_equal, tb, verify_cookie
+from harness import Counters, expect, expect_equal, tb, verify_cookie
 from harness import Paused, User, describe, in_parallel, json_body, settle_load_balancer, with_config
 
 APP_ROOT = tb.REPO / "tests" / "apps"
@@ -73,7 +73,7 @@ def test_no_spelling_of_an_internal_header_reaches_a_cgi_style_app(own_testbed, 
         forged = {"x_session_state": "forged-state", "x_session_id": "victim", "X-Session-Id": "victim2",
                   "x_session_new": "1", "x-session_route": "MTI3LjAuMC4xOjE=", "x_instance_id": "forged",
                   "x_envoy_retry_on": "5xx"}
-        client = Client(bed.envoy)
+        client = User(envoy=bed.envoy, jar=False)
         for cookie in (None, client.new_session("/wsgi/x").cookie):
             reply = client.get("/wsgi/x", cookie=cookie, headers=forged)
             received = reply.body["received"]

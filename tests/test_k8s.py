@@ -51,7 +51,7 @@ import yaml
 
 import k8s_envoy as ke
 import k8s_manifests as km
-from harness import require_tool, tb  # tb is envoy/testbed.py, the other e2e tests' harness
+from harness import require_tool, tb  # tb is envoy/rig, the other e2e tests' harness
 
 REPO = km.REPO
 K8S = km.K8S
@@ -1046,8 +1046,7 @@ def test_etcd_auth_job_and_maintenance_run_on_real_etcd(tmp_path, etcd_tls):
     member and save a snapshot, as root."""
     for tool in ("etcd", "etcdctl", "curl", "sh"):
         require_tool(tool)
-    sys.path.insert(0, str(REPO / "envoy"))
-    from etcd_cluster import b64
+    from rig.etcd import b64
     with EtcdMembers(tmp_path, etcd_tls) as cluster:
         endpoints = ",".join(cluster.urls)
         first = run_etcd_auth_job(endpoints, etcd_tls)
@@ -1092,8 +1091,7 @@ def test_etcd_member_that_lost_its_volume_rejoins(tmp_path, etcd_tls):
     healthy with the data. With "new", as before, it could not."""
     for tool in ("etcd", "curl", "sh"):
         require_tool(tool)
-    sys.path.insert(0, str(REPO / "envoy"))
-    from etcd_cluster import b64, unb64
+    from rig.etcd import b64, unb64
     with EtcdMembers(tmp_path, etcd_tls) as cluster:
         assert all("initial-cluster-state: new" in (tmp_path / f"{n}.yml").read_text() for n in cluster.names)
         assert run_etcd_auth_job(",".join(cluster.urls), etcd_tls).returncode == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 
-from harness import Client, Counters, expect_equal, verify_cookie
+from harness import Counters, User, expect_equal, verify_cookie
 
 OLD = {"id": "old", "secret": "rotation-test-old-key-0123456789abcdef"}
 NEW = {"id": "new", "secret": "rotation-test-new-key-0123456789abcdef"}
@@ -22,7 +22,7 @@ def test_rotation_keeps_cookies_of_listed_keys(own_testbed):
     envoy = own_testbed.envoy
     base = envoy.filter_config
     envoy.restart(with_keys(base, OLD))
-    client = Client(envoy)
+    client = User(envoy=envoy, jar=False)
     first = client.new_session()
     old_cookie = first.cookie
     expect_equal(verify_cookie(old_cookie, envoy.filter_config).kid, "old", "key id before rotation")
@@ -51,9 +51,9 @@ def test_rotation_keeps_cookies_of_listed_keys(own_testbed):
 
 def test_cookies_work_across_envoy_replicas(own_testbed):
     """Two Envoys with the same keys accept each other's cookies."""
-    client = Client(own_testbed.envoy)
+    client = User(envoy=own_testbed.envoy, jar=False)
     first = client.new_session()
     replica = own_testbed.start_envoy("envoy-replica")
-    body = Client(replica).get(cookie=first.cookie).body
+    body = User(envoy=replica, jar=False).get(cookie=first.cookie).body
     expect_equal((body["backend"], body["session"], body["count"]),
                  (first.body["backend"], first.body["session"], 2), "the session through the other replica")

@@ -8,13 +8,11 @@ are printed; `tests/rolling.py --losses 60 [--app tomcat]` is the long run."""
 from __future__ import annotations
 
 import json
-import sys
 
 import rolling
 from harness import REPO, expect, require_tool, tb
 
-sys.path.insert(0, str(REPO / "adapters" / "tomcat"))
-import tomcats  # noqa: E402  (adapters/tomcat/tomcats.py, after the path is set)
+import tomcats  # adapters/tomcat/tomcats.py (pytest.ini puts adapters/tomcat on the path)
 
 SESSIONS = 30
 POD_LOSSES = 20

@@ -10,7 +10,7 @@ import copy
 import struct
 
 import cookie_signer
-from harness import Client, Counters, expect, expect_equal, verify_cookie
+from harness import Counters, User, expect, expect_equal, verify_cookie
 
 REASONS = ("malformed", "unknown_key", "bad_signature", "expired")
 OLD = {"id": "old", "secret": "sealed-test-old-key-0123456789abcdef"}
@@ -69,7 +69,7 @@ def with_cookie(config: dict, keys: list[dict], **cookie) -> dict:
 def test_signed_cookies_migrate_to_sealed_across_a_key_rotation(own_testbed):
     envoy = own_testbed.envoy
     base = envoy.filter_config
-    client = Client(envoy)
+    client = User(envoy=envoy, jar=False)
 
     # Before: a signed cookie, then a sealed one, both under the old key.
     envoy.restart(with_cookie(base, [OLD], format="signed"))

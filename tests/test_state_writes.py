@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import Client, expect_equal, tb
+from harness import User, expect_equal, tb
 from harness import owner_of, stored, with_config
 
 
@@ -15,7 +15,7 @@ def test_every_state_change_reaches_the_store_under_its_owner(own_testbed, mode)
     bed = own_testbed
     envoy = bed.envoy
     envoy.restart(with_config(envoy.filter_config, store={"write": mode}))
-    client = Client(envoy)
+    client = User(envoy=envoy, jar=False)
     first = client.new_session()
     expect_equal(first.status, 200, "first response status")
     cookie = first.cookie

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 import threading
 import time
 
@@ -26,8 +25,7 @@ import requests
 
 from harness import REPO, expect, expect_equal, require_tool, tb
 
-sys.path.insert(0, str(REPO / "adapters" / "tomcat"))
-import tomcats  # noqa: E402  (adapters/tomcat/tomcats.py, after the path is set)
+import tomcats  # adapters/tomcat/tomcats.py (pytest.ini puts adapters/tomcat on the path)
 
 REQUEST_TIMEOUT = 15.0
 

@@ -8,7 +8,6 @@ three JVMs per line.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,7 @@ import pytest
 from harness import REPO, expect, expect_equal, require_tool, tb
 from test_tomcat import Shopper, counters, kill_serving, serving, shop, total
 
-sys.path.insert(0, str(REPO / "adapters" / "tomcat"))
-import tomcats  # noqa: E402  (adapters/tomcat/tomcats.py, after the path is set)
+import tomcats  # adapters/tomcat/tomcats.py (pytest.ini puts adapters/tomcat on the path)
 
 
 @pytest.fixture(scope="module", params=["10-embedded", "9-embedded"])

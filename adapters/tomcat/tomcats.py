@@ -31,7 +31,7 @@ ADAPTER = Path(__file__).resolve().parent
 REPO = ADAPTER.parent.parent
 sys.path.insert(0, str(REPO / "envoy"))
 
-import testbed as tb  # noqa: E402  (envoy/testbed.py: processes, waits, the testbed itself)
+import rig as tb  # noqa: E402  (envoy/rig: processes, waits, the testbed itself)
 
 BUILD_OUT = ADAPTER / "build-out"
 JAR = BUILD_OUT / "session-affinity-tomcat.jar"

@@ -38,39 +38,41 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench as harness  # noqa: E402  (tests/bench/bench.py)
+import running
+from running import ROUTER, Envoy, Procs, Store, Upstreams, envoy_binary, http_get, native_filter, run_wrk
+from variants import COOKIE, filter_config, set_cookie_value
 
 WORKERS = 2
 
 
 def variants() -> dict[str, tuple[list, str]]:
-    sync = harness.filter_config(write="sync")
+    sync = filter_config(write="sync")
     return {
-        "router": ([harness.ROUTER], "/"),
-        "native_pinned": ([harness.native_filter(sync), harness.ROUTER], "/"),
-        "native_state_sync": ([harness.native_filter(sync), harness.ROUTER], "/state/"),
+        "router": ([ROUTER], "/"),
+        "native_pinned": ([native_filter(sync), ROUTER], "/"),
+        "native_state_sync": ([native_filter(sync), ROUTER], "/state/"),
     }
 
 
-def start_envoy(procs: harness.Procs, name: str, http_filters: list, upstreams: harness.Upstreams,
-                store_port: int) -> harness.Envoy:
-    envoy = harness.Envoy(procs, name, http_filters, upstreams.hosts, store_port, None)
+def start_envoy(procs: Procs, name: str, http_filters: list, upstreams: Upstreams,
+                store_port: int) -> Envoy:
+    envoy = Envoy(procs, name, http_filters, upstreams.hosts, store_port, None)
     path = procs.workdir / f"envoy-{name}.yaml"
     path.write_text(json.dumps(envoy.config))
     envoy.proc = procs.start(f"envoy-{name}", [
-        harness.envoy_binary(), "-c", str(path), "--concurrency", str(WORKERS), "--disable-hot-restart",
-        "-l", "warning"], env={**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(harness.NATIVE_DIR)})
+        envoy_binary(), "-c", str(path), "--concurrency", str(WORKERS), "--disable-hot-restart",
+        "-l", "warning"], env={**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(running.NATIVE_DIR)})
     envoy.wait_ready()
     return envoy
 
 
-def session_cookie(envoy: harness.Envoy, path: str) -> dict:
+def session_cookie(envoy: Envoy, path: str) -> dict:
     """A cookie the filter issued (so the store holds the session's owner)."""
     for _ in range(9):
-        _, headers, _ = harness.http_get(envoy.port, path)
-        value = harness.set_cookie_value(headers, harness.COOKIE)
+        _, headers, _ = http_get(envoy.port, path)
+        value = set_cookie_value(headers, COOKIE)
         if value:
-            return {"cookie": f"{harness.COOKIE}={value}"}
+            return {"cookie": f"{COOKIE}={value}"}
     raise RuntimeError("the filter set no cookie")
 
 
@@ -95,20 +97,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="seconds of load per variant (default 10)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sa-contention-") as tmp:
-        procs = harness.Procs(Path(tmp))
+        procs = Procs(Path(tmp))
         try:
-            upstreams = harness.Upstreams(procs, "nginx", None)
+            upstreams = Upstreams(procs, "nginx", None)
             upstreams.start()
-            store = harness.Store(procs, None)
+            store = Store(procs, None)
             store.start()
             for name, (http_filters, path) in variants().items():
                 envoy = start_envoy(procs, name, http_filters, upstreams, store.port)
                 headers = {} if name == "router" else session_cookie(envoy, path)
 
                 def load():
-                    return harness.run_wrk(envoy.port, path=path, duration=args.seconds, connections=32,
+                    return run_wrk(envoy.port, path=path, duration=args.seconds, connections=32,
                                            headers=headers)
-                harness.run_wrk(envoy.port, path=path, duration=2, connections=32, headers=headers)
+                run_wrk(envoy.port, path=path, duration=2, connections=32, headers=headers)
                 calls, run = futex_calls(envoy.proc.pid, load)
                 print(f"{name:18s} {run['requests']:8,d} requests ({run['rps']:7,.0f} req/s)  "
                       f"{calls:6d} futex calls  non-2xx {run['errors']['status']}", flush=True)

@@ -66,9 +66,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import bench as b
+import running
+from running import (NATIVE_SO, ROOT, ROUTER, Bench, Envoy, free_port, log, native_filter, pin, run_wrk,
+                     stateful_session_header, wait_port, wasm_filter)
+from variants import COOKIE, KID, SECRET, cookie_signer, filter_config, set_cookie_value
 
-DEMO_BACKEND = b.ROOT / "envoy" / "backend" / "app.py"
+DEMO_BACKEND = ROOT / "envoy" / "backend" / "app.py"
 
 
 def percentile(xs: list[float], p: float) -> float | None:
@@ -93,10 +96,10 @@ def latency_summary(ms: list[float], **extra) -> dict:
 class Backends:
     """The demo backend, one process per upstream host."""
 
-    def __init__(self, bench: b.Bench, tag: str, count: int = 3):
+    def __init__(self, bench: Bench, tag: str, count: int = 3):
         self.bench = bench
         self.tag = tag
-        self.ports = [b.free_port() for _ in range(count)]
+        self.ports = [free_port() for _ in range(count)]
         self.procs: dict[int, object] = {}
 
     @property
@@ -116,7 +119,7 @@ class Backends:
             "h = getattr(app, 'Handler', None); "
             "setattr(h, 'disable_nagle_algorithm', True) if h else None; "
             "app.main(sys.argv[1:])")
-        cmd = b.pin(self.bench.load_cpu) + [
+        cmd = pin(self.bench.load_cpu) + [
             sys.executable, "-c", launcher, str(script), "--host", "127.0.0.1",
             "--port", str(port), "--name", f"{self.tag}{port}"]
         self.procs[port] = self.bench.procs.start(f"backend-{self.tag}-{port}", cmd)
@@ -125,7 +128,7 @@ class Backends:
         for p in self.ports:
             self.start(p)
         for p in self.ports:
-            b.wait_port(p)
+            wait_port(p)
 
     def kill(self, host: str) -> None:
         """SIGKILL: the process dies without closing anything cleanly."""
@@ -134,16 +137,16 @@ class Backends:
         self.bench.procs.stop(proc, signal.SIGKILL)  # type: ignore[arg-type]
 
 
-def filter_envoy(bench: b.Bench, name: str, hosts: list[str], gone_ttl: str, native: bool = False,
-                 store: str = "webdis") -> b.Envoy:
+def filter_envoy(bench: Bench, name: str, hosts: list[str], gone_ttl: str, native: bool = False,
+                 store: str = "webdis") -> Envoy:
     """An Envoy with the filter: the wasm build (with stateful_session), or the native module."""
-    config = b.filter_config(write="sync", gone_ttl=gone_ttl, dialect=store)
+    config = filter_config(write="sync", gone_ttl=gone_ttl, dialect=store)
     if native:
-        filters = [b.native_filter(config), b.ROUTER]
+        filters = [native_filter(config), ROUTER]
     else:
-        filters = [b.wasm_filter("session_affinity", bench.wasm("filter"), config),
-                   b.stateful_session_header(), b.ROUTER]
-    env = b.Envoy(bench.procs, name, filters, hosts, bench.stores(store).hosts, bench.envoy_cpu,
+        filters = [wasm_filter("session_affinity", bench.wasm("filter"), config),
+                   stateful_session_header(), ROUTER]
+    env = Envoy(bench.procs, name, filters, hosts, bench.stores(store).hosts, bench.envoy_cpu,
                   hc_interval="1s")
     env.start()
     return env
@@ -152,7 +155,7 @@ def filter_envoy(bench: b.Bench, name: str, hosts: list[str], gone_ttl: str, nat
 STORE_CALLS = "cluster.session_store.upstream_rq_total"
 
 
-def store_calls(env: b.Envoy) -> int:
+def store_calls(env: Envoy) -> int:
     return env.envoy_stats(re.escape(STORE_CALLS)).get(STORE_CALLS, 0)
 
 
@@ -180,7 +183,7 @@ class Client:
     def get_once(self, path: str = "/") -> tuple[int, dict, dict]:
         """One request; takes the cookie from Set-Cookie. Retries once on a
         connection the server closed while idle (not counted as a failure)."""
-        headers = {"cookie": f"{b.COOKIE}={self.cookie}"} if self.cookie else {}
+        headers = {"cookie": f"{COOKIE}={self.cookie}"} if self.cookie else {}
         for attempt in (0, 1):
             try:
                 conn = self._conn()
@@ -197,7 +200,7 @@ class Client:
             hdrs.setdefault(k.lower(), []).append(v)
         if r.getheader("connection", "").lower() == "close":
             self.close()
-        value = b.set_cookie_value(hdrs, b.COOKIE)
+        value = set_cookie_value(hdrs, COOKIE)
         if value:
             self.cookie = value
         try:
@@ -233,12 +236,12 @@ def count_of(data: dict) -> int | None:
 def cookie_host(cookie: str | None) -> str | None:
     """The host a cookie pins (sealed cookies are opened with the bench's key)."""
     try:
-        return b.cookie_signer.parse(cookie or "", {b.KID: b.SECRET}).host
+        return cookie_signer.parse(cookie or "", {KID: SECRET}).host
     except ValueError:
         return None
 
 
-def new_sessions(env: b.Envoy, want: int, host: str | None, max_tries: int) -> list[Client]:
+def new_sessions(env: Envoy, want: int, host: str | None, max_tries: int) -> list[Client]:
     """Creates sessions through the filter; keeps those pinned to `host`
     (any host when None). Each gets a second request so the store holds state."""
     out: list[Client] = []
@@ -277,7 +280,7 @@ def timed_first_request(c: Client) -> tuple[float, int, int, bool]:
     return ms, status, redirects, kept
 
 
-def finish(bench: b.Bench, env: b.Envoy, backends: Backends) -> dict:
+def finish(bench: Bench, env: Envoy, backends: Backends) -> dict:
     """Stops the Envoy and the backends of one measurement; returns the Envoy's
     counters, read after the wasm workers flushed them (about once a second)."""
     time.sleep(1.5)
@@ -288,7 +291,7 @@ def finish(bench: b.Bench, env: b.Envoy, backends: Backends) -> dict:
     return counters
 
 
-def measure_known_gone(bench: b.Bench, sessions: int, native: bool = False, store: str = "webdis") -> dict:
+def measure_known_gone(bench: Bench, sessions: int, native: bool = False, store: str = "webdis") -> dict:
     backends = Backends(bench, f"known-{store}" + "-native" * native)
     backends.start_all()
     env = filter_envoy(bench, f"failover-known-{store}" + "-native" * native, backends.hosts, gone_ttl="10m",
@@ -330,7 +333,7 @@ def measure_known_gone(bench: b.Bench, sessions: int, native: bool = False, stor
                   for k, v in counters.items() if v})
 
 
-def measure_storm(bench: b.Bench, sessions: int, native: bool = False, store: str = "webdis",
+def measure_storm(bench: Bench, sessions: int, native: bool = False, store: str = "webdis",
                   parallel: int = 64) -> dict:
     tag = f"storm-{store}" + "-native" * native
     backends = Backends(bench, tag)
@@ -364,7 +367,7 @@ def measure_storm(bench: b.Bench, sessions: int, native: bool = False, store: st
         counters={k.removeprefix("session_affinity."): v for k, v in counters.items() if v})
 
 
-def measure_found_mid_request(bench: b.Bench, sessions: int, gone_ttl_s: float = 1.0) -> dict:
+def measure_found_mid_request(bench: Bench, sessions: int, gone_ttl_s: float = 1.0) -> dict:
     backends = Backends(bench, "mid")
     backends.start_all()
     env = filter_envoy(bench, "failover-mid", backends.hosts, gone_ttl=f"{int(gone_ttl_s)}s")
@@ -397,7 +400,7 @@ def measure_found_mid_request(bench: b.Bench, sessions: int, gone_ttl_s: float =
                                      for k, v in counters.items() if v})
 
 
-def measure_kill_under_load(bench: b.Bench, sessions: int = 48, seconds: float = 8.0, native: bool = False) -> dict:
+def measure_kill_under_load(bench: Bench, sessions: int = 48, seconds: float = 8.0, native: bool = False) -> dict:
     backends = Backends(bench, "kill")
     backends.start_all()
     env = filter_envoy(bench, "failover-kill" + "-native" * native, backends.hosts, gone_ttl="30s", native=native)
@@ -464,14 +467,14 @@ def measure_kill_under_load(bench: b.Bench, sessions: int = 48, seconds: float =
                          for k, v in counters.items() if v}}
 
 
-def measure_store_footprint(bench: b.Bench, store: str, seconds: float = 2.0) -> dict:
+def measure_store_footprint(bench: Bench, store: str, seconds: float = 2.0) -> dict:
     """New sessions for `seconds`: store calls per write, keys and bytes per session."""
     backends = Backends(bench, f"size-{store}")
     backends.start_all()
     env = filter_envoy(bench, f"footprint-{store}", backends.hosts, gone_ttl="30s", store=store)
     env.wait_ready()
     before, calls_before, counters_before = bench.stores(store).footprint(), store_calls(env), env.stats()
-    b.run_wrk(env.port, path="/", duration=seconds, connections=4, cpu=bench.load_cpu)
+    run_wrk(env.port, path="/", duration=seconds, connections=4, cpu=bench.load_cpu)
     time.sleep(1.5)  # workers flush counters about once a second
     counters = {k: v - counters_before.get(k, 0) for k, v in env.stats().items()}
     created = counters.get("session_affinity.sessions.created", 0)
@@ -488,7 +491,7 @@ def measure_store_footprint(bench: b.Bench, store: str, seconds: float = 2.0) ->
             "state": "the demo backend's (about 70 bytes)"}
 
 
-def run(bench: b.Bench, sessions: int) -> dict:
+def run(bench: Bench, sessions: int) -> dict:
     storm = bench.args.storm_sessions
     script = Path(os.environ.get("SA_BENCH_DEMO_BACKEND", str(DEMO_BACKEND)))
     if not script.exists():
@@ -497,7 +500,7 @@ def run(bench: b.Bench, sessions: int) -> dict:
         return {"error": "the filter does not load: "
                          + bench.unavailable.get("filter_pinned", "no module")[:300]}
     bench.store.start()
-    out: dict = {"backend": str(script.relative_to(b.ROOT)) if script.is_relative_to(b.ROOT)
+    out: dict = {"backend": str(script.relative_to(ROOT)) if script.is_relative_to(ROOT)
                  else str(script),
                  "backend_tcp_nodelay": "set by the harness (see Backends.start)",
                  "client": "Python http.client, kept-alive connection, one request at a time"}
@@ -509,7 +512,7 @@ def run(bench: b.Bench, sessions: int) -> dict:
              ("store_footprint_etcd", lambda: measure_store_footprint(bench, "etcd")),
              ("storm", lambda: measure_storm(bench, storm)),
              ("storm_etcd", lambda: measure_storm(bench, storm, store="etcd"))]
-    if (b.NATIVE_DIR / b.NATIVE_SO).exists():
+    if (running.NATIVE_DIR / NATIVE_SO).exists():
         steps += [("native_known_gone", lambda: measure_known_gone(bench, sessions, native=True)),
                   ("native_kill_under_load", lambda: measure_kill_under_load(bench, native=True)),
                   ("native_storm", lambda: measure_storm(bench, storm, native=True)),
@@ -526,7 +529,7 @@ def run(bench: b.Bench, sessions: int) -> dict:
             for attempt in (0, 1):
                 t0 = time.monotonic()
                 waited = bench.wait_quiet() if bench.args.noise_limit < 1 else 0
-                b.log(f"failover: {key}" + (f" (waited {waited:g} s for quiet CPUs)" if waited > 1 else ""))
+                log(f"failover: {key}" + (f" (waited {waited:g} s for quiet CPUs)" if waited > 1 else ""))
                 s0 = bench.noise.snapshot()
                 out[key] = fn()
                 f = bench.noise.foreign(s0, bench.noise.snapshot())
@@ -537,12 +540,12 @@ def run(bench: b.Bench, sessions: int) -> dict:
                 # Latency figures are worth one repeat; the others count events.
                 if not out[key]["noisy"] or "known_gone" not in key or not bench.budget_left():
                     break
-                b.log(f"failover: {key}: other programs took {f} of our CPUs; repeating")
+                log(f"failover: {key}: other programs took {f} of our CPUs; repeating")
             shown = {k: v for k, v in out[key].items()
                      if k not in ("counters", "first_errors", "reference_pinned", "all_ms")}
-            b.log(f"failover: {key}: {json.dumps(shown)}")
+            log(f"failover: {key}: {json.dumps(shown)}")
         except Exception as e:  # noqa: BLE001 - one part failing must not hide the others
             msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-            b.log(f"failover: {key}: not measured: {msg}")
+            log(f"failover: {key}: not measured: {msg}")
             out[key] = {"error": msg}
     return out

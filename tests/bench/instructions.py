@@ -51,7 +51,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench as harness  # noqa: E402  (tests/bench/bench.py)
+import running
+import variants
+from running import (NATIVE_SO, ROUTER, WASM, Procs, Upstreams, _listener, _sock, envoy_binary, free_port, http_get,
+                     native_filter, stateful_session_cookie, stateful_session_header, wasm_filter)
+from variants import COOKIE, filter_config, new_sid, set_cookie_value, sign_cookie
 
 START_TIMEOUT = 300  # Envoy starts slowly under valgrind
 WARMUP_REQUESTS = 250
@@ -59,28 +63,28 @@ VARIANTS = ("router", "envoy_cookie", "native_pinned", "native_new", "native_mis
 
 
 def filters(variant: str) -> list:
-    config = harness.filter_config()
+    config = filter_config()
     return {
-        "router": [harness.ROUTER],
-        "envoy_cookie": [harness.stateful_session_cookie(), harness.ROUTER],
-        "native_pinned": [harness.native_filter(config), harness.ROUTER],
-        "native_new": [harness.native_filter(config), harness.ROUTER],
-        "native_miss": [harness.native_filter(config), harness.ROUTER],
-        "wasm_pinned": [harness.wasm_filter("session_affinity", harness.WASM_DIR / harness.WASM["filter"], config),
-                        harness.stateful_session_header(), harness.ROUTER],
-        "wasm_miss": [harness.wasm_filter("session_affinity", harness.WASM_DIR / harness.WASM["filter"], config),
-                      harness.stateful_session_header(), harness.ROUTER],
+        "router": [ROUTER],
+        "envoy_cookie": [stateful_session_cookie(), ROUTER],
+        "native_pinned": [native_filter(config), ROUTER],
+        "native_new": [native_filter(config), ROUTER],
+        "native_miss": [native_filter(config), ROUTER],
+        "wasm_pinned": [wasm_filter("session_affinity", running.WASM_DIR / WASM["filter"], config),
+                        stateful_session_header(), ROUTER],
+        "wasm_miss": [wasm_filter("session_affinity", running.WASM_DIR / WASM["filter"], config),
+                      stateful_session_header(), ROUTER],
     }[variant]
 
 
 def config(listener: int, admin: int, upstreams: list[str], http_filters: list) -> dict:
-    endpoints = [{"endpoint": {"address": harness._sock(int(host.rsplit(":", 1)[1]))}} for host in upstreams]
+    endpoints = [{"endpoint": {"address": _sock(int(host.rsplit(":", 1)[1]))}} for host in upstreams]
     route_config = {"virtual_hosts": [{"name": "app", "domains": ["*"],
                                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]}
     return {
-        "admin": {"address": harness._sock(admin)},
+        "admin": {"address": _sock(admin)},
         "static_resources": {
-            "listeners": [harness._listener("bench", listener, route_config, http_filters)],
+            "listeners": [_listener("bench", listener, route_config, http_filters)],
             "clusters": [{"name": "app", "type": "STATIC", "connect_timeout": "1s",
                           "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": endpoints}]}},
                          {"name": "session_store", "type": "STATIC", "connect_timeout": "1s",
@@ -89,26 +93,26 @@ def config(listener: int, admin: int, upstreams: list[str], http_filters: list) 
     }
 
 
-def request_headers(variant: str, connection: http.client.HTTPConnection, upstreams: harness.Upstreams) -> dict:
+def request_headers(variant: str, connection: http.client.HTTPConnection, upstreams: Upstreams) -> dict:
     """What every measured request of the variant carries (the same cookie each time)."""
     host = upstreams.hosts[1]
     if variant == "envoy_cookie":
         connection.request("GET", "/bench")
         response = connection.getresponse()
         response.read()
-        cookie = harness.set_cookie_value({"set-cookie": response.headers.get_all("set-cookie") or []}, "sa-native")
+        cookie = set_cookie_value({"set-cookie": response.headers.get_all("set-cookie") or []}, "sa-native")
         if not cookie:
             sys.exit("bench: stateful_session set no cookie")
         return {"cookie": f"sa-native={cookie}"}
     if variant == "native_new":
         return {}
     # The router gets the same bytes as the pinned variants; it ignores them.
-    return {"cookie": f"{harness.COOKIE}={harness.sign_cookie(harness.new_sid(), host, upstreams.instance_of(host))}"}
+    return {"cookie": f"{COOKIE}={sign_cookie(new_sid(), host, upstreams.instance_of(host))}"}
 
 
-def count(workdir: Path, variant: str, upstreams: harness.Upstreams, requests: int) -> Path:
+def count(workdir: Path, variant: str, upstreams: Upstreams, requests: int) -> Path:
     """Runs the variant under callgrind; returns the dump of the measured requests."""
-    listener, admin = harness.free_port(), harness.free_port()
+    listener, admin = free_port(), free_port()
     path = workdir / f"{variant}.json"
     path.write_text(json.dumps(config(listener, admin, upstreams.hosts, filters(variant))))
     out = workdir / f"callgrind.{variant}"
@@ -117,10 +121,10 @@ def count(workdir: Path, variant: str, upstreams: harness.Upstreams, requests: i
         valgrind.append("--smc-check=all-non-file")  # V8 writes the code it runs
     log = open(workdir / f"{variant}.log", "wb")
     envoy = subprocess.Popen(
-        [*valgrind, harness.envoy_binary(), "-c", str(path), "--concurrency", "1", "--disable-hot-restart",
+        [*valgrind, envoy_binary(), "-c", str(path), "--concurrency", "1", "--disable-hot-restart",
          "-l", "warning"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(harness.NATIVE_DIR)},
+        env={**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(running.NATIVE_DIR)},
     )
     log.close()
     control = ["callgrind_control"]
@@ -153,18 +157,18 @@ def count(workdir: Path, variant: str, upstreams: harness.Upstreams, requests: i
 
 def ready(admin: int) -> bool:
     try:
-        return harness.http_get(admin, "/ready", timeout=2)[0] == 200
+        return http_get(admin, "/ready", timeout=2)[0] == 200
     except OSError:
         return False
 
 
 def send(connection: http.client.HTTPConnection, requests: int, headers: dict, variant: str,
-         upstreams: harness.Upstreams) -> None:
+         upstreams: Upstreams) -> None:
     host = upstreams.hosts[1]
     pinned = upstreams.instance_of(host)
     for _ in range(requests):
         if variant.endswith("miss"):  # a session this worker has not seen
-            headers = {"cookie": f"{harness.COOKIE}={harness.sign_cookie(harness.new_sid(), host, pinned)}"}
+            headers = {"cookie": f"{COOKIE}={sign_cookie(new_sid(), host, pinned)}"}
         connection.request("GET", "/bench", headers=headers)
         response = connection.getresponse()
         response.read()
@@ -203,16 +207,16 @@ def main() -> None:
     parser.add_argument("--cookie-format", choices=("sealed", "signed"), default="sealed",
                         help="the cookie the filter issues and the pinned variants send (default sealed)")
     args = parser.parse_args()
-    harness.COOKIE_FORMAT = args.cookie_format
-    if not shutil.which("valgrind") or not (harness.NATIVE_DIR / harness.NATIVE_SO).is_file():
+    variants.COOKIE_FORMAT = args.cookie_format
+    if not shutil.which("valgrind") or not (running.NATIVE_DIR / NATIVE_SO).is_file():
         sys.exit("bench: needs valgrind and the modules (filter/build)")
     if "router" not in args.variants:
         args.variants.insert(0, "router")
     per_request: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="sa-instructions-") as tmp:
-        procs = harness.Procs(Path(tmp))
+        procs = Procs(Path(tmp))
         try:
-            upstreams = harness.Upstreams(procs, "nginx", None, count=3)
+            upstreams = Upstreams(procs, "nginx", None, count=3)
             upstreams.start()
             for variant in args.variants:
                 dump = count(Path(tmp), variant, upstreams, args.requests)

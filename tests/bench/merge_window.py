@@ -23,7 +23,8 @@ from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# tests/ for the harness, envoy/ for the testbed's parts it imports.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "envoy")]
 
 from harness import in_parallel, json_body, start_sessions, tb  # noqa: E402
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-ENVOY_DIR = Path(__file__).resolve().parent
+from .paths import ENVOY_DIR
+
 SIDECAR_YAML = ENVOY_DIR / "sidecar.yaml"
 TRUST_DOMAIN = "spiffe://cluster.local/ns/session-demo/sa"
 WORKLOAD_ID = f"{TRUST_DOMAIN}/demo"

@@ -1,6 +1,6 @@
 """A three-member etcd cluster on 127.0.0.1 for the testbed and the tests.
 
-Each member has its own data directory and ports, and is a `testbed.Process`
+Each member has its own data directory and ports, and is a `process.Process`
 stopped by PID. Every wait is on health (`/health` of each member, which
 says true only with a leader and quorum), never on sleeps. With auth, the
 cluster gets a root user and a user whose role may only touch the key prefix,
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import yaml
 
-import testbed as tb
+from .paths import ENVOY_DIR
+from .probe import START_TIMEOUT, http_get, wait_until
+from .process import Process
 
-ETCD_STORE_YAML = tb.ENVOY_DIR / "etcd-store.yaml"
+ETCD_STORE_YAML = ENVOY_DIR / "etcd-store.yaml"
 
 
 def store_topology() -> dict:
@@ -47,7 +49,7 @@ class Member:
     name: str
     client_port: int
     peer_port: int
-    process: tb.Process
+    process: Process
 
     @property
     def url(self) -> str:
@@ -90,10 +92,10 @@ class EtcdCluster:
                 # keeps them all and fills its quota.
                 "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m",
             ]
-            self.members.append(Member(name, client, peer, tb.Process(name, argv, self.workdir / f"{name}.log")))
+            self.members.append(Member(name, client, peer, Process(name, argv, self.workdir / f"{name}.log")))
         self._auth_ready = False
 
-    def processes(self) -> list[tb.Process]:
+    def processes(self) -> list[Process]:
         return [m.process for m in self.members]
 
     def start(self):
@@ -128,15 +130,15 @@ class EtcdCluster:
     # ----------------------------------------------------------------- health
 
     def health(self, member: Member) -> bool:
-        status, _, body = tb.http_get(f"{member.url}/health", timeout=2.0)
+        status, _, body = http_get(f"{member.url}/health", timeout=2.0)
         return status == 200 and json.loads(body).get("health") == "true"
 
-    def wait_healthy(self, member: Member, timeout: float = tb.START_TIMEOUT):
+    def wait_healthy(self, member: Member, timeout: float = START_TIMEOUT):
         def healthy():
             member.process.ensure_alive()
             return self.health(member)
 
-        tb.wait_until(healthy, timeout, f"etcd member {member.name} on {member.url}")
+        wait_until(healthy, timeout, f"etcd member {member.name} on {member.url}")
 
     def live(self) -> list[Member]:
         return [m for m in self.members if m.process.running()]
@@ -154,7 +156,7 @@ class EtcdCluster:
                 leader = status.get("leader") or leader
             return (ids[leader],) if leader in ids else None
 
-        return tb.wait_until(find, 10.0, "an etcd leader")[0]
+        return wait_until(find, 10.0, "an etcd leader")[0]
 
     # ------------------------------------------------------------- the API
 
