@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -26,8 +25,7 @@ import requests
 
 from harness import REPO, expect, expect_equal, require_tool, tb
 
-sys.path.insert(0, str(REPO / "adapters" / "tomcat"))
-import tomcats  # noqa: E402  (adapters/tomcat/tomcats.py: builds the valve jar and the demo app)
+import tomcats  # adapters/tomcat/tomcats.py (on pytest.ini's pythonpath): builds the valve jar and the demo app
 
 ENVOY_DIR = REPO / "envoy"
 URL = "http://127.0.0.1:10000"
