@@ -1215,10 +1215,10 @@ class Client:
         self.base, self.host, self.cookie, self.set_cookie = base, host, None, None
         self.tls = ssl.create_default_context(cafile=str(ca)) if ca else None
 
-    def get(self, path: str = "/", hops: int = 3) -> tuple[int, dict, dict]:
+    def get(self, path: str = "/", hops: int = 3, method: str = "GET") -> tuple[int, dict, dict]:
         import urllib.request
         for _ in range(hops + 1):
-            req = urllib.request.Request(self.base + path, headers={"host": self.host})
+            req = urllib.request.Request(self.base + path, headers={"host": self.host}, method=method)
             if self.cookie:
                 req.add_header("cookie", self.cookie)
             try:
@@ -1676,7 +1676,8 @@ def test_istio_gateway_moves_sessions_off_a_pod_whose_app_died(case, wasm_module
     or a deleted pod the proxies' endpoints still list: istio/istio#7665).
     Its sidecar answers 503 itself, marked by the inbound patch; the gateway's
     filter moves the session to another pod with its state. Without the
-    patch, the client gets the sidecar's 503."""
+    patch, the sidecar's bare 503 has no instance id: a GET still moves the
+    session (the app server's error, not the app's), but a POST gets the 503."""
     istio, patched = APP_DEATH[case]
     with IstioRun("gateway-envoyfilter", wasm_module, tmp_path, monkeypatch, gateway_certificate,
                   app_sidecars=istio, inbound_patch=patched) as run:
@@ -1687,11 +1688,10 @@ def test_istio_gateway_moves_sessions_off_a_pod_whose_app_died(case, wasm_module
             assert client.get()[2]["count"] == n
         run.bed.backend_named(first).process.kill()
         assert run.hosts() == {p.address for p in pods}  # nothing told the gateway
-        if patched:
-            assert_session_moves(run, client, first, 4)
-        else:
-            status, headers, body = client.get()
+        if not patched:
+            status, headers, body = client.get(method="POST")
             assert status == 503 and "x-instance-id" not in headers, (status, body)
+        assert_session_moves(run, client, first, 4)
 
 
 # --------------------------------------------------------------------------
