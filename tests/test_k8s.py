@@ -1676,8 +1676,11 @@ def test_istio_gateway_moves_sessions_off_a_pod_whose_app_died(case, wasm_module
     or a deleted pod the proxies' endpoints still list: istio/istio#7665).
     Its sidecar answers 503 itself, marked by the inbound patch; the gateway's
     filter moves the session to another pod with its state. Without the
-    patch, the sidecar's bare 503 has no instance id: a GET still moves the
-    session (the app server's error, not the app's), but a POST gets the 503."""
+    patch, the sidecar's bare 503 has no instance id: a POST gets the 503; a
+    GET moves the session (the server's error, not the app's), unless the
+    gateway, which knows nothing, places the replay on the dead pod again:
+    that GET gets the 503 and the session stays in the store, so a later GET
+    moves it. The patch makes the first move certain."""
     istio, patched = APP_DEATH[case]
     with IstioRun("gateway-envoyfilter", wasm_module, tmp_path, monkeypatch, gateway_certificate,
                   app_sidecars=istio, inbound_patch=patched) as run:
@@ -1691,6 +1694,15 @@ def test_istio_gateway_moves_sessions_off_a_pod_whose_app_died(case, wasm_module
         if not patched:
             status, headers, body = client.get(method="POST")
             assert status == 503 and "x-instance-id" not in headers, (status, body)
+            # Each replay lands on the dead pod with chance 1/3: 12 in a row is 2 in a million.
+            for _ in range(12):
+                status, headers, body = client.get()
+                if status == 200:
+                    break
+                assert status == 503 and "x-instance-id" not in headers, (status, body)
+            assert (status, body["backend"] != first, body["count"]) == (200, True, 5), (status, body)
+            assert_session_moves(run, client, first, 5)
+            return
         assert_session_moves(run, client, first, 4)
 
 
