@@ -219,7 +219,7 @@ impl Flow {
             self.release(host, &failover);
             return Action::Continue;
         };
-        if response.is_app_server_error(failover.from.instance()) && host.response_flags() == 0 {
+        if response.is_app_server_error(failover.from.instance(), || host.response_flags()) {
             // No app took the session: its error stands, and the session stays
             // where the store has it (the cookie still says moving).
             self.release(host, &failover);

@@ -101,9 +101,10 @@ impl<'a> ResponseView<'a> {
     /// app speaks the contract and marks every answer of its own, so this one
     /// came from around it, from the app server (Tomcat answers 400 or 404
     /// for the moments its connector outlives its stopping web app). A
-    /// sidecar's mark says more, and wins.
-    pub fn is_app_server_error(&self, pinned_instance: &str) -> bool {
-        self.status >= 400 && self.instance.is_none() && self.unreached.is_none() && !pinned_instance.is_empty()
+    /// sidecar's mark says more, and wins; Envoy's own reply carries response
+    /// flags (`flags`, a host call, read last).
+    pub fn is_app_server_error(&self, pinned_instance: &str, flags: impl FnOnce() -> u64) -> bool {
+        self.status >= 400 && self.instance.is_none() && self.unreached.is_none() && !pinned_instance.is_empty() && flags() == 0
     }
 
     /// Whether the request reached an app. `flags` reads Envoy's response

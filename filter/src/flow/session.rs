@@ -90,7 +90,7 @@ impl Flow {
         }
         // Not the app's answer, and not Envoy's own (no flags): replay a safe
         // method like a lost connection; the failover path finds a live app.
-        if self.request.safe_method && response.is_app_server_error(claims.instance()) && host.response_flags() == 0 {
+        if self.request.safe_method && response.is_app_server_error(claims.instance(), || host.response_flags()) {
             self.count(Counter::FailoversReset);
             return self.replay_moving(host, &claims);
         }
