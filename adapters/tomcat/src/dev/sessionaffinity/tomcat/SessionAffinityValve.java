@@ -483,8 +483,7 @@ public final class SessionAffinityValve extends ValveBase {
     /** Announces what the request changed: in headers if possible, else in the trailer, else later. */
     private void finish(Exchange exchange, Response response) throws IOException {
         Announcement announcement = announce(exchange);
-        if (stopping && announcement.ended && exchange.session != null) {
-            // The Manager expired the session under the request: it was not ended, only this server is.
+        if (expiredByStop(exchange, announcement)) {
             if (!response.isCommitted()) {
                 answerStopping(response, UNREACHED_AFTER_THE_APP);
             }
@@ -528,6 +527,11 @@ public final class SessionAffinityValve extends ValveBase {
         if (!announcement.isEmpty()) {
             counters.add(Counter.CHANGES_DEFERRED);
         }
+    }
+
+    /** The Manager of the stopping context expired the request's session: it was not ended, only this server is. */
+    private boolean expiredByStop(Exchange exchange, Announcement announcement) {
+        return stopping && announcement.ended && exchange.session != null;
     }
 
     /** The rotation, with the session's metadata and no attributes (what fits in any header). */
@@ -827,8 +831,8 @@ public final class SessionAffinityValve extends ValveBase {
         @Override
         public Map<String, String> get() {
             Announcement announcement = atEnd ? announce(this) : trailer;
-            if (announcement == null || announcement.isEmpty() || stopping && announcement.ended && session != null) {
-                return null; // nothing, or a session that only the stopping context expired
+            if (announcement == null || announcement.isEmpty() || expiredByStop(this, announcement)) {
+                return null;
             }
             if (!announcement.trailerCanCarry()) {
                 counters.add(Counter.CHANGES_DEFERRED);
